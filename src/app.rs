@@ -1,0 +1,296 @@
+//! Builds the gateway from a validated [`Config`]: ledger, cache, pricing, settler, router;
+//! binds the listener; serves until the shutdown future resolves, then drains open streams and
+//! flushes every pending settlement.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use ::http::HeaderValue;
+use anyhow::Context;
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tower_http::trace::TraceLayer;
+use tracing::Instrument;
+
+use crate::auth::api_keys::ApiKeyCache;
+use crate::auth::jwt::{JwtSettings, JwtVerifier};
+use crate::auth::{Authenticator, Principal, UNAUTHENTICATED_ROUTES};
+use crate::cache::SharedCache;
+use crate::cache::local::LocalCache;
+use crate::config::Config;
+use crate::domain::RequestId;
+use crate::http::error::ApiError;
+use crate::ledger::sqlite::SqliteLedger;
+use crate::ledger::{Ledger, SharedLedger};
+use crate::metering::Meter;
+use crate::metering::pricing::{PriceTable, PricingHandle};
+use crate::metering::settler::{self, SettlerConfig, SettlerHandle};
+use crate::proxy::upstream::Upstreams;
+use crate::{admin, http, proxy};
+
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// Shared by every handler; cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub ledger: SharedLedger,
+    pub cache: SharedCache,
+    pub meter: Meter,
+    pub auth: Arc<Authenticator>,
+    pub upstreams: Arc<Upstreams>,
+    pub settler: SettlerHandle,
+    pub body_limit: usize,
+    /// The last cache epoch seen; a different one in the ledger means someone else changed it.
+    epoch: Arc<AtomicI64>,
+}
+
+impl AppState {
+    /// Drops in-process caches if the ledger was changed outside this process (CLI, admin).
+    async fn sync_external_changes(&self) -> Result<(), ApiError> {
+        let epoch = self.ledger.cache_epoch().await?;
+        if self.epoch.swap(epoch, Ordering::AcqRel) != epoch {
+            self.auth.keys().clear();
+            self.cache.invalidate_all().await;
+        }
+        Ok(())
+    }
+}
+
+/// Opens the ledger named by the config and applies its migrations.
+pub async fn open_ledger(config: &Config) -> anyhow::Result<SharedLedger> {
+    if let Some(path) = config.sqlite_path()
+        && let Some(dir) = path.parent()
+        && !dir.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let ledger = SqliteLedger::connect(&config.database.url, config.database.max_connections)
+        .await
+        .with_context(|| format!("opening database {}", config.database.url))?;
+    ledger.migrate().await.context("applying migrations")?;
+    Ok(Arc::new(ledger))
+}
+
+/// Builds the JWT verifier, or none when no key source is configured.
+pub async fn jwt_verifier(settings: &JwtSettings) -> anyhow::Result<Option<JwtVerifier>> {
+    let configured = settings.secret.as_ref().is_some_and(|s| !s.is_empty())
+        || settings.public_key_file.is_some()
+        || settings.jwks_file.is_some()
+        || settings.jwks_url.is_some();
+    if !configured {
+        return Ok(None);
+    }
+    Ok(Some(JwtVerifier::from_settings(settings).await?))
+}
+
+pub struct App {
+    listener: TcpListener,
+    router: Router,
+    state: AppState,
+    settler_task: JoinHandle<()>,
+    pricing_watcher: JoinHandle<()>,
+    stop_watcher: tokio::sync::watch::Sender<bool>,
+    shutdown_grace: Duration,
+}
+
+impl App {
+    pub async fn build(config: Config) -> anyhow::Result<App> {
+        let ledger = open_ledger(&config).await?;
+        let cache: SharedCache = Arc::new(LocalCache::new());
+        let pricing_path = config.metering.pricing_file.clone();
+        let table = PriceTable::load(&pricing_path)?;
+        let pricing = PricingHandle::new(table);
+        let (stop_watcher, watcher_stopped) = tokio::sync::watch::channel(false);
+        let pricing_watcher = pricing.spawn_watcher(
+            pricing_path,
+            Duration::from_millis(config.metering.pricing_poll_ms.max(50)),
+            watcher_stopped,
+        );
+        let (settler, settler_task) = settler::spawn(
+            ledger.clone(),
+            cache.clone(),
+            SettlerConfig {
+                batch_max: config.metering.settle_batch_max,
+                flush_window: Duration::from_millis(config.metering.settle_flush_ms),
+            },
+        );
+        let meter = Meter::new(
+            ledger.clone(),
+            cache.clone(),
+            pricing,
+            config.metering.clone(),
+            config.accounts.signup_grant,
+            settler.clone(),
+        );
+        let jwt = jwt_verifier(&config.auth.jwt).await?;
+        if jwt.is_none() {
+            tracing::warn!("no JWT key configured: only gateway API keys can call /v1");
+        }
+        let auth = Authenticator::new(
+            jwt,
+            ApiKeyCache::new(ledger.clone()),
+            config.admin.token.clone(),
+            config.admin.jwt_role.clone(),
+        );
+        let upstreams = config
+            .resolve_upstreams(|name| std::env::var(name).ok())
+            .map_err(|e| anyhow::anyhow!("config: {e}"))?;
+        let epoch = ledger.cache_epoch().await?;
+        let state = AppState {
+            ledger,
+            cache,
+            meter,
+            auth: Arc::new(auth),
+            upstreams: Arc::new(Upstreams::new(upstreams)),
+            settler,
+            body_limit: config.server.body_limit_bytes,
+            epoch: Arc::new(AtomicI64::new(epoch)),
+        };
+        // Load the tokenizer now rather than inside the first request.
+        tokio::task::spawn_blocking(proxy::tokens::warm_up);
+        let listener = TcpListener::bind(config.server.listen)
+            .await
+            .with_context(|| format!("binding {}", config.server.listen))?;
+        Ok(App {
+            router: router(state.clone()),
+            listener,
+            state,
+            settler_task,
+            pricing_watcher,
+            stop_watcher,
+            shutdown_grace: Duration::from_secs(config.server.shutdown_grace_secs),
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves until `shutdown` resolves, waits up to the grace period for open requests, then
+    /// flushes every pending settlement.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let stopping = Arc::new(tokio::sync::Notify::new());
+        let signal = stopping.clone();
+        let server = axum::serve(self.listener, self.router).with_graceful_shutdown(async move {
+            shutdown.await;
+            tracing::info!("shutting down: draining open requests");
+            signal.notify_one();
+        });
+        let grace = self.shutdown_grace;
+        tokio::select! {
+            result = server.into_future() => result.context("serving")?,
+            () = async { stopping.notified().await; tokio::time::sleep(grace).await } => {
+                tracing::warn!(?grace, "grace period over; cutting the remaining requests");
+            }
+        }
+        // Streams cut above are dropped with their connections; give their drops a moment to
+        // queue their settlements before the final flush.
+        tokio::task::yield_now().await;
+        self.state.settler.flush().await;
+        let _ = self.stop_watcher.send(true);
+        let _ = self.pricing_watcher.await;
+        // Requests cut after the grace period may still hold handles, so the settler is not
+        // awaited; everything queued before the flush above is written.
+        drop(self.settler_task);
+        tracing::info!("all settlements written");
+        Ok(())
+    }
+}
+
+fn router(state: AppState) -> Router {
+    let v1 = Router::new()
+        .route("/chat/completions", post(proxy::chat_completions))
+        .route("/completions", post(proxy::completions))
+        .route("/embeddings", post(proxy::embeddings))
+        .route("/responses", post(proxy::responses))
+        .route("/models", get(proxy::models));
+    let credits = Router::new()
+        .route("/balance", get(http::credits::balance))
+        .route("/transactions", get(http::credits::transactions))
+        .route("/usage", get(http::credits::usage));
+    let admin = Router::new()
+        .route("/accounts/{account}", get(admin::routes::account))
+        .route("/accounts/{account}/credits", post(admin::routes::grant))
+        .route("/accounts/{account}/keys", post(admin::routes::create_key))
+        .route("/keys/{key_id}", delete(admin::routes::revoke_key));
+    Router::new()
+        .route("/healthz", get(http::health::healthz))
+        .route("/readyz", get(http::health::readyz))
+        .nest("/v1", v1)
+        .nest("/api/credits", credits)
+        .nest("/admin", admin)
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(state.clone(), authenticate))
+        .layer(TraceLayer::new_for_http().make_span_with(|request: &Request| {
+            let id = request
+                .extensions()
+                .get::<RequestId>()
+                .map(ToString::to_string)
+                .unwrap_or_default();
+            tracing::info_span!("request", method = %request.method(), path = %request.uri().path(), request_id = %id)
+        }))
+        .layer(middleware::from_fn(request_id))
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound("Unknown route".into())
+}
+
+/// Gives every request an id (the settlement's idempotency key), returned as `x-request-id`.
+async fn request_id(mut request: Request, next: Next) -> Response {
+    let id = RequestId::new();
+    request.extensions_mut().insert(id.clone());
+    let span = tracing::debug_span!("request_id", request_id = %id);
+    let mut response = next.run(request).instrument(span).await;
+    if let Ok(value) = HeaderValue::from_str(id.as_str()) {
+        response.headers_mut().insert(REQUEST_ID_HEADER, value);
+    }
+    response
+}
+
+/// Authenticates every route except [`UNAUTHENTICATED_ROUTES`].
+async fn authenticate(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+    let path = request.uri().path();
+    if UNAUTHENTICATED_ROUTES.contains(&path) {
+        return next.run(request).await;
+    }
+    if let Err(error) = state.sync_external_changes().await {
+        return error.into_response();
+    }
+    let is_admin = path == "/admin" || path.starts_with("/admin/");
+    if is_admin {
+        match state.auth.admin(request.headers()).await {
+            Ok(principal) => {
+                request.extensions_mut().insert(principal);
+            }
+            Err(error) => return error.into_response(),
+        }
+    } else {
+        match state.auth.user(request.headers()).await {
+            Ok(caller) => {
+                request
+                    .extensions_mut()
+                    .insert(Principal::User(caller.clone()));
+                request.extensions_mut().insert(caller);
+            }
+            Err(error) => return error.into_response(),
+        }
+    }
+    next.run(request).await
+}

@@ -1,0 +1,491 @@
+//! `config/tollgate.toml`: loaded and validated once at start-up, then environment overrides.
+//!
+//! Every error names the file, the field path and the reason, so a bad config stops start-up
+//! with one readable line and never surfaces later inside a request.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use globset::{Glob, GlobMatcher};
+use serde::Deserialize;
+
+use crate::auth::jwt::JwtSettings;
+use crate::domain::Credits;
+
+/// Environment variables that override the file (secrets belong here, not in the file).
+pub const ENV_LISTEN: &str = "TOLLGATE_LISTEN";
+pub const ENV_DATABASE_URL: &str = "TOLLGATE_DATABASE_URL";
+pub const ENV_JWT_SECRET: &str = "TOLLGATE_JWT_SECRET";
+pub const ENV_ADMIN_TOKEN: &str = "TOLLGATE_ADMIN_TOKEN";
+
+/// The built-in mock upstream's `base_url`: served in-process, no network needed.
+pub const BUILTIN_MOCK_URL: &str = "builtin:mock";
+
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {message}")]
+pub struct ConfigError {
+    pub file: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub database: DatabaseConfig,
+    #[serde(default)]
+    pub auth: AuthConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub accounts: AccountsConfig,
+    #[serde(default)]
+    pub metering: MeteringConfig,
+    #[serde(default)]
+    pub upstreams: Vec<UpstreamConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    /// Largest request body accepted on `/v1` (413 beyond).
+    pub body_limit_bytes: usize,
+    /// How long a graceful shutdown waits for open streams before cutting them (and billing
+    /// what they produced).
+    pub shutdown_grace_secs: u64,
+    pub log_format: LogFormat,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            body_limit_bytes: 16 * 1024 * 1024,
+            shutdown_grace_secs: 30,
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// `sqlite://path/to/file.db` (created if missing).
+    pub url: String,
+    pub max_connections: u32,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        DatabaseConfig {
+            url: "sqlite://data/tollgate.db".to_owned(),
+            max_connections: 8,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    pub jwt: JwtSettings,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Bearer token for `/admin/*`; `TOLLGATE_ADMIN_TOKEN` overrides it. Empty disables the
+    /// token (admin-role JWTs still work).
+    pub token: Option<String>,
+    /// A JWT whose role claim equals this value may call `/admin/*`.
+    pub jwt_role: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccountsConfig {
+    /// Credits granted (as a `bonus` ledger entry) when an account is first seen.
+    pub signup_grant: Credits,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MeteringConfig {
+    pub pricing_file: PathBuf,
+    /// How far below zero a balance may be reserved into (DESIGN.md I1).
+    pub overdraft: Credits,
+    /// Percentage added to the tokenizer's prompt count when estimating the hold.
+    pub estimate_margin_percent: u32,
+    /// `reject` answers 402 when the estimate is not affordable; `cap_max_tokens` lowers the
+    /// request's output cap to what the balance affords (still 402 if not even the prompt is).
+    pub on_insufficient: InsufficientPolicy,
+    /// Largest number of settlements written in one ledger transaction.
+    pub settle_batch_max: usize,
+    /// How long the settler waits to fill a batch once it has one settlement.
+    pub settle_flush_ms: u64,
+    pub pricing_poll_ms: u64,
+}
+
+impl Default for MeteringConfig {
+    fn default() -> Self {
+        MeteringConfig {
+            pricing_file: PathBuf::from("config/pricing.toml"),
+            overdraft: Credits::ZERO,
+            estimate_margin_percent: 10,
+            on_insufficient: InsufficientPolicy::Reject,
+            settle_batch_max: 512,
+            settle_flush_ms: 5,
+            pricing_poll_ms: 500,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum InsufficientPolicy {
+    Reject,
+    CapMaxTokens,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    pub name: String,
+    /// e.g. `https://api.openai.com/v1`, or `builtin:mock`.
+    pub base_url: String,
+    pub api_key: Option<String>,
+    /// Name of the environment variable holding the API key (must be set at start-up).
+    pub api_key_env: Option<String>,
+    /// Exact model names and glob patterns (`gpt-4o*`) this upstream serves.
+    pub models: Vec<String>,
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, String>,
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_secs: u64,
+    /// Time allowed until the upstream's response headers arrive.
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout_secs: u64,
+    /// Longest silence allowed between two chunks of a streamed response.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout_secs: u64,
+}
+
+fn default_connect_timeout() -> u64 {
+    10
+}
+fn default_request_timeout() -> u64 {
+    600
+}
+fn default_idle_timeout() -> u64 {
+    300
+}
+
+impl UpstreamConfig {
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_secs(self.connect_timeout_secs)
+    }
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs(self.request_timeout_secs)
+    }
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.idle_timeout_secs)
+    }
+}
+
+/// An upstream after validation: its key resolved and its model patterns compiled.
+#[derive(Debug, Clone)]
+pub struct ResolvedUpstream {
+    pub config: UpstreamConfig,
+    pub api_key: Option<String>,
+    pub matchers: Vec<GlobMatcher>,
+}
+
+impl ResolvedUpstream {
+    pub fn serves(&self, model: &str) -> bool {
+        self.matchers.iter().any(|m| m.is_match(model))
+    }
+
+    pub fn is_builtin_mock(&self) -> bool {
+        self.config.base_url == BUILTIN_MOCK_URL
+    }
+}
+
+impl Config {
+    /// Reads, parses, applies environment overrides and validates `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: file.clone(),
+            message: format!("cannot read: {e}"),
+        })?;
+        let mut config = Config::parse(&text, &file)?;
+        config.apply_env(|name| std::env::var(name).ok(), &file)?;
+        config.validate(&file)?;
+        Ok(config)
+    }
+
+    pub fn parse(text: &str, file: &str) -> Result<Config, ConfigError> {
+        let error = |message: String| ConfigError {
+            file: file.to_owned(),
+            message,
+        };
+        let de = toml::Deserializer::parse(text).map_err(|e| error(e.to_string()))?;
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner().to_string();
+            let inner = inner.trim_end();
+            if path == "." {
+                error(inner.to_owned())
+            } else {
+                error(format!("{path}: {inner}"))
+            }
+        })
+    }
+
+    /// Applies `TOLLGATE_*` overrides; `lookup` is `std::env::var` outside tests.
+    pub fn apply_env(
+        &mut self,
+        lookup: impl Fn(&str) -> Option<String>,
+        file: &str,
+    ) -> Result<(), ConfigError> {
+        if let Some(listen) = lookup(ENV_LISTEN) {
+            self.server.listen = listen.parse().map_err(|e| ConfigError {
+                file: file.to_owned(),
+                message: format!("{ENV_LISTEN}: `{listen}` is not a socket address: {e}"),
+            })?;
+        }
+        if let Some(url) = lookup(ENV_DATABASE_URL) {
+            self.database.url = url;
+        }
+        if let Some(secret) = lookup(ENV_JWT_SECRET) {
+            self.auth.jwt.secret = Some(secret);
+        }
+        if let Some(token) = lookup(ENV_ADMIN_TOKEN) {
+            self.admin.token = Some(token);
+        }
+        Ok(())
+    }
+
+    fn validate(&self, file: &str) -> Result<(), ConfigError> {
+        let error = |message: String| ConfigError {
+            file: file.to_owned(),
+            message,
+        };
+        if !self.database.url.starts_with("sqlite:") {
+            return Err(error(format!(
+                "database.url: `{}` is not supported (use sqlite://PATH)",
+                self.database.url
+            )));
+        }
+        if self.server.body_limit_bytes == 0 {
+            return Err(error("server.body_limit_bytes: must be positive".into()));
+        }
+        if self.metering.overdraft.is_negative() {
+            return Err(error("metering.overdraft: must not be negative".into()));
+        }
+        if self.metering.settle_batch_max == 0 {
+            return Err(error("metering.settle_batch_max: must be positive".into()));
+        }
+        if self.accounts.signup_grant.is_negative() {
+            return Err(error("accounts.signup_grant: must not be negative".into()));
+        }
+        self.resolve_upstreams(|name| std::env::var(name).ok())
+            .map_err(error)?;
+        Ok(())
+    }
+
+    /// Validates every upstream and resolves its API key (from the file or its env var).
+    pub fn resolve_upstreams(
+        &self,
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<Vec<ResolvedUpstream>, String> {
+        let mut names = std::collections::HashSet::new();
+        self.upstreams
+            .iter()
+            .enumerate()
+            .map(|(i, upstream)| {
+                let field = |name: &str| format!("upstreams[{i}].{name}");
+                if upstream.name.is_empty() || !names.insert(upstream.name.clone()) {
+                    return Err(format!("{}: must be non-empty and unique", field("name")));
+                }
+                if upstream.base_url != BUILTIN_MOCK_URL {
+                    let uri: http::Uri = upstream.base_url.parse().map_err(|e| {
+                        format!(
+                            "{}: `{}` is not a URL: {e}",
+                            field("base_url"),
+                            upstream.base_url
+                        )
+                    })?;
+                    if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+                        return Err(format!(
+                            "{}: `{}` must be an http(s) URL with a host, or `{BUILTIN_MOCK_URL}`",
+                            field("base_url"),
+                            upstream.base_url
+                        ));
+                    }
+                }
+                let api_key = match (&upstream.api_key, &upstream.api_key_env) {
+                    (Some(_), Some(_)) => {
+                        return Err(format!(
+                            "{}: set either api_key or api_key_env, not both",
+                            field("api_key")
+                        ));
+                    }
+                    (Some(key), None) => Some(key.clone()),
+                    (None, Some(var)) => {
+                        Some(lookup(var).filter(|v| !v.is_empty()).ok_or_else(|| {
+                            format!(
+                                "{}: environment variable `{var}` is not set",
+                                field("api_key_env")
+                            )
+                        })?)
+                    }
+                    (None, None) => None,
+                };
+                if upstream.models.is_empty() {
+                    return Err(format!(
+                        "{}: list at least one model or pattern",
+                        field("models")
+                    ));
+                }
+                let matchers = upstream
+                    .models
+                    .iter()
+                    .enumerate()
+                    .map(|(j, pattern)| {
+                        Glob::new(pattern)
+                            .map(|g| g.compile_matcher())
+                            .map_err(|e| {
+                                format!(
+                                    "{}[{j}]: `{pattern}` is not a valid pattern: {e}",
+                                    field("models")
+                                )
+                            })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                for (name, value) in &upstream.headers {
+                    http::HeaderName::try_from(name.as_str()).map_err(|_| {
+                        format!("{}: `{name}` is not a header name", field("headers"))
+                    })?;
+                    http::HeaderValue::try_from(value.as_str()).map_err(|_| {
+                        format!("{}.{name}: not a valid header value", field("headers"))
+                    })?;
+                }
+                if upstream.connect_timeout_secs == 0 || upstream.request_timeout_secs == 0 {
+                    return Err(format!("{}: timeouts must be positive", field("timeouts")));
+                }
+                Ok(ResolvedUpstream {
+                    config: upstream.clone(),
+                    api_key,
+                    matchers,
+                })
+            })
+            .collect()
+    }
+
+    /// The SQLite file path of `database.url`, for creating its directory.
+    pub fn sqlite_path(&self) -> Option<PathBuf> {
+        let rest = self.database.url.strip_prefix("sqlite:")?;
+        let rest = rest.trim_start_matches("//");
+        let path = rest.split('?').next().unwrap_or(rest);
+        (!path.is_empty() && path != ":memory:").then(|| PathBuf::from(path))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, "tollgate.toml")
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let config = parse("").expect("valid");
+        assert_eq!(config.server.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(config.server.body_limit_bytes, 16 * 1024 * 1024);
+        assert_eq!(config.metering.overdraft, Credits::ZERO);
+    }
+
+    #[test]
+    fn unknown_key_names_the_field() {
+        let err = parse("[server]\nlisten = \"127.0.0.1:1\"\nlistne = 3\n").expect_err("unknown");
+        assert!(err.to_string().contains("listne"), "{err}");
+        assert!(err.to_string().starts_with("tollgate.toml:"), "{err}");
+    }
+
+    #[test]
+    fn bad_value_names_the_path() {
+        let err = parse("[accounts]\nsignup_grant = \"ten\"\n").expect_err("bad credits");
+        assert!(err.to_string().contains("accounts.signup_grant"), "{err}");
+    }
+
+    fn upstream(extra: &str) -> String {
+        format!("[[upstreams]]\nname = \"a\"\nmodels = [\"gpt-4o*\"]\n{extra}\n")
+    }
+
+    #[test]
+    fn upstream_validation_names_field_and_reason() {
+        let resolve = |text: &str| {
+            parse(text)
+                .expect("parses")
+                .resolve_upstreams(|_| None)
+                .map(|_| ())
+        };
+        let err = resolve(&upstream("base_url = \"ftp://x\"")).expect_err("scheme");
+        assert!(err.contains("upstreams[0].base_url"), "{err}");
+        let err = resolve(&upstream("base_url = \"http://x\"\napi_key_env = \"NOPE\""))
+            .expect_err("missing env");
+        assert!(
+            err.contains("upstreams[0].api_key_env") && err.contains("NOPE"),
+            "{err}"
+        );
+        let text = "[[upstreams]]\nname = \"a\"\nbase_url = \"http://x\"\nmodels = [\"gpt-[\"]\n";
+        let err = resolve(text).expect_err("glob");
+        assert!(err.contains("upstreams[0].models[0]"), "{err}");
+        assert!(resolve(&upstream("base_url = \"http://127.0.0.1:9/v1\"")).is_ok());
+    }
+
+    #[test]
+    fn env_overrides_win_over_the_file() {
+        let mut config = parse("[admin]\ntoken = \"file\"\n").expect("valid");
+        config
+            .apply_env(
+                |name| match name {
+                    ENV_ADMIN_TOKEN => Some("env".into()),
+                    ENV_LISTEN => Some("127.0.0.1:9999".into()),
+                    _ => None,
+                },
+                "t",
+            )
+            .expect("valid env");
+        assert_eq!(config.admin.token.as_deref(), Some("env"));
+        assert_eq!(config.server.listen.port(), 9999);
+        let err = config
+            .apply_env(|n| (n == ENV_LISTEN).then(|| "nope".into()), "t")
+            .expect_err("bad listen");
+        assert!(err.to_string().contains(ENV_LISTEN));
+    }
+
+    #[test]
+    fn sqlite_path_is_extracted() {
+        let mut config = parse("").expect("valid");
+        assert_eq!(
+            config.sqlite_path(),
+            Some(PathBuf::from("data/tollgate.db"))
+        );
+        config.database.url = "sqlite:///tmp/x.db?mode=rwc".into();
+        assert_eq!(config.sqlite_path(), Some(PathBuf::from("/tmp/x.db")));
+    }
+}

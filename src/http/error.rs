@@ -1,0 +1,153 @@
+//! The one request-error type, answered in OpenAI's shape:
+//! `{"error":{"message","type","param","code"}}`.
+//!
+//! `status()` is the single place a variant maps to an HTTP status; internal errors are logged
+//! here and reach the client only as a generic message.
+
+use axum::Json;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, Request};
+use axum::response::{IntoResponse, Response};
+use http::StatusCode;
+use serde_json::json;
+
+use crate::domain::Credits;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error(
+        "insufficient credits: balance {balance}, available {available}, this request needs up to {estimate}"
+    )]
+    InsufficientCredits {
+        balance: Credits,
+        available: Credits,
+        estimate: Credits,
+    },
+    #[error("The model `{0}` does not exist or is not served by this gateway")]
+    ModelNotFound(String),
+    #[error("{message}")]
+    BadRequest {
+        message: String,
+        param: Option<&'static str>,
+        code: Option<&'static str>,
+    },
+    #[error("request body is larger than the limit of {0} bytes")]
+    PayloadTooLarge(usize),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{message}")]
+    Upstream { status: StatusCode, message: String },
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        ApiError::BadRequest {
+            message: message.into(),
+            param: None,
+            code: None,
+        }
+    }
+
+    pub fn internal(error: impl std::fmt::Display) -> Self {
+        ApiError::Internal(error.to_string())
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::InsufficientCredits { .. } => StatusCode::PAYMENT_REQUIRED,
+            ApiError::ModelNotFound(_) | ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Upstream { status, .. } => *status,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn kind_and_code(&self) -> (&'static str, Option<&'static str>, Option<&'static str>) {
+        match self {
+            ApiError::Unauthorized(_) => ("invalid_request_error", None, Some("invalid_api_key")),
+            ApiError::Forbidden(_) => ("permission_error", None, Some("permission_denied")),
+            ApiError::InsufficientCredits { .. } => {
+                ("insufficient_quota", None, Some("insufficient_credits"))
+            }
+            ApiError::ModelNotFound(_) => (
+                "invalid_request_error",
+                Some("model"),
+                Some("model_not_found"),
+            ),
+            ApiError::BadRequest { param, code, .. } => ("invalid_request_error", *param, *code),
+            ApiError::PayloadTooLarge(_) => {
+                ("invalid_request_error", None, Some("request_too_large"))
+            }
+            ApiError::NotFound(_) => ("invalid_request_error", None, Some("not_found")),
+            ApiError::Upstream { .. } => ("upstream_error", None, Some("upstream_error")),
+            ApiError::Unavailable(_) => ("server_error", None, Some("service_unavailable")),
+            ApiError::Internal(_) => ("server_error", None, None),
+        }
+    }
+}
+
+/// The OpenAI-shaped error body.
+pub fn error_body(
+    message: &str,
+    kind: &str,
+    param: Option<&str>,
+    code: Option<&str>,
+) -> serde_json::Value {
+    json!({"error": {"message": message, "type": kind, "param": param, "code": code}})
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if let ApiError::Internal(detail) = &self {
+            tracing::error!(error = %detail, "internal error");
+        }
+        let (kind, param, code) = self.kind_and_code();
+        let body = error_body(&self.to_string(), kind, param, code);
+        (self.status(), Json(body)).into_response()
+    }
+}
+
+impl From<crate::ledger::LedgerError> for ApiError {
+    fn from(error: crate::ledger::LedgerError) -> Self {
+        ApiError::internal(error)
+    }
+}
+
+impl From<crate::cache::CacheError> for ApiError {
+    fn from(error: crate::cache::CacheError) -> Self {
+        ApiError::internal(error)
+    }
+}
+
+/// `Json<T>` whose rejections are answered in OpenAI's shape.
+pub struct ApiJson<T>(pub T);
+
+impl<S, T> FromRequest<S> for ApiJson<T>
+where
+    Json<T>: FromRequest<S, Rejection = JsonRejection>,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(value)) => Ok(ApiJson(value)),
+            Err(JsonRejection::BytesRejection(_)) => {
+                Err(ApiError::bad_request("could not read the request body"))
+            }
+            Err(rejection) => Err(ApiError::bad_request(rejection.body_text())),
+        }
+    }
+}

@@ -1,0 +1,21 @@
+//! `/healthz` (the process serves requests) and `/readyz` (and its ledger answers).
+
+use axum::Json;
+use axum::extract::State;
+use serde_json::{Value, json};
+
+use crate::app::AppState;
+use crate::http::error::ApiError;
+
+pub async fn healthz() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+pub async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    state
+        .ledger
+        .ping()
+        .await
+        .map_err(|e| ApiError::Unavailable(format!("ledger unavailable: {e}")))?;
+    Ok(Json(json!({"status": "ready"})))
+}

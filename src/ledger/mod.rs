@@ -1,0 +1,298 @@
+//! The ledger port: the source of truth for balances, ledger entries, usage records and API keys.
+//!
+//! Domain code talks to `dyn Ledger`, never to a driver. Every write is idempotent: settlements
+//! are keyed by request id (DESIGN.md I2) and grants by an optional caller reference; every
+//! balance change is one ledger entry with `balance_before`/`balance_after` (I3).
+
+pub mod sqlite;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::Serialize;
+
+use crate::domain::{AccountId, Credits, RequestId, TokenUsage};
+
+pub type SharedLedger = Arc<dyn Ledger>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("balance arithmetic overflow for account {0}")]
+    Overflow(String),
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+}
+
+/// A balance (or a key's remaining spend) with the revision it was read at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Snapshot {
+    pub balance: Credits,
+    pub rev: i64,
+}
+
+/// What a reservation is made against.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Bucket {
+    /// An account's balance.
+    Account(AccountId),
+    /// An API key's remaining spend limit (`spend_limit - spent`).
+    KeyLimit(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EntryType {
+    Purchase,
+    Usage,
+    Refund,
+    Bonus,
+    Adjustment,
+}
+
+impl EntryType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EntryType::Purchase => "purchase",
+            EntryType::Usage => "usage",
+            EntryType::Refund => "refund",
+            EntryType::Bonus => "bonus",
+            EntryType::Adjustment => "adjustment",
+        }
+    }
+
+    pub fn parse(raw: &str) -> Option<EntryType> {
+        Some(match raw {
+            "purchase" => EntryType::Purchase,
+            "usage" => EntryType::Usage,
+            "refund" => EntryType::Refund,
+            "bonus" => EntryType::Bonus,
+            "adjustment" => EntryType::Adjustment,
+            _ => return None,
+        })
+    }
+}
+
+/// One row of `credit_transactions`.
+#[derive(Debug, Clone, Serialize)]
+pub struct LedgerEntry {
+    pub id: i64,
+    pub account: AccountId,
+    #[serde(rename = "type")]
+    pub entry_type: EntryType,
+    pub amount: Credits,
+    pub balance_before: Credits,
+    pub balance_after: Credits,
+    pub description: String,
+    pub reference: Option<String>,
+    /// Unix milliseconds.
+    #[serde(skip)]
+    pub created_at_ms: i64,
+}
+
+/// A credit grant, debit or adjustment made outside the request path.
+#[derive(Debug, Clone)]
+pub struct GrantRequest {
+    pub account: AccountId,
+    pub entry_type: EntryType,
+    /// Positive adds credits, negative takes them (adjustments and refunds).
+    pub amount: Credits,
+    pub description: String,
+    /// Idempotency key: a second grant with the same account, type and reference changes nothing.
+    pub reference: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct GrantOutcome {
+    pub entry: LedgerEntry,
+    /// False when the reference had been applied before (the earlier entry is returned).
+    pub applied: bool,
+    pub snapshot: Snapshot,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UsageSource {
+    /// The upstream reported the token counts.
+    Reported,
+    /// The upstream reported none; the gateway counted them with the BPE tokenizer.
+    Counted,
+}
+
+impl UsageSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UsageSource::Reported => "reported",
+            UsageSource::Counted => "counted",
+        }
+    }
+}
+
+/// One finished request, ready to be written (usage record + ledger entry, atomically).
+#[derive(Debug, Clone)]
+pub struct Settlement {
+    pub request_id: RequestId,
+    pub account: AccountId,
+    pub api_key_id: Option<String>,
+    pub endpoint: &'static str,
+    pub model: String,
+    pub upstream: String,
+    pub usage: TokenUsage,
+    pub source: UsageSource,
+    pub cost: Credits,
+    pub hold: Credits,
+    pub stream: bool,
+    /// `completed`, `client_disconnected`, `upstream_failed`, `cancelled`.
+    pub status: &'static str,
+    pub started_at_ms: i64,
+    pub finished_at_ms: i64,
+}
+
+/// The result of writing one settlement.
+#[derive(Debug, Clone)]
+pub struct SettleOutcome {
+    pub request_id: RequestId,
+    /// False when the request id had been settled before (nothing changed).
+    pub applied: bool,
+    /// The account's balance after the whole batch committed.
+    pub account: Snapshot,
+    /// The key's remaining spend after the batch, if the key has a limit.
+    pub key_limit: Option<Snapshot>,
+}
+
+/// One row of `usage_records`.
+#[derive(Debug, Clone, Serialize)]
+pub struct UsageRecord {
+    pub request_id: String,
+    pub api_key_id: Option<String>,
+    pub endpoint: String,
+    pub model: String,
+    pub upstream: String,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub cached_tokens: i64,
+    pub cost: Credits,
+    pub hold: Credits,
+    pub source: String,
+    pub stream: bool,
+    pub status: String,
+    #[serde(skip)]
+    pub settled_at_ms: i64,
+    #[serde(skip)]
+    pub cursor: i64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ApiKeyRecord {
+    pub id: String,
+    pub account: AccountId,
+    #[serde(skip)]
+    pub key_hash: String,
+    pub prefix: String,
+    pub name: String,
+    pub spend_limit: Option<Credits>,
+    pub spent: Credits,
+    /// `None` allows every model.
+    pub allowed_models: Option<Vec<String>>,
+    #[serde(skip)]
+    pub created_at_ms: i64,
+    #[serde(skip)]
+    pub revoked_at_ms: Option<i64>,
+}
+
+impl ApiKeyRecord {
+    pub fn is_revoked(&self) -> bool {
+        self.revoked_at_ms.is_some()
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AccountRecord {
+    pub id: AccountId,
+    pub balance: Credits,
+    #[serde(skip)]
+    pub rev: i64,
+    #[serde(skip)]
+    pub created_at_ms: i64,
+}
+
+/// A mismatch found by [`Ledger::verify`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifyProblem {
+    pub account: String,
+    pub problem: String,
+}
+
+/// A page request: newest first, `before` is the cursor of the last item of the previous page.
+#[derive(Debug, Clone, Copy)]
+pub struct Page {
+    pub limit: u32,
+    pub before: Option<i64>,
+}
+
+#[async_trait]
+pub trait Ledger: Send + Sync + 'static {
+    async fn migrate(&self) -> Result<(), LedgerError>;
+
+    /// Creates the account on first sight (with `signup_grant` as a `bonus` entry) and returns
+    /// its current balance.
+    async fn ensure_account(
+        &self,
+        account: &AccountId,
+        signup_grant: Credits,
+    ) -> Result<Snapshot, LedgerError>;
+
+    async fn account(&self, account: &AccountId) -> Result<Option<AccountRecord>, LedgerError>;
+
+    /// The current value of a bucket (creating the account if needed).
+    async fn snapshot(
+        &self,
+        bucket: &Bucket,
+        signup_grant: Credits,
+    ) -> Result<Snapshot, LedgerError>;
+
+    /// Applies a grant idempotently (by `reference`, when given).
+    async fn grant(&self, grant: &GrantRequest) -> Result<GrantOutcome, LedgerError>;
+
+    /// Writes a batch of settlements in one transaction. A request id settled before is skipped
+    /// and reported with `applied = false`.
+    async fn settle_batch(&self, batch: &[Settlement]) -> Result<Vec<SettleOutcome>, LedgerError>;
+
+    async fn transactions(
+        &self,
+        account: &AccountId,
+        page: Page,
+    ) -> Result<Vec<LedgerEntry>, LedgerError>;
+
+    async fn usage(&self, account: &AccountId, page: Page)
+    -> Result<Vec<UsageRecord>, LedgerError>;
+
+    async fn create_api_key(&self, key: &ApiKeyRecord) -> Result<(), LedgerError>;
+
+    async fn api_key_by_hash(&self, key_hash: &str) -> Result<Option<ApiKeyRecord>, LedgerError>;
+
+    async fn api_keys(&self, account: &AccountId) -> Result<Vec<ApiKeyRecord>, LedgerError>;
+
+    /// Returns false if the key does not exist or was revoked before.
+    async fn revoke_api_key(&self, key_id: &str) -> Result<bool, LedgerError>;
+
+    /// The shared cache epoch; bumped by [`Ledger::bump_cache_epoch`] after out-of-band changes.
+    async fn cache_epoch(&self) -> Result<i64, LedgerError>;
+
+    async fn bump_cache_epoch(&self) -> Result<i64, LedgerError>;
+
+    /// Checks every account: entries sum to the balance, each entry's before/after chain,
+    /// every charged usage record has its entry. Empty means consistent.
+    async fn verify(&self) -> Result<Vec<VerifyProblem>, LedgerError>;
+
+    /// Whether the database answers (for `/readyz`).
+    async fn ping(&self) -> Result<(), LedgerError>;
+}
+
+pub fn now_ms() -> i64 {
+    let now = time::OffsetDateTime::now_utc();
+    i64::try_from(now.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
+}

@@ -1,0 +1,410 @@
+//! The OpenAI-compatible routes: parse, route, reserve, forward, stream back, settle.
+//!
+//! Request bodies pass upstream untouched unless the gateway must change them (injecting
+//! `stream_options.include_usage`, or lowering the output cap under the `cap_max_tokens`
+//! policy); the caller's credential never goes upstream.
+
+pub mod mock;
+pub mod sse;
+pub mod stream;
+pub mod tokens;
+pub mod upstream;
+pub mod usage;
+
+use axum::Extension;
+use axum::Json;
+use axum::body::Body;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http::{HeaderMap, StatusCode, header};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use serde_json::{Map, Value, json};
+
+use crate::app::AppState;
+use crate::auth::Caller;
+use crate::domain::RequestId;
+use crate::http::error::ApiError;
+use crate::metering::CostRequest;
+use stream::Billing;
+use upstream::UpstreamError;
+use usage::Endpoint;
+
+/// Largest non-streamed upstream answer the gateway reads (embeddings can be large).
+const MAX_UPSTREAM_BODY: usize = 256 * 1024 * 1024;
+
+pub async fn chat_completions(
+    state: State<AppState>,
+    caller: Extension<Caller>,
+    id: Extension<RequestId>,
+    body: Body,
+) -> Response {
+    forward(state, caller, id, Endpoint::ChatCompletions, body)
+        .await
+        .into_response()
+}
+
+pub async fn completions(
+    state: State<AppState>,
+    caller: Extension<Caller>,
+    id: Extension<RequestId>,
+    body: Body,
+) -> Response {
+    forward(state, caller, id, Endpoint::Completions, body)
+        .await
+        .into_response()
+}
+
+pub async fn embeddings(
+    state: State<AppState>,
+    caller: Extension<Caller>,
+    id: Extension<RequestId>,
+    body: Body,
+) -> Response {
+    forward(state, caller, id, Endpoint::Embeddings, body)
+        .await
+        .into_response()
+}
+
+pub async fn responses(
+    state: State<AppState>,
+    caller: Extension<Caller>,
+    id: Extension<RequestId>,
+    body: Body,
+) -> Response {
+    forward(state, caller, id, Endpoint::Responses, body)
+        .await
+        .into_response()
+}
+
+/// `GET /v1/models`: every model name or pattern the config routes, with its price.
+pub async fn models(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> Json<Value> {
+    let table = state.meter.pricing().current();
+    let data: Vec<Value> = state
+        .upstreams
+        .all()
+        .iter()
+        .flat_map(|upstream| {
+            upstream
+                .config
+                .models
+                .iter()
+                .map(move |model| (upstream, model))
+        })
+        .filter(|(_, model)| caller.may_use(model))
+        .map(|(upstream, model)| {
+            let is_pattern = model.contains(['*', '?', '[', '{']);
+            json!({
+                "id": model,
+                "object": "model",
+                "created": 0,
+                "owned_by": upstream.config.name,
+                "pattern": is_pattern,
+                "pricing": table.price_for(model),
+            })
+        })
+        .collect();
+    Json(json!({"object": "list", "data": data}))
+}
+
+async fn forward(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Extension(request_id): Extension<RequestId>,
+    endpoint: Endpoint,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let limit = state.body_limit;
+    let bytes = Limited::new(body, limit)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.downcast_ref::<LengthLimitError>().is_some() {
+                ApiError::PayloadTooLarge(limit)
+            } else {
+                ApiError::bad_request("could not read the request body")
+            }
+        })?
+        .to_bytes();
+    let mut request: Value = serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::bad_request(format!(
+            "We could not parse the JSON body of your request: {e}"
+        ))
+    })?;
+    let object = request
+        .as_object_mut()
+        .ok_or_else(|| ApiError::bad_request("The request body must be a JSON object"))?;
+    let model = match object.get("model") {
+        Some(Value::String(model)) if !model.is_empty() => model.clone(),
+        _ => {
+            return Err(ApiError::BadRequest {
+                message: "You must provide a model parameter".into(),
+                param: Some("model"),
+                code: None,
+            });
+        }
+    };
+    if !caller.may_use(&model) {
+        return Err(ApiError::Forbidden(format!(
+            "This API key may not use the model `{model}`"
+        )));
+    }
+    let candidates = state.upstreams.candidates(&model);
+    if candidates.is_empty() {
+        return Err(ApiError::ModelNotFound(model));
+    }
+    let stream =
+        endpoint != Endpoint::Embeddings && object.get("stream") == Some(&Value::Bool(true));
+
+    let prompt_tokens = tokens::count_prompt(endpoint, &model, &request);
+    let limited_key = caller
+        .key
+        .as_ref()
+        .filter(|k| k.spend_limit.is_some())
+        .map(|k| k.id.as_str());
+    let reserved = state
+        .meter
+        .reserve(
+            CostRequest {
+                account: &caller.account,
+                limited_key,
+                model: &model,
+                prompt_tokens,
+                max_output_tokens: max_output_tokens(endpoint, &request),
+                produces_output: endpoint != Endpoint::Embeddings,
+            },
+            request_id.clone(),
+        )
+        .await?;
+
+    let mut rewritten = false;
+    let object = request
+        .as_object_mut()
+        .ok_or_else(|| ApiError::internal("request is not an object"))?;
+    if let Some(cap) = reserved.capped_max_tokens {
+        set_max_output_tokens(endpoint, object, cap);
+        rewritten = true;
+    }
+    let strip_usage_chunk = stream
+        && matches!(endpoint, Endpoint::ChatCompletions | Endpoint::Completions)
+        && inject_include_usage(object);
+    rewritten |= strip_usage_chunk;
+    let upstream_body = if rewritten {
+        Bytes::from(serde_json::to_vec(&request).map_err(ApiError::internal)?)
+    } else {
+        bytes
+    };
+
+    let answer = state
+        .upstreams
+        .send(&candidates, endpoint, upstream_body)
+        .await
+        .map_err(|error| match error {
+            UpstreamError::Timeout { .. } => ApiError::Upstream {
+                status: StatusCode::GATEWAY_TIMEOUT,
+                message: error.to_string(),
+            },
+            UpstreamError::Connect { .. } | UpstreamError::Failed { .. } => ApiError::Upstream {
+                status: StatusCode::BAD_GATEWAY,
+                message: error.to_string(),
+            },
+        })?;
+    let upstream = answer.upstream;
+    let (parts, upstream_body) = answer.response.into_parts();
+    let billing = Billing {
+        meter: state.meter.clone(),
+        hold: reserved.hold,
+        api_key_id: caller.key.as_ref().map(|k| k.id.clone()),
+        endpoint,
+        model,
+        upstream: upstream.config.name.clone(),
+        prompt_tokens,
+        stream,
+    };
+    if !parts.status.is_success() {
+        // The upstream refused before producing output: no charge (dropping `billing` releases
+        // the hold), and its error body — already in OpenAI's shape — goes back as it is.
+        drop(billing);
+        tracing::info!(upstream = %upstream.config.name, status = %parts.status, "upstream answered with an error");
+        return Ok(Response::from_parts(
+            passthrough_parts(parts),
+            upstream_body,
+        ));
+    }
+    let is_event_stream = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    if is_event_stream {
+        let body = stream::metered_body(
+            upstream_body,
+            billing,
+            strip_usage_chunk,
+            upstream.config.idle_timeout(),
+        );
+        return Ok(Response::from_parts(passthrough_parts(parts), body));
+    }
+
+    let idle = upstream.config.idle_timeout();
+    let collected = tokio::time::timeout(
+        idle,
+        Limited::new(upstream_body, MAX_UPSTREAM_BODY).collect(),
+    )
+    .await;
+    let body = match collected {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "upstream body failed");
+            return Err(ApiError::Upstream {
+                status: StatusCode::BAD_GATEWAY,
+                message: "the upstream's answer could not be read".into(),
+            });
+        }
+        Err(_) => {
+            return Err(ApiError::Upstream {
+                status: StatusCode::GATEWAY_TIMEOUT,
+                message: "the upstream's answer did not complete in time".into(),
+            });
+        }
+    };
+    match serde_json::from_slice::<Value>(&body) {
+        Ok(json) => {
+            let reported = usage::usage_from_json(endpoint, &json);
+            let text = usage::output_text_from_json(endpoint, &json);
+            // A 2xx JSON answer is output even when its text is empty (embeddings, tool calls).
+            billing.settle(reported, &text, true, "completed");
+        }
+        Err(_) => {
+            tracing::warn!(upstream = %upstream.config.name, "upstream answered 2xx with a body that is not JSON; not charged");
+            drop(billing);
+        }
+    }
+    Ok(Response::from_parts(
+        passthrough_parts(parts),
+        Body::from(body),
+    ))
+}
+
+/// The upstream's status and the headers worth passing on (content type, OpenAI's metadata).
+fn passthrough_parts(parts: http::response::Parts) -> http::response::Parts {
+    let mut out = http::Response::new(()).into_parts().0;
+    out.status = parts.status;
+    let mut headers = HeaderMap::new();
+    for (name, value) in &parts.headers {
+        let keep = name == header::CONTENT_TYPE
+            || name == header::CACHE_CONTROL
+            || name.as_str().starts_with("openai-")
+            || name.as_str().starts_with("x-ratelimit-");
+        if keep {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    out.headers = headers;
+    out
+}
+
+/// The output cap the request sets, under whichever name its endpoint uses.
+fn max_output_tokens(endpoint: Endpoint, request: &Value) -> Option<u64> {
+    let names: &[&str] = match endpoint {
+        Endpoint::ChatCompletions => &["max_completion_tokens", "max_tokens"],
+        Endpoint::Completions => &["max_tokens"],
+        Endpoint::Responses => &["max_output_tokens"],
+        Endpoint::Embeddings => &[],
+    };
+    let per_choice = names
+        .iter()
+        .find_map(|name| request.get(name).and_then(Value::as_u64))?;
+    // `n` choices each produce up to the cap.
+    let choices = request.get("n").and_then(Value::as_u64).unwrap_or(1).max(1);
+    Some(per_choice.saturating_mul(choices))
+}
+
+fn set_max_output_tokens(endpoint: Endpoint, object: &mut Map<String, Value>, cap: u64) {
+    let choices = object.get("n").and_then(Value::as_u64).unwrap_or(1).max(1);
+    let per_choice = (cap / choices).max(1);
+    let name = match endpoint {
+        Endpoint::ChatCompletions
+            if object.contains_key("max_tokens")
+                && !object.contains_key("max_completion_tokens") =>
+        {
+            "max_tokens"
+        }
+        Endpoint::ChatCompletions => "max_completion_tokens",
+        Endpoint::Completions => "max_tokens",
+        Endpoint::Responses => "max_output_tokens",
+        Endpoint::Embeddings => return,
+    };
+    object.insert(name.to_owned(), Value::from(per_choice));
+}
+
+/// Asks the upstream to report usage on a stream; returns true if the client had not asked
+/// (so the usage-only chunk must be removed from what the client sees).
+fn inject_include_usage(object: &mut Map<String, Value>) -> bool {
+    let options = object
+        .entry("stream_options")
+        .or_insert_with(|| Value::Object(Map::new()));
+    if !options.is_object() {
+        *options = Value::Object(Map::new());
+    }
+    let Some(options) = options.as_object_mut() else {
+        return false;
+    };
+    if options.get("include_usage") == Some(&Value::Bool(true)) {
+        return false;
+    }
+    options.insert("include_usage".into(), Value::Bool(true));
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn include_usage_is_injected_only_when_missing() {
+        let mut asked = json!({"stream_options": {"include_usage": true}});
+        assert!(!inject_include_usage(
+            asked.as_object_mut().expect("object")
+        ));
+        let mut silent = json!({"model": "m"});
+        assert!(inject_include_usage(
+            silent.as_object_mut().expect("object")
+        ));
+        assert_eq!(silent["stream_options"]["include_usage"], json!(true));
+        let mut refused = json!({"stream_options": {"include_usage": false, "x": 1}});
+        assert!(inject_include_usage(
+            refused.as_object_mut().expect("object")
+        ));
+        assert_eq!(
+            refused["stream_options"],
+            json!({"include_usage": true, "x": 1})
+        );
+    }
+
+    #[test]
+    fn output_cap_reads_each_endpoints_field_times_n() {
+        assert_eq!(
+            max_output_tokens(Endpoint::ChatCompletions, &json!({"max_tokens": 10})),
+            Some(10)
+        );
+        assert_eq!(
+            max_output_tokens(
+                Endpoint::ChatCompletions,
+                &json!({"max_completion_tokens": 7, "max_tokens": 10, "n": 2})
+            ),
+            Some(14)
+        );
+        assert_eq!(
+            max_output_tokens(Endpoint::Responses, &json!({"max_output_tokens": 5})),
+            Some(5)
+        );
+        assert_eq!(
+            max_output_tokens(Endpoint::Embeddings, &json!({"max_tokens": 5})),
+            None
+        );
+    }
+}
