@@ -1,1 +1,193 @@
-fn main() {}
+//! Added latency of the gateway over calling the fake upstream directly.
+//!
+//! Starts the mock OpenAI upstream and a gateway (temp SQLite ledger) on loopback ports, then
+//! sends the same non-streaming chat request at a fixed rate (open loop: a request is started
+//! every interval whether or not earlier ones finished) first straight to the upstream, then
+//! through the gateway, and prints p50/p99/max of each and the difference.
+//! Run: `cargo bench --bench gateway` (options: `RATE` per second, default 200; `REQUESTS`,
+//! default 2000).
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tollgate::app::App;
+use tollgate::config::Config;
+use tollgate::domain::{AccountId, Credits};
+use tollgate::ledger::{EntryType, GrantRequest};
+
+const JWT_SECRET: &str = "benchmark-secret-of-at-least-32-bytes!!";
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn percentile(sorted: &[Duration], p: usize) -> Duration {
+    sorted[(sorted.len() * p / 100).min(sorted.len() - 1)]
+}
+
+async fn run(
+    client: &reqwest::Client,
+    url: &str,
+    bearer: &str,
+    rate: u64,
+    count: u64,
+) -> Vec<Duration> {
+    let body = json!({"model": "mock-1", "messages": [{"role": "user", "content": "benchmark this request please"}], "max_tokens": 16});
+    let mut ticker = tokio::time::interval(Duration::from_nanos(1_000_000_000 / rate));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut tasks = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        ticker.tick().await;
+        let (client, url, bearer, body) = (
+            client.clone(),
+            url.to_owned(),
+            bearer.to_owned(),
+            body.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let start = Instant::now();
+            let response = client
+                .post(&url)
+                .bearer_auth(&bearer)
+                .json(&body)
+                .send()
+                .await
+                .expect("sent");
+            assert!(
+                response.status().is_success(),
+                "status {}",
+                response.status()
+            );
+            response.bytes().await.expect("body");
+            start.elapsed()
+        }));
+    }
+    let mut latencies = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        latencies.push(task.await.expect("task"));
+    }
+    latencies.sort();
+    latencies
+}
+
+/// Microseconds, for printing (integer arithmetic only).
+fn us(d: Duration) -> i128 {
+    i128::try_from(d.as_micros()).unwrap_or(i128::MAX)
+}
+
+fn report(name: &str, latencies: &[Duration]) -> (Duration, Duration) {
+    let (p50, p99) = (percentile(latencies, 50), percentile(latencies, 99));
+    println!(
+        "{name:<10} n={:<5} p50={:>6} us  p99={:>6} us  max={:>6} us",
+        latencies.len(),
+        us(p50),
+        us(p99),
+        us(latencies[latencies.len() - 1])
+    );
+    (p50, p99)
+}
+
+#[tokio::main]
+async fn main() {
+    let rate = env_or("RATE", 200).max(1);
+    let count = env_or("REQUESTS", 2000).max(10);
+
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let upstream_url = format!("http://{}/v1", upstream.local_addr().expect("addr"));
+    tokio::spawn(async move { tollgate::proxy::mock::serve(upstream).await });
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let pricing = dir.path().join("pricing.toml");
+    std::fs::write(
+        &pricing,
+        "[default]\nprompt_per_1k = \"1\"\ncompletion_per_1k = \"1\"\n",
+    )
+    .expect("pricing");
+    let config_path = dir.path().join("tollgate.toml");
+    std::fs::write(
+        &config_path,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[database]\nurl = \"sqlite://{}\"\n[auth.jwt]\nsecret = \"{JWT_SECRET}\"\n\
+             [metering]\npricing_file = \"{}\"\n[[upstreams]]\nname = \"fake\"\nbase_url = \"{upstream_url}\"\nmodels = [\"mock-*\"]\n",
+            dir.path().join("ledger.db").display(),
+            pricing.display()
+        ),
+    )
+    .expect("config");
+    let app = App::build(Config::load(&config_path).expect("config"))
+        .await
+        .expect("app");
+    let gateway_url = format!(
+        "http://{}/v1/chat/completions",
+        app.local_addr().expect("addr")
+    );
+    let state = app.state().clone();
+    state
+        .ledger
+        .grant(&GrantRequest {
+            account: AccountId::parse("bench").expect("id"),
+            entry_type: EntryType::Bonus,
+            amount: Credits::from_whole(1_000_000).expect("amount"),
+            description: "benchmark".into(),
+            reference: None,
+        })
+        .await
+        .expect("grant");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(app.run_until_stopped(async move {
+        let _ = stopped.await;
+    }));
+    let token = tollgate::auth::jwt::mint_hs256(
+        JWT_SECRET,
+        "bench",
+        Duration::from_secs(3600),
+        None,
+        None,
+        None,
+    )
+    .expect("token");
+
+    let client = reqwest::Client::new();
+    // Warm both paths (connection pools, tokenizer) before measuring.
+    run(
+        &client,
+        &format!("{upstream_url}/chat/completions"),
+        "x",
+        100,
+        50,
+    )
+    .await;
+    run(&client, &gateway_url, &token, 100, 50).await;
+
+    println!("fixed rate {rate} req/s, {count} requests each, non-streaming chat, loopback");
+    let direct = run(
+        &client,
+        &format!("{upstream_url}/chat/completions"),
+        "x",
+        rate,
+        count,
+    )
+    .await;
+    let (d50, d99) = report("direct", &direct);
+    let through = run(&client, &gateway_url, &token, rate, count).await;
+    let (g50, g99) = report("gateway", &through);
+    println!(
+        "added      p50={:>6} us  p99={:>6} us",
+        us(g50) - us(d50),
+        us(g99) - us(d99)
+    );
+
+    state.settler.flush().await;
+    let problems = state.ledger.verify().await.expect("verify");
+    assert!(
+        problems.is_empty(),
+        "ledger inconsistent after the run: {problems:?}"
+    );
+    let _ = stop.send(());
+    server.await.expect("server").expect("clean stop");
+}

@@ -235,6 +235,7 @@ fn router(state: AppState) -> Router {
         .nest("/api/credits", credits)
         .nest("/admin", admin)
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .layer(TraceLayer::new_for_http().make_span_with(|request: &Request| {
             let id = request
@@ -250,6 +251,10 @@ fn router(state: AppState) -> Router {
 
 async fn not_found() -> ApiError {
     ApiError::NotFound("Unknown route".into())
+}
+
+async fn method_not_allowed(method: ::http::Method) -> ApiError {
+    ApiError::MethodNotAllowed(method.to_string())
 }
 
 /// Gives every request an id (the settlement's idempotency key), returned as `x-request-id`.

@@ -15,15 +15,19 @@ use crate::ledger::{Bucket, LedgerEntry, Page, UsageRecord};
 const DEFAULT_LIMIT: u32 = 20;
 const MAX_LIMIT: u32 = 100;
 
+/// Paging parameters, read as strings so that every bad value gets an OpenAI-shaped 400.
 #[derive(Debug, Deserialize)]
 pub struct PageQuery {
-    limit: Option<u32>,
+    limit: Option<String>,
     cursor: Option<String>,
 }
 
 impl PageQuery {
     fn page(&self) -> Result<Page, ApiError> {
-        let limit = self.limit.unwrap_or(DEFAULT_LIMIT);
+        let limit = match self.limit.as_deref() {
+            None => DEFAULT_LIMIT,
+            Some(raw) => raw.parse::<u32>().unwrap_or(0),
+        };
         if !(1..=MAX_LIMIT).contains(&limit) {
             return Err(ApiError::BadRequest {
                 message: format!("limit must be between 1 and {MAX_LIMIT}"),

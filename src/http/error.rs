@@ -39,6 +39,8 @@ pub enum ApiError {
     PayloadTooLarge(usize),
     #[error("{0}")]
     NotFound(String),
+    #[error("method {0} is not allowed on this route")]
+    MethodNotAllowed(String),
     #[error("{message}")]
     Upstream { status: StatusCode, message: String },
     #[error("{0}")]
@@ -66,6 +68,7 @@ impl ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::InsufficientCredits { .. } => StatusCode::PAYMENT_REQUIRED,
             ApiError::ModelNotFound(_) | ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Upstream { status, .. } => *status,
@@ -91,6 +94,9 @@ impl ApiError {
                 ("invalid_request_error", None, Some("request_too_large"))
             }
             ApiError::NotFound(_) => ("invalid_request_error", None, Some("not_found")),
+            ApiError::MethodNotAllowed(_) => {
+                ("invalid_request_error", None, Some("method_not_allowed"))
+            }
             ApiError::Upstream { .. } => ("upstream_error", None, Some("upstream_error")),
             ApiError::Unavailable(_) => ("server_error", None, Some("service_unavailable")),
             ApiError::Internal(_) => ("server_error", None, None),

@@ -222,9 +222,13 @@ impl Ledger for SqliteLedger {
         account: &AccountId,
         signup_grant: Credits,
     ) -> Result<Snapshot, LedgerError> {
-        let mut conn = self.pool.acquire().await?;
-        if let Some(snapshot) = read_account(&mut conn, account).await? {
-            return Ok(snapshot);
+        {
+            let mut conn = self.pool.acquire().await?;
+            if let Some(snapshot) = read_account(&mut conn, account).await? {
+                return Ok(snapshot);
+            }
+            // Returned to the pool before the transaction takes one, or concurrent first
+            // sightings could each hold a connection while waiting for another.
         }
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let created = insert_account(&mut tx, account).await?;
@@ -336,6 +340,10 @@ impl Ledger for SqliteLedger {
         let mut key_spend: HashMap<String, i64> = HashMap::new();
         let mut applied = Vec::with_capacity(batch.len());
         for s in batch {
+            // The usage record references the account, so the account must exist first.
+            if !balances.contains_key(&s.account) {
+                insert_account(&mut tx, &s.account).await?;
+            }
             let inserted = sqlx::query(
                 "INSERT INTO usage_records (request_id, account_id, api_key_id, endpoint, model, upstream, \
                  prompt_tokens, completion_tokens, cached_tokens, cost, hold, source, stream, status, \
@@ -370,7 +378,6 @@ impl Ledger for SqliteLedger {
             let before = match balances.get(&s.account) {
                 Some(snapshot) => snapshot.balance,
                 None => {
-                    insert_account(&mut tx, &s.account).await?;
                     let snapshot = read_account(&mut tx, &s.account).await?.ok_or_else(|| {
                         LedgerError::Corrupt(format!("account {} vanished", s.account))
                     })?;

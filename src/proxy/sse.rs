@@ -16,6 +16,10 @@ use crate::domain::TokenUsage;
 /// An event longer than this cannot be a usage-only chunk (those are well under 1 KiB), so it is
 /// forwarded instead of held: holding back is bounded even if an upstream never ends an event.
 const MAX_HELD_EVENT: usize = 64 * 1024;
+/// An event whose data outgrows this is forwarded but not parsed, so a broken upstream cannot
+/// make the observer buffer without bound. (The largest legitimate events, a Responses API
+/// `response.completed` repeating the whole output, are far smaller.)
+const MAX_EVENT_BYTES: usize = 16 * 1024 * 1024;
 
 /// What a stream produced, as far as it was observed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -52,6 +56,8 @@ pub struct SseObserver {
     strip: Strip,
     /// The start of a line whose end has not arrived yet (only lines split across chunks).
     partial_line: Vec<u8>,
+    /// The current line outgrew `MAX_EVENT_BYTES`; its bytes are being skipped.
+    line_too_long: bool,
     /// The previous chunk ended in `\r`: a `\n` starting the next one belongs to that line end.
     pending_cr: bool,
     /// No line has been processed yet (a leading byte-order mark is ignored).
@@ -59,6 +65,8 @@ pub struct SseObserver {
     /// The current event's `data:` lines, each followed by `\n`.
     data: Vec<u8>,
     has_data: bool,
+    /// The current event outgrew `MAX_EVENT_BYTES`: it will not be parsed.
+    event_too_big: bool,
     /// Strip mode: ends of events completed in the current chunk (offset after the blank line,
     /// and whether the event is the usage-only chunk). Reused across chunks.
     event_ends: Vec<(usize, bool)>,
@@ -82,10 +90,12 @@ impl SseObserver {
                 Strip::Off
             },
             partial_line: Vec::new(),
+            line_too_long: false,
             pending_cr: false,
             at_stream_start: true,
             data: Vec::new(),
             has_data: false,
+            event_too_big: false,
             event_ends: Vec::new(),
             held: Vec::new(),
             event_forwarded: false,
@@ -121,7 +131,9 @@ impl SseObserver {
     /// was held back (empty unless stripping) together with the final summary. Idempotent.
     pub fn finish(&mut self) -> (Bytes, StreamSummary) {
         self.pending_cr = false;
-        if !self.partial_line.is_empty() {
+        if std::mem::take(&mut self.line_too_long) {
+            self.event_too_big = true;
+        } else if !self.partial_line.is_empty() {
             let line = std::mem::take(&mut self.partial_line);
             self.process_line(&line);
         }
@@ -231,7 +243,7 @@ impl SseObserver {
         let record_ends = self.strip == Strip::Watching;
         while pos < buf.len() {
             let Some(offset) = find_line_end(&buf[pos..]) else {
-                self.partial_line.extend_from_slice(&buf[pos..]);
+                self.keep_partial_line(&buf[pos..]);
                 break;
             };
             let eol = pos + offset;
@@ -243,7 +255,10 @@ impl SseObserver {
                     None => self.pending_cr = true,
                 }
             }
-            let blank = if self.partial_line.is_empty() {
+            let blank = if std::mem::take(&mut self.line_too_long) {
+                self.event_too_big = true;
+                false
+            } else if self.partial_line.is_empty() {
                 self.process_line(&buf[pos..eol])
             } else {
                 let mut line = std::mem::take(&mut self.partial_line);
@@ -264,6 +279,18 @@ impl SseObserver {
         skipped_lf
     }
 
+    fn keep_partial_line(&mut self, bytes: &[u8]) {
+        if self.line_too_long {
+            return;
+        }
+        if self.partial_line.len().saturating_add(bytes.len()) > MAX_EVENT_BYTES {
+            self.line_too_long = true;
+            self.partial_line = Vec::new();
+        } else {
+            self.partial_line.extend_from_slice(bytes);
+        }
+    }
+
     /// Handles one complete line; returns whether it was blank (the end of an event).
     fn process_line(&mut self, mut line: &[u8]) -> bool {
         if std::mem::take(&mut self.at_stream_start) {
@@ -282,17 +309,27 @@ impl SseObserver {
             }
             None => (line, &[][..]),
         };
-        if field == b"data" {
-            self.data.extend_from_slice(value);
-            self.data.push(b'\n');
-            self.has_data = true;
+        if field == b"data" && !self.event_too_big {
+            if self.data.len().saturating_add(value.len()) >= MAX_EVENT_BYTES {
+                self.event_too_big = true;
+                self.data = Vec::new();
+            } else {
+                self.data.extend_from_slice(value);
+                self.data.push(b'\n');
+                self.has_data = true;
+            }
         }
         false
     }
 
     /// Ends the current event: parses its data. Returns whether it was the usage-only chunk.
     fn dispatch(&mut self) -> bool {
-        if !std::mem::take(&mut self.has_data) {
+        let has_data = std::mem::take(&mut self.has_data);
+        if std::mem::take(&mut self.event_too_big) {
+            self.data.clear();
+            return false;
+        }
+        if !has_data {
             return false;
         }
         let mut data = std::mem::take(&mut self.data);
@@ -312,6 +349,10 @@ impl SseObserver {
         if trimmed.first() != Some(&b'{') {
             return false;
         }
+        // Validating UTF-8 once here lets serde_json skip validating every key and string.
+        let Ok(trimmed) = std::str::from_utf8(trimmed) else {
+            return false;
+        };
         match self.endpoint {
             Endpoint::ChatCompletions | Endpoint::Completions => self.handle_chunk(trimmed),
             Endpoint::Responses => {
@@ -322,8 +363,8 @@ impl SseObserver {
         }
     }
 
-    fn handle_chunk(&mut self, json: &[u8]) -> bool {
-        let Ok(chunk) = serde_json::from_slice::<ChunkIn<'_>>(json) else {
+    fn handle_chunk(&mut self, json: &str) -> bool {
+        let Ok(chunk) = serde_json::from_str::<ChunkIn<'_>>(json) else {
             return false;
         };
         let summary = &mut self.summary;
@@ -362,8 +403,8 @@ impl SseObserver {
             && chunk.object.as_deref().is_none_or(|o| o == expected_object)
     }
 
-    fn handle_responses_event(&mut self, json: &[u8]) {
-        let Ok(event) = serde_json::from_slice::<ResponsesEventIn<'_>>(json) else {
+    fn handle_responses_event(&mut self, json: &str) {
+        let Ok(event) = serde_json::from_str::<ResponsesEventIn<'_>>(json) else {
             return;
         };
         let summary = &mut self.summary;
@@ -394,7 +435,7 @@ fn push_output(summary: &mut StreamSummary, text: Option<&str>) {
 
 /// The first `\n` or `\r` (every SSE line end starts with one of them).
 fn find_line_end(buf: &[u8]) -> Option<usize> {
-    buf.iter().position(|&b| b == b'\n' || b == b'\r')
+    memchr::memchr2(b'\n', b'\r', buf)
 }
 
 // Only the fields metering needs; serde skips the rest without allocating, and text borrows
@@ -751,5 +792,32 @@ mod tests {
         let usage = format!("data: {}\n\n", CHAT_EVENTS[USAGE_EVENT]);
         assert!(observer.observe(Bytes::from(usage)).is_empty());
         assert_eq!(observer.finish().1.output_text.len(), MAX_HELD_EVENT);
+    }
+
+    #[test]
+    fn a_runaway_event_is_forwarded_but_not_buffered() {
+        let mut observer = SseObserver::new(Endpoint::ChatCompletions, false);
+        let start = Bytes::from_static(b"data: {\"choices\":\"");
+        assert_eq!(observer.observe(start.clone()), start);
+        let piece = Bytes::from(vec![b'x'; 1024 * 1024]);
+        for _ in 0..20 {
+            assert_eq!(observer.observe(piece.clone()), piece);
+            assert!(observer.partial_line.capacity() <= 2 * MAX_EVENT_BYTES);
+        }
+        assert_eq!(
+            observer.partial_line.capacity(),
+            0,
+            "the runaway line was let go"
+        );
+        let rest = format!("\"}}\n\ndata: {}\n\ndata: [DONE]\n\n", CHAT_EVENTS[1]);
+        observer.observe(Bytes::from(rest.clone()));
+        let (_, summary) = observer.finish();
+        assert_eq!(
+            summary.output_text, "Héllo, 東京",
+            "later events are still metered"
+        );
+        assert!(summary.completed);
+        let total = start.len() + 20 * piece.len() + rest.len();
+        assert_eq!(summary.bytes_in, total as u64);
     }
 }

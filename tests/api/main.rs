@@ -1,0 +1,12 @@
+//! Integration tests: the real gateway on an ephemeral loopback port, a fake OpenAI upstream
+//! (a real HTTP server) and a real HTTP client. One binary keeps link time down.
+
+mod helpers;
+
+mod admin_and_keys;
+mod auth;
+mod bad_input;
+mod concurrency;
+mod lifecycle;
+mod metering;
+mod streaming;

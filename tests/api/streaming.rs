@@ -1,0 +1,264 @@
+//! Streams: the client gets the upstream's bytes, the usage chunk the gateway asked for is
+//! removed, and every way a stream can end is billed once.
+
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+
+use crate::helpers::*;
+
+fn stream_body(model: &str, max_tokens: u64) -> Value {
+    json!({
+        "model": model,
+        "messages": [{"role": "user", "content": "stream some words to me"}],
+        "max_tokens": max_tokens,
+        "stream": true
+    })
+}
+
+/// Calls the fake upstream directly with exactly what the gateway sent it.
+async fn direct(app: &TestApp, path: &str, body: &Value) -> Vec<u8> {
+    let response = reqwest::Client::new()
+        .post(format!("{}{path}", app.upstream.url))
+        .json(body)
+        .send()
+        .await
+        .expect("direct call");
+    assert_eq!(response.status(), 200);
+    response.bytes().await.expect("direct body").to_vec()
+}
+
+fn is_usage_only_event(event: &str) -> bool {
+    event
+        .strip_prefix("data: ")
+        .and_then(|data| serde_json::from_str::<Value>(data).ok())
+        .is_some_and(|chunk| chunk["choices"] == json!([]) && chunk["usage"].is_object())
+}
+
+#[tokio::test]
+async fn a_stream_is_the_upstreams_bytes_minus_the_injected_usage_chunk() {
+    let app = spawn_app().await;
+    let alice = token("alice");
+    app.grant("alice", "10").await;
+
+    let response = app.chat(&alice, &stream_body("mock-1", 12)).await;
+    assert_eq!(response.status(), 200);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .expect("ascii")
+            .starts_with("text/event-stream")
+    );
+    let through_gateway = response.bytes().await.expect("stream").to_vec();
+
+    // The gateway asked the upstream for usage on the client's behalf...
+    let sent = app.upstream.log.last().expect("upstream called");
+    assert_eq!(sent.body["stream_options"]["include_usage"], json!(true));
+    // ...and the client got exactly the upstream's bytes without the usage-only chunk.
+    let upstream_bytes = direct(&app, "/chat/completions", &sent.body).await;
+    let events = sse_events(&upstream_bytes);
+    assert_eq!(events.iter().filter(|e| is_usage_only_event(e)).count(), 1);
+    let expected: String = events
+        .iter()
+        .filter(|e| !is_usage_only_event(e))
+        .map(|e| format!("{e}\n\n"))
+        .collect();
+    assert_eq!(String::from_utf8_lossy(&through_gateway), expected);
+    assert!(
+        !sse_json(&through_gateway)
+            .iter()
+            .any(|c| c["usage"].is_object())
+    );
+
+    // Billed from the usage the client never saw.
+    let usage_chunk = sse_json(&upstream_bytes)
+        .into_iter()
+        .find(|c| c["usage"].is_object())
+        .expect("usage chunk");
+    app.settled_balance(&alice).await;
+    let usage = app.list("/api/credits/usage", &alice).await;
+    assert_eq!(usage[0]["source"], "reported");
+    assert_eq!(usage[0]["stream"], true);
+    assert_eq!(usage[0]["status"], "completed");
+    assert_eq!(
+        usage[0]["completion_tokens"],
+        usage_chunk["usage"]["completion_tokens"]
+    );
+    assert_eq!(
+        usage[0]["prompt_tokens"],
+        usage_chunk["usage"]["prompt_tokens"]
+    );
+    app.assert_ledger_consistent().await;
+}
+
+#[tokio::test]
+async fn a_client_that_asked_for_usage_gets_the_stream_byte_identical() {
+    let app = spawn_app().await;
+    let bob = token("bob");
+    app.grant("bob", "10").await;
+    let mut body = stream_body("mock-1", 8);
+    body["stream_options"] = json!({"include_usage": true});
+    let through_gateway = app
+        .chat(&bob, &body)
+        .await
+        .bytes()
+        .await
+        .expect("stream")
+        .to_vec();
+    let sent = app.upstream.log.last().expect("upstream called");
+    assert_eq!(sent.body, body, "the body went upstream untouched");
+    assert_eq!(
+        through_gateway,
+        direct(&app, "/chat/completions", &body).await
+    );
+    assert_eq!(
+        sse_json(&through_gateway)
+            .iter()
+            .filter(|c| c["usage"].is_object())
+            .count(),
+        1
+    );
+    app.settled_balance(&bob).await;
+    app.assert_ledger_consistent().await;
+}
+
+#[tokio::test]
+async fn completions_and_responses_streams_pass_through() {
+    let app = spawn_app().await;
+    let carol = token("carol");
+    app.grant("carol", "10").await;
+
+    let completions =
+        json!({"model": "mock-1", "prompt": "go on", "max_tokens": 6, "stream": true});
+    let through = app
+        .post("/v1/completions", &carol, &completions)
+        .await
+        .bytes()
+        .await
+        .expect("stream");
+    let sent = app.upstream.log.last().expect("upstream called");
+    assert_eq!(sent.body["stream_options"]["include_usage"], json!(true));
+    let upstream_bytes = direct(&app, "/completions", &sent.body).await;
+    let expected: String = sse_events(&upstream_bytes)
+        .iter()
+        .filter(|e| !is_usage_only_event(e))
+        .map(|e| format!("{e}\n\n"))
+        .collect();
+    assert_eq!(String::from_utf8_lossy(&through), expected);
+
+    let responses =
+        json!({"model": "mock-1", "input": "tell me", "max_output_tokens": 5, "stream": true});
+    let through = app
+        .post("/v1/responses", &carol, &responses)
+        .await
+        .bytes()
+        .await
+        .expect("stream");
+    assert_eq!(
+        app.upstream.log.last().expect("called").body,
+        responses,
+        "responses bodies are not rewritten"
+    );
+    assert_eq!(
+        through.to_vec(),
+        direct(&app, "/responses", &responses).await
+    );
+
+    app.settled_balance(&carol).await;
+    let usage = app.list("/api/credits/usage", &carol).await;
+    assert_eq!(usage.len(), 2);
+    assert!(usage.iter().all(|u| u["source"] == "reported"), "{usage:?}");
+    app.assert_ledger_consistent().await;
+}
+
+#[tokio::test]
+async fn a_stream_without_usage_is_counted_with_the_tokenizer() {
+    let app = spawn_app().await;
+    let dan = token("dan");
+    app.grant("dan", "10").await;
+    let bytes = app
+        .chat(&dan, &stream_body("mock-nousage", 10))
+        .await
+        .bytes()
+        .await
+        .expect("stream");
+    let text: String = sse_json(&bytes)
+        .iter()
+        .filter_map(|c| {
+            c["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_owned)
+        })
+        .collect();
+    assert!(!text.is_empty());
+    app.settled_balance(&dan).await;
+    let usage = app.list("/api/credits/usage", &dan).await;
+    assert_eq!(usage[0]["source"], "counted");
+    assert_eq!(
+        usage[0]["completion_tokens"],
+        tollgate::proxy::tokens::count_text("mock-nousage", &text)
+    );
+    app.assert_ledger_consistent().await;
+}
+
+#[tokio::test]
+async fn a_client_that_disconnects_is_billed_for_what_was_produced() {
+    let app = spawn_app().await;
+    let eve = token("eve");
+    app.grant("eve", "10").await;
+    // 200 words at 50 ms each would take 10 s; the client leaves after a few.
+    let started = Instant::now();
+    let response = app.chat(&eve, &stream_body("mock-slow", 200)).await;
+    assert_eq!(response.status(), 200);
+    let mut body = response.bytes_stream();
+    let mut received = Vec::new();
+    while sse_json(&received)
+        .iter()
+        .filter(|c| c["choices"][0]["delta"]["content"].is_string())
+        .count()
+        < 4
+    {
+        let chunk = body.next().await.expect("more chunks").expect("chunk");
+        received.extend_from_slice(&chunk);
+    }
+    drop(body);
+
+    let balance = app.settled_balance(&eve).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "settled only when the upstream finished"
+    );
+    let usage = app.list("/api/credits/usage", &eve).await;
+    assert_eq!(usage.len(), 1);
+    assert_eq!(usage[0]["status"], "client_disconnected");
+    assert_eq!(usage[0]["source"], "counted");
+    let completion = usage[0]["completion_tokens"].as_u64().expect("tokens");
+    assert!(
+        (3..200).contains(&completion),
+        "completion tokens {completion}"
+    );
+    assert!(credits(&balance["balance"]) < rust_decimal::Decimal::from(10));
+    assert_eq!(balance["held"], "0");
+    app.assert_ledger_consistent().await;
+}
+
+#[tokio::test]
+async fn an_upstream_that_dies_mid_stream_is_billed_for_its_output() {
+    let app = spawn_app().await;
+    let fred = token("fred");
+    app.grant("fred", "10").await;
+    let response = app.chat(&fred, &stream_body("mock-midfail", 50)).await;
+    assert_eq!(response.status(), 200);
+    assert!(
+        response.bytes().await.is_err(),
+        "the client must see a broken stream"
+    );
+    let balance = app.settled_balance(&fred).await;
+    let usage = app.list("/api/credits/usage", &fred).await;
+    assert_eq!(usage.len(), 1);
+    assert_eq!(usage[0]["status"], "upstream_failed");
+    assert_eq!(usage[0]["source"], "counted");
+    assert!(credits(&balance["balance"]) < rust_decimal::Decimal::from(10));
+    app.assert_ledger_consistent().await;
+}
