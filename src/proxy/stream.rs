@@ -131,20 +131,19 @@ fn frames(state: Metered) -> impl Stream<Item = Result<Bytes, std::io::Error>> +
                 }
                 Ok(None) => {
                     state.status = "completed";
-                    let (rest, _) = flush(&mut state);
-                    drop(state);
+                    let rest = settle_now(&mut state);
                     return rest.map(|bytes| (Ok(bytes), None));
                 }
                 Ok(Some(Err(error))) => {
                     tracing::warn!(%error, "upstream stream failed");
                     state.status = "upstream_failed";
-                    drop(state);
+                    settle_now(&mut state);
                     return Some((Err(std::io::Error::other("upstream stream failed")), None));
                 }
                 Err(_) => {
                     tracing::warn!(timeout = ?state.idle_timeout, "upstream stream went idle");
                     state.status = "upstream_timeout";
-                    drop(state);
+                    settle_now(&mut state);
                     return Some((
                         Err(std::io::Error::other("upstream stream timed out")),
                         None,
@@ -155,8 +154,8 @@ fn frames(state: Metered) -> impl Stream<Item = Result<Bytes, std::io::Error>> +
     })
 }
 
-/// Takes any bytes the observer still holds back, settling with the final summary.
-fn flush(state: &mut Metered) -> (Option<Bytes>, ()) {
+/// Settles with the final summary; returns any bytes the observer still held back.
+fn settle_now(state: &mut Metered) -> Option<Bytes> {
     let (rest, summary) = state.observer.finish();
     if let Some(billing) = state.billing.take() {
         billing.settle(
@@ -166,5 +165,5 @@ fn flush(state: &mut Metered) -> (Option<Bytes>, ()) {
             state.status,
         );
     }
-    ((!rest.is_empty()).then_some(rest), ())
+    (!rest.is_empty()).then_some(rest)
 }

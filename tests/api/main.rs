@@ -10,3 +10,4 @@ mod concurrency;
 mod lifecycle;
 mod metering;
 mod streaming;
+mod upstreams;
