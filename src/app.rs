@@ -17,8 +17,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use tower_http::trace::TraceLayer;
+use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use tracing::Instrument;
+use tracing::Level;
 
 use crate::auth::api_keys::ApiKeyCache;
 use crate::auth::jwt::{JwtSettings, JwtVerifier};
@@ -244,7 +245,7 @@ fn router(state: AppState) -> Router {
                 .map(ToString::to_string)
                 .unwrap_or_default();
             tracing::info_span!("request", method = %request.method(), path = %request.uri().path(), request_id = %id)
-        }))
+        }).on_response(DefaultOnResponse::new().level(Level::INFO)))
         .layer(middleware::from_fn(request_id))
         .with_state(state)
 }
