@@ -59,7 +59,10 @@ impl AppState {
         let epoch = self.ledger.cache_epoch().await?;
         if self.epoch.swap(epoch, Ordering::AcqRel) != epoch {
             self.auth.keys().clear();
-            self.cache.invalidate_all().await;
+            self.cache
+                .invalidate_all()
+                .await
+                .map_err(|e| ApiError::Unavailable(e.to_string()))?;
         }
         Ok(())
     }
@@ -98,7 +101,9 @@ pub struct App {
     state: AppState,
     settler_task: JoinHandle<()>,
     pricing_watcher: JoinHandle<()>,
-    stop_watcher: tokio::sync::watch::Sender<bool>,
+    recovery: JoinHandle<()>,
+    /// Tells the background tasks (pricing watcher, recovery) to stop.
+    stop_background: tokio::sync::watch::Sender<bool>,
     shutdown_grace: Duration,
 }
 
@@ -109,7 +114,7 @@ impl App {
         let pricing_path = config.metering.pricing_file.clone();
         let table = PriceTable::load(&pricing_path)?;
         let pricing = PricingHandle::new(table);
-        let (stop_watcher, watcher_stopped) = tokio::sync::watch::channel(false);
+        let (stop_background, watcher_stopped) = tokio::sync::watch::channel(false);
         let pricing_watcher = pricing.spawn_watcher(
             pricing_path,
             Duration::from_millis(config.metering.pricing_poll_ms.max(50)),
@@ -123,6 +128,7 @@ impl App {
                 flush_window: Duration::from_millis(config.metering.settle_flush_ms),
             },
         );
+        let instance = format!("gw_{}", uuid::Uuid::new_v4().simple());
         let meter = Meter::new(
             ledger.clone(),
             cache.clone(),
@@ -130,6 +136,13 @@ impl App {
             config.metering.clone(),
             config.accounts.signup_grant,
             settler.clone(),
+            instance.clone(),
+        );
+        let recovery = spawn_recovery(
+            ledger.clone(),
+            cache.clone(),
+            Duration::from_millis(config.metering.recovery_interval_ms.max(100)),
+            stop_background.subscribe(),
         );
         let jwt = jwt_verifier(&config.auth.jwt).await?;
         if jwt.is_none() {
@@ -166,7 +179,8 @@ impl App {
             state,
             settler_task,
             pricing_watcher,
-            stop_watcher,
+            recovery,
+            stop_background,
             shutdown_grace: Duration::from_secs(config.server.shutdown_grace_secs),
         })
     }
@@ -203,14 +217,48 @@ impl App {
         // queue their settlements before the final flush.
         tokio::task::yield_now().await;
         self.state.settler.flush().await;
-        let _ = self.stop_watcher.send(true);
+        let _ = self.stop_background.send(true);
         let _ = self.pricing_watcher.await;
+        let _ = self.recovery.await;
         // Requests cut after the grace period may still hold handles, so the settler is not
         // awaited; everything queued before the flush above is written.
         drop(self.settler_task);
         tracing::info!("all settlements written");
         Ok(())
     }
+}
+
+/// Every `interval`: release expired holds and write settlements orphaned by a dead instance.
+fn spawn_recovery(
+    ledger: SharedLedger,
+    cache: SharedCache,
+    interval: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    // An orphan is a pending settlement its owner has not written for this long.
+    let orphan_age = (interval * 15).max(Duration::from_secs(30));
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = stop.changed() => break,
+            }
+            if *stop.borrow() {
+                break;
+            }
+            match settler::recover(&*ledger, &*cache, orphan_age).await {
+                Ok((0, 0)) => {}
+                Ok((reaped, written)) => {
+                    tracing::info!(reaped, written, "recovered holds and settlements")
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "recovery pass failed; retrying next interval")
+                }
+            }
+        }
+    })
 }
 
 fn router(state: AppState) -> Router {

@@ -75,7 +75,7 @@ pub async fn grant(
     state
         .cache
         .apply(&Bucket::Account(account.clone()), outcome.snapshot)
-        .await;
+        .await?;
     let status = if outcome.applied {
         StatusCode::CREATED
     } else {

@@ -2,31 +2,55 @@
 //! under the entry's shard lock so check-and-hold is a single atomic step (DESIGN.md I1).
 //!
 //! Ledger loads happen outside the lock; snapshots carry the ledger's revision so a slow load
-//! can never overwrite a newer balance.
+//! can never overwrite a newer balance. Holds and pending settlements die with the process, so
+//! there is no owner to track here.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use async_trait::async_trait;
 use dashmap::DashMap;
 
-use super::{BalanceCache, BalanceView, CacheError, ReserveError, SnapshotSource};
+use super::{
+    BalanceCache, BalanceView, CacheError, HoldSpec, Orphan, ReserveError, SnapshotSource,
+};
 use crate::domain::Credits;
-use crate::ledger::{Bucket, Snapshot};
+use crate::ledger::{Bucket, LedgerError, Snapshot, now_ms};
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
+struct Pending {
+    cost: i128,
+    record: Option<String>,
+    since_ms: i64,
+}
+
+#[derive(Debug, Clone)]
 struct Entry {
     snapshot: Snapshot,
-    /// Settled by this process, not yet written to the ledger (micro-credits).
-    pending: i128,
-    /// Reserved by requests in flight (micro-credits).
+    /// Holds of requests in flight: request id → (micro-credits, deadline).
+    holds: HashMap<String, (i128, i64)>,
     held: i128,
+    /// Settled by this process, not yet in the ledger: request id → cost and record.
+    pending: HashMap<String, Pending>,
+    pending_total: i128,
     /// The invalidation generation this snapshot was loaded in; older means stale.
     generation: u64,
 }
 
 impl Entry {
+    fn new(snapshot: Snapshot, generation: u64) -> Self {
+        Entry {
+            snapshot,
+            holds: HashMap::new(),
+            held: 0,
+            pending: HashMap::new(),
+            pending_total: 0,
+            generation,
+        }
+    }
+
     fn balance(&self) -> i128 {
-        i128::from(self.snapshot.balance.micros()) - self.pending
+        i128::from(self.snapshot.balance.micros()) - self.pending_total
     }
 
     fn available(&self) -> i128 {
@@ -38,6 +62,12 @@ impl Entry {
             self.snapshot = snapshot;
         }
     }
+
+    fn drop_hold(&mut self, request_id: &str) {
+        if let Some((amount, _)) = self.holds.remove(request_id) {
+            self.held -= amount;
+        }
+    }
 }
 
 fn clamp(micros: i128) -> Credits {
@@ -46,6 +76,10 @@ fn clamp(micros: i128) -> Credits {
     } else {
         i64::MAX
     }))
+}
+
+fn vanished() -> CacheError {
+    CacheError::Load(LedgerError::Corrupt("cache entry vanished".into()))
 }
 
 #[derive(Default)]
@@ -83,12 +117,7 @@ impl LocalCache {
                 }
                 entry.generation = entry.generation.max(generation);
             })
-            .or_insert(Entry {
-                snapshot,
-                pending: 0,
-                held: 0,
-                generation,
-            });
+            .or_insert_with(|| Entry::new(snapshot, generation));
         Ok(())
     }
 }
@@ -98,55 +127,86 @@ impl BalanceCache for LocalCache {
     async fn reserve(
         &self,
         bucket: &Bucket,
-        amount: Credits,
+        hold: &HoldSpec,
         floor: Credits,
         source: &dyn SnapshotSource,
     ) -> Result<(), ReserveError> {
         self.refresh(bucket, source).await?;
-        let mut entry =
-            self.entries
-                .get_mut(bucket)
-                .ok_or(ReserveError::Cache(CacheError::Load(
-                    crate::ledger::LedgerError::Corrupt("cache entry vanished".into()),
-                )))?;
+        let mut entry = self.entries.get_mut(bucket).ok_or_else(vanished)?;
+        if entry.holds.contains_key(&hold.request_id) {
+            return Ok(());
+        }
+        let amount = i128::from(hold.amount.micros());
         let available = entry.available();
-        if available - i128::from(amount.micros()) < i128::from(floor.micros()) {
+        if available - amount < i128::from(floor.micros()) {
             return Err(ReserveError::Insufficient {
                 available: clamp(available),
             });
         }
-        entry.held += i128::from(amount.micros());
+        entry
+            .holds
+            .insert(hold.request_id.clone(), (amount, hold.deadline_ms));
+        entry.held += amount;
         Ok(())
     }
 
-    async fn settle(&self, bucket: &Bucket, hold: Credits, cost: Credits) {
+    async fn settle(
+        &self,
+        bucket: &Bucket,
+        request_id: &str,
+        cost: Credits,
+        record: Option<&str>,
+    ) -> Result<(), CacheError> {
         if let Some(mut entry) = self.entries.get_mut(bucket) {
-            entry.held -= i128::from(hold.micros());
-            entry.pending += i128::from(cost.micros());
+            entry.drop_hold(request_id);
+            if !entry.pending.contains_key(request_id) {
+                let cost = i128::from(cost.micros());
+                entry.pending.insert(
+                    request_id.to_owned(),
+                    Pending {
+                        cost,
+                        record: record.map(str::to_owned),
+                        since_ms: now_ms(),
+                    },
+                );
+                entry.pending_total += cost;
+            }
         }
+        Ok(())
     }
 
-    async fn release(&self, bucket: &Bucket, hold: Credits) {
+    async fn release(&self, bucket: &Bucket, request_id: &str) -> Result<(), CacheError> {
         if let Some(mut entry) = self.entries.get_mut(bucket) {
-            entry.held -= i128::from(hold.micros());
+            entry.drop_hold(request_id);
         }
+        Ok(())
     }
 
-    async fn committed(&self, bucket: &Bucket, cost: Credits, snapshot: Snapshot) {
+    async fn committed(
+        &self,
+        bucket: &Bucket,
+        request_id: &str,
+        snapshot: Snapshot,
+    ) -> Result<(), CacheError> {
         if let Some(mut entry) = self.entries.get_mut(bucket) {
-            entry.pending -= i128::from(cost.micros());
+            if let Some(pending) = entry.pending.remove(request_id) {
+                entry.pending_total -= pending.cost;
+            }
             entry.absorb(snapshot);
         }
+        Ok(())
     }
 
-    async fn apply(&self, bucket: &Bucket, snapshot: Snapshot) {
+    async fn apply(&self, bucket: &Bucket, snapshot: Snapshot) -> Result<(), CacheError> {
         if let Some(mut entry) = self.entries.get_mut(bucket) {
             entry.absorb(snapshot);
         }
+        Ok(())
     }
 
-    async fn invalidate_all(&self) {
+    async fn invalidate_all(&self) -> Result<(), CacheError> {
         self.generation.fetch_add(1, Ordering::AcqRel);
+        Ok(())
     }
 
     async fn view(
@@ -155,18 +215,47 @@ impl BalanceCache for LocalCache {
         source: &dyn SnapshotSource,
     ) -> Result<BalanceView, CacheError> {
         self.refresh(bucket, source).await?;
-        let entry = self
-            .entries
-            .get(bucket)
-            .map(|e| *e)
-            .ok_or(CacheError::Load(crate::ledger::LedgerError::Corrupt(
-                "cache entry vanished".into(),
-            )))?;
+        let entry = self.entries.get(bucket).ok_or_else(vanished)?;
         Ok(BalanceView {
             balance: clamp(entry.balance()),
             held: clamp(entry.held),
             available: clamp(entry.available()),
         })
+    }
+
+    async fn reap_holds(&self, now_ms: i64) -> Result<usize, CacheError> {
+        let mut reaped = 0;
+        for mut entry in self.entries.iter_mut() {
+            let expired: Vec<String> = entry
+                .holds
+                .iter()
+                .filter(|(_, (_, deadline))| *deadline < now_ms)
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in expired {
+                entry.drop_hold(&id);
+                reaped += 1;
+            }
+        }
+        Ok(reaped)
+    }
+
+    async fn orphans(&self, now_ms: i64, older_than_ms: i64) -> Result<Vec<Orphan>, CacheError> {
+        let mut orphans = Vec::new();
+        for entry in self.entries.iter() {
+            for (request_id, pending) in &entry.pending {
+                if let Some(record) = &pending.record
+                    && now_ms - pending.since_ms > older_than_ms
+                {
+                    orphans.push(Orphan {
+                        bucket: entry.key().clone(),
+                        request_id: request_id.clone(),
+                        record: record.clone(),
+                    });
+                }
+            }
+        }
+        Ok(orphans)
     }
 }
 
@@ -177,12 +266,20 @@ mod tests {
 
     use super::*;
     use crate::domain::AccountId;
-    use crate::ledger::LedgerError;
 
     /// A ledger stand-in holding one balance whose revision moves with each change.
     struct FixedSource {
         balance: AtomicI64,
         rev: AtomicI64,
+    }
+
+    impl FixedSource {
+        fn new(credits: Credits) -> Self {
+            FixedSource {
+                balance: AtomicI64::new(credits.micros()),
+                rev: AtomicI64::new(1),
+            }
+        }
     }
 
     #[async_trait]
@@ -203,19 +300,30 @@ mod tests {
         Credits::from_whole(whole).expect("small")
     }
 
+    fn hold(id: &str, amount: Credits) -> HoldSpec {
+        HoldSpec {
+            request_id: id.to_owned(),
+            amount,
+            owner: "test".into(),
+            deadline_ms: i64::MAX,
+        }
+    }
+
     #[tokio::test]
     async fn concurrent_reservations_never_exceed_the_balance() {
         let cache = Arc::new(LocalCache::new());
-        let source = Arc::new(FixedSource {
-            balance: AtomicI64::new(credits(10).micros()),
-            rev: AtomicI64::new(1),
-        });
+        let source = Arc::new(FixedSource::new(credits(10)));
         let tasks: Vec<_> = (0..100)
-            .map(|_| {
+            .map(|i| {
                 let (cache, source) = (cache.clone(), source.clone());
                 tokio::spawn(async move {
                     cache
-                        .reserve(&bucket(), credits(1), Credits::ZERO, &*source)
+                        .reserve(
+                            &bucket(),
+                            &hold(&format!("r{i}"), credits(1)),
+                            Credits::ZERO,
+                            &*source,
+                        )
                         .await
                         .is_ok()
                 })
@@ -232,46 +340,60 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn settle_commit_and_release_keep_the_arithmetic() {
+    async fn settle_commit_and_release_are_idempotent_per_request() {
         let cache = LocalCache::new();
-        let source = FixedSource {
-            balance: AtomicI64::new(credits(10).micros()),
-            rev: AtomicI64::new(1),
-        };
+        let source = FixedSource::new(credits(10));
         cache
-            .reserve(&bucket(), credits(4), Credits::ZERO, &source)
+            .reserve(&bucket(), &hold("a", credits(4)), Credits::ZERO, &source)
             .await
             .expect("fits");
         cache
-            .reserve(&bucket(), credits(4), Credits::ZERO, &source)
+            .reserve(&bucket(), &hold("b", credits(4)), Credits::ZERO, &source)
             .await
             .expect("fits");
+        // The same request reserving twice holds once.
+        cache
+            .reserve(&bucket(), &hold("b", credits(4)), Credits::ZERO, &source)
+            .await
+            .expect("same hold");
         let err = cache
-            .reserve(&bucket(), credits(4), Credits::ZERO, &source)
+            .reserve(&bucket(), &hold("c", credits(4)), Credits::ZERO, &source)
             .await
             .expect_err("too much");
         assert!(matches!(err, ReserveError::Insufficient { available } if available == credits(2)));
-        // One request costs 3 of its 4; the other is released.
-        cache.settle(&bucket(), credits(4), credits(3)).await;
-        cache.release(&bucket(), credits(4)).await;
+        // `a` costs 3 of its 4 (settled twice: counted once); `b` is released twice.
+        cache
+            .settle(&bucket(), "a", credits(3), Some("{}"))
+            .await
+            .expect("settle");
+        cache
+            .settle(&bucket(), "a", credits(3), Some("{}"))
+            .await
+            .expect("settle");
+        cache.release(&bucket(), "b").await.expect("release");
+        cache.release(&bucket(), "b").await.expect("release");
         let view = cache.view(&bucket(), &source).await.expect("view");
         assert_eq!(
             (view.balance, view.held, view.available),
             (credits(7), Credits::ZERO, credits(7))
         );
-        // The ledger writes it: the pending cost moves into the snapshot.
+        // The ledger writes it: the pending cost moves into the snapshot, once.
+        let written = Snapshot {
+            balance: credits(7),
+            rev: 2,
+        };
         cache
-            .committed(
-                &bucket(),
-                credits(3),
-                Snapshot {
-                    balance: credits(7),
-                    rev: 2,
-                },
-            )
-            .await;
-        let view = cache.view(&bucket(), &source).await.expect("view");
-        assert_eq!(view.balance, credits(7));
+            .committed(&bucket(), "a", written)
+            .await
+            .expect("commit");
+        cache
+            .committed(&bucket(), "a", written)
+            .await
+            .expect("commit");
+        assert_eq!(
+            cache.view(&bucket(), &source).await.expect("view").balance,
+            credits(7)
+        );
         // A stale snapshot never overwrites a newer one.
         cache
             .apply(
@@ -281,7 +403,8 @@ mod tests {
                     rev: 1,
                 },
             )
-            .await;
+            .await
+            .expect("apply");
         assert_eq!(
             cache.view(&bucket(), &source).await.expect("view").balance,
             credits(7)
@@ -291,17 +414,19 @@ mod tests {
     #[tokio::test]
     async fn overdraft_floor_allows_going_negative_that_far() {
         let cache = LocalCache::new();
-        let source = FixedSource {
-            balance: AtomicI64::new(credits(1).micros()),
-            rev: AtomicI64::new(1),
-        };
+        let source = FixedSource::new(credits(1));
         cache
-            .reserve(&bucket(), credits(3), credits(-2), &source)
+            .reserve(&bucket(), &hold("a", credits(3)), credits(-2), &source)
             .await
             .expect("within overdraft");
         assert!(
             cache
-                .reserve(&bucket(), Credits::from_micros(1), credits(-2), &source)
+                .reserve(
+                    &bucket(),
+                    &hold("b", Credits::from_micros(1)),
+                    credits(-2),
+                    &source
+                )
                 .await
                 .is_err()
         );
@@ -310,10 +435,7 @@ mod tests {
     #[tokio::test]
     async fn invalidation_reloads_external_changes() {
         let cache = LocalCache::new();
-        let source = FixedSource {
-            balance: AtomicI64::new(credits(1).micros()),
-            rev: AtomicI64::new(1),
-        };
+        let source = FixedSource::new(credits(1));
         assert_eq!(
             cache.view(&bucket(), &source).await.expect("view").balance,
             credits(1)
@@ -326,10 +448,51 @@ mod tests {
             credits(1),
             "cached until invalidated"
         );
-        cache.invalidate_all().await;
+        cache.invalidate_all().await.expect("invalidate");
         assert_eq!(
             cache.view(&bucket(), &source).await.expect("view").balance,
             credits(6)
+        );
+    }
+
+    #[tokio::test]
+    async fn expired_holds_are_reaped_and_old_pending_settlements_reported() {
+        let cache = LocalCache::new();
+        let source = FixedSource::new(credits(10));
+        let mut short = hold("short", credits(2));
+        short.deadline_ms = 1_000;
+        cache
+            .reserve(&bucket(), &short, Credits::ZERO, &source)
+            .await
+            .expect("fits");
+        cache
+            .reserve(&bucket(), &hold("long", credits(3)), Credits::ZERO, &source)
+            .await
+            .expect("fits");
+        assert_eq!(cache.reap_holds(2_000).await.expect("reap"), 1);
+        assert_eq!(
+            cache.view(&bucket(), &source).await.expect("view").held,
+            credits(3)
+        );
+        cache
+            .settle(&bucket(), "long", credits(1), Some("record"))
+            .await
+            .expect("settle");
+        assert!(
+            cache
+                .orphans(now_ms(), 60_000)
+                .await
+                .expect("orphans")
+                .is_empty()
+        );
+        let orphans = cache
+            .orphans(now_ms() + 120_000, 60_000)
+            .await
+            .expect("orphans");
+        assert_eq!(orphans.len(), 1);
+        assert_eq!(
+            (orphans[0].request_id.as_str(), orphans[0].record.as_str()),
+            ("long", "record")
         );
     }
 }

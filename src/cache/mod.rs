@@ -1,9 +1,13 @@
-//! The balance-cache port: cached balances, in-flight holds and not-yet-committed settlements.
+//! The balance-cache port: cached balances, in-flight holds and not-yet-written settlements.
 //!
-//! The ledger is the source of truth (DESIGN.md I5); a cache entry is a snapshot of a ledger
-//! balance (with its revision) plus what this gateway has reserved (`held`) and settled but not
-//! yet written (`pending`). A reservation succeeds only if, atomically,
-//! `balance - pending - held - amount >= -overdraft` (I1).
+//! The ledger is the source of truth (DESIGN.md I5). A cache entry is a snapshot of a ledger
+//! balance (with its revision) plus the holds of requests in flight and the settlements that are
+//! finished but not yet in the ledger. Holds and pending settlements are keyed by request id, so
+//! every operation on them is idempotent. A reservation succeeds only if, atomically,
+//! `balance - pending - held - amount >= floor` (I1).
+//!
+//! A pending settlement carries its serialized [`Settlement`](crate::ledger::Settlement), so in
+//! a shared cache (Redis) a sibling instance can write it to the ledger if its owner dies (I4).
 
 pub mod local;
 
@@ -21,6 +25,8 @@ pub type SharedCache = Arc<dyn BalanceCache>;
 pub enum CacheError {
     #[error("cannot load balance: {0}")]
     Load(#[from] LedgerError),
+    #[error("balance cache unavailable: {0}")]
+    Unavailable(String),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +44,26 @@ pub trait SnapshotSource: Send + Sync {
     async fn load(&self, bucket: &Bucket) -> Result<Snapshot, LedgerError>;
 }
 
+/// One request's hold.
+#[derive(Debug, Clone)]
+pub struct HoldSpec {
+    pub request_id: String,
+    pub amount: Credits,
+    /// The gateway instance serving the request.
+    pub owner: String,
+    /// Unix ms after which the hold may be released by anyone (the request cannot still run).
+    pub deadline_ms: i64,
+}
+
+/// A pending settlement left behind by an instance that did not write it in time.
+#[derive(Debug, Clone)]
+pub struct Orphan {
+    pub bucket: Bucket,
+    pub request_id: String,
+    /// The serialized settlement.
+    pub record: String,
+}
+
 /// A bucket as callers see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct BalanceView {
@@ -51,33 +77,51 @@ pub struct BalanceView {
 
 #[async_trait]
 pub trait BalanceCache: Send + Sync + 'static {
-    /// Atomically holds `amount` if `available - amount >= floor` (floor is `-overdraft`).
+    /// Atomically holds `hold.amount` if `available - amount >= floor` (floor is `-overdraft`).
     async fn reserve(
         &self,
         bucket: &Bucket,
-        amount: Credits,
+        hold: &HoldSpec,
         floor: Credits,
         source: &dyn SnapshotSource,
     ) -> Result<(), ReserveError>;
 
-    /// The request finished: its hold becomes a pending settlement of `cost`.
-    async fn settle(&self, bucket: &Bucket, hold: Credits, cost: Credits);
+    /// The request finished: its hold becomes a pending settlement of `cost`, with its journal
+    /// `record` when given. A second call for the same request changes nothing.
+    async fn settle(
+        &self,
+        bucket: &Bucket,
+        request_id: &str,
+        cost: Credits,
+        record: Option<&str>,
+    ) -> Result<(), CacheError>;
 
-    /// The request is abandoned without charge: its hold is dropped.
-    async fn release(&self, bucket: &Bucket, hold: Credits);
+    /// The request is abandoned without charge: its hold (if still there) is dropped.
+    async fn release(&self, bucket: &Bucket, request_id: &str) -> Result<(), CacheError>;
 
-    /// A settlement of `cost` was written; `snapshot` is the bucket's balance after it.
-    async fn committed(&self, bucket: &Bucket, cost: Credits, snapshot: Snapshot);
+    /// The request's settlement is in the ledger; `snapshot` is the bucket's balance after it.
+    async fn committed(
+        &self,
+        bucket: &Bucket,
+        request_id: &str,
+        snapshot: Snapshot,
+    ) -> Result<(), CacheError>;
 
     /// The ledger changed the bucket outside the request path (a grant); newer snapshots win.
-    async fn apply(&self, bucket: &Bucket, snapshot: Snapshot);
+    async fn apply(&self, bucket: &Bucket, snapshot: Snapshot) -> Result<(), CacheError>;
 
     /// Someone else changed the ledger: every snapshot must be reloaded before its next use.
-    async fn invalidate_all(&self);
+    async fn invalidate_all(&self) -> Result<(), CacheError>;
 
     async fn view(
         &self,
         bucket: &Bucket,
         source: &dyn SnapshotSource,
     ) -> Result<BalanceView, CacheError>;
+
+    /// Releases holds whose deadline has passed or whose owner is gone; returns how many.
+    async fn reap_holds(&self, now_ms: i64) -> Result<usize, CacheError>;
+
+    /// Pending settlements whose owner is gone or that are older than `older_than_ms`.
+    async fn orphans(&self, now_ms: i64, older_than_ms: i64) -> Result<Vec<Orphan>, CacheError>;
 }

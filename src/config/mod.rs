@@ -134,6 +134,12 @@ pub struct MeteringConfig {
     /// How long the settler waits to fill a batch once it has one settlement.
     pub settle_flush_ms: u64,
     pub pricing_poll_ms: u64,
+    /// Longest a hold may live; after it, any instance may release it. Must exceed the longest
+    /// request (a stream) the gateway serves.
+    pub hold_ttl_secs: u64,
+    /// How often each instance releases expired holds and writes settlements orphaned by a
+    /// crashed instance.
+    pub recovery_interval_ms: u64,
 }
 
 impl Default for MeteringConfig {
@@ -146,6 +152,8 @@ impl Default for MeteringConfig {
             settle_batch_max: 512,
             settle_flush_ms: 5,
             pricing_poll_ms: 500,
+            hold_ttl_secs: 3600,
+            recovery_interval_ms: 2000,
         }
     }
 }

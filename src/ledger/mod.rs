@@ -113,7 +113,7 @@ pub struct GrantOutcome {
     pub snapshot: Snapshot,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum UsageSource {
     /// The upstream reported the token counts.
@@ -132,12 +132,15 @@ impl UsageSource {
 }
 
 /// One finished request, ready to be written (usage record + ledger entry, atomically).
-#[derive(Debug, Clone)]
+///
+/// Serializable because it is also the journal record kept in the balance cache until the
+/// ledger has it, so a sibling instance can write it if this one dies first (DESIGN.md I4).
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Settlement {
     pub request_id: RequestId,
     pub account: AccountId,
     pub api_key_id: Option<String>,
-    pub endpoint: &'static str,
+    pub endpoint: String,
     pub model: String,
     pub upstream: String,
     pub usage: TokenUsage,
@@ -145,8 +148,8 @@ pub struct Settlement {
     pub cost: Credits,
     pub hold: Credits,
     pub stream: bool,
-    /// `completed`, `client_disconnected`, `upstream_failed`, `cancelled`.
-    pub status: &'static str,
+    /// `completed`, `client_disconnected`, `upstream_failed`, `upstream_timeout`.
+    pub status: String,
     pub started_at_ms: i64,
     pub finished_at_ms: i64,
 }

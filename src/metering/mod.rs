@@ -12,7 +12,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use rust_decimal::Decimal;
 
-use crate::cache::{ReserveError, SharedCache, SnapshotSource};
+use crate::cache::{HoldSpec, ReserveError, SharedCache, SnapshotSource};
 use crate::config::{InsufficientPolicy, MeteringConfig};
 use crate::domain::{AccountId, Credits, RequestId, TokenUsage};
 use crate::http::error::ApiError;
@@ -68,7 +68,7 @@ impl Drop for Hold {
         if let Some(settler) = self.settler.take() {
             settler.send(Job::Release {
                 buckets: buckets(&self.account, self.limited_key.as_deref()),
-                amount: self.amount,
+                request_id: self.request_id.to_string(),
             });
         }
     }
@@ -105,6 +105,8 @@ struct MeterInner {
     pricing: PricingHandle,
     config: MeteringConfig,
     settler: SettlerHandle,
+    /// This gateway instance: the owner of the holds it takes.
+    instance: String,
 }
 
 impl Meter {
@@ -115,6 +117,7 @@ impl Meter {
         config: MeteringConfig,
         signup_grant: Credits,
         settler: SettlerHandle,
+        instance: String,
     ) -> Self {
         Meter {
             inner: Arc::new(MeterInner {
@@ -126,8 +129,13 @@ impl Meter {
                 pricing,
                 config,
                 settler,
+                instance,
             }),
         }
+    }
+
+    pub fn instance(&self) -> &str {
+        &self.inner.instance
     }
 
     pub fn pricing(&self) -> &PricingHandle {
@@ -168,8 +176,20 @@ impl Meter {
         let account_bucket = Bucket::Account(request.account.clone());
         let key_bucket = request.limited_key.map(|k| Bucket::KeyLimit(k.to_owned()));
 
+        let ttl_ms = self.inner.config.hold_ttl_secs.saturating_mul(1000);
+        let hold_spec = |amount: Credits| HoldSpec {
+            request_id: request_id.to_string(),
+            amount,
+            owner: self.inner.instance.clone(),
+            deadline_ms: now_ms().saturating_add(i64::try_from(ttl_ms).unwrap_or(i64::MAX)),
+        };
         let attempt = self
-            .try_hold(&account_bucket, key_bucket.as_ref(), estimate, floor)
+            .try_hold(
+                &account_bucket,
+                key_bucket.as_ref(),
+                &hold_spec(estimate),
+                floor,
+            )
             .await;
         let (amount, capped) = match attempt {
             Ok(()) => (estimate, None),
@@ -199,7 +219,12 @@ impl Meter {
                 }
                 let capped_estimate = table.estimate(request.model, prompt, Some(tokens));
                 match self
-                    .try_hold(&account_bucket, key_bucket.as_ref(), capped_estimate, floor)
+                    .try_hold(
+                        &account_bucket,
+                        key_bucket.as_ref(),
+                        &hold_spec(capped_estimate),
+                        floor,
+                    )
                     .await
                 {
                     Ok(()) => (capped_estimate, Some(tokens)),
@@ -241,7 +266,7 @@ impl Meter {
         &self,
         account: &Bucket,
         key: Option<&Bucket>,
-        amount: Credits,
+        hold: &HoldSpec,
         floor: Credits,
     ) -> Result<(), HoldFailure> {
         let cache = &self.inner.cache;
@@ -249,13 +274,15 @@ impl Meter {
         // A key's limit has no overdraft: its floor is zero.
         if let Some(key) = key {
             cache
-                .reserve(key, amount, Credits::ZERO, source)
+                .reserve(key, hold, Credits::ZERO, source)
                 .await
                 .map_err(|e| HoldFailure::from_reserve(e, true))?;
         }
-        if let Err(e) = cache.reserve(account, amount, floor, source).await {
-            if let Some(key) = key {
-                cache.release(key, amount).await;
+        if let Err(e) = cache.reserve(account, hold, floor, source).await {
+            if let Some(key) = key
+                && let Err(error) = cache.release(key, &hold.request_id).await
+            {
+                tracing::warn!(%error, "could not release a key hold; it expires at its deadline");
             }
             return Err(HoldFailure::from_reserve(e, false));
         }
@@ -292,8 +319,7 @@ impl Meter {
         }
     }
 
-    /// Charges the exact cost of a finished request and releases its hold (via the settler).
-    pub fn finish(&self, mut hold: Hold, finished: Finished) -> Credits {
+    fn settlement(&self, hold: &mut Hold, finished: Finished) -> Settlement {
         let cost = self
             .inner
             .pricing
@@ -307,12 +333,13 @@ impl Meter {
                 "request cost more than its hold; charged in full"
             );
         }
+        // Settling consumes the hold: it must not also be released on drop.
         hold.settler = None;
-        let settlement = Settlement {
+        Settlement {
             request_id: hold.request_id.clone(),
             account: hold.account.clone(),
             api_key_id: finished.api_key_id,
-            endpoint: finished.endpoint,
+            endpoint: finished.endpoint.to_owned(),
             model: finished.model,
             upstream: finished.upstream,
             usage: finished.usage,
@@ -320,15 +347,34 @@ impl Meter {
             cost,
             hold: hold.amount,
             stream: finished.stream,
-            status: finished.status,
+            status: finished.status.to_owned(),
             started_at_ms: hold.started_at_ms,
             finished_at_ms: now_ms(),
-        };
+        }
+    }
+
+    /// Charges the exact cost of a finished request from a context that cannot wait (a
+    /// `Drop`): the settler records it in the balance cache, then writes it to the ledger.
+    pub fn finish(&self, mut hold: Hold, finished: Finished) {
+        let settlement = self.settlement(&mut hold, finished);
         self.inner.settler.send(Job::Settle {
             settlement: Box::new(settlement),
             limited_key: hold.limited_key.clone(),
+            recorded: false,
         });
-        cost
+    }
+
+    /// Charges the exact cost of a finished request, recording it in the balance cache (its
+    /// journal) before returning; the ledger write follows in the settler's next batch.
+    pub async fn finish_recorded(&self, mut hold: Hold, finished: Finished) {
+        let settlement = self.settlement(&mut hold, finished);
+        let recorded =
+            settler::record(&*self.inner.cache, &settlement, hold.limited_key.as_deref()).await;
+        self.inner.settler.send(Job::Settle {
+            settlement: Box::new(settlement),
+            limited_key: hold.limited_key.clone(),
+            recorded,
+        });
     }
 }
 

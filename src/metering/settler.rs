@@ -1,29 +1,31 @@
 //! The settler: one task that turns finished requests into ledger writes, in batches.
 //!
 //! Requests hand it jobs through an unbounded channel (never blocking a response, and usable
-//! from `Drop`). It applies each job to the balance cache at once (hold → pending settlement, or
-//! release), then writes the pending settlements in one ledger transaction per batch (group
-//! commit), retrying until the ledger accepts them, and finally moves them from pending into the
-//! cached balance. `flush` waits until everything queued before it is written.
+//! from `Drop`). A finished request is first recorded in the balance cache (hold → pending
+//! settlement, with the serialized settlement as its journal record), then written with others
+//! in one ledger transaction per batch (group commit), retried until the ledger accepts it, and
+//! finally marked committed in the cache. `flush` waits until everything queued before it is
+//! written. [`recover`] writes the settlements a crashed instance left in a shared cache.
 
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use crate::cache::SharedCache;
-use crate::domain::Credits;
-use crate::ledger::{Bucket, Settlement, SharedLedger};
+use crate::cache::{BalanceCache, SharedCache};
+use crate::ledger::{Bucket, Ledger, SettleOutcome, Settlement, SharedLedger, now_ms};
 
 pub enum Job {
     Settle {
         settlement: Box<Settlement>,
         /// The key whose spending limit was also held, if any.
         limited_key: Option<String>,
+        /// Whether the settlement is already recorded in the cache.
+        recorded: bool,
     },
     Release {
         buckets: Vec<Bucket>,
-        amount: Credits,
+        request_id: String,
     },
     Flush(oneshot::Sender<()>),
 }
@@ -66,6 +68,103 @@ pub fn spawn(
         config,
     };
     (SettlerHandle { tx }, tokio::spawn(settler.run()))
+}
+
+/// Records a finished request in the cache: its holds become a pending settlement carrying the
+/// serialized settlement. Returns false if the cache could not take it (it is then written to
+/// the ledger all the same; the cache catches up at the commit or the next reload).
+pub async fn record(
+    cache: &dyn BalanceCache,
+    settlement: &Settlement,
+    limited_key: Option<&str>,
+) -> bool {
+    let id = settlement.request_id.as_str();
+    let journal = match serde_json::to_string(settlement) {
+        Ok(json) => json,
+        Err(error) => {
+            tracing::error!(%error, request_id = id, "cannot serialize a settlement");
+            return false;
+        }
+    };
+    let account = Bucket::Account(settlement.account.clone());
+    let mut ok = true;
+    if let Err(error) = cache
+        .settle(&account, id, settlement.cost, Some(&journal))
+        .await
+    {
+        tracing::error!(%error, request_id = id, "cannot record a settlement in the cache");
+        ok = false;
+    }
+    if let Some(key) = limited_key
+        && let Err(error) = cache
+            .settle(&Bucket::KeyLimit(key.to_owned()), id, settlement.cost, None)
+            .await
+    {
+        tracing::error!(%error, request_id = id, "cannot record a key's spend in the cache");
+        ok = false;
+    }
+    ok
+}
+
+/// Tells the cache that written settlements are in the ledger.
+async fn mark_committed(
+    cache: &dyn BalanceCache,
+    settlement: &Settlement,
+    limited_key: Option<&str>,
+    outcome: &SettleOutcome,
+) {
+    let id = settlement.request_id.as_str();
+    let account = Bucket::Account(settlement.account.clone());
+    if let Err(error) = cache.committed(&account, id, outcome.account).await {
+        tracing::warn!(%error, request_id = id, "cannot mark a settlement committed in the cache");
+    }
+    if let (Some(key), Some(snapshot)) = (limited_key, outcome.key_limit)
+        && let Err(error) = cache
+            .committed(&Bucket::KeyLimit(key.to_owned()), id, snapshot)
+            .await
+    {
+        tracing::warn!(%error, request_id = id, "cannot mark a key's spend committed in the cache");
+    }
+}
+
+/// Releases expired holds and writes pending settlements older than `orphan_age` (left by an
+/// instance that died before writing them). Safe to run on every instance at once: settlements
+/// are idempotent by request id.
+pub async fn recover(
+    ledger: &dyn Ledger,
+    cache: &dyn BalanceCache,
+    orphan_age: Duration,
+) -> Result<(usize, usize), String> {
+    let now = now_ms();
+    let reaped = cache.reap_holds(now).await.map_err(|e| e.to_string())?;
+    let age = i64::try_from(orphan_age.as_millis()).unwrap_or(i64::MAX);
+    let orphans = cache.orphans(now, age).await.map_err(|e| e.to_string())?;
+    let mut written = 0;
+    for orphan in orphans {
+        let settlement: Settlement = match serde_json::from_str(&orphan.record) {
+            Ok(settlement) => settlement,
+            Err(error) => {
+                tracing::error!(%error, request_id = orphan.request_id, "unreadable settlement record");
+                continue;
+            }
+        };
+        let outcomes = ledger
+            .settle_batch(std::slice::from_ref(&settlement))
+            .await
+            .map_err(|e| e.to_string())?;
+        if let Some(outcome) = outcomes.first() {
+            let limited_key = outcome.key_limit.and(settlement.api_key_id.as_deref());
+            mark_committed(cache, &settlement, limited_key, outcome).await;
+            if outcome.applied {
+                written += 1;
+                tracing::warn!(
+                    request_id = orphan.request_id,
+                    "wrote a settlement left by another instance"
+                );
+            }
+        }
+    }
+    Ok((reaped, written))
 }
 
 struct Settler {
@@ -113,25 +212,21 @@ impl Settler {
             Job::Settle {
                 settlement,
                 limited_key,
+                recorded,
             } => {
-                let account = Bucket::Account(settlement.account.clone());
-                self.cache
-                    .settle(&account, settlement.hold, settlement.cost)
-                    .await;
-                if let Some(key) = &limited_key {
-                    self.cache
-                        .settle(
-                            &Bucket::KeyLimit(key.clone()),
-                            settlement.hold,
-                            settlement.cost,
-                        )
-                        .await;
+                if !recorded {
+                    record(&*self.cache, &settlement, limited_key.as_deref()).await;
                 }
                 batch.settlements.push((*settlement, limited_key));
             }
-            Job::Release { buckets, amount } => {
+            Job::Release {
+                buckets,
+                request_id,
+            } => {
                 for bucket in &buckets {
-                    self.cache.release(bucket, amount).await;
+                    if let Err(error) = self.cache.release(bucket, &request_id).await {
+                        tracing::warn!(%error, request_id, "cannot release a hold; it expires at its deadline");
+                    }
                 }
             }
             Job::Flush(waiter) => batch.waiters.push(waiter),
@@ -153,19 +248,11 @@ impl Settler {
                     }
                 }
             };
-            for ((settlement, limited_key), outcome) in batch.settlements.iter().zip(outcomes) {
+            for ((settlement, limited_key), outcome) in batch.settlements.iter().zip(&outcomes) {
                 if !outcome.applied {
                     tracing::info!(request_id = %settlement.request_id, "settlement replayed; ledger unchanged");
                 }
-                let account = Bucket::Account(settlement.account.clone());
-                self.cache
-                    .committed(&account, settlement.cost, outcome.account)
-                    .await;
-                if let (Some(key), Some(snapshot)) = (limited_key, outcome.key_limit) {
-                    self.cache
-                        .committed(&Bucket::KeyLimit(key.clone()), settlement.cost, snapshot)
-                        .await;
-                }
+                mark_committed(&*self.cache, settlement, limited_key.as_deref(), outcome).await;
             }
             batch.settlements.clear();
         }

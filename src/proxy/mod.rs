@@ -276,7 +276,9 @@ async fn forward(
             let reported = usage::usage_from_json(endpoint, &json);
             let text = usage::output_text_from_json(endpoint, &json);
             // A 2xx JSON answer is output even when its text is empty (embeddings, tool calls).
-            billing.settle(reported, &text, true, "completed");
+            billing
+                .settle_recorded(reported, &text, true, "completed")
+                .await;
         }
         Err(_) => {
             tracing::warn!(upstream = %upstream.config.name, "upstream answered 2xx with a body that is not JSON; not charged");

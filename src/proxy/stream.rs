@@ -32,8 +32,40 @@ pub struct Billing {
 }
 
 impl Billing {
-    /// Settles from what was observed. With no reported usage and no output (an upstream that
-    /// failed before producing anything), nothing is charged and the hold is released.
+    /// What to charge: reported usage, or counted usage when there is output (or the client
+    /// hung up); `None` when nothing is owed (an upstream that failed before producing output).
+    fn charge(
+        &self,
+        reported: Option<TokenUsage>,
+        output_text: &str,
+        saw_output: bool,
+        status: &'static str,
+    ) -> Option<Finished> {
+        let (usage, source) = match reported {
+            Some(usage) => (usage, UsageSource::Reported),
+            None if saw_output || status == "client_disconnected" => {
+                let usage = TokenUsage {
+                    prompt_tokens: self.prompt_tokens,
+                    completion_tokens: super::tokens::count_text(&self.model, output_text),
+                    cached_tokens: 0,
+                };
+                (usage, UsageSource::Counted)
+            }
+            None => return None,
+        };
+        Some(Finished {
+            api_key_id: self.api_key_id.clone(),
+            endpoint: self.endpoint.path(),
+            model: self.model.clone(),
+            upstream: self.upstream.clone(),
+            usage,
+            source,
+            stream: self.stream,
+            status,
+        })
+    }
+
+    /// Settles from a context that cannot wait (a `Drop`). Dropping the hold unused releases it.
     pub fn settle(
         self,
         reported: Option<TokenUsage>,
@@ -41,34 +73,22 @@ impl Billing {
         saw_output: bool,
         status: &'static str,
     ) {
-        let charge_unreported = saw_output || status == "client_disconnected";
-        let (usage, source) = match reported {
-            Some(usage) => (usage, UsageSource::Reported),
-            None if charge_unreported => {
-                let completion_tokens = super::tokens::count_text(&self.model, output_text);
-                let usage = TokenUsage {
-                    prompt_tokens: self.prompt_tokens,
-                    completion_tokens,
-                    cached_tokens: 0,
-                };
-                (usage, UsageSource::Counted)
-            }
-            // Dropping the hold releases it.
-            None => return,
-        };
-        self.meter.finish(
-            self.hold,
-            Finished {
-                api_key_id: self.api_key_id,
-                endpoint: self.endpoint.path(),
-                model: self.model,
-                upstream: self.upstream,
-                usage,
-                source,
-                stream: self.stream,
-                status,
-            },
-        );
+        if let Some(finished) = self.charge(reported, output_text, saw_output, status) {
+            self.meter.finish(self.hold, finished);
+        }
+    }
+
+    /// Settles and records the charge in the balance cache before returning.
+    pub async fn settle_recorded(
+        self,
+        reported: Option<TokenUsage>,
+        output_text: &str,
+        saw_output: bool,
+        status: &'static str,
+    ) {
+        if let Some(finished) = self.charge(reported, output_text, saw_output, status) {
+            self.meter.finish_recorded(self.hold, finished).await;
+        }
     }
 }
 
@@ -131,19 +151,19 @@ fn frames(state: Metered) -> impl Stream<Item = Result<Bytes, std::io::Error>> +
                 }
                 Ok(None) => {
                     state.status = "completed";
-                    let rest = settle_now(&mut state);
+                    let rest = settle_now(&mut state).await;
                     return rest.map(|bytes| (Ok(bytes), None));
                 }
                 Ok(Some(Err(error))) => {
                     tracing::warn!(%error, "upstream stream failed");
                     state.status = "upstream_failed";
-                    settle_now(&mut state);
+                    settle_now(&mut state).await;
                     return Some((Err(std::io::Error::other("upstream stream failed")), None));
                 }
                 Err(_) => {
                     tracing::warn!(timeout = ?state.idle_timeout, "upstream stream went idle");
                     state.status = "upstream_timeout";
-                    settle_now(&mut state);
+                    settle_now(&mut state).await;
                     return Some((
                         Err(std::io::Error::other("upstream stream timed out")),
                         None,
@@ -154,16 +174,19 @@ fn frames(state: Metered) -> impl Stream<Item = Result<Bytes, std::io::Error>> +
     })
 }
 
-/// Settles with the final summary; returns any bytes the observer still held back.
-fn settle_now(state: &mut Metered) -> Option<Bytes> {
+/// Settles with the final summary, recorded before the response ends; returns any bytes the
+/// observer still held back.
+async fn settle_now(state: &mut Metered) -> Option<Bytes> {
     let (rest, summary) = state.observer.finish();
     if let Some(billing) = state.billing.take() {
-        billing.settle(
-            summary.usage,
-            &summary.output_text,
-            summary.saw_output,
-            state.status,
-        );
+        billing
+            .settle_recorded(
+                summary.usage,
+                &summary.output_text,
+                summary.saw_output,
+                state.status,
+            )
+            .await;
     }
     (!rest.is_empty()).then_some(rest)
 }

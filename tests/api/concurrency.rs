@@ -69,7 +69,7 @@ fn settlement(request_id: &RequestId, account: &AccountId) -> Settlement {
         request_id: request_id.clone(),
         account: account.clone(),
         api_key_id: None,
-        endpoint: "chat/completions",
+        endpoint: "chat/completions".into(),
         model: "mock-1".into(),
         upstream: "fake".into(),
         usage: TokenUsage {
@@ -81,7 +81,7 @@ fn settlement(request_id: &RequestId, account: &AccountId) -> Settlement {
         cost: Credits::from_micros(30_000),
         hold: Credits::from_micros(50_000),
         stream: false,
-        status: "completed",
+        status: "completed".into(),
         started_at_ms: 0,
         finished_at_ms: 0,
     }
