@@ -109,6 +109,7 @@ pub struct App {
 
 impl App {
     pub async fn build(config: Config) -> anyhow::Result<App> {
+        let instance = format!("gw_{}", uuid::Uuid::new_v4().simple());
         let ledger = open_ledger(&config).await?;
         let cache: SharedCache = Arc::new(LocalCache::new());
         let pricing_path = config.metering.pricing_file.clone();
@@ -128,7 +129,6 @@ impl App {
                 flush_window: Duration::from_millis(config.metering.settle_flush_ms),
             },
         );
-        let instance = format!("gw_{}", uuid::Uuid::new_v4().simple());
         let meter = Meter::new(
             ledger.clone(),
             cache.clone(),

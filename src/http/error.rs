@@ -133,7 +133,13 @@ impl From<crate::ledger::LedgerError> for ApiError {
 
 impl From<crate::cache::CacheError> for ApiError {
     fn from(error: crate::cache::CacheError) -> Self {
-        ApiError::internal(error)
+        match error {
+            // Fail closed: no reservation can be made, so no request is forwarded.
+            crate::cache::CacheError::Unavailable(_) => ApiError::Unavailable(
+                "balance cache unavailable; try again shortly".into(),
+            ),
+            crate::cache::CacheError::Load(e) => ApiError::internal(e),
+        }
     }
 }
 
