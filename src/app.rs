@@ -25,7 +25,6 @@ use crate::auth::api_keys::ApiKeyCache;
 use crate::auth::jwt::{JwtSettings, JwtVerifier};
 use crate::auth::{Authenticator, Principal, UNAUTHENTICATED_ROUTES};
 use crate::cache::SharedCache;
-use crate::cache::local::LocalCache;
 use crate::config::Config;
 use crate::domain::RequestId;
 use crate::http::error::ApiError;
@@ -68,19 +67,35 @@ impl AppState {
     }
 }
 
-/// Opens the ledger named by the config and applies its migrations.
+/// Opens the ledger named by the config and applies its migrations: `mysql://` opens the shared
+/// production store, `sqlite:` the embedded file (whose directory is created if missing).
 pub async fn open_ledger(config: &Config) -> anyhow::Result<SharedLedger> {
-    if let Some(path) = config.sqlite_path()
-        && let Some(dir) = path.parent()
-        && !dir.as_os_str().is_empty()
-    {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    let ledger = SqliteLedger::connect(&config.database.url, config.database.max_connections)
-        .await
-        .with_context(|| format!("opening database {}", config.database.url))?;
-    ledger.migrate().await.context("applying migrations")?;
-    Ok(Arc::new(ledger))
+    let url = &config.database.url;
+    let max_connections = config.database.max_connections;
+    let ledger: SharedLedger = if url.starts_with("mysql://") {
+        // The URL may carry a password: name only what follows the credentials.
+        let shown = url.rsplit_once('@').map_or(url.as_str(), |(_, host)| host);
+        let ledger = crate::ledger::mysql::MySqlLedger::connect(url, max_connections)
+            .await
+            .with_context(|| format!("opening MySQL database {shown}"))?;
+        ledger.migrate().await.context("applying migrations")?;
+        Arc::new(ledger)
+    } else if url.starts_with("sqlite:") {
+        if let Some(path) = config.sqlite_path()
+            && let Some(dir) = path.parent()
+            && !dir.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let ledger = SqliteLedger::connect(url, max_connections)
+            .await
+            .with_context(|| format!("opening database {url}"))?;
+        ledger.migrate().await.context("applying migrations")?;
+        Arc::new(ledger)
+    } else {
+        anyhow::bail!("database.url: use sqlite://PATH or mysql://USER@HOST/DB");
+    };
+    Ok(ledger)
 }
 
 /// Builds the JWT verifier, or none when no key source is configured.
@@ -111,7 +126,9 @@ impl App {
     pub async fn build(config: Config) -> anyhow::Result<App> {
         let instance = format!("gw_{}", uuid::Uuid::new_v4().simple());
         let ledger = open_ledger(&config).await?;
-        let cache: SharedCache = Arc::new(LocalCache::new());
+        let cache: SharedCache = crate::cache::open(&config.cache, &instance)
+            .await
+            .context("opening the balance cache")?;
         let pricing_path = config.metering.pricing_file.clone();
         let table = PriceTable::load(&pricing_path)?;
         let pricing = PricingHandle::new(table);
@@ -142,6 +159,7 @@ impl App {
             ledger.clone(),
             cache.clone(),
             Duration::from_millis(config.metering.recovery_interval_ms.max(100)),
+            Duration::from_secs(config.metering.orphan_after_secs.max(1)),
             stop_background.subscribe(),
         );
         let jwt = jwt_verifier(&config.auth.jwt).await?;
@@ -233,10 +251,9 @@ fn spawn_recovery(
     ledger: SharedLedger,
     cache: SharedCache,
     interval: Duration,
+    orphan_age: Duration,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> JoinHandle<()> {
-    // An orphan is a pending settlement its owner has not written for this long.
-    let orphan_age = (interval * 15).max(Duration::from_secs(30));
     tokio::spawn(async move {
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -10,6 +10,7 @@
 //! a shared cache (Redis) a sibling instance can write it to the ledger if its owner dies (I4).
 
 pub mod local;
+pub mod redis;
 
 use std::sync::Arc;
 
@@ -20,6 +21,20 @@ use crate::domain::Credits;
 use crate::ledger::{Bucket, LedgerError, Snapshot};
 
 pub type SharedCache = Arc<dyn BalanceCache>;
+
+/// The cache the config asks for: Redis (shared by every instance) when `redis_url` is set,
+/// else the in-process cache. `instance` is this gateway's id, unique per process.
+pub async fn open(
+    config: &crate::config::CacheConfig,
+    instance: &str,
+) -> Result<SharedCache, CacheError> {
+    match config.redis_url.as_deref().filter(|url| !url.is_empty()) {
+        Some(url) => Ok(Arc::new(
+            redis::RedisCache::connect(url, &config.key_prefix, instance).await?,
+        )),
+        None => Ok(Arc::new(local::LocalCache::new())),
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {

@@ -16,6 +16,7 @@ use crate::domain::Credits;
 /// Environment variables that override the file (secrets belong here, not in the file).
 pub const ENV_LISTEN: &str = "TOLLGATE_LISTEN";
 pub const ENV_DATABASE_URL: &str = "TOLLGATE_DATABASE_URL";
+pub const ENV_REDIS_URL: &str = "TOLLGATE_REDIS_URL";
 pub const ENV_JWT_SECRET: &str = "TOLLGATE_JWT_SECRET";
 pub const ENV_ADMIN_TOKEN: &str = "TOLLGATE_ADMIN_TOKEN";
 
@@ -36,6 +37,8 @@ pub struct Config {
     pub server: ServerConfig,
     #[serde(default)]
     pub database: DatabaseConfig,
+    #[serde(default)]
+    pub cache: CacheConfig,
     #[serde(default)]
     pub auth: AuthConfig,
     #[serde(default)]
@@ -95,6 +98,28 @@ impl Default for DatabaseConfig {
     }
 }
 
+/// `[cache]`: where balances, holds and pending settlements are cached.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Unset (the default): an in-process cache, right for a single instance. Set it to share
+    /// one Redis between instances: `redis://[user:pass@]host:port[/db]`, or
+    /// `redis+cluster://[user:pass@]host:port,host:port` for Redis Cluster.
+    /// `TOLLGATE_REDIS_URL` overrides it.
+    pub redis_url: Option<String>,
+    /// Prefix of every Redis key, so several deployments can share one Redis.
+    pub key_prefix: String,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            redis_url: None,
+            key_prefix: "tollgate".to_owned(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
@@ -140,6 +165,9 @@ pub struct MeteringConfig {
     /// How often each instance releases expired holds and writes settlements orphaned by a
     /// crashed instance.
     pub recovery_interval_ms: u64,
+    /// A settlement recorded in the cache but not in the ledger after this long is written by
+    /// whichever instance finds it (writes are idempotent, so a slow owner is harmless).
+    pub orphan_after_secs: u64,
 }
 
 impl Default for MeteringConfig {
@@ -154,6 +182,7 @@ impl Default for MeteringConfig {
             pricing_poll_ms: 500,
             hold_ttl_secs: 3600,
             recovery_interval_ms: 2000,
+            orphan_after_secs: 30,
         }
     }
 }
@@ -275,6 +304,9 @@ impl Config {
         if let Some(url) = lookup(ENV_DATABASE_URL) {
             self.database.url = url;
         }
+        if let Some(url) = lookup(ENV_REDIS_URL) {
+            self.cache.redis_url = Some(url);
+        }
         if let Some(secret) = lookup(ENV_JWT_SECRET) {
             self.auth.jwt.secret = Some(secret);
         }
@@ -289,9 +321,10 @@ impl Config {
             file: file.to_owned(),
             message,
         };
-        if !self.database.url.starts_with("sqlite:") {
+        if !(self.database.url.starts_with("sqlite:") || self.database.url.starts_with("mysql://"))
+        {
             return Err(error(format!(
-                "database.url: `{}` is not supported (use sqlite://PATH)",
+                "database.url: `{}` is not supported (use sqlite://PATH or mysql://USER@HOST/DB)",
                 self.database.url
             )));
         }
@@ -484,6 +517,26 @@ mod tests {
             .apply_env(|n| (n == ENV_LISTEN).then(|| "nope".into()), "t")
             .expect_err("bad listen");
         assert!(err.to_string().contains(ENV_LISTEN));
+    }
+
+    #[test]
+    fn redis_url_comes_from_the_file_or_the_environment() {
+        let config = parse("").expect("valid");
+        assert_eq!(config.cache.redis_url, None);
+        assert_eq!(config.cache.key_prefix, "tollgate");
+        let mut config = parse("[cache]\nredis_url = \"redis://file:6379\"\nkey_prefix = \"tg\"\n")
+            .expect("valid");
+        assert_eq!(config.cache.redis_url.as_deref(), Some("redis://file:6379"));
+        config
+            .apply_env(
+                |name| (name == ENV_REDIS_URL).then(|| "redis://env:6379".into()),
+                "t",
+            )
+            .expect("valid env");
+        assert_eq!(config.cache.redis_url.as_deref(), Some("redis://env:6379"));
+        assert_eq!(config.cache.key_prefix, "tg");
+        let err = parse("[cache]\nredis = \"x\"\n").expect_err("unknown field");
+        assert!(err.to_string().contains("redis"), "{err}");
     }
 
     #[test]

@@ -135,9 +135,9 @@ impl From<crate::cache::CacheError> for ApiError {
     fn from(error: crate::cache::CacheError) -> Self {
         match error {
             // Fail closed: no reservation can be made, so no request is forwarded.
-            crate::cache::CacheError::Unavailable(_) => ApiError::Unavailable(
-                "balance cache unavailable; try again shortly".into(),
-            ),
+            crate::cache::CacheError::Unavailable(_) => {
+                ApiError::Unavailable("balance cache unavailable; try again shortly".into())
+            }
             crate::cache::CacheError::Load(e) => ApiError::internal(e),
         }
     }

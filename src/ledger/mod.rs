@@ -4,6 +4,7 @@
 //! are keyed by request id (DESIGN.md I2) and grants by an optional caller reference; every
 //! balance change is one ledger entry with `balance_before`/`balance_after` (I3).
 
+pub mod mysql;
 pub mod sqlite;
 
 use std::sync::Arc;

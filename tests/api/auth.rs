@@ -11,25 +11,8 @@ use tollgate::domain::AccountId;
 
 use crate::helpers::*;
 
-/// Rows in the tables a request could write (accounts, ledger entries, usage records, keys).
 async fn table_counts(app: &TestApp) -> [i64; 4] {
-    let url = format!("sqlite://{}", app.dir.path().join("ledger.db").display());
-    let pool = sqlx::SqlitePool::connect(&url).await.expect("open db");
-    let mut counts = [0; 4];
-    let queries = [
-        "SELECT COUNT(*) FROM accounts",
-        "SELECT COUNT(*) FROM credit_transactions",
-        "SELECT COUNT(*) FROM usage_records",
-        "SELECT COUNT(*) FROM api_keys",
-    ];
-    for (count, query) in counts.iter_mut().zip(queries) {
-        *count = sqlx::query_scalar::<_, i64>(query)
-            .fetch_one(&pool)
-            .await
-            .expect("count rows");
-    }
-    pool.close().await;
-    counts
+    app.row_counts().await
 }
 
 fn now() -> i64 {

@@ -12,8 +12,80 @@ use tokio::task::JoinHandle;
 use tollgate::app::{App, AppState};
 use tollgate::config::Config;
 use tollgate::ledger::Ledger;
-use tollgate::ledger::sqlite::SqliteLedger;
 use tollgate::proxy::mock::{self, MockLog};
+
+/// Which backends a test binary runs the gateway on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// SQLite file and the in-process cache.
+    Embedded,
+    /// MariaDB/MySQL on 127.0.0.1:3306 (root, no password) and Redis on 127.0.0.1:6379; each
+    /// test gets its own database and key prefix.
+    Production,
+}
+
+pub const MYSQL_ADMIN_URL: &str = "mysql://root@127.0.0.1:3306/test";
+pub const REDIS_URL: &str = "redis://127.0.0.1:6379";
+
+/// A database and key prefix of one test, removed when dropped.
+pub struct Isolation {
+    pub database_url: String,
+    pub redis_prefix: Option<String>,
+    mysql_database: Option<String>,
+}
+
+impl Isolation {
+    pub async fn new(backend: Backend, dir: &std::path::Path) -> Isolation {
+        match backend {
+            Backend::Embedded => Isolation {
+                database_url: format!("sqlite://{}", dir.join("ledger.db").display()),
+                redis_prefix: None,
+                mysql_database: None,
+            },
+            Backend::Production => {
+                let name = format!("tg_{}", uuid::Uuid::new_v4().simple());
+                let pool = sqlx::MySqlPool::connect(MYSQL_ADMIN_URL)
+                    .await
+                    .expect("MariaDB on 127.0.0.1:3306");
+                sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                    .execute(&pool)
+                    .await
+                    .expect("create test database");
+                pool.close().await;
+                Isolation {
+                    database_url: format!("mysql://root@127.0.0.1:3306/{name}"),
+                    redis_prefix: Some(format!("t_{}", uuid::Uuid::new_v4().simple())),
+                    mysql_database: Some(name),
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Isolation {
+    fn drop(&mut self) {
+        // Synchronous clean-up with the command-line clients: Drop cannot await.
+        if let Some(name) = &self.mysql_database {
+            // Connections of a gateway that was not stopped would block the drop: end them.
+            let script = format!(
+                "for id in $(mariadb -h 127.0.0.1 -uroot -N -e \"SELECT id FROM information_schema.processlist WHERE db = '{name}'\"); \
+                 do mariadb -h 127.0.0.1 -uroot -e \"KILL $id\" 2>/dev/null; done; \
+                 mariadb -h 127.0.0.1 -uroot -e 'DROP DATABASE IF EXISTS {name}'"
+            );
+            let _ = std::process::Command::new("sh")
+                .args(["-c", &script])
+                .output();
+        }
+        if let Some(prefix) = &self.redis_prefix {
+            let script = "for _, k in ipairs(redis.call('KEYS', ARGV[1])) do redis.call('DEL', k) end return 0";
+            for pattern in [format!("{prefix}:*"), format!("{{{prefix}:*")] {
+                let _ = std::process::Command::new("redis-cli")
+                    .args(["-h", "127.0.0.1", "EVAL", script, "0", &pattern])
+                    .output();
+            }
+        }
+    }
+}
 
 pub const JWT_SECRET: &str = "integration-test-secret-at-least-32-bytes";
 pub const ADMIN_TOKEN: &str = "integration-admin-token";
@@ -66,6 +138,8 @@ pub struct Options {
     pub extra: String,
     /// Upstream tables; `None` means one upstream, `fake`, serving `mock-*` from the fake.
     pub upstreams: Option<String>,
+    /// Production backend only: another Redis than the shared one.
+    pub redis_url: Option<String>,
 }
 
 impl Default for Options {
@@ -74,11 +148,13 @@ impl Default for Options {
             pricing: DEFAULT_PRICING.to_owned(),
             extra: String::new(),
             upstreams: None,
+            redis_url: None,
         }
     }
 }
 
 pub struct TestApp {
+    pub config: Config,
     pub base: String,
     pub client: reqwest::Client,
     pub dir: TempDir,
@@ -90,6 +166,48 @@ pub struct TestApp {
     pub ledger: Arc<dyn Ledger>,
     shutdown: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<anyhow::Result<()>>>,
+    // Last: the database and keys outlive every connection above.
+    _isolation: Isolation,
+}
+
+/// One running gateway instance.
+pub struct Gateway {
+    pub base: String,
+    pub state: AppState,
+    shutdown: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Gateway {
+    pub async fn start(config: &Config) -> Gateway {
+        let app = App::build(config.clone()).await.expect("app builds");
+        let addr = app.local_addr().expect("bound");
+        let state = app.state().clone();
+        let (tx, rx) = oneshot::channel::<()>();
+        let server = tokio::spawn(app.run_until_stopped(async move {
+            let _ = rx.await;
+        }));
+        Gateway {
+            base: format!("http://{addr}"),
+            state,
+            shutdown: Some(tx),
+            server: Some(server),
+        }
+    }
+
+    /// Stops gracefully (drain, flush) and waits for it.
+    #[allow(dead_code, reason = "used by the production test binary only")]
+    pub async fn stop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server
+                .await
+                .expect("server task")
+                .expect("server stopped cleanly");
+        }
+    }
 }
 
 pub async fn spawn_app() -> TestApp {
@@ -101,7 +219,15 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
     let dir = tempfile::tempdir().expect("temp dir");
     let pricing_path = dir.path().join("pricing.toml");
     std::fs::write(&pricing_path, &options.pricing).expect("write pricing");
-    let db_path = dir.path().join("ledger.db");
+    let backend = crate::BACKEND;
+    let isolation = Isolation::new(backend, dir.path()).await;
+    let cache_table = match &isolation.redis_prefix {
+        Some(prefix) => format!(
+            "[cache]\nredis_url = \"{}\"\nkey_prefix = \"{prefix}\"\n",
+            options.redis_url.as_deref().unwrap_or(REDIS_URL)
+        ),
+        None => String::new(),
+    };
     let upstreams = options.upstreams.unwrap_or_else(|| {
         format!(
             "[[upstreams]]\nname = \"fake\"\nbase_url = \"{}\"\napi_key = \"{UPSTREAM_KEY}\"\nmodels = [\"mock-*\"]\nidle_timeout_secs = 5\n",
@@ -117,7 +243,9 @@ body_limit_bytes = 65536
 shutdown_grace_secs = 5
 
 [database]
-url = "sqlite://{db}"
+url = "{db}"
+
+{cache_table}
 
 [auth.jwt]
 secret = "{JWT_SECRET}"
@@ -133,27 +261,26 @@ pricing_poll_ms = 50
 
 {upstreams}
 "#,
-        db = db_path.display(),
+        db = isolation.database_url,
         pricing = pricing_path.display(),
         extra = options.extra,
     );
     let config_path = dir.path().join("tollgate.toml");
     std::fs::write(&config_path, &config_text).expect("write config");
     let config = Config::load(&config_path).expect("valid test config");
-    let app = App::build(config).await.expect("app builds");
-    let addr = app.local_addr().expect("bound");
-    let state = app.state().clone();
-    let (tx, rx) = oneshot::channel::<()>();
-    let server = tokio::spawn(app.run_until_stopped(async move {
-        let _ = rx.await;
-    }));
-    let ledger = Arc::new(
-        SqliteLedger::open_file(&db_path)
-            .await
-            .expect("open ledger"),
-    ) as Arc<dyn Ledger>;
+    let Gateway {
+        base,
+        state,
+        shutdown,
+        server,
+    } = Gateway::start(&config).await;
+    let ledger = tollgate::app::open_ledger(&config)
+        .await
+        .expect("open ledger");
     TestApp {
-        base: format!("http://{addr}"),
+        config,
+        _isolation: isolation,
+        base,
         client: reqwest::Client::new(),
         dir,
         config_path,
@@ -161,8 +288,8 @@ pricing_poll_ms = 50
         upstream,
         state,
         ledger,
-        shutdown: Some(tx),
-        server: Some(server),
+        shutdown,
+        server,
     }
 }
 
@@ -266,6 +393,51 @@ impl TestApp {
                 .expect("server task")
                 .expect("server stopped cleanly");
         }
+    }
+
+    /// A fresh connection to this test's ledger (e.g. after the gateway stopped).
+    pub async fn reopen_ledger(&self) -> Arc<dyn Ledger> {
+        tollgate::app::open_ledger(&self.config)
+            .await
+            .expect("reopen ledger")
+    }
+
+    /// Rows in the tables a request could write: accounts, ledger entries, usage, keys.
+    pub async fn row_counts(&self) -> [i64; 4] {
+        let queries = [
+            "SELECT COUNT(*) FROM accounts",
+            "SELECT COUNT(*) FROM credit_transactions",
+            "SELECT COUNT(*) FROM usage_records",
+            "SELECT COUNT(*) FROM api_keys",
+        ];
+        let mut counts = [0; 4];
+        let url = &self.config.database.url;
+        if url.starts_with("mysql:") {
+            let pool = sqlx::MySqlPool::connect(url).await.expect("open db");
+            for (count, query) in counts.iter_mut().zip(queries) {
+                *count = sqlx::query_scalar::<_, i64>(query)
+                    .fetch_one(&pool)
+                    .await
+                    .expect("count");
+            }
+            pool.close().await;
+        } else {
+            let pool = sqlx::SqlitePool::connect(url).await.expect("open db");
+            for (count, query) in counts.iter_mut().zip(queries) {
+                *count = sqlx::query_scalar::<_, i64>(query)
+                    .fetch_one(&pool)
+                    .await
+                    .expect("count");
+            }
+            pool.close().await;
+        }
+        counts
+    }
+
+    /// Another gateway instance on the same ledger, cache and upstream.
+    #[allow(dead_code, reason = "used by the production test binary only")]
+    pub async fn spawn_sibling(&self) -> Gateway {
+        Gateway::start(&self.config).await
     }
 
     pub fn tollgate_cli(&self) -> std::process::Command {

@@ -9,8 +9,7 @@ use futures_util::future::join_all;
 use rust_decimal::Decimal;
 use serde_json::{Value, json};
 use tollgate::domain::AccountId;
-use tollgate::ledger::sqlite::SqliteLedger;
-use tollgate::ledger::{Ledger, Page};
+use tollgate::ledger::Page;
 
 use crate::helpers::*;
 
@@ -89,9 +88,7 @@ async fn graceful_shutdown_writes_every_settlement() {
     assert_eq!(ids.len(), 20);
     app.stop().await;
 
-    let ledger = SqliteLedger::open_file(&app.dir.path().join("ledger.db"))
-        .await
-        .expect("reopen the ledger");
+    let ledger = app.reopen_ledger().await;
     let account = AccountId::parse("alice").expect("id");
     let usage = ledger
         .usage(

@@ -3,10 +3,14 @@
 
 mod helpers;
 
+/// This binary runs every test on the embedded default (SQLite, in-process cache).
+pub const BACKEND: helpers::Backend = helpers::Backend::Embedded;
+
 mod admin_and_keys;
 mod auth;
 mod bad_input;
 mod concurrency;
+mod ledger_contract;
 mod lifecycle;
 mod metering;
 mod streaming;

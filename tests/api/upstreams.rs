@@ -176,13 +176,10 @@ async fn graceful_shutdown_lets_an_open_stream_finish_and_bills_it() {
     app.stop().await;
     let bytes = reader.await.expect("reader").expect("the stream completed");
     assert!(String::from_utf8_lossy(&bytes).ends_with("data: [DONE]\n\n"));
-    let ledger =
-        tollgate::ledger::sqlite::SqliteLedger::open_file(&app.dir.path().join("ledger.db"))
-            .await
-            .expect("reopen");
+    let ledger = app.reopen_ledger().await;
     let account = tollgate::domain::AccountId::parse("draining").expect("id");
     let usage = tollgate::ledger::Ledger::usage(
-        &ledger,
+        &*ledger,
         &account,
         tollgate::ledger::Page {
             limit: 10,
@@ -195,7 +192,7 @@ async fn graceful_shutdown_lets_an_open_stream_finish_and_bills_it() {
     assert_eq!(usage[0].status, "completed");
     assert_eq!(usage[0].completion_tokens, 10);
     assert!(
-        tollgate::ledger::Ledger::verify(&ledger)
+        tollgate::ledger::Ledger::verify(&*ledger)
             .await
             .expect("verify")
             .is_empty()

@@ -1,0 +1,8 @@
+-- The ledger changed the bucket outside the request path: a newer snapshot wins.
+-- KEYS[1] bucket hash; ARGV[1] balance, ARGV[2] rev
+local cur = redis.call('HMGET', KEYS[1], 'bal', 'rev')
+if cur[1] and tonumber(ARGV[2]) > tonumber(cur[2]) then
+  redis.call('HSET', KEYS[1], 'bal', ARGV[1], 'rev', ARGV[2])
+  return 1
+end
+return 0

@@ -1,0 +1,11 @@
+-- The request is abandoned: drop its hold if it is still there.
+-- KEYS[1] bucket hash, KEYS[2] holds; ARGV[1] request id
+-- Returns 1 when a hold was dropped, 0 otherwise.
+local hold = redis.call('HGET', KEYS[2], ARGV[1])
+if not hold then
+  return 0
+end
+redis.call('HDEL', KEYS[2], ARGV[1])
+local amount = tonumber(string.match(hold, '^(%-?%d+)|')) or 0
+redis.call('HINCRBY', KEYS[1], 'held', string.format('%d', -amount))
+return 1

@@ -1,0 +1,30 @@
+-- Hold ARGV[2] micro-credits for request ARGV[1] if the bucket can cover it.
+-- KEYS[1] bucket hash, KEYS[2] holds
+-- ARGV[1] request id, ARGV[2] amount, ARGV[3] floor, ARGV[4] deadline ms, ARGV[5] owner,
+-- ARGV[6] invalidation generation read by the caller, ARGV[7] token of this call
+-- A hold is `amount|deadline|token|owner` (owner last: it may contain `|`).
+-- Returns {0} when the snapshot is missing or older than the generation (load, then retry),
+-- {1} when held (or already held by this request), {2, available} when it does not fit.
+local b = redis.call('HMGET', KEYS[1], 'bal', 'gen', 'held', 'pend')
+if not b[1] or tonumber(b[2] or '-1') < tonumber(ARGV[6]) then
+  return {0}
+end
+-- Idempotent per request: a retried reservation holds once. The hold now answers to this
+-- call's token, so an abandon sent for an earlier call whose answer was lost cannot drop it.
+local existing = redis.call('HGET', KEYS[2], ARGV[1])
+if existing then
+  local amount, deadline, _, owner =
+    string.match(existing, '^(%-?%d+)|(%-?%d+)|([^|]*)|(.*)$')
+  if amount then
+    local renewed = amount .. '|' .. deadline .. '|' .. ARGV[7] .. '|' .. owner
+    redis.call('HSET', KEYS[2], ARGV[1], renewed)
+  end
+  return {1}
+end
+local available = tonumber(b[1]) - tonumber(b[4] or '0') - tonumber(b[3] or '0')
+if available - tonumber(ARGV[2]) < tonumber(ARGV[3]) then
+  return {2, available}
+end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2] .. '|' .. ARGV[4] .. '|' .. ARGV[7] .. '|' .. ARGV[5])
+redis.call('HINCRBY', KEYS[1], 'held', ARGV[2])
+return {1}

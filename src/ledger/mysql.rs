@@ -1,0 +1,1172 @@
+//! MySQL ledger adapter: the production store that several gateway instances share (MySQL 8;
+//! MariaDB 10.11 in CI, so the SQL sticks to what both accept: no `RETURNING` in particular).
+//!
+//! It behaves exactly like the SQLite adapter, but where SQLite has one writer at a time, here
+//! many transactions from many processes run at once, so the write paths are built for that:
+//!
+//! - Every balance-changing transaction first locks the account rows it changes with one
+//!   `SELECT … FOR UPDATE` over the sorted ids (InnoDB locks them in index order, so two
+//!   transactions never wait for each other in a cycle), reads the balances under that lock,
+//!   computes the new ones in Rust with checked arithmetic, and writes absolute values.
+//! - A settle batch moves each account's balance once, however many of its settlements the batch
+//!   holds, so a busy account costs one row update per batch.
+//! - Connections run at READ COMMITTED: locking reads take no gap locks, and the duplicate
+//!   checks made after taking the locks see every row committed before them.
+//! - A deadlock, a lock wait timeout, or a duplicate key lost to a racing writer rolls the whole
+//!   transaction back and runs it again after a short random pause; the re-run sees the winner's
+//!   row and reports a replay instead of an error.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures_util::TryStreamExt;
+use rand::Rng;
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::mysql::{MySqlConnectOptions, MySqlDatabaseError, MySqlPoolOptions, MySqlRow};
+use sqlx::{
+    Connection, Executor, MySql, MySqlConnection, MySqlPool, QueryBuilder, Row, SqlSafeStr,
+};
+
+use super::{
+    AccountRecord, ApiKeyRecord, Bucket, EntryType, GrantOutcome, GrantRequest, Ledger,
+    LedgerEntry, LedgerError, Page, SettleOutcome, Settlement, Snapshot, UsageRecord,
+    VerifyProblem, now_ms,
+};
+use crate::domain::{AccountId, Credits};
+
+/// Migrations embedded at compile time, so the binary needs no `migrations/` folder at run time.
+const MIGRATIONS: &[(i64, &str, &str)] = &[(
+    1,
+    "ledger",
+    include_str!("../../migrations/mysql/0001_ledger.sql"),
+)];
+
+fn migrator() -> Migrator {
+    Migrator::with_migrations(
+        MIGRATIONS
+            .iter()
+            .map(|(version, description, sql)| {
+                Migration::new(
+                    *version,
+                    (*description).into(),
+                    MigrationType::Simple,
+                    (*sql).into_sql_str(),
+                    false,
+                )
+            })
+            .collect(),
+    )
+}
+
+/// Server error numbers this adapter reacts to.
+const ER_DUP_ENTRY: u16 = 1062;
+const ER_LOCK_WAIT_TIMEOUT: u16 = 1205;
+const ER_LOCK_DEADLOCK: u16 = 1213;
+
+/// Attempts of one transaction before a lock conflict is returned to the caller (who may retry
+/// later: the settler does).
+const MAX_ATTEMPTS: u32 = 6;
+
+/// Values per IN list and rows per multi-row INSERT: far below the protocol's 65,535
+/// placeholders and the server's default packet size, and big enough for a whole default batch
+/// (512) to take few statements.
+const CHUNK: usize = 256;
+
+/// A statement waits this many seconds for a row lock before failing with 1205 (and being run
+/// again): the server default, 50 s, would stall a settle batch far longer than a retry does.
+const SET_LOCK_WAIT_TIMEOUT: &str = "SET SESSION innodb_lock_wait_timeout = 10";
+
+/// The columns [`entry_from_row`] reads, for `concat!` into `&'static str` queries.
+macro_rules! select_entries {
+    () => {
+        "SELECT id, account_id, `type`, amount, balance_before, balance_after, description, \
+         reference, created_at FROM credit_transactions "
+    };
+}
+
+/// The columns [`key_from_row`] reads.
+macro_rules! select_keys {
+    () => {
+        "SELECT id, account_id, key_hash, prefix, name, spend_limit, spent, allowed_models, \
+         created_at, revoked_at FROM api_keys "
+    };
+}
+
+pub struct MySqlLedger {
+    pool: MySqlPool,
+}
+
+impl MySqlLedger {
+    /// Connects to `url` (`mysql://USER[:PASSWORD]@HOST[:PORT]/DB`); the database must exist.
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Self, LedgerError> {
+        let options = MySqlConnectOptions::from_str(url)?.charset("utf8mb4");
+        let pool = MySqlPoolOptions::new()
+            .max_connections(max_connections.max(1))
+            .after_connect(|conn, _meta| {
+                Box::pin(async move {
+                    // Every transaction of this adapter locks what it changes, so it needs no
+                    // repeatable snapshot; READ COMMITTED spares it InnoDB's gap locks.
+                    conn.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+                        .await?;
+                    conn.execute(SET_LOCK_WAIT_TIMEOUT).await?;
+                    // Too-long or invalid values must fail, never be truncated with a warning,
+                    // whatever the server's own sql_mode says.
+                    conn.execute(
+                        "SET SESSION sql_mode = CONCAT(@@SESSION.sql_mode, ',STRICT_ALL_TABLES')",
+                    )
+                    .await?;
+                    Ok(())
+                })
+            })
+            .connect_with(options)
+            .await?;
+        Ok(MySqlLedger { pool })
+    }
+
+    /// Closes the pool, waiting for connections in use to come back.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+/// Which errors re-run a transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Retry {
+    /// Deadlocks and lock wait timeouts.
+    LockConflicts,
+    /// Those, and duplicate keys: used where every insert is preceded by a check made under
+    /// the account lock, so a duplicate means a racing writer won and a re-run is a replay.
+    LockConflictsAndDuplicates,
+}
+
+fn server_error_number(error: &LedgerError) -> Option<u16> {
+    match error {
+        LedgerError::Database(sqlx::Error::Database(db)) => db
+            .try_downcast_ref::<MySqlDatabaseError>()
+            .map(MySqlDatabaseError::number),
+        _ => None,
+    }
+}
+
+fn is_transient(error: &LedgerError, retry: Retry) -> bool {
+    match server_error_number(error) {
+        Some(ER_LOCK_DEADLOCK | ER_LOCK_WAIT_TIMEOUT) => true,
+        Some(ER_DUP_ENTRY) => retry == Retry::LockConflictsAndDuplicates,
+        _ => false,
+    }
+}
+
+/// The pause after failed attempt `attempt` (1, 2, …): 10 ms doubling each time, plus up to as
+/// much again at random, so transactions that collided once do not collide again in lockstep.
+fn backoff(attempt: u32) -> Duration {
+    let base: u64 = 5 << attempt.min(6);
+    let jitter = rand::rng().random_range(0..=base);
+    Duration::from_millis(base + jitter)
+}
+
+/// Runs `attempt` (one whole transaction) until it succeeds, fails for good, or has been tried
+/// [`MAX_ATTEMPTS`] times. A failed attempt's transaction is rolled back when it is dropped.
+async fn retrying<T, F, Fut>(
+    what: &'static str,
+    retry: Retry,
+    mut attempt: F,
+) -> Result<T, LedgerError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, LedgerError>>,
+{
+    let mut tried = 1;
+    loop {
+        match attempt().await {
+            Err(error) if tried < MAX_ATTEMPTS && is_transient(&error, retry) => {
+                tracing::debug!(%error, tried, what, "ledger transaction conflicted; re-running");
+                tokio::time::sleep(backoff(tried)).await;
+                tried += 1;
+            }
+            result => return result,
+        }
+    }
+}
+
+fn credits(row: &MySqlRow, column: &str) -> Result<Credits, sqlx::Error> {
+    row.try_get::<i64, _>(column).map(Credits::from_micros)
+}
+
+fn parse_account(raw: &str) -> Result<AccountId, LedgerError> {
+    AccountId::parse(raw).map_err(|_| LedgerError::Corrupt(format!("account id `{raw}`")))
+}
+
+fn entry_from_row(row: &MySqlRow) -> Result<LedgerEntry, LedgerError> {
+    let raw_type: String = row.try_get("type")?;
+    let account: String = row.try_get("account_id")?;
+    Ok(LedgerEntry {
+        id: row.try_get("id")?,
+        account: parse_account(&account)?,
+        entry_type: EntryType::parse(&raw_type)
+            .ok_or_else(|| LedgerError::Corrupt(format!("entry type `{raw_type}`")))?,
+        amount: credits(row, "amount")?,
+        balance_before: credits(row, "balance_before")?,
+        balance_after: credits(row, "balance_after")?,
+        description: row.try_get("description")?,
+        reference: row.try_get("reference")?,
+        created_at_ms: row.try_get("created_at")?,
+    })
+}
+
+fn key_from_row(row: &MySqlRow) -> Result<ApiKeyRecord, LedgerError> {
+    let account: String = row.try_get("account_id")?;
+    let models: Option<String> = row.try_get("allowed_models")?;
+    let allowed_models = models
+        .map(|json| serde_json::from_str::<Vec<String>>(&json))
+        .transpose()
+        .map_err(|e| LedgerError::Corrupt(format!("api key allowed_models: {e}")))?;
+    Ok(ApiKeyRecord {
+        id: row.try_get("id")?,
+        account: parse_account(&account)?,
+        key_hash: row.try_get("key_hash")?,
+        prefix: row.try_get("prefix")?,
+        name: row.try_get("name")?,
+        spend_limit: row
+            .try_get::<Option<i64>, _>("spend_limit")?
+            .map(Credits::from_micros),
+        spent: credits(row, "spent")?,
+        allowed_models,
+        created_at_ms: row.try_get("created_at")?,
+        revoked_at_ms: row.try_get("revoked_at")?,
+    })
+}
+
+fn snapshot_from_row(row: &MySqlRow) -> Result<Snapshot, LedgerError> {
+    Ok(Snapshot {
+        balance: credits(row, "balance")?,
+        rev: row.try_get("rev")?,
+    })
+}
+
+fn next_rev(rev: i64, account: &AccountId) -> Result<i64, LedgerError> {
+    rev.checked_add(1)
+        .ok_or_else(|| LedgerError::Overflow(account.to_string()))
+}
+
+fn to_i64(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+/// The accounts a transaction has locked, with their balances as read under the lock.
+struct Locked {
+    balances: HashMap<AccountId, Snapshot>,
+    /// Accounts this transaction inserted (they did not exist before it).
+    created: HashSet<AccountId>,
+}
+
+impl Locked {
+    fn get(&self, account: &AccountId) -> Result<Snapshot, LedgerError> {
+        self.balances
+            .get(account)
+            .copied()
+            .ok_or_else(|| LedgerError::Corrupt(format!("account {account} was not locked")))
+    }
+}
+
+/// Locks `accounts` for update, creating the missing ones, inside the caller's transaction.
+///
+/// The ids are locked in ascending order by one statement per chunk, which every transaction of
+/// this adapter does the same way, so lock waits cannot form a cycle. Missing accounts are then
+/// inserted (a racing creator makes the insert fail with a duplicate key, and the caller re-runs
+/// the transaction, which then finds the row).
+async fn lock_accounts(
+    conn: &mut MySqlConnection,
+    accounts: &BTreeSet<&AccountId>,
+) -> Result<Locked, LedgerError> {
+    let sorted: Vec<&AccountId> = accounts.iter().copied().collect();
+    let mut found: HashMap<String, Snapshot> = HashMap::with_capacity(sorted.len());
+    for chunk in sorted.chunks(CHUNK) {
+        let mut query =
+            QueryBuilder::<MySql>::new("SELECT id, balance, rev FROM accounts WHERE id IN (");
+        let mut list = query.separated(", ");
+        for account in chunk {
+            list.push_bind(account.as_str());
+        }
+        query.push(") ORDER BY id FOR UPDATE");
+        for row in query.build().fetch_all(&mut *conn).await? {
+            found.insert(row.try_get("id")?, snapshot_from_row(&row)?);
+        }
+    }
+    let mut locked = Locked {
+        balances: HashMap::with_capacity(sorted.len()),
+        created: HashSet::new(),
+    };
+    let mut missing = Vec::new();
+    for account in &sorted {
+        match found.get(account.as_str()) {
+            Some(snapshot) => {
+                locked.balances.insert((*account).clone(), *snapshot);
+            }
+            None => missing.push(*account),
+        }
+    }
+    let now = now_ms();
+    for chunk in missing.chunks(CHUNK) {
+        let mut insert = QueryBuilder::<MySql>::new(
+            "INSERT INTO accounts (id, balance, rev, created_at, updated_at) ",
+        );
+        insert.push_values(chunk, |mut row, account| {
+            row.push_bind(account.as_str())
+                .push("0")
+                .push("0")
+                .push_bind(now)
+                .push_bind(now);
+        });
+        insert.build().execute(&mut *conn).await?;
+        for account in chunk {
+            let account = (*account).clone();
+            locked.balances.insert(
+                account.clone(),
+                Snapshot {
+                    balance: Credits::ZERO,
+                    rev: 0,
+                },
+            );
+            locked.created.insert(account);
+        }
+    }
+    Ok(locked)
+}
+
+async fn lock_account(
+    conn: &mut MySqlConnection,
+    account: &AccountId,
+) -> Result<Locked, LedgerError> {
+    lock_accounts(conn, &BTreeSet::from([account])).await
+}
+
+/// Appends one ledger entry and moves the account's balance from `before`, which the caller
+/// read under the account's row lock.
+async fn append_entry(
+    conn: &mut MySqlConnection,
+    account: &AccountId,
+    before: Snapshot,
+    entry_type: EntryType,
+    amount: Credits,
+    description: &str,
+    reference: Option<&str>,
+) -> Result<(LedgerEntry, Snapshot), LedgerError> {
+    let after = before
+        .balance
+        .checked_add(amount)
+        .ok_or_else(|| LedgerError::Overflow(account.to_string()))?;
+    let rev = next_rev(before.rev, account)?;
+    let now = now_ms();
+    let inserted = sqlx::query(
+        "INSERT INTO credit_transactions \
+         (account_id, `type`, amount, balance_before, balance_after, description, reference, \
+         created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(account.as_str())
+    .bind(entry_type.as_str())
+    .bind(amount.micros())
+    .bind(before.balance.micros())
+    .bind(after.micros())
+    .bind(description)
+    .bind(reference)
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    // A single-row insert: its auto-increment id is exactly this row's.
+    let id = i64::try_from(inserted.last_insert_id())
+        .map_err(|_| LedgerError::Corrupt("ledger entry id out of range".into()))?;
+    sqlx::query("UPDATE accounts SET balance = ?, rev = ?, updated_at = ? WHERE id = ?")
+        .bind(after.micros())
+        .bind(rev)
+        .bind(now)
+        .bind(account.as_str())
+        .execute(&mut *conn)
+        .await?;
+    let entry = LedgerEntry {
+        id,
+        account: account.clone(),
+        entry_type,
+        amount,
+        balance_before: before.balance,
+        balance_after: after,
+        description: description.to_owned(),
+        reference: reference.map(str::to_owned),
+        created_at_ms: now,
+    };
+    Ok((
+        entry,
+        Snapshot {
+            balance: after,
+            rev,
+        },
+    ))
+}
+
+/// An API key's spend state, read under its row lock.
+struct KeySpend {
+    limit: Option<i64>,
+    spent: i64,
+    rev: i64,
+    changed: bool,
+}
+
+impl KeySpend {
+    /// The remaining spend, if the key has a limit (as the SQLite adapter reports it).
+    fn limit_snapshot(&self) -> Option<Snapshot> {
+        self.limit.map(|limit| Snapshot {
+            balance: Credits::from_micros(limit.saturating_sub(self.spent)),
+            rev: self.rev,
+        })
+    }
+}
+
+/// Locks the given API keys (ascending, after the accounts: the one order every transaction
+/// takes them in).
+async fn lock_keys(
+    conn: &mut MySqlConnection,
+    keys: &BTreeSet<&str>,
+) -> Result<HashMap<String, KeySpend>, LedgerError> {
+    let sorted: Vec<&str> = keys.iter().copied().collect();
+    let mut found = HashMap::with_capacity(sorted.len());
+    for chunk in sorted.chunks(CHUNK) {
+        let mut query = QueryBuilder::<MySql>::new(
+            "SELECT id, spend_limit, spent, rev FROM api_keys WHERE id IN (",
+        );
+        let mut list = query.separated(", ");
+        for key in chunk {
+            list.push_bind(*key);
+        }
+        query.push(") ORDER BY id FOR UPDATE");
+        for row in query.build().fetch_all(&mut *conn).await? {
+            found.insert(
+                row.try_get("id")?,
+                KeySpend {
+                    limit: row.try_get("spend_limit")?,
+                    spent: row.try_get("spent")?,
+                    rev: row.try_get("rev")?,
+                    changed: false,
+                },
+            );
+        }
+    }
+    Ok(found)
+}
+
+/// The request ids of `batch` that already have a usage record. Called after the batch's
+/// accounts are locked, so every earlier settlement of these accounts has committed and, at
+/// READ COMMITTED, is visible here.
+async fn settled_request_ids(
+    conn: &mut MySqlConnection,
+    batch: &[Settlement],
+) -> Result<HashSet<String>, LedgerError> {
+    let mut settled = HashSet::new();
+    for chunk in batch.chunks(CHUNK) {
+        let mut query = QueryBuilder::<MySql>::new(
+            "SELECT request_id FROM usage_records WHERE request_id IN (",
+        );
+        let mut list = query.separated(", ");
+        for s in chunk {
+            list.push_bind(s.request_id.as_str());
+        }
+        query.push(")");
+        for row in query.build().fetch_all(&mut *conn).await? {
+            settled.insert(row.try_get("request_id")?);
+        }
+    }
+    Ok(settled)
+}
+
+/// One usage entry a settle batch is about to write.
+struct PlannedEntry<'a> {
+    settlement: &'a Settlement,
+    /// `-cost`.
+    amount: i64,
+    before: Credits,
+    after: Credits,
+}
+
+fn usage_description(s: &Settlement) -> String {
+    format!(
+        "{} {}: {} prompt + {} completion tokens ({})",
+        s.endpoint,
+        s.model,
+        s.usage.prompt_tokens,
+        s.usage.completion_tokens,
+        s.source.as_str()
+    )
+}
+
+async fn insert_usage_entries(
+    conn: &mut MySqlConnection,
+    entries: &[PlannedEntry<'_>],
+    now: i64,
+) -> Result<(), LedgerError> {
+    for chunk in entries.chunks(CHUNK) {
+        let mut insert = QueryBuilder::<MySql>::new(
+            "INSERT INTO credit_transactions \
+             (account_id, `type`, amount, balance_before, balance_after, description, reference, \
+             created_at) ",
+        );
+        insert.push_values(chunk, |mut row, entry| {
+            let s = entry.settlement;
+            row.push_bind(s.account.as_str())
+                .push("'usage'")
+                .push_bind(entry.amount)
+                .push_bind(entry.before.micros())
+                .push_bind(entry.after.micros())
+                .push_bind(usage_description(s))
+                .push_bind(s.request_id.as_str())
+                .push_bind(now);
+        });
+        insert.build().execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// Writes the usage records of the applied settlements. Each charged record finds its ledger
+/// entry's id by the entry's unique key (account, `usage`, request id) in a subquery, because a
+/// multi-row insert's auto-increment ids are not guaranteed to be consecutive (interleaved lock
+/// mode, Galera's increments).
+async fn insert_usage_records(
+    conn: &mut MySqlConnection,
+    applied: &[&Settlement],
+    now: i64,
+) -> Result<(), LedgerError> {
+    for chunk in applied.chunks(CHUNK) {
+        let mut insert = QueryBuilder::<MySql>::new(
+            "INSERT INTO usage_records (request_id, account_id, api_key_id, endpoint, model, \
+             upstream, prompt_tokens, completion_tokens, cached_tokens, cost, hold, source, \
+             stream, status, started_at, finished_at, settled_at, transaction_id) ",
+        );
+        insert.push_values(chunk, |mut row, s| {
+            row.push_bind(s.request_id.as_str())
+                .push_bind(s.account.as_str())
+                .push_bind(s.api_key_id.as_deref())
+                .push_bind(s.endpoint.as_str())
+                .push_bind(s.model.as_str())
+                .push_bind(s.upstream.as_str())
+                .push_bind(to_i64(s.usage.prompt_tokens))
+                .push_bind(to_i64(s.usage.completion_tokens))
+                .push_bind(to_i64(s.usage.cached_tokens))
+                .push_bind(s.cost.micros())
+                .push_bind(s.hold.micros())
+                .push_bind(s.source.as_str())
+                .push_bind(s.stream)
+                .push_bind(s.status.as_str())
+                .push_bind(s.started_at_ms)
+                .push_bind(s.finished_at_ms)
+                .push_bind(now);
+            if s.cost == Credits::ZERO {
+                row.push("NULL");
+            } else {
+                row.push(
+                    "(SELECT t.id FROM credit_transactions t \
+                     WHERE t.account_id = ",
+                )
+                .push_bind_unseparated(s.account.as_str())
+                .push_unseparated(" AND t.`type` = 'usage' AND t.reference = ")
+                .push_bind_unseparated(s.request_id.as_str())
+                .push_unseparated(")");
+            }
+        });
+        insert.build().execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+async fn read_key_limit(
+    executor: impl Executor<'_, Database = MySql>,
+    key_id: &str,
+) -> Result<Snapshot, LedgerError> {
+    let row = sqlx::query("SELECT spend_limit, spent, rev FROM api_keys WHERE id = ?")
+        .bind(key_id)
+        .fetch_optional(executor)
+        .await?
+        .ok_or_else(|| LedgerError::Corrupt(format!("api key {key_id} vanished")))?;
+    let limit: Option<i64> = row.try_get("spend_limit")?;
+    let spent: i64 = row.try_get("spent")?;
+    Ok(Snapshot {
+        balance: Credits::from_micros(limit.unwrap_or(i64::MAX).saturating_sub(spent)),
+        rev: row.try_get("rev")?,
+    })
+}
+
+async fn read_account(
+    executor: impl Executor<'_, Database = MySql>,
+    account: &AccountId,
+) -> Result<Option<Snapshot>, LedgerError> {
+    let row = sqlx::query("SELECT balance, rev FROM accounts WHERE id = ?")
+        .bind(account.as_str())
+        .fetch_optional(executor)
+        .await?;
+    row.as_ref().map(snapshot_from_row).transpose()
+}
+
+impl MySqlLedger {
+    async fn create_account_once(
+        &self,
+        account: &AccountId,
+        signup_grant: Credits,
+    ) -> Result<Snapshot, LedgerError> {
+        let mut tx = self.pool.begin().await?;
+        let locked = lock_account(&mut tx, account).await?;
+        let mut snapshot = locked.get(account)?;
+        if locked.created.contains(account) && signup_grant.is_positive() {
+            let (_, after) = append_entry(
+                &mut tx,
+                account,
+                snapshot,
+                EntryType::Bonus,
+                signup_grant,
+                "signup grant",
+                Some("signup"),
+            )
+            .await?;
+            snapshot = after;
+        }
+        tx.commit().await?;
+        Ok(snapshot)
+    }
+
+    async fn grant_once(&self, grant: &GrantRequest) -> Result<GrantOutcome, LedgerError> {
+        let mut tx = self.pool.begin().await?;
+        let before = lock_account(&mut tx, &grant.account)
+            .await?
+            .get(&grant.account)?;
+        if let Some(reference) = &grant.reference {
+            // Under the account's lock: a grant racing with this one for the same reference has
+            // either committed (and is seen here) or waits for this transaction.
+            let existing = sqlx::query(concat!(
+                select_entries!(),
+                "WHERE account_id = ? AND `type` = ? AND reference = ?"
+            ))
+            .bind(grant.account.as_str())
+            .bind(grant.entry_type.as_str())
+            .bind(reference)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some(row) = existing {
+                let entry = entry_from_row(&row)?;
+                tx.commit().await?;
+                return Ok(GrantOutcome {
+                    entry,
+                    applied: false,
+                    snapshot: before,
+                });
+            }
+        }
+        let (entry, snapshot) = append_entry(
+            &mut tx,
+            &grant.account,
+            before,
+            grant.entry_type,
+            grant.amount,
+            &grant.description,
+            grant.reference.as_deref(),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(GrantOutcome {
+            entry,
+            applied: true,
+            snapshot,
+        })
+    }
+
+    async fn settle_once(&self, batch: &[Settlement]) -> Result<Vec<SettleOutcome>, LedgerError> {
+        let accounts: BTreeSet<&AccountId> = batch.iter().map(|s| &s.account).collect();
+        let keys: BTreeSet<&str> = batch
+            .iter()
+            .filter_map(|s| s.api_key_id.as_deref())
+            .collect();
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        let mut locked = lock_accounts(&mut tx, &accounts).await?;
+        let mut key_spend = lock_keys(&mut tx, &keys).await?;
+        let settled = settled_request_ids(&mut tx, batch).await?;
+
+        // Plan the whole batch in Rust first: which settlements apply, each entry's
+        // before/after (chained through the batch), each key's new spend. An overflow fails
+        // here, before anything is written.
+        let mut seen: HashSet<&str> = HashSet::with_capacity(batch.len());
+        let mut applied_flags = Vec::with_capacity(batch.len());
+        let mut applied: Vec<&Settlement> = Vec::with_capacity(batch.len());
+        let mut entries: Vec<PlannedEntry<'_>> = Vec::with_capacity(batch.len());
+        let mut touched: BTreeSet<&AccountId> = BTreeSet::new();
+        for s in batch {
+            let id = s.request_id.as_str();
+            let fresh = !settled.contains(id) && seen.insert(id);
+            applied_flags.push(fresh);
+            if !fresh {
+                continue;
+            }
+            applied.push(s);
+            touched.insert(&s.account);
+            if s.cost == Credits::ZERO {
+                continue;
+            }
+            let snapshot = locked.balances.get_mut(&s.account).ok_or_else(|| {
+                LedgerError::Corrupt(format!("account {} was not locked", s.account))
+            })?;
+            let before = snapshot.balance;
+            let overflow = || LedgerError::Overflow(s.account.to_string());
+            let after = before.checked_sub(s.cost).ok_or_else(overflow)?;
+            let amount = s.cost.micros().checked_neg().ok_or_else(overflow)?;
+            snapshot.balance = after;
+            entries.push(PlannedEntry {
+                settlement: s,
+                amount,
+                before,
+                after,
+            });
+            if let Some(key) = s.api_key_id.as_deref()
+                && let Some(spend) = key_spend.get_mut(key)
+            {
+                spend.spent = spend
+                    .spent
+                    .checked_add(s.cost.micros())
+                    .ok_or_else(|| LedgerError::Overflow(s.account.to_string()))?;
+                spend.changed = true;
+            }
+        }
+
+        insert_usage_entries(&mut tx, &entries, now).await?;
+        insert_usage_records(&mut tx, &applied, now).await?;
+        // Each touched account's balance moves once for the whole batch.
+        for account in &touched {
+            let snapshot = locked
+                .balances
+                .get_mut(*account)
+                .ok_or_else(|| LedgerError::Corrupt(format!("account {account} was not locked")))?;
+            snapshot.rev = next_rev(snapshot.rev, account)?;
+            sqlx::query("UPDATE accounts SET balance = ?, rev = ?, updated_at = ? WHERE id = ?")
+                .bind(snapshot.balance.micros())
+                .bind(snapshot.rev)
+                .bind(now)
+                .bind(account.as_str())
+                .execute(&mut *tx)
+                .await?;
+        }
+        let mut changed_keys: Vec<(&String, &mut KeySpend)> = key_spend
+            .iter_mut()
+            .filter(|(_, spend)| spend.changed)
+            .collect();
+        changed_keys.sort_by(|a, b| a.0.cmp(b.0));
+        for (key, spend) in changed_keys {
+            spend.rev = spend
+                .rev
+                .checked_add(1)
+                .ok_or_else(|| LedgerError::Overflow(format!("api key {key}")))?;
+            sqlx::query("UPDATE api_keys SET spent = ?, rev = ? WHERE id = ?")
+                .bind(spend.spent)
+                .bind(spend.rev)
+                .bind(key.as_str())
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+
+        batch
+            .iter()
+            .zip(applied_flags)
+            .map(|(s, applied)| {
+                Ok(SettleOutcome {
+                    request_id: s.request_id.clone(),
+                    applied,
+                    account: locked.get(&s.account)?,
+                    key_limit: s
+                        .api_key_id
+                        .as_deref()
+                        .and_then(|key| key_spend.get(key))
+                        .and_then(KeySpend::limit_snapshot),
+                })
+            })
+            .collect()
+    }
+
+    async fn create_api_key_once(&self, key: &ApiKeyRecord) -> Result<(), LedgerError> {
+        let models = key
+            .allowed_models
+            .as_ref()
+            .map(serde_json::to_string)
+            .transpose()
+            .map_err(|e| LedgerError::Corrupt(format!("api key allowed_models: {e}")))?;
+        let mut tx = self.pool.begin().await?;
+        // The key's owner must exist; creating it changes no balance, so no lock is needed
+        // beyond the one this upsert takes, and a racing creator is no error.
+        let now = now_ms();
+        sqlx::query(
+            "INSERT INTO accounts (id, balance, rev, created_at, updated_at) \
+             VALUES (?, 0, 0, ?, ?) ON DUPLICATE KEY UPDATE id = id",
+        )
+        .bind(key.account.as_str())
+        .bind(now)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO api_keys (id, account_id, key_hash, prefix, name, spend_limit, spent, \
+             rev, allowed_models, created_at) VALUES (?, ?, ?, ?, ?, ?, 0, 0, ?, ?)",
+        )
+        .bind(&key.id)
+        .bind(key.account.as_str())
+        .bind(&key.key_hash)
+        .bind(&key.prefix)
+        .bind(&key.name)
+        .bind(key.spend_limit.map(Credits::micros))
+        .bind(models)
+        .bind(key.created_at_ms)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn bump_cache_epoch_once(&self) -> Result<i64, LedgerError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("UPDATE cache_epoch SET epoch = epoch + 1 WHERE id = 1")
+            .execute(&mut *tx)
+            .await?;
+        let epoch = sqlx::query_scalar::<_, i64>("SELECT epoch FROM cache_epoch WHERE id = 1")
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(epoch)
+    }
+}
+
+/// Per-account state while [`MySqlLedger::verify`] walks the ledger.
+struct AccountCheck {
+    balance: i64,
+    running: i64,
+    sum: i128,
+    problems: Vec<String>,
+}
+
+#[async_trait]
+impl Ledger for MySqlLedger {
+    async fn migrate(&self) -> Result<(), LedgerError> {
+        // sqlx holds a named server lock while it migrates, so instances starting together
+        // apply each migration once.
+        migrator().run(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn ensure_account(
+        &self,
+        account: &AccountId,
+        signup_grant: Credits,
+    ) -> Result<Snapshot, LedgerError> {
+        if let Some(snapshot) = read_account(&self.pool, account).await? {
+            return Ok(snapshot);
+        }
+        retrying("ensure_account", Retry::LockConflictsAndDuplicates, || {
+            self.create_account_once(account, signup_grant)
+        })
+        .await
+    }
+
+    async fn account(&self, account: &AccountId) -> Result<Option<AccountRecord>, LedgerError> {
+        let row = sqlx::query("SELECT balance, rev, created_at FROM accounts WHERE id = ?")
+            .bind(account.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|row| {
+            Ok(AccountRecord {
+                id: account.clone(),
+                balance: credits(&row, "balance")?,
+                rev: row.try_get("rev")?,
+                created_at_ms: row.try_get("created_at")?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn snapshot(
+        &self,
+        bucket: &Bucket,
+        signup_grant: Credits,
+    ) -> Result<Snapshot, LedgerError> {
+        match bucket {
+            Bucket::Account(account) => self.ensure_account(account, signup_grant).await,
+            Bucket::KeyLimit(key_id) => read_key_limit(&self.pool, key_id).await,
+        }
+    }
+
+    async fn grant(&self, grant: &GrantRequest) -> Result<GrantOutcome, LedgerError> {
+        retrying("grant", Retry::LockConflictsAndDuplicates, || {
+            self.grant_once(grant)
+        })
+        .await
+    }
+
+    async fn settle_batch(&self, batch: &[Settlement]) -> Result<Vec<SettleOutcome>, LedgerError> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        retrying("settle_batch", Retry::LockConflictsAndDuplicates, || {
+            self.settle_once(batch)
+        })
+        .await
+    }
+
+    async fn transactions(
+        &self,
+        account: &AccountId,
+        page: Page,
+    ) -> Result<Vec<LedgerEntry>, LedgerError> {
+        let rows = sqlx::query(concat!(
+            select_entries!(),
+            "WHERE account_id = ? AND id < ? ORDER BY id DESC LIMIT ?"
+        ))
+        .bind(account.as_str())
+        .bind(page.before.unwrap_or(i64::MAX))
+        .bind(i64::from(page.limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(entry_from_row).collect()
+    }
+
+    async fn usage(
+        &self,
+        account: &AccountId,
+        page: Page,
+    ) -> Result<Vec<UsageRecord>, LedgerError> {
+        let rows = sqlx::query(
+            "SELECT id, request_id, api_key_id, endpoint, model, upstream, prompt_tokens, \
+             completion_tokens, cached_tokens, cost, hold, source, stream, status, settled_at \
+             FROM usage_records WHERE account_id = ? AND id < ? ORDER BY id DESC LIMIT ?",
+        )
+        .bind(account.as_str())
+        .bind(page.before.unwrap_or(i64::MAX))
+        .bind(i64::from(page.limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(UsageRecord {
+                    cursor: row.try_get("id")?,
+                    request_id: row.try_get("request_id")?,
+                    api_key_id: row.try_get("api_key_id")?,
+                    endpoint: row.try_get("endpoint")?,
+                    model: row.try_get("model")?,
+                    upstream: row.try_get("upstream")?,
+                    prompt_tokens: row.try_get("prompt_tokens")?,
+                    completion_tokens: row.try_get("completion_tokens")?,
+                    cached_tokens: row.try_get("cached_tokens")?,
+                    cost: credits(row, "cost")?,
+                    hold: credits(row, "hold")?,
+                    source: row.try_get("source")?,
+                    stream: row.try_get("stream")?,
+                    status: row.try_get("status")?,
+                    settled_at_ms: row.try_get("settled_at")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn create_api_key(&self, key: &ApiKeyRecord) -> Result<(), LedgerError> {
+        // Not re-run on a duplicate key: a second key with the same id or hash is an error.
+        retrying("create_api_key", Retry::LockConflicts, || {
+            self.create_api_key_once(key)
+        })
+        .await
+    }
+
+    async fn api_key_by_hash(&self, key_hash: &str) -> Result<Option<ApiKeyRecord>, LedgerError> {
+        let row = sqlx::query(concat!(select_keys!(), "WHERE key_hash = ?"))
+            .bind(key_hash)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(key_from_row).transpose()
+    }
+
+    async fn api_keys(&self, account: &AccountId) -> Result<Vec<ApiKeyRecord>, LedgerError> {
+        let rows = sqlx::query(concat!(
+            select_keys!(),
+            "WHERE account_id = ? ORDER BY created_at, id"
+        ))
+        .bind(account.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(key_from_row).collect()
+    }
+
+    async fn revoke_api_key(&self, key_id: &str) -> Result<bool, LedgerError> {
+        retrying("revoke_api_key", Retry::LockConflicts, || async {
+            let done = sqlx::query(
+                "UPDATE api_keys SET revoked_at = ?, rev = rev + 1 \
+                 WHERE id = ? AND revoked_at IS NULL",
+            )
+            .bind(now_ms())
+            .bind(key_id)
+            .execute(&self.pool)
+            .await?;
+            Ok(done.rows_affected() == 1)
+        })
+        .await
+    }
+
+    async fn cache_epoch(&self) -> Result<i64, LedgerError> {
+        let epoch = sqlx::query_scalar::<_, i64>("SELECT epoch FROM cache_epoch WHERE id = 1")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(epoch)
+    }
+
+    async fn bump_cache_epoch(&self) -> Result<i64, LedgerError> {
+        retrying("bump_cache_epoch", Retry::LockConflicts, || {
+            self.bump_cache_epoch_once()
+        })
+        .await
+    }
+
+    async fn verify(&self) -> Result<Vec<VerifyProblem>, LedgerError> {
+        // One consistent snapshot for every read, so settlements committing meanwhile cannot
+        // make balances and entries disagree. (The session default is READ COMMITTED; this
+        // applies to the next transaction only.)
+        let mut conn = self.pool.acquire().await?;
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            .await?;
+        let mut tx = conn
+            .begin_with("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
+            .await?;
+
+        let mut checks: BTreeMap<String, AccountCheck> = BTreeMap::new();
+        {
+            let mut rows = sqlx::query("SELECT id, balance FROM accounts").fetch(&mut *tx);
+            while let Some(row) = rows.try_next().await? {
+                checks.insert(
+                    row.try_get("id")?,
+                    AccountCheck {
+                        balance: row.try_get("balance")?,
+                        running: 0,
+                        sum: 0,
+                        problems: Vec::new(),
+                    },
+                );
+            }
+        }
+        {
+            // One pass in id order: per account, that is each account's own entry order.
+            let mut rows = sqlx::query(
+                "SELECT id, account_id, amount, balance_before, balance_after \
+                 FROM credit_transactions ORDER BY id",
+            )
+            .fetch(&mut *tx);
+            while let Some(row) = rows.try_next().await? {
+                let account: String = row.try_get("account_id")?;
+                let entry_id: i64 = row.try_get("id")?;
+                let amount: i64 = row.try_get("amount")?;
+                let before: i64 = row.try_get("balance_before")?;
+                let after: i64 = row.try_get("balance_after")?;
+                let Some(check) = checks.get_mut(&account) else {
+                    // The foreign key forbids it; report rather than trust it.
+                    checks.insert(
+                        account,
+                        AccountCheck {
+                            balance: 0,
+                            running: after,
+                            sum: 0,
+                            problems: vec![format!(
+                                "entry {entry_id} belongs to an account that does not exist"
+                            )],
+                        },
+                    );
+                    continue;
+                };
+                if before != check.running {
+                    check.problems.push(format!(
+                        "entry {entry_id}: balance_before {before} but the previous entry left {}",
+                        check.running
+                    ));
+                }
+                if i128::from(before) + i128::from(amount) != i128::from(after) {
+                    check
+                        .problems
+                        .push(format!("entry {entry_id}: {before} + {amount} != {after}"));
+                }
+                check.running = after;
+                check.sum += i128::from(amount);
+            }
+        }
+
+        let mut problems = Vec::new();
+        for (account, check) in checks {
+            for problem in check.problems {
+                problems.push(VerifyProblem {
+                    account: account.clone(),
+                    problem,
+                });
+            }
+            if check.sum != i128::from(check.balance) {
+                problems.push(VerifyProblem {
+                    account,
+                    problem: format!(
+                        "entries sum to {} micro-credits but the balance is {}",
+                        check.sum, check.balance
+                    ),
+                });
+            }
+        }
+
+        let orphans = sqlx::query(
+            "SELECT u.request_id, u.account_id FROM usage_records u \
+             LEFT JOIN credit_transactions t ON t.id = u.transaction_id \
+             WHERE u.cost <> 0 \
+             AND (t.id IS NULL OR t.amount <> -u.cost OR t.reference <> u.request_id) \
+             ORDER BY u.id",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        for row in &orphans {
+            let request: String = row.try_get("request_id")?;
+            problems.push(VerifyProblem {
+                account: row.try_get("account_id")?,
+                problem: format!("usage record {request} has no matching ledger entry"),
+            });
+        }
+
+        // SUM over BIGINT is DECIMAL on the server; it travels as text and is parsed exactly.
+        let used_rows = sqlx::query(
+            "SELECT api_key_id, CAST(SUM(cost) AS CHAR) AS used FROM usage_records \
+             WHERE api_key_id IS NOT NULL GROUP BY api_key_id",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut used_by_key: HashMap<String, i128> = HashMap::with_capacity(used_rows.len());
+        for row in &used_rows {
+            let key: String = row.try_get("api_key_id")?;
+            let used: String = row.try_get("used")?;
+            let used = used
+                .parse::<i128>()
+                .map_err(|_| LedgerError::Corrupt(format!("api key {key}: usage sum `{used}`")))?;
+            used_by_key.insert(key, used);
+        }
+        let keys = sqlx::query("SELECT id, account_id, spent FROM api_keys ORDER BY id")
+            .fetch_all(&mut *tx)
+            .await?;
+        for row in &keys {
+            let key: String = row.try_get("id")?;
+            let spent: i64 = row.try_get("spent")?;
+            let used = used_by_key.get(&key).copied().unwrap_or(0);
+            if i128::from(spent) != used {
+                problems.push(VerifyProblem {
+                    account: row.try_get("account_id")?,
+                    problem: format!(
+                        "api key {key}: spent {spent} but its usage records cost {used}"
+                    ),
+                });
+            }
+        }
+        tx.commit().await?;
+        Ok(problems)
+    }
+
+    async fn ping(&self) -> Result<(), LedgerError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+}

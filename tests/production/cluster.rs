@@ -1,0 +1,194 @@
+//! Several gateway instances sharing one ledger and one cache.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use rust_decimal::Decimal;
+use serde_json::{Value, json};
+
+use crate::helpers::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_instances_racing_one_balance_never_overspend() {
+    let app = spawn_app().await;
+    let mut second = app.spawn_sibling().await;
+    let mut third = app.spawn_sibling().await;
+    let bases = Arc::new([app.base.clone(), second.base.clone(), third.base.clone()]);
+    let body = chat_body("mock-1", "how much does this cost across instances");
+
+    // What one such request really costs.
+    let probe = token("probe");
+    app.grant("probe", "10").await;
+    assert_eq!(app.chat(&probe, &body).await.status(), 200);
+    app.settled_balance(&probe).await;
+    let cost = credits(&app.list("/api/credits/usage", &probe).await[0]["cost"]);
+
+    // A balance that affords exactly fifty; three hundred requests over three instances.
+    let racer = token("racer");
+    let funds = cost * Decimal::from(50);
+    app.grant("racer", &funds.to_string()).await;
+    let client = reqwest::Client::new();
+    let tasks: Vec<_> = (0..300)
+        .map(|i| {
+            let (client, bases, racer, body) =
+                (client.clone(), bases.clone(), racer.clone(), body.clone());
+            tokio::spawn(async move {
+                let response = client
+                    .post(format!("{}/v1/chat/completions", bases[i % 3]))
+                    .bearer_auth(&racer)
+                    .json(&body)
+                    .send()
+                    .await
+                    .expect("sent");
+                let status = response.status().as_u16();
+                let json: Value = response.json().await.unwrap_or(Value::Null);
+                (status, json)
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    for task in tasks {
+        let (status, json) = task.await.expect("task");
+        match status {
+            200 => ok += 1,
+            402 => assert_eq!(json["error"]["code"], "insufficient_credits"),
+            other => panic!("unexpected status {other}: {json}"),
+        }
+    }
+    assert!((1..=50).contains(&ok), "{ok} requests went through");
+    second.state.settler.flush().await;
+    third.state.settler.flush().await;
+    let balance = app.settled_balance(&racer).await;
+    let left = credits(&balance["balance"]);
+    assert!(left >= Decimal::ZERO, "overspent: {balance}");
+    assert_eq!(left, funds - cost * Decimal::from(ok));
+    let usage = app.list("/api/credits/usage?limit=100", &racer).await;
+    assert_eq!(usage.len(), ok);
+    app.assert_ledger_consistent().await;
+    second.stop().await;
+    third.stop().await;
+}
+
+/// Starts the real binary on the test's config (JSON logs) and returns it with its base URL.
+async fn spawn_binary(app: &TestApp) -> (tokio::process::Child, String) {
+    let text = std::fs::read_to_string(&app.config_path).expect("config");
+    let text = text.replacen("[server]\n", "[server]\nlog_format = \"json\"\n", 1);
+    let path = app.dir.path().join("child.toml");
+    std::fs::write(&path, text).expect("child config");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .arg("--config")
+        .arg(&path)
+        .arg("serve")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn tollgate");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+    let address = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await.expect("read log") {
+            if let Ok(log) = serde_json::from_str::<Value>(&line)
+                && log["fields"]["message"] == "tollgate listening"
+            {
+                return log["fields"]["address"].as_str().map(str::to_owned);
+            }
+        }
+        None
+    })
+    .await
+    .expect("the gateway started in time")
+    .expect("the gateway logged its address");
+    // Keep draining its logs so it never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, format!("http://{address}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killing_an_instance_loses_no_finished_request_and_leaves_no_hold() {
+    let app = spawn_app_with(Options {
+        extra: "recovery_interval_ms = 200\norphan_after_secs = 1".into(),
+        ..Options::default()
+    })
+    .await;
+    let user = token("crash");
+    app.grant("crash", "100").await;
+    let (mut child, base) = spawn_binary(&app).await;
+    let client = reqwest::Client::new();
+
+    // Requests that finish before the crash must each be billed exactly once.
+    let mut finished = Vec::new();
+    for _ in 0..20 {
+        let response = client
+            .post(format!("{base}/v1/chat/completions"))
+            .bearer_auth(&user)
+            .json(&chat_body("mock-1", "finish me"))
+            .send()
+            .await
+            .expect("sent");
+        assert_eq!(response.status(), 200);
+        finished.push(
+            response.headers()["x-request-id"]
+                .to_str()
+                .expect("id")
+                .to_owned(),
+        );
+        response.bytes().await.expect("body");
+    }
+    // Fifty streams open through the instance when it dies.
+    let stream_body = json!({"model": "mock-slow", "messages": [{"role": "user", "content": "go"}], "max_tokens": 200, "stream": true});
+    let mut streams = Vec::new();
+    for _ in 0..50 {
+        let response = client
+            .post(format!("{base}/v1/chat/completions"))
+            .bearer_auth(&user)
+            .json(&stream_body)
+            .send()
+            .await
+            .expect("sent");
+        assert_eq!(response.status(), 200);
+        let mut body = response.bytes_stream();
+        body.next().await.expect("first chunk").expect("chunk");
+        streams.push(body);
+    }
+    assert_ne!(
+        app.balance(&user).await["held"],
+        "0",
+        "the streams hold credits"
+    );
+    child.start_kill().expect("kill -9");
+    child.wait().await.expect("reaped");
+    drop(streams);
+
+    // The surviving instance releases the dead one's holds and writes what it left behind.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let balance = app.balance(&user).await;
+        let usage = app.list("/api/credits/usage?limit=100", &user).await;
+        let billed = finished
+            .iter()
+            .filter(|id| usage.iter().any(|u| u["request_id"] == id.as_str()))
+            .count();
+        if balance["held"] == "0" && billed == finished.len() {
+            for id in &finished {
+                assert_eq!(
+                    usage
+                        .iter()
+                        .filter(|u| u["request_id"] == id.as_str())
+                        .count(),
+                    1,
+                    "{id} billed twice"
+                );
+            }
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not recovered: {balance}, {billed} of {} billed",
+            finished.len()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    app.assert_ledger_consistent().await;
+}

@@ -1,0 +1,154 @@
+//! Faults of the shared backends: a Redis restart and a paused MySQL. Each test uses its own
+//! Redis process or its own database's locks, so it never disturbs tests running beside it.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::helpers::*;
+
+/// A private Redis server on a free loopback port, killed on drop.
+struct PrivateRedis {
+    port: u16,
+    child: std::process::Child,
+}
+
+impl PrivateRedis {
+    fn start_on(port: u16) -> PrivateRedis {
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server is installed");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "private redis did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        PrivateRedis { port, child }
+    }
+
+    fn start() -> PrivateRedis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        Self::start_on(port)
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_redis_restart_fails_closed_then_recovers_and_loses_nothing() {
+    let mut redis = PrivateRedis::start();
+    let app = spawn_app_with(Options {
+        redis_url: Some(format!("redis://127.0.0.1:{}", redis.port)),
+        ..Options::default()
+    })
+    .await;
+    let user = token("restart");
+    app.grant("restart", "100").await;
+    let body = chat_body("mock-1", "survive a restart");
+    let mut billed = 0;
+    for _ in 0..5 {
+        assert_eq!(app.chat(&user, &body).await.status(), 200);
+        billed += 1;
+    }
+
+    // Redis gone: requests are refused in OpenAI's shape, never served unmetered.
+    redis.kill();
+    let response = app.chat(&user, &body).await;
+    let error = openai_error(response, 503).await;
+    assert_eq!(error["code"], "service_unavailable");
+
+    // Redis back (empty): the gateway reconnects by itself and reloads balances from MySQL.
+    let _redis = PrivateRedis::start_on(redis.port);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let response = app.chat(&user, &body).await;
+        if response.status() == 200 {
+            billed += 1;
+            break;
+        }
+        assert_eq!(response.status(), 503);
+        assert!(
+            Instant::now() < deadline,
+            "did not recover after Redis came back"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for _ in 0..5 {
+        assert_eq!(app.chat(&user, &body).await.status(), 200);
+        billed += 1;
+    }
+    app.settled_balance(&user).await;
+    let usage = app.list("/api/credits/usage?limit=100", &user).await;
+    assert_eq!(usage.len(), billed);
+    app.assert_ledger_consistent().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_paused_mysql_delays_settlements_but_loses_none() {
+    let app = spawn_app().await;
+    let user = token("paused");
+    app.grant("paused", "100").await;
+    let body = chat_body("mock-1", "wait for the ledger");
+    assert_eq!(app.chat(&user, &body).await.status(), 200);
+    app.settled_balance(&user).await;
+
+    // Freeze writes to this test's ledger tables from another connection for three seconds.
+    let url = app.config.database.url.clone();
+    let pause = tokio::spawn(async move {
+        use sqlx::Connection;
+        let mut conn = sqlx::MySqlConnection::connect(&url).await.expect("connect");
+        sqlx::query(
+            "LOCK TABLES accounts READ, credit_transactions READ, usage_records READ, api_keys READ, \
+             cache_epoch READ",
+        )
+        .execute(&mut conn)
+        .await
+        .expect("lock");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        sqlx::query("UNLOCK TABLES")
+            .execute(&mut conn)
+            .await
+            .expect("unlock");
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Requests keep being served while the ledger cannot take their settlements.
+    let started = Instant::now();
+    for _ in 0..10 {
+        let response = app.chat(&user, &body).await;
+        assert_eq!(response.status(), 200);
+        let _: Value = response.json().await.expect("json");
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "requests waited for the ledger"
+    );
+    pause.await.expect("pause task");
+
+    app.settled_balance(&user).await;
+    let usage = app.list("/api/credits/usage?limit=100", &user).await;
+    assert_eq!(usage.len(), 11);
+    app.assert_ledger_consistent().await;
+}

@@ -1,0 +1,29 @@
+//! The integration suite again, on the production backends: MySQL/MariaDB ledger and Redis
+//! cache (127.0.0.1:3306 and :6379), each test in its own database and key prefix. Plus what
+//! only the shared backends can show: several instances, a crash, Redis and MySQL faults.
+
+#[path = "../api/helpers.rs"]
+mod helpers;
+
+/// This binary runs every test on MySQL + Redis.
+pub const BACKEND: helpers::Backend = helpers::Backend::Production;
+
+#[path = "../api/admin_and_keys.rs"]
+mod admin_and_keys;
+#[path = "../api/auth.rs"]
+mod auth;
+#[path = "../api/bad_input.rs"]
+mod bad_input;
+#[path = "../api/concurrency.rs"]
+mod concurrency;
+#[path = "../api/lifecycle.rs"]
+mod lifecycle;
+#[path = "../api/metering.rs"]
+mod metering;
+#[path = "../api/streaming.rs"]
+mod streaming;
+#[path = "../api/upstreams.rs"]
+mod upstreams;
+
+mod cluster;
+mod faults;
