@@ -135,6 +135,7 @@ async fn main() {
             amount: Credits::from_whole(1_000_000).expect("amount"),
             description: "benchmark".into(),
             reference: None,
+            expires_at_ms: None,
         })
         .await
         .expect("grant");

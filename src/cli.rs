@@ -207,6 +207,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     amount,
                     description,
                     reference,
+                    expires_at_ms: None,
                 },
             )
             .await?;

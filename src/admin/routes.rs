@@ -69,6 +69,7 @@ pub async fn grant(
             amount: body.amount,
             description: body.description,
             reference: body.reference,
+            expires_at_ms: None,
         },
     )
     .await?;

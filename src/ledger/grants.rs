@@ -37,7 +37,14 @@ pub struct DebitPlan {
 /// Orders grants the way debits draw from them: soonest-expiring first (never-expiring last),
 /// then oldest, then by id.
 pub fn drawing_order(grants: &mut [GrantRow]) {
-    grants.sort_by_key(|g| (g.expires_at_ms.is_none(), g.expires_at_ms, g.created_at_ms, g.id));
+    grants.sort_by_key(|g| {
+        (
+            g.expires_at_ms.is_none(),
+            g.expires_at_ms,
+            g.created_at_ms,
+            g.id,
+        )
+    });
 }
 
 /// Plans a debit of `amount` (> 0) against `grants`, updating their `remaining` in place.

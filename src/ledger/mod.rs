@@ -4,6 +4,7 @@
 //! are keyed by request id (DESIGN.md I2) and grants by an optional caller reference; every
 //! balance change is one ledger entry with `balance_before`/`balance_after` (I3).
 
+pub mod grants;
 pub mod mysql;
 pub mod sqlite;
 
@@ -52,6 +53,8 @@ pub enum EntryType {
     Refund,
     Bonus,
     Adjustment,
+    /// An expired grant's remainder leaving the balance.
+    Expiry,
 }
 
 impl EntryType {
@@ -62,6 +65,7 @@ impl EntryType {
             EntryType::Refund => "refund",
             EntryType::Bonus => "bonus",
             EntryType::Adjustment => "adjustment",
+            EntryType::Expiry => "expiry",
         }
     }
 
@@ -72,6 +76,7 @@ impl EntryType {
             "refund" => EntryType::Refund,
             "bonus" => EntryType::Bonus,
             "adjustment" => EntryType::Adjustment,
+            "expiry" => EntryType::Expiry,
             _ => return None,
         })
     }
@@ -104,6 +109,29 @@ pub struct GrantRequest {
     pub description: String,
     /// Idempotency key: a second grant with the same account, type and reference changes nothing.
     pub reference: Option<String>,
+    /// When a positive grant's remainder expires (Unix ms); `None` never expires.
+    pub expires_at_ms: Option<i64>,
+}
+
+/// One credit grant (see [`grants`]): where credits came from and what is left of them.
+#[derive(Debug, Clone, Serialize)]
+pub struct GrantRecord {
+    pub id: i64,
+    /// The entry type that brought the credits, or `migrated` for pre-grant balances.
+    pub source: String,
+    /// The ledger entry that created the grant (none for migrated balances).
+    pub transaction_id: Option<i64>,
+    pub amount: Credits,
+    /// Part of `amount` that paid off debt when the grant arrived.
+    pub debt_paid: Credits,
+    pub remaining: Credits,
+    #[serde(skip)]
+    pub expires_at_ms: Option<i64>,
+    /// Set once the expiry sweep has taken the remainder out of the balance.
+    #[serde(skip)]
+    pub expired_at_ms: Option<i64>,
+    #[serde(skip)]
+    pub created_at_ms: i64,
 }
 
 #[derive(Debug, Clone)]
@@ -294,6 +322,30 @@ pub trait Ledger: Send + Sync + 'static {
 
     /// Whether the database answers (for `/readyz`).
     async fn ping(&self) -> Result<(), LedgerError>;
+
+    /// The account's grants, oldest first (swept ones included).
+    async fn grants(&self, account: &AccountId) -> Result<Vec<GrantRecord>, LedgerError> {
+        let _ = account;
+        Err(LedgerError::Corrupt(
+            "grants are not implemented by this adapter yet".into(),
+        ))
+    }
+
+    /// Which grants a debit entry drew from: `(grant id, amount)`.
+    async fn draws(&self, transaction_id: i64) -> Result<Vec<(i64, Credits)>, LedgerError> {
+        let _ = transaction_id;
+        Err(LedgerError::Corrupt(
+            "grants are not implemented by this adapter yet".into(),
+        ))
+    }
+
+    /// Sweeps grants whose expiry is at or before `now_ms`: each unswept remainder leaves the
+    /// balance as one `expiry` entry drawn from that grant. Idempotent and safe to run on
+    /// several instances at once. Returns the accounts whose balance changed.
+    async fn expire_grants(&self, now_ms: i64) -> Result<Vec<(AccountId, Snapshot)>, LedgerError> {
+        let _ = now_ms;
+        Ok(Vec::new())
+    }
 }
 
 pub fn now_ms() -> i64 {

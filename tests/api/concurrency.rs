@@ -149,6 +149,7 @@ async fn racing_grants_with_one_reference_apply_once() {
                         amount: Credits::from_whole(5).expect("small"),
                         description: "order 42".into(),
                         reference: Some("order-42".into()),
+                        expires_at_ms: None,
                     })
                     .await
             })

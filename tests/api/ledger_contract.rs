@@ -219,6 +219,7 @@ fn grant(id: &str, entry_type: EntryType, amount: i64, reference: Option<&str>) 
         amount: micros(amount),
         description: format!("{} of {amount}", entry_type.as_str()),
         reference: reference.map(str::to_owned),
+        expires_at_ms: None,
     }
 }
 
