@@ -13,7 +13,7 @@
 //! Uses its own database `tg_bench_<random>` on `mysql://root@127.0.0.1:3306` and its own key
 //! prefix (the same name) on `redis://127.0.0.1:6379`; both are removed at the end, also after a
 //! failure. Run: `cargo bench --bench backends` (options: `SETTLEMENTS` per case, default 5120;
-//! `RESERVATIONS` per hold case, default 10000).
+//! `RESERVATIONS` per hold case, default 10240).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -255,7 +255,7 @@ async fn hold_cases(name: &str, cache: Arc<dyn BalanceCache>, owner: &str, reser
 
 async fn run(database: String, prefix: String) {
     let settlements = env_or("SETTLEMENTS", 5120).max(512);
-    let reservations = env_or("RESERVATIONS", 10_000).max(TASKS * 10);
+    let reservations = env_or("RESERVATIONS", 10_240).max(TASKS * 10);
     println!("load average at start: {}", load_average());
 
     // Part 1: settlements into MariaDB.
@@ -284,6 +284,7 @@ async fn run(database: String, prefix: String) {
                             amount: Credits::from_whole(GRANT).expect("amount"),
                             description: "benchmark".into(),
                             reference: Some("bench-grant".into()),
+                            expires_at_ms: None,
                         })
                         .await
                         .expect("grant");

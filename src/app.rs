@@ -32,6 +32,7 @@ use crate::ledger::sqlite::SqliteLedger;
 use crate::ledger::{Ledger, SharedLedger};
 use crate::metering::Meter;
 use crate::metering::pricing::{PriceTable, PricingHandle};
+use crate::metering::pricing_sync::{self, PricingRegistry};
 use crate::metering::settler::{self, SettlerConfig, SettlerHandle};
 use crate::proxy::upstream::Upstreams;
 use crate::{admin, http, proxy};
@@ -48,6 +49,9 @@ pub struct AppState {
     pub upstreams: Arc<Upstreams>,
     pub settler: SettlerHandle,
     pub body_limit: usize,
+    /// Where instances announce their price versions (with Redis only).
+    pub pricing_registry: Option<PricingRegistry>,
+    pub pricing_path: std::path::PathBuf,
     /// The last cache epoch seen; a different one in the ledger means someone else changed it.
     epoch: Arc<AtomicI64>,
 }
@@ -55,7 +59,15 @@ pub struct AppState {
 impl AppState {
     /// Drops in-process caches if the ledger was changed outside this process (CLI, admin).
     async fn sync_external_changes(&self) -> Result<(), ApiError> {
-        let epoch = self.ledger.cache_epoch().await?;
+        let epoch = match self.ledger.cache_epoch().await {
+            Ok(epoch) => epoch,
+            // The cached balances and holds still bound spending; only out-of-band changes (a
+            // CLI grant) wait until the ledger answers again.
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the cache epoch; serving from cache");
+                return Ok(());
+            }
+        };
         if self.epoch.swap(epoch, Ordering::AcqRel) != epoch {
             self.auth.keys().clear();
             self.cache
@@ -117,6 +129,7 @@ pub struct App {
     settler_task: JoinHandle<()>,
     pricing_watcher: JoinHandle<()>,
     recovery: JoinHandle<()>,
+    pricing_sync: Option<JoinHandle<()>>,
     /// Tells the background tasks (pricing watcher, recovery) to stop.
     stop_background: tokio::sync::watch::Sender<bool>,
     shutdown_grace: Duration,
@@ -133,11 +146,28 @@ impl App {
         let table = PriceTable::load(&pricing_path)?;
         let pricing = PricingHandle::new(table);
         let (stop_background, watcher_stopped) = tokio::sync::watch::channel(false);
+        let nudge = Arc::new(tokio::sync::Notify::new());
         let pricing_watcher = pricing.spawn_watcher(
             pricing_path,
             Duration::from_millis(config.metering.pricing_poll_ms.max(50)),
             watcher_stopped,
+            nudge.clone(),
         );
+        let pricing_registry = match config.cache.redis_url.as_deref().filter(|u| !u.is_empty()) {
+            Some(url) => PricingRegistry::new(url, &config.cache.key_prefix)
+                .transpose()
+                .context("cache.redis_url")?,
+            None => None,
+        };
+        let pricing_sync = pricing_registry.clone().map(|registry| {
+            pricing_sync::spawn(
+                registry,
+                pricing.clone(),
+                nudge,
+                instance.clone(),
+                stop_background.subscribe(),
+            )
+        });
         let (settler, settler_task) = settler::spawn(
             ledger.clone(),
             cache.clone(),
@@ -160,6 +190,7 @@ impl App {
             cache.clone(),
             Duration::from_millis(config.metering.recovery_interval_ms.max(100)),
             Duration::from_secs(config.metering.orphan_after_secs.max(1)),
+            Duration::from_secs(config.metering.expiry_sweep_secs.max(1)),
             stop_background.subscribe(),
         );
         let jwt = jwt_verifier(&config.auth.jwt).await?;
@@ -184,6 +215,8 @@ impl App {
             upstreams: Arc::new(Upstreams::new(upstreams)),
             settler,
             body_limit: config.server.body_limit_bytes,
+            pricing_registry,
+            pricing_path: config.metering.pricing_file.clone(),
             epoch: Arc::new(AtomicI64::new(epoch)),
         };
         // Load the tokenizer now rather than inside the first request.
@@ -197,6 +230,7 @@ impl App {
             state,
             settler_task,
             pricing_watcher,
+            pricing_sync,
             recovery,
             stop_background,
             shutdown_grace: Duration::from_secs(config.server.shutdown_grace_secs),
@@ -238,6 +272,9 @@ impl App {
         let _ = self.stop_background.send(true);
         let _ = self.pricing_watcher.await;
         let _ = self.recovery.await;
+        if let Some(pricing_sync) = self.pricing_sync {
+            let _ = pricing_sync.await;
+        }
         // Requests cut after the grace period may still hold handles, so the settler is not
         // awaited; everything queued before the flush above is written.
         drop(self.settler_task);
@@ -246,17 +283,20 @@ impl App {
     }
 }
 
-/// Every `interval`: release expired holds and write settlements orphaned by a dead instance.
+/// Every `interval`: release expired holds and write settlements orphaned by a dead instance;
+/// every `sweep_every`: take expired grant remainders out of balances.
 fn spawn_recovery(
     ledger: SharedLedger,
     cache: SharedCache,
     interval: Duration,
     orphan_age: Duration,
+    sweep_every: Duration,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_sweep: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
                 _ = ticker.tick() => {}
@@ -274,8 +314,32 @@ fn spawn_recovery(
                     tracing::warn!(%error, "recovery pass failed; retrying next interval")
                 }
             }
+            if last_sweep.is_none_or(|at| at.elapsed() >= sweep_every) {
+                last_sweep = Some(tokio::time::Instant::now());
+                sweep_expired_grants(&*ledger, &*cache).await;
+            }
         }
     })
+}
+
+/// Takes expired grant remainders out of the ledger and updates the cached balances.
+pub async fn sweep_expired_grants(ledger: &dyn Ledger, cache: &dyn crate::cache::BalanceCache) {
+    match ledger.expire_grants(crate::ledger::now_ms()).await {
+        Ok(changed) => {
+            for (account, snapshot) in &changed {
+                if let Err(error) = cache
+                    .apply(&crate::ledger::Bucket::Account(account.clone()), *snapshot)
+                    .await
+                {
+                    tracing::warn!(%error, %account, "cannot update a cached balance after expiry");
+                }
+            }
+            if !changed.is_empty() {
+                tracing::info!(accounts = changed.len(), "expired grant remainders swept");
+            }
+        }
+        Err(error) => tracing::warn!(%error, "expiry sweep failed; retrying next time"),
+    }
 }
 
 fn router(state: AppState) -> Router {
@@ -293,7 +357,9 @@ fn router(state: AppState) -> Router {
         .route("/accounts/{account}", get(admin::routes::account))
         .route("/accounts/{account}/credits", post(admin::routes::grant))
         .route("/accounts/{account}/keys", post(admin::routes::create_key))
-        .route("/keys/{key_id}", delete(admin::routes::revoke_key));
+        .route("/keys/{key_id}", delete(admin::routes::revoke_key))
+        .route("/pricing", get(admin::routes::pricing))
+        .route("/pricing/reload", post(admin::routes::reload_pricing));
     Router::new()
         .route("/healthz", get(http::health::healthz))
         .route("/readyz", get(http::health::readyz))

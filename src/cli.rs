@@ -89,6 +89,9 @@ pub enum CreditsCommand {
         /// Idempotency key: a repeated grant with the same reference changes nothing.
         #[arg(long)]
         reference: Option<String>,
+        /// The granted credits expire after this long, e.g. `30d`.
+        #[arg(long, value_parser = parse_duration)]
+        expires_in: Option<Duration>,
     },
     /// Show an account's balance.
     Balance { account: String },
@@ -195,6 +198,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             entry_type,
             description,
             reference,
+            expires_in,
         }) => {
             let ledger = app::open_ledger(&config).await?;
             let entry_type = EntryType::parse(&entry_type)
@@ -207,7 +211,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     amount,
                     description,
                     reference,
-                    expires_at_ms: None,
+                    expires_at_ms: expires_in.map(|lifetime| {
+                        let ms = i64::try_from(lifetime.as_millis()).unwrap_or(i64::MAX);
+                        crate::ledger::now_ms().saturating_add(ms)
+                    }),
                 },
             )
             .await?;

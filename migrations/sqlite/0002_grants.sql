@@ -17,7 +17,11 @@ CREATE TABLE credit_transactions_v2 (
 );
 INSERT INTO credit_transactions_v2
     SELECT id, account_id, type, amount, balance_before, balance_after, description, reference, created_at
-    FROM credit_transactions;
+    FROM credit_transactions ORDER BY id;
+-- AUTOINCREMENT never reuses an id: carry the old table's high-water mark over.
+UPDATE sqlite_sequence
+    SET seq = MAX(seq, COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'credit_transactions'), 0))
+    WHERE name = 'credit_transactions_v2';
 DROP TABLE credit_transactions;
 ALTER TABLE credit_transactions_v2 RENAME TO credit_transactions;
 CREATE INDEX credit_transactions_by_account ON credit_transactions (account_id, id);
@@ -57,7 +61,8 @@ CREATE INDEX grant_draws_by_grant ON grant_draws (grant_id);
 -- Balances from before grants become never-expiring grants (or debt), so that
 -- balance = sum of unswept remainders - debt holds from the start.
 INSERT INTO credit_grants (account_id, source, transaction_id, amount, debt_paid, remaining, expires_at, expired_at, created_at)
-    SELECT id, 'migrated', NULL, balance, 0, balance, NULL, NULL, updated_at FROM accounts WHERE balance > 0;
+    SELECT id, 'migrated', NULL, balance, 0, balance, NULL, NULL, updated_at FROM accounts WHERE balance > 0
+    ORDER BY id;
 UPDATE accounts SET debt = -balance WHERE balance < 0;
 
 COMMIT;

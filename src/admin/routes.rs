@@ -36,6 +36,54 @@ pub struct GrantBody {
     description: String,
     /// Idempotency key: repeating a grant with the same reference changes nothing.
     reference: Option<String>,
+    /// When the granted credits expire: an RFC 3339 time…
+    expires_at: Option<String>,
+    /// …or a lifetime such as `30d`, `12h`.
+    expires_in: Option<String>,
+}
+
+/// The expiry of a grant from `expires_at` or `expires_in` (not both), as Unix ms.
+fn expiry(body: &GrantBody) -> Result<Option<i64>, ApiError> {
+    let invalid = |message: String, param: &'static str| ApiError::BadRequest {
+        message,
+        param: Some(param),
+        code: None,
+    };
+    match (&body.expires_at, &body.expires_in) {
+        (Some(_), Some(_)) => Err(invalid(
+            "set expires_at or expires_in, not both".into(),
+            "expires_at",
+        )),
+        (Some(at), None) => {
+            let time =
+                time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339)
+                    .map_err(|_| {
+                        invalid(
+                            format!("expires_at `{at}` is not an RFC 3339 time"),
+                            "expires_at",
+                        )
+                    })?;
+            let ms = i64::try_from(time.unix_timestamp_nanos() / 1_000_000)
+                .map_err(|_| invalid(format!("expires_at `{at}` is out of range"), "expires_at"))?;
+            if ms <= crate::ledger::now_ms() {
+                return Err(invalid(
+                    format!("expires_at `{at}` is in the past"),
+                    "expires_at",
+                ));
+            }
+            Ok(Some(ms))
+        }
+        (None, Some(lifetime)) => {
+            let duration =
+                crate::cli::parse_duration(lifetime).map_err(|e| invalid(e, "expires_in"))?;
+            if duration.is_zero() {
+                return Err(invalid("expires_in must be positive".into(), "expires_in"));
+            }
+            let ms = i64::try_from(duration.as_millis()).unwrap_or(i64::MAX);
+            Ok(Some(crate::ledger::now_ms().saturating_add(ms)))
+        }
+        (None, None) => Ok(None),
+    }
 }
 
 fn default_grant_type() -> String {
@@ -48,6 +96,7 @@ pub async fn grant(
     ApiJson(body): ApiJson<GrantBody>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let account = account_id(&account)?;
+    let expires_at_ms = expiry(&body)?;
     let entry_type = match EntryType::parse(&body.entry_type) {
         Some(
             t
@@ -69,7 +118,7 @@ pub async fn grant(
             amount: body.amount,
             description: body.description,
             reference: body.reference,
-            expires_at_ms: None,
+            expires_at_ms,
         },
     )
     .await?;
@@ -108,6 +157,7 @@ pub async fn account(
         .view(&Bucket::Account(account.clone()), state.meter.source())
         .await?;
     let keys = state.ledger.api_keys(&account).await?;
+    let grants = state.ledger.grants(&account).await?;
     Ok(Json(json!({
         "account": record.id,
         "balance": view.balance,
@@ -115,7 +165,22 @@ pub async fn account(
         "available": view.available,
         "created_at": crate::http::rfc3339(record.created_at_ms),
         "api_keys": keys.iter().map(key_json).collect::<Vec<_>>(),
+        "grants": grants.iter().map(grant_json).collect::<Vec<_>>(),
     })))
+}
+
+fn grant_json(grant: &crate::ledger::GrantRecord) -> Value {
+    let mut value = serde_json::to_value(grant).unwrap_or(Value::Null);
+    if let Some(object) = value.as_object_mut() {
+        let time = |ms: Option<i64>| ms.map(crate::http::rfc3339);
+        object.insert("expires_at".into(), json!(time(grant.expires_at_ms)));
+        object.insert("expired_at".into(), json!(time(grant.expired_at_ms)));
+        object.insert(
+            "created_at".into(),
+            json!(crate::http::rfc3339(grant.created_at_ms)),
+        );
+    }
+    value
 }
 
 fn key_json(key: &crate::ledger::ApiKeyRecord) -> Value {
@@ -171,4 +236,49 @@ pub async fn revoke_key(
     }
     state.auth.keys().clear();
     Ok(Json(json!({"id": key_id, "revoked": true})))
+}
+
+/// `GET /admin/pricing`: the prices in force here, and every instance's price version.
+pub async fn pricing(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let table = state.meter.pricing().current();
+    let models: Vec<Value> = table
+        .entries()
+        .map(|(pattern, price)| {
+            let mut entry = serde_json::to_value(price).unwrap_or(Value::Null);
+            if let Some(object) = entry.as_object_mut() {
+                object.insert("match".into(), Value::String(pattern.to_owned()));
+            }
+            entry
+        })
+        .collect();
+    let instances =
+        match &state.pricing_registry {
+            Some(registry) => Some(registry.versions().await.map_err(|e| {
+                ApiError::Unavailable(format!("cannot read instance versions: {e}"))
+            })?),
+            None => None,
+        };
+    Ok(Json(json!({
+        "instance": state.meter.instance(),
+        "version": table.version(),
+        "fingerprint": crate::metering::pricing_sync::fingerprint(&table),
+        "rounding": table.rounding(),
+        "default": table.default_price(),
+        "models": models,
+        "instances": instances,
+    })))
+}
+
+/// `POST /admin/pricing/reload`: re-reads the pricing file now (siblings follow through Redis).
+pub async fn reload_pricing(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let version = state
+        .meter
+        .pricing()
+        .reload_from(&state.pricing_path)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let table = state.meter.pricing().current();
+    Ok(Json(json!({
+        "version": version,
+        "fingerprint": crate::metering::pricing_sync::fingerprint(&table),
+    })))
 }

@@ -139,4 +139,9 @@ pub trait BalanceCache: Send + Sync + 'static {
 
     /// Pending settlements whose owner is gone or that are older than `older_than_ms`.
     async fn orphans(&self, now_ms: i64, older_than_ms: i64) -> Result<Vec<Orphan>, CacheError>;
+
+    /// Whether the cache answers (for `/readyz`).
+    async fn ping(&self) -> Result<(), CacheError> {
+        Ok(())
+    }
 }

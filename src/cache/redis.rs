@@ -694,6 +694,22 @@ async fn heartbeat_loop(conn: Conn, instances: String, instance: String) {
 
 #[async_trait]
 impl BalanceCache for RedisCache {
+    async fn ping(&self) -> Result<(), CacheError> {
+        let mut conn = self.conn.clone();
+        let pong = tokio::time::timeout(
+            RESPONSE_TIMEOUT,
+            redis::cmd("PING").query_async::<String>(&mut conn),
+        )
+        .await
+        .map_err(|_| unavailable("PING timed out"))?
+        .map_err(unavailable)?;
+        if pong == "PONG" {
+            Ok(())
+        } else {
+            Err(unavailable(format_args!("unexpected PING answer `{pong}`")))
+        }
+    }
+
     async fn reserve(
         &self,
         bucket: &Bucket,

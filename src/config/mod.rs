@@ -168,6 +168,8 @@ pub struct MeteringConfig {
     /// A settlement recorded in the cache but not in the ledger after this long is written by
     /// whichever instance finds it (writes are idempotent, so a slow owner is harmless).
     pub orphan_after_secs: u64,
+    /// How often each instance sweeps expired grant remainders out of balances.
+    pub expiry_sweep_secs: u64,
 }
 
 impl Default for MeteringConfig {
@@ -183,6 +185,7 @@ impl Default for MeteringConfig {
             hold_ttl_secs: 3600,
             recovery_interval_ms: 2000,
             orphan_after_secs: 30,
+            expiry_sweep_secs: 60,
         }
     }
 }

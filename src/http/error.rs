@@ -127,7 +127,14 @@ impl IntoResponse for ApiError {
 
 impl From<crate::ledger::LedgerError> for ApiError {
     fn from(error: crate::ledger::LedgerError) -> Self {
-        ApiError::internal(error)
+        match error {
+            // The database is down or busy: the client may retry; details stay in our logs.
+            crate::ledger::LedgerError::Database(e) => {
+                tracing::warn!(error = %e, "ledger unavailable");
+                ApiError::Unavailable("ledger unavailable; try again shortly".into())
+            }
+            e => ApiError::internal(e),
+        }
     }
 }
 
@@ -138,7 +145,7 @@ impl From<crate::cache::CacheError> for ApiError {
             crate::cache::CacheError::Unavailable(_) => {
                 ApiError::Unavailable("balance cache unavailable; try again shortly".into())
             }
-            crate::cache::CacheError::Load(e) => ApiError::internal(e),
+            crate::cache::CacheError::Load(e) => ApiError::from(e),
         }
     }
 }

@@ -1,4 +1,4 @@
-//! `/healthz` (the process serves requests) and `/readyz` (and its ledger answers).
+//! `/healthz` (the process serves requests) and `/readyz` (and its ledger and balance cache answer).
 
 use axum::Json;
 use axum::extract::State;
@@ -17,5 +17,10 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiErr
         .ping()
         .await
         .map_err(|e| ApiError::Unavailable(format!("ledger unavailable: {e}")))?;
+    state
+        .cache
+        .ping()
+        .await
+        .map_err(|e| ApiError::Unavailable(format!("balance cache unavailable: {e}")))?;
     Ok(Json(json!({"status": "ready"})))
 }

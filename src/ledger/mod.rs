@@ -317,35 +317,25 @@ pub trait Ledger: Send + Sync + 'static {
     async fn bump_cache_epoch(&self) -> Result<i64, LedgerError>;
 
     /// Checks every account: entries sum to the balance, each entry's before/after chain,
-    /// every charged usage record has its entry. Empty means consistent.
+    /// every charged usage record has its entry, each key's spend matches its usage; and the
+    /// grants: `Σ remaining of unswept grants − debt = balance` with `debt ≥ 0`, and every
+    /// grant's `remaining = amount − debt_paid − Σ its draws ≥ 0`. Empty means consistent.
     async fn verify(&self) -> Result<Vec<VerifyProblem>, LedgerError>;
 
     /// Whether the database answers (for `/readyz`).
     async fn ping(&self) -> Result<(), LedgerError>;
 
     /// The account's grants, oldest first (swept ones included).
-    async fn grants(&self, account: &AccountId) -> Result<Vec<GrantRecord>, LedgerError> {
-        let _ = account;
-        Err(LedgerError::Corrupt(
-            "grants are not implemented by this adapter yet".into(),
-        ))
-    }
+    async fn grants(&self, account: &AccountId) -> Result<Vec<GrantRecord>, LedgerError>;
 
-    /// Which grants a debit entry drew from: `(grant id, amount)`.
-    async fn draws(&self, transaction_id: i64) -> Result<Vec<(i64, Credits)>, LedgerError> {
-        let _ = transaction_id;
-        Err(LedgerError::Corrupt(
-            "grants are not implemented by this adapter yet".into(),
-        ))
-    }
+    /// Which grants a debit entry drew from: `(grant id, amount)`, in drawing order.
+    async fn draws(&self, transaction_id: i64) -> Result<Vec<(i64, Credits)>, LedgerError>;
 
     /// Sweeps grants whose expiry is at or before `now_ms`: each unswept remainder leaves the
-    /// balance as one `expiry` entry drawn from that grant. Idempotent and safe to run on
-    /// several instances at once. Returns the accounts whose balance changed.
-    async fn expire_grants(&self, now_ms: i64) -> Result<Vec<(AccountId, Snapshot)>, LedgerError> {
-        let _ = now_ms;
-        Ok(Vec::new())
-    }
+    /// balance as one `expiry` entry (reference `grant:<id>`) drawn from that grant, and the
+    /// grant is marked swept (`expired_at = now_ms`). Idempotent and safe to run on several
+    /// instances at once. Returns the accounts whose balance changed, with their new snapshots.
+    async fn expire_grants(&self, now_ms: i64) -> Result<Vec<(AccountId, Snapshot)>, LedgerError>;
 }
 
 pub fn now_ms() -> i64 {

@@ -10,6 +10,9 @@
 //!   computes the new ones in Rust with checked arithmetic, and writes absolute values.
 //! - A settle batch moves each account's balance once, however many of its settlements the batch
 //!   holds, so a busy account costs one row update per batch.
+//! - Credit grants (see [`super::grants`]) change only under their account's lock: a debit locks
+//!   the account's live grants after the account, and an API key after those; the expiry sweep
+//!   takes one account at a time.
 //! - Connections run at READ COMMITTED: locking reads take no gap locks, and the duplicate
 //!   checks made after taking the locks see every row committed before them.
 //! - A deadlock, a lock wait timeout, or a duplicate key lost to a racing writer rolls the whole
@@ -29,19 +32,27 @@ use sqlx::{
     Connection, Executor, MySql, MySqlConnection, MySqlPool, QueryBuilder, Row, SqlSafeStr,
 };
 
+use super::grants::{GrantRow, drawing_order, plan_credit, plan_debit};
 use super::{
-    AccountRecord, ApiKeyRecord, Bucket, EntryType, GrantOutcome, GrantRequest, Ledger,
-    LedgerEntry, LedgerError, Page, SettleOutcome, Settlement, Snapshot, UsageRecord,
+    AccountRecord, ApiKeyRecord, Bucket, EntryType, GrantOutcome, GrantRecord, GrantRequest,
+    Ledger, LedgerEntry, LedgerError, Page, SettleOutcome, Settlement, Snapshot, UsageRecord,
     VerifyProblem, now_ms,
 };
 use crate::domain::{AccountId, Credits};
 
 /// Migrations embedded at compile time, so the binary needs no `migrations/` folder at run time.
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "ledger",
-    include_str!("../../migrations/mysql/0001_ledger.sql"),
-)];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "ledger",
+        include_str!("../../migrations/mysql/0001_ledger.sql"),
+    ),
+    (
+        2,
+        "grants",
+        include_str!("../../migrations/mysql/0002_grants.sql"),
+    ),
+];
 
 fn migrator() -> Migrator {
     Migrator::with_migrations(
@@ -254,9 +265,19 @@ fn to_i64(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
 }
 
-/// The accounts a transaction has locked, with their balances as read under the lock.
+fn overflow(account: &AccountId) -> LedgerError {
+    LedgerError::Overflow(account.to_string())
+}
+
+fn not_locked(account: &AccountId) -> LedgerError {
+    LedgerError::Corrupt(format!("account {account} was not locked"))
+}
+
+/// The accounts a transaction has locked, with their balances and debts as read under the lock.
 struct Locked {
     balances: HashMap<AccountId, Snapshot>,
+    /// Micro-credits of debits that no grant covered (see [`super::grants`]).
+    debts: HashMap<AccountId, i64>,
     /// Accounts this transaction inserted (they did not exist before it).
     created: HashSet<AccountId>,
 }
@@ -266,7 +287,14 @@ impl Locked {
         self.balances
             .get(account)
             .copied()
-            .ok_or_else(|| LedgerError::Corrupt(format!("account {account} was not locked")))
+            .ok_or_else(|| not_locked(account))
+    }
+
+    fn debt(&self, account: &AccountId) -> Result<i64, LedgerError> {
+        self.debts
+            .get(account)
+            .copied()
+            .ok_or_else(|| not_locked(account))
     }
 }
 
@@ -281,28 +309,33 @@ async fn lock_accounts(
     accounts: &BTreeSet<&AccountId>,
 ) -> Result<Locked, LedgerError> {
     let sorted: Vec<&AccountId> = accounts.iter().copied().collect();
-    let mut found: HashMap<String, Snapshot> = HashMap::with_capacity(sorted.len());
+    let mut found: HashMap<String, (Snapshot, i64)> = HashMap::with_capacity(sorted.len());
     for chunk in sorted.chunks(CHUNK) {
         let mut query =
-            QueryBuilder::<MySql>::new("SELECT id, balance, rev FROM accounts WHERE id IN (");
+            QueryBuilder::<MySql>::new("SELECT id, balance, rev, debt FROM accounts WHERE id IN (");
         let mut list = query.separated(", ");
         for account in chunk {
             list.push_bind(account.as_str());
         }
         query.push(") ORDER BY id FOR UPDATE");
         for row in query.build().fetch_all(&mut *conn).await? {
-            found.insert(row.try_get("id")?, snapshot_from_row(&row)?);
+            found.insert(
+                row.try_get("id")?,
+                (snapshot_from_row(&row)?, row.try_get("debt")?),
+            );
         }
     }
     let mut locked = Locked {
         balances: HashMap::with_capacity(sorted.len()),
+        debts: HashMap::with_capacity(sorted.len()),
         created: HashSet::new(),
     };
     let mut missing = Vec::new();
     for account in &sorted {
         match found.get(account.as_str()) {
-            Some(snapshot) => {
+            Some((snapshot, debt)) => {
                 locked.balances.insert((*account).clone(), *snapshot);
+                locked.debts.insert((*account).clone(), *debt);
             }
             None => missing.push(*account),
         }
@@ -329,6 +362,7 @@ async fn lock_accounts(
                     rev: 0,
                 },
             );
+            locked.debts.insert(account.clone(), 0);
             locked.created.insert(account);
         }
     }
@@ -342,23 +376,132 @@ async fn lock_account(
     lock_accounts(conn, &BTreeSet::from([account])).await
 }
 
-/// Appends one ledger entry and moves the account's balance from `before`, which the caller
-/// read under the account's row lock.
+/// Locks the live grants (unswept, something left) of `accounts`, whose rows the caller has
+/// already locked, and returns them per account in [`drawing_order`]. Every transaction that
+/// changes a grant holds its account's lock first, so these locks never wait in a cycle.
+async fn lock_live_grants(
+    conn: &mut MySqlConnection,
+    accounts: &BTreeSet<&AccountId>,
+) -> Result<HashMap<AccountId, Vec<GrantRow>>, LedgerError> {
+    let sorted: Vec<&AccountId> = accounts.iter().copied().collect();
+    let mut grants: HashMap<AccountId, Vec<GrantRow>> = HashMap::with_capacity(sorted.len());
+    for chunk in sorted.chunks(CHUNK) {
+        let mut query = QueryBuilder::<MySql>::new(
+            "SELECT id, account_id, remaining, expires_at, created_at FROM credit_grants \
+             WHERE expired_at IS NULL AND remaining > 0 AND account_id IN (",
+        );
+        let mut list = query.separated(", ");
+        for account in chunk {
+            list.push_bind(account.as_str());
+        }
+        query.push(") ORDER BY id FOR UPDATE");
+        for row in query.build().fetch_all(&mut *conn).await? {
+            let account: String = row.try_get("account_id")?;
+            grants
+                .entry(parse_account(&account)?)
+                .or_default()
+                .push(GrantRow {
+                    id: row.try_get("id")?,
+                    remaining: row.try_get("remaining")?,
+                    expires_at_ms: row.try_get("expires_at")?,
+                    created_at_ms: row.try_get("created_at")?,
+                });
+        }
+    }
+    for account_grants in grants.values_mut() {
+        drawing_order(account_grants);
+    }
+    Ok(grants)
+}
+
+/// Writes the planned `remaining` of the grants in `ids`, in ascending id order.
+async fn write_remaining<'a>(
+    conn: &mut MySqlConnection,
+    grants: impl Iterator<Item = &'a GrantRow>,
+    ids: &BTreeSet<i64>,
+) -> Result<(), LedgerError> {
+    let planned: HashMap<i64, i64> = grants
+        .filter(|g| ids.contains(&g.id))
+        .map(|g| (g.id, g.remaining))
+        .collect();
+    for id in ids {
+        let remaining = planned
+            .get(id)
+            .ok_or_else(|| LedgerError::Corrupt(format!("grant {id} was not locked")))?;
+        sqlx::query("UPDATE credit_grants SET remaining = ? WHERE id = ?")
+            .bind(remaining)
+            .bind(id)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Records which grants the entry `entry_id` drew from.
+async fn insert_draws(
+    conn: &mut MySqlConnection,
+    entry_id: i64,
+    draws: &[(i64, i64)],
+) -> Result<(), LedgerError> {
+    for chunk in draws.chunks(CHUNK) {
+        let mut insert = QueryBuilder::<MySql>::new(
+            "INSERT INTO grant_draws (transaction_id, grant_id, amount) ",
+        );
+        insert.push_values(chunk, |mut row, (grant_id, amount)| {
+            row.push_bind(entry_id)
+                .push_bind(*grant_id)
+                .push_bind(*amount);
+        });
+        insert.build().execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// Appends one ledger entry and moves the account's balance from `before` and its debt from
+/// `debt`, both read under the account's row lock, and applies the entry to the account's
+/// grants: a credit becomes a new grant (which pays the debt off first), a debit draws from the
+/// live grants and what they do not cover becomes debt.
+#[allow(clippy::too_many_arguments)]
 async fn append_entry(
     conn: &mut MySqlConnection,
     account: &AccountId,
     before: Snapshot,
+    debt: i64,
     entry_type: EntryType,
     amount: Credits,
     description: &str,
     reference: Option<&str>,
+    expires_at_ms: Option<i64>,
 ) -> Result<(LedgerEntry, Snapshot), LedgerError> {
     let after = before
         .balance
         .checked_add(amount)
-        .ok_or_else(|| LedgerError::Overflow(account.to_string()))?;
+        .ok_or_else(|| overflow(account))?;
     let rev = next_rev(before.rev, account)?;
     let now = now_ms();
+    // Planned before anything is written, so an overflow changes nothing.
+    let mut new_debt = debt;
+    let mut credit = None;
+    let mut debit = None;
+    if amount.is_positive() {
+        let (paid, remaining) = plan_credit(debt, amount.micros());
+        new_debt -= paid;
+        credit = Some((paid, remaining));
+    } else if amount.is_negative() {
+        let taken = amount
+            .micros()
+            .checked_neg()
+            .ok_or_else(|| overflow(account))?;
+        let mut grants = lock_live_grants(conn, &BTreeSet::from([account]))
+            .await?
+            .remove(account)
+            .unwrap_or_default();
+        let plan = plan_debit(&mut grants, taken, now);
+        new_debt = debt
+            .checked_add(plan.uncovered)
+            .ok_or_else(|| overflow(account))?;
+        debit = Some((plan, grants));
+    }
     let inserted = sqlx::query(
         "INSERT INTO credit_transactions \
          (account_id, `type`, amount, balance_before, balance_after, description, reference, \
@@ -377,13 +520,35 @@ async fn append_entry(
     // A single-row insert: its auto-increment id is exactly this row's.
     let id = i64::try_from(inserted.last_insert_id())
         .map_err(|_| LedgerError::Corrupt("ledger entry id out of range".into()))?;
-    sqlx::query("UPDATE accounts SET balance = ?, rev = ?, updated_at = ? WHERE id = ?")
+    sqlx::query("UPDATE accounts SET balance = ?, debt = ?, rev = ?, updated_at = ? WHERE id = ?")
         .bind(after.micros())
+        .bind(new_debt)
         .bind(rev)
         .bind(now)
         .bind(account.as_str())
         .execute(&mut *conn)
         .await?;
+    if let Some((paid, remaining)) = credit {
+        sqlx::query(
+            "INSERT INTO credit_grants (account_id, source, transaction_id, amount, debt_paid, \
+             remaining, expires_at, expired_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, NULL, ?)",
+        )
+        .bind(account.as_str())
+        .bind(entry_type.as_str())
+        .bind(id)
+        .bind(amount.micros())
+        .bind(paid)
+        .bind(remaining)
+        .bind(expires_at_ms)
+        .bind(now)
+        .execute(&mut *conn)
+        .await?;
+    }
+    if let Some((plan, grants)) = debit {
+        let drawn: BTreeSet<i64> = plan.draws.iter().map(|(grant, _)| *grant).collect();
+        write_remaining(conn, grants.iter(), &drawn).await?;
+        insert_draws(conn, id, &plan.draws).await?;
+    }
     let entry = LedgerEntry {
         id,
         account: account.clone(),
@@ -402,6 +567,20 @@ async fn append_entry(
             rev,
         },
     ))
+}
+
+fn grant_from_row(row: &MySqlRow) -> Result<GrantRecord, LedgerError> {
+    Ok(GrantRecord {
+        id: row.try_get("id")?,
+        source: row.try_get("source")?,
+        transaction_id: row.try_get("transaction_id")?,
+        amount: credits(row, "amount")?,
+        debt_paid: credits(row, "debt_paid")?,
+        remaining: credits(row, "remaining")?,
+        expires_at_ms: row.try_get("expires_at")?,
+        expired_at_ms: row.try_get("expired_at")?,
+        created_at_ms: row.try_get("created_at")?,
+    })
 }
 
 /// An API key's spend state, read under its row lock.
@@ -576,6 +755,41 @@ async fn insert_usage_records(
     Ok(())
 }
 
+/// One grant draw of a usage entry a settle batch is about to write.
+struct PlannedDraw<'a> {
+    settlement: &'a Settlement,
+    grant_id: i64,
+    amount: i64,
+}
+
+/// Writes the grant draws of a batch's usage entries, each finding its entry's id by the entry's
+/// unique key, as [`insert_usage_records`] does.
+async fn insert_usage_draws(
+    conn: &mut MySqlConnection,
+    draws: &[PlannedDraw<'_>],
+) -> Result<(), LedgerError> {
+    for chunk in draws.chunks(CHUNK) {
+        let mut insert = QueryBuilder::<MySql>::new(
+            "INSERT INTO grant_draws (transaction_id, grant_id, amount) ",
+        );
+        insert.push_values(chunk, |mut row, draw| {
+            let s = draw.settlement;
+            row.push(
+                "(SELECT t.id FROM credit_transactions t \
+                 WHERE t.account_id = ",
+            )
+            .push_bind_unseparated(s.account.as_str())
+            .push_unseparated(" AND t.`type` = 'usage' AND t.reference = ")
+            .push_bind_unseparated(s.request_id.as_str())
+            .push_unseparated(")")
+            .push_bind(draw.grant_id)
+            .push_bind(draw.amount);
+        });
+        insert.build().execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
 async fn read_key_limit(
     executor: impl Executor<'_, Database = MySql>,
     key_id: &str,
@@ -618,10 +832,12 @@ impl MySqlLedger {
                 &mut tx,
                 account,
                 snapshot,
+                locked.debt(account)?,
                 EntryType::Bonus,
                 signup_grant,
                 "signup grant",
                 Some("signup"),
+                None,
             )
             .await?;
             snapshot = after;
@@ -632,9 +848,8 @@ impl MySqlLedger {
 
     async fn grant_once(&self, grant: &GrantRequest) -> Result<GrantOutcome, LedgerError> {
         let mut tx = self.pool.begin().await?;
-        let before = lock_account(&mut tx, &grant.account)
-            .await?
-            .get(&grant.account)?;
+        let locked = lock_account(&mut tx, &grant.account).await?;
+        let before = locked.get(&grant.account)?;
         if let Some(reference) = &grant.reference {
             // Under the account's lock: a grant racing with this one for the same reference has
             // either committed (and is seen here) or waits for this transaction.
@@ -661,10 +876,12 @@ impl MySqlLedger {
             &mut tx,
             &grant.account,
             before,
+            locked.debt(&grant.account)?,
             grant.entry_type,
             grant.amount,
             &grant.description,
             grant.reference.as_deref(),
+            grant.expires_at_ms,
         )
         .await?;
         tx.commit().await?;
@@ -684,21 +901,35 @@ impl MySqlLedger {
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
         let mut locked = lock_accounts(&mut tx, &accounts).await?;
-        let mut key_spend = lock_keys(&mut tx, &keys).await?;
         let settled = settled_request_ids(&mut tx, batch).await?;
+        let mut seen: HashSet<&str> = HashSet::with_capacity(batch.len());
+        let applied_flags: Vec<bool> = batch
+            .iter()
+            .map(|s| {
+                let id = s.request_id.as_str();
+                !settled.contains(id) && seen.insert(id)
+            })
+            .collect();
+        // The grants the batch's charges draw from, locked after the accounts.
+        let charged: BTreeSet<&AccountId> = batch
+            .iter()
+            .zip(&applied_flags)
+            .filter(|(s, applied)| **applied && s.cost != Credits::ZERO)
+            .map(|(s, _)| &s.account)
+            .collect();
+        let mut grants = lock_live_grants(&mut tx, &charged).await?;
+        let mut key_spend = lock_keys(&mut tx, &keys).await?;
 
         // Plan the whole batch in Rust first: which settlements apply, each entry's
-        // before/after (chained through the batch), each key's new spend. An overflow fails
-        // here, before anything is written.
-        let mut seen: HashSet<&str> = HashSet::with_capacity(batch.len());
-        let mut applied_flags = Vec::with_capacity(batch.len());
+        // before/after (chained through the batch), the grants each draws from (as the earlier
+        // ones left them), each account's debt, each key's new spend. An overflow fails here,
+        // before anything is written.
         let mut applied: Vec<&Settlement> = Vec::with_capacity(batch.len());
         let mut entries: Vec<PlannedEntry<'_>> = Vec::with_capacity(batch.len());
+        let mut draws: Vec<PlannedDraw<'_>> = Vec::new();
+        let mut drawn: BTreeSet<i64> = BTreeSet::new();
         let mut touched: BTreeSet<&AccountId> = BTreeSet::new();
-        for s in batch {
-            let id = s.request_id.as_str();
-            let fresh = !settled.contains(id) && seen.insert(id);
-            applied_flags.push(fresh);
+        for (s, fresh) in batch.iter().zip(&applied_flags) {
             if !fresh {
                 continue;
             }
@@ -707,13 +938,37 @@ impl MySqlLedger {
             if s.cost == Credits::ZERO {
                 continue;
             }
-            let snapshot = locked.balances.get_mut(&s.account).ok_or_else(|| {
-                LedgerError::Corrupt(format!("account {} was not locked", s.account))
-            })?;
+            if s.cost.is_negative() {
+                return Err(LedgerError::Corrupt(format!(
+                    "settlement {} has a negative cost",
+                    s.request_id.as_str()
+                )));
+            }
+            let snapshot = locked
+                .balances
+                .get_mut(&s.account)
+                .ok_or_else(|| not_locked(&s.account))?;
             let before = snapshot.balance;
-            let overflow = || LedgerError::Overflow(s.account.to_string());
-            let after = before.checked_sub(s.cost).ok_or_else(overflow)?;
-            let amount = s.cost.micros().checked_neg().ok_or_else(overflow)?;
+            let after = before
+                .checked_sub(s.cost)
+                .ok_or_else(|| overflow(&s.account))?;
+            let amount = s
+                .cost
+                .micros()
+                .checked_neg()
+                .ok_or_else(|| overflow(&s.account))?;
+            let plan = plan_debit(
+                grants.entry(s.account.clone()).or_default(),
+                s.cost.micros(),
+                now,
+            );
+            let debt = locked
+                .debts
+                .get_mut(&s.account)
+                .ok_or_else(|| not_locked(&s.account))?;
+            *debt = debt
+                .checked_add(plan.uncovered)
+                .ok_or_else(|| overflow(&s.account))?;
             snapshot.balance = after;
             entries.push(PlannedEntry {
                 settlement: s,
@@ -721,33 +976,50 @@ impl MySqlLedger {
                 before,
                 after,
             });
+            for (grant_id, amount) in plan.draws {
+                drawn.insert(grant_id);
+                draws.push(PlannedDraw {
+                    settlement: s,
+                    grant_id,
+                    amount,
+                });
+            }
             if let Some(key) = s.api_key_id.as_deref()
                 && let Some(spend) = key_spend.get_mut(key)
             {
                 spend.spent = spend
                     .spent
                     .checked_add(s.cost.micros())
-                    .ok_or_else(|| LedgerError::Overflow(s.account.to_string()))?;
+                    .ok_or_else(|| overflow(&s.account))?;
                 spend.changed = true;
             }
         }
 
         insert_usage_entries(&mut tx, &entries, now).await?;
         insert_usage_records(&mut tx, &applied, now).await?;
-        // Each touched account's balance moves once for the whole batch.
+        insert_usage_draws(&mut tx, &draws).await?;
+        write_remaining(&mut tx, grants.values().flatten(), &drawn).await?;
+        // Each touched account's balance and debt move once for the whole batch.
         for account in &touched {
             let snapshot = locked
                 .balances
                 .get_mut(*account)
-                .ok_or_else(|| LedgerError::Corrupt(format!("account {account} was not locked")))?;
+                .ok_or_else(|| not_locked(account))?;
             snapshot.rev = next_rev(snapshot.rev, account)?;
-            sqlx::query("UPDATE accounts SET balance = ?, rev = ?, updated_at = ? WHERE id = ?")
-                .bind(snapshot.balance.micros())
-                .bind(snapshot.rev)
-                .bind(now)
-                .bind(account.as_str())
-                .execute(&mut *tx)
-                .await?;
+            let debt = locked
+                .debts
+                .get(*account)
+                .ok_or_else(|| not_locked(account))?;
+            sqlx::query(
+                "UPDATE accounts SET balance = ?, debt = ?, rev = ?, updated_at = ? WHERE id = ?",
+            )
+            .bind(snapshot.balance.micros())
+            .bind(debt)
+            .bind(snapshot.rev)
+            .bind(now)
+            .bind(account.as_str())
+            .execute(&mut *tx)
+            .await?;
         }
         let mut changed_keys: Vec<(&String, &mut KeySpend)> = key_spend
             .iter_mut()
@@ -784,6 +1056,84 @@ impl MySqlLedger {
                 })
             })
             .collect()
+    }
+
+    /// Sweeps one account's due grants in one transaction; `Some` if its balance moved.
+    async fn expire_account_once(
+        &self,
+        account: &AccountId,
+        now: i64,
+    ) -> Result<Option<Snapshot>, LedgerError> {
+        let mut tx = self.pool.begin().await?;
+        let locked = lock_account(&mut tx, account).await?;
+        // Read under the account's lock: a sweep that committed meanwhile has set `expired_at`,
+        // and one still running waits for this transaction.
+        let due = sqlx::query(
+            "SELECT id, source, amount, remaining FROM credit_grants \
+             WHERE account_id = ? AND expired_at IS NULL AND expires_at <= ? \
+             ORDER BY expires_at, id FOR UPDATE",
+        )
+        .bind(account.as_str())
+        .bind(now)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut snapshot = locked.get(account)?;
+        let clock = now_ms();
+        let mut moved = false;
+        for row in &due {
+            let id: i64 = row.try_get("id")?;
+            let remaining: i64 = row.try_get("remaining")?;
+            if remaining > 0 {
+                let source: String = row.try_get("source")?;
+                let amount = credits(row, "amount")?;
+                let before = snapshot.balance;
+                let after = before
+                    .checked_sub(Credits::from_micros(remaining))
+                    .ok_or_else(|| overflow(account))?;
+                let description = format!(
+                    "grant {id} ({source} of {amount} credits) expired with {} credits left",
+                    Credits::from_micros(remaining)
+                );
+                // The reference is the grant: a second expiry entry for it hits the unique key.
+                let reference = format!("grant:{id}");
+                let inserted = sqlx::query(
+                    "INSERT INTO credit_transactions \
+                     (account_id, `type`, amount, balance_before, balance_after, description, \
+                     reference, created_at) VALUES (?, 'expiry', ?, ?, ?, ?, ?, ?)",
+                )
+                .bind(account.as_str())
+                .bind(-remaining)
+                .bind(before.micros())
+                .bind(after.micros())
+                .bind(&description)
+                .bind(&reference)
+                .bind(clock)
+                .execute(&mut *tx)
+                .await?;
+                let entry_id = i64::try_from(inserted.last_insert_id())
+                    .map_err(|_| LedgerError::Corrupt("ledger entry id out of range".into()))?;
+                insert_draws(&mut tx, entry_id, &[(id, remaining)]).await?;
+                snapshot.balance = after;
+                moved = true;
+            }
+            sqlx::query("UPDATE credit_grants SET remaining = 0, expired_at = ? WHERE id = ?")
+                .bind(now)
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        if moved {
+            snapshot.rev = next_rev(snapshot.rev, account)?;
+            sqlx::query("UPDATE accounts SET balance = ?, rev = ?, updated_at = ? WHERE id = ?")
+                .bind(snapshot.balance.micros())
+                .bind(snapshot.rev)
+                .bind(clock)
+                .bind(account.as_str())
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(moved.then_some(snapshot))
     }
 
     async fn create_api_key_once(&self, key: &ApiKeyRecord) -> Result<(), LedgerError> {
@@ -838,10 +1188,15 @@ impl MySqlLedger {
 }
 
 /// Per-account state while [`MySqlLedger::verify`] walks the ledger.
+#[derive(Default)]
 struct AccountCheck {
+    exists: bool,
     balance: i64,
+    debt: i64,
     running: i64,
     sum: i128,
+    /// Σ remaining of the account's unswept grants.
+    live_remaining: i128,
     problems: Vec<String>,
 }
 
@@ -1025,8 +1380,8 @@ impl Ledger for MySqlLedger {
 
     async fn verify(&self) -> Result<Vec<VerifyProblem>, LedgerError> {
         // One consistent snapshot for every read, so settlements committing meanwhile cannot
-        // make balances and entries disagree. (The session default is READ COMMITTED; this
-        // applies to the next transaction only.)
+        // make balances, entries and grants disagree. (The session default is READ COMMITTED;
+        // this applies to the next transaction only.)
         let mut conn = self.pool.acquire().await?;
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
             .await?;
@@ -1036,15 +1391,15 @@ impl Ledger for MySqlLedger {
 
         let mut checks: BTreeMap<String, AccountCheck> = BTreeMap::new();
         {
-            let mut rows = sqlx::query("SELECT id, balance FROM accounts").fetch(&mut *tx);
+            let mut rows = sqlx::query("SELECT id, balance, debt FROM accounts").fetch(&mut *tx);
             while let Some(row) = rows.try_next().await? {
                 checks.insert(
                     row.try_get("id")?,
                     AccountCheck {
+                        exists: true,
                         balance: row.try_get("balance")?,
-                        running: 0,
-                        sum: 0,
-                        problems: Vec::new(),
+                        debt: row.try_get("debt")?,
+                        ..AccountCheck::default()
                     },
                 );
             }
@@ -1062,21 +1417,8 @@ impl Ledger for MySqlLedger {
                 let amount: i64 = row.try_get("amount")?;
                 let before: i64 = row.try_get("balance_before")?;
                 let after: i64 = row.try_get("balance_after")?;
-                let Some(check) = checks.get_mut(&account) else {
-                    // The foreign key forbids it; report rather than trust it.
-                    checks.insert(
-                        account,
-                        AccountCheck {
-                            balance: 0,
-                            running: after,
-                            sum: 0,
-                            problems: vec![format!(
-                                "entry {entry_id} belongs to an account that does not exist"
-                            )],
-                        },
-                    );
-                    continue;
-                };
+                // An account that does not exist (the foreign key forbids it) is reported below.
+                let check = checks.entry(account).or_default();
                 if before != check.running {
                     check.problems.push(format!(
                         "entry {entry_id}: balance_before {before} but the previous entry left {}",
@@ -1092,23 +1434,84 @@ impl Ledger for MySqlLedger {
                 check.sum += i128::from(amount);
             }
         }
+        // SUM over BIGINT is DECIMAL on the server; it travels as text and is parsed exactly.
+        let mut drawn: HashMap<i64, i128> = HashMap::new();
+        {
+            let mut rows = sqlx::query(
+                "SELECT grant_id, CAST(SUM(amount) AS CHAR) AS drawn FROM grant_draws \
+                 GROUP BY grant_id",
+            )
+            .fetch(&mut *tx);
+            while let Some(row) = rows.try_next().await? {
+                let grant_id: i64 = row.try_get("grant_id")?;
+                let sum: String = row.try_get("drawn")?;
+                let sum = sum.parse::<i128>().map_err(|_| {
+                    LedgerError::Corrupt(format!("grant {grant_id}: draws sum `{sum}`"))
+                })?;
+                drawn.insert(grant_id, sum);
+            }
+        }
+        {
+            let mut rows = sqlx::query(
+                "SELECT id, account_id, amount, debt_paid, remaining, expired_at \
+                 FROM credit_grants ORDER BY id",
+            )
+            .fetch(&mut *tx);
+            while let Some(row) = rows.try_next().await? {
+                let account: String = row.try_get("account_id")?;
+                let grant_id: i64 = row.try_get("id")?;
+                let amount: i64 = row.try_get("amount")?;
+                let debt_paid: i64 = row.try_get("debt_paid")?;
+                let remaining: i64 = row.try_get("remaining")?;
+                let expired_at: Option<i64> = row.try_get("expired_at")?;
+                let draws = drawn.get(&grant_id).copied().unwrap_or(0);
+                let expected = i128::from(amount) - i128::from(debt_paid) - draws;
+                let check = checks.entry(account).or_default();
+                if remaining < 0 {
+                    check.problems.push(format!(
+                        "grant {grant_id}: remaining {remaining} is negative"
+                    ));
+                }
+                if i128::from(remaining) != expected {
+                    check.problems.push(format!(
+                        "grant {grant_id}: remaining {remaining} but amount {amount} - debt paid \
+                         {debt_paid} - drawn {draws} = {expected}"
+                    ));
+                }
+                if expired_at.is_none() {
+                    check.live_remaining += i128::from(remaining);
+                }
+            }
+        }
 
         let mut problems = Vec::new();
         for (account, check) in checks {
-            for problem in check.problems {
+            let mut report = |problem: String| {
                 problems.push(VerifyProblem {
                     account: account.clone(),
                     problem,
                 });
+            };
+            if !check.exists {
+                report("entries or grants belong to an account that does not exist".into());
+            }
+            for problem in check.problems {
+                report(problem);
             }
             if check.sum != i128::from(check.balance) {
-                problems.push(VerifyProblem {
-                    account,
-                    problem: format!(
-                        "entries sum to {} micro-credits but the balance is {}",
-                        check.sum, check.balance
-                    ),
-                });
+                report(format!(
+                    "entries sum to {} micro-credits but the balance is {}",
+                    check.sum, check.balance
+                ));
+            }
+            if check.debt < 0 {
+                report(format!("debt {} is negative", check.debt));
+            }
+            if check.live_remaining - i128::from(check.debt) != i128::from(check.balance) {
+                report(format!(
+                    "live grants hold {} and the debt is {}, but the balance is {}",
+                    check.live_remaining, check.debt, check.balance
+                ));
             }
         }
 
@@ -1168,5 +1571,55 @@ impl Ledger for MySqlLedger {
     async fn ping(&self) -> Result<(), LedgerError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
+    }
+
+    async fn grants(&self, account: &AccountId) -> Result<Vec<GrantRecord>, LedgerError> {
+        let rows = sqlx::query(
+            "SELECT id, source, transaction_id, amount, debt_paid, remaining, expires_at, \
+             expired_at, created_at FROM credit_grants WHERE account_id = ? ORDER BY id",
+        )
+        .bind(account.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(grant_from_row).collect()
+    }
+
+    async fn draws(&self, transaction_id: i64) -> Result<Vec<(i64, Credits)>, LedgerError> {
+        // In drawing order.
+        let rows = sqlx::query(
+            "SELECT d.grant_id, d.amount FROM grant_draws d \
+             JOIN credit_grants g ON g.id = d.grant_id WHERE d.transaction_id = ? \
+             ORDER BY g.expires_at IS NULL, g.expires_at, g.created_at, g.id",
+        )
+        .bind(transaction_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| Ok((row.try_get("grant_id")?, credits(row, "amount")?)))
+            .collect()
+    }
+
+    async fn expire_grants(&self, now: i64) -> Result<Vec<(AccountId, Snapshot)>, LedgerError> {
+        let accounts: Vec<String> = sqlx::query_scalar(
+            "SELECT DISTINCT account_id FROM credit_grants \
+             WHERE expired_at IS NULL AND expires_at <= ? ORDER BY account_id",
+        )
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut changed = Vec::new();
+        for raw in accounts {
+            let account = parse_account(&raw)?;
+            // A racing sweeper's expiry entry for the same grant hits the unique key; the re-run
+            // then finds the grant swept and does nothing.
+            let moved = retrying("expire_grants", Retry::LockConflictsAndDuplicates, || {
+                self.expire_account_once(&account, now)
+            })
+            .await?;
+            if let Some(snapshot) = moved {
+                changed.push((account, snapshot));
+            }
+        }
+        Ok(changed)
     }
 }

@@ -1,44 +1,58 @@
 //! SQLite ledger adapter: the embedded default (one file, WAL, `synchronous = FULL`).
 //!
 //! Every write runs in a `BEGIN IMMEDIATE` transaction, which takes SQLite's single write lock up
-//! front; balances read inside such a transaction cannot change under it, so balance updates
-//! may set absolute values computed from those reads.
+//! front; balances, debts and grants read inside such a transaction cannot change under it, so
+//! updates may set absolute values computed from those reads.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures_util::TryStreamExt;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlSafeStr, SqliteConnection, SqlitePool};
 
+use super::grants::{GrantRow, drawing_order, plan_credit, plan_debit};
 use super::{
-    AccountRecord, ApiKeyRecord, Bucket, EntryType, GrantOutcome, GrantRequest, Ledger,
-    LedgerEntry, LedgerError, Page, SettleOutcome, Settlement, Snapshot, UsageRecord,
+    AccountRecord, ApiKeyRecord, Bucket, EntryType, GrantOutcome, GrantRecord, GrantRequest,
+    Ledger, LedgerEntry, LedgerError, Page, SettleOutcome, Settlement, Snapshot, UsageRecord,
     VerifyProblem, now_ms,
 };
 use crate::domain::{AccountId, Credits};
 
-/// Migrations embedded at compile time, so the binary needs no `migrations/` folder at run time.
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "ledger",
-    include_str!("../../migrations/sqlite/0001_ledger.sql"),
-)];
+/// Migrations embedded at compile time, so the binary needs no `migrations/` folder at run time:
+/// `(version, description, sql, no_tx)`.
+const MIGRATIONS: &[(i64, &str, &str, bool)] = &[
+    (
+        1,
+        "ledger",
+        include_str!("../../migrations/sqlite/0001_ledger.sql"),
+        false,
+    ),
+    // Rebuilds `credit_transactions` with foreign keys off, which SQLite only allows outside a
+    // transaction: the script opens (and commits) its own.
+    (
+        2,
+        "grants",
+        include_str!("../../migrations/sqlite/0002_grants.sql"),
+        true,
+    ),
+];
 
 fn migrator() -> Migrator {
     Migrator::with_migrations(
         MIGRATIONS
             .iter()
-            .map(|(version, description, sql)| {
+            .map(|(version, description, sql, no_tx)| {
                 Migration::new(
                     *version,
                     (*description).into(),
                     MigrationType::Simple,
                     (*sql).into_sql_str(),
-                    false,
+                    *no_tx,
                 )
             })
             .collect(),
@@ -47,6 +61,7 @@ fn migrator() -> Migrator {
 
 pub struct SqliteLedger {
     pool: SqlitePool,
+    options: SqliteConnectOptions,
 }
 
 impl SqliteLedger {
@@ -60,9 +75,9 @@ impl SqliteLedger {
             .busy_timeout(Duration::from_secs(10));
         let pool = SqlitePoolOptions::new()
             .max_connections(max_connections.max(1))
-            .connect_with(options)
+            .connect_with(options.clone())
             .await?;
-        Ok(SqliteLedger { pool })
+        Ok(SqliteLedger { pool, options })
     }
 
     pub async fn open_file(path: &Path) -> Result<Self, LedgerError> {
@@ -151,23 +166,92 @@ async fn read_account(
     .transpose()
 }
 
-/// Appends one ledger entry and moves the account's balance, inside the caller's transaction.
-async fn append_entry(
+/// An account as a write transaction sees it: balance, revision and debt.
+#[derive(Debug, Clone, Copy)]
+struct AccountState {
+    snapshot: Snapshot,
+    /// Micro-credits of debits that no grant covered (see [`super::grants`]).
+    debt: i64,
+}
+
+async fn read_state(
+    conn: &mut SqliteConnection,
+    account: &AccountId,
+) -> Result<AccountState, LedgerError> {
+    let row = sqlx::query("SELECT balance, rev, debt FROM accounts WHERE id = ?")
+        .bind(account.as_str())
+        .fetch_optional(&mut *conn)
+        .await?
+        .ok_or_else(|| LedgerError::Corrupt(format!("account {account} vanished")))?;
+    Ok(AccountState {
+        snapshot: Snapshot {
+            balance: credits(&row, "balance")?,
+            rev: row.try_get("rev")?,
+        },
+        debt: row.try_get("debt")?,
+    })
+}
+
+async fn write_account(
+    conn: &mut SqliteConnection,
+    account: &AccountId,
+    state: AccountState,
+    now: i64,
+) -> Result<(), LedgerError> {
+    sqlx::query("UPDATE accounts SET balance = ?, debt = ?, rev = ?, updated_at = ? WHERE id = ?")
+        .bind(state.snapshot.balance.micros())
+        .bind(state.debt)
+        .bind(state.snapshot.rev)
+        .bind(now)
+        .bind(account.as_str())
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+fn overflow(account: &AccountId) -> LedgerError {
+    LedgerError::Overflow(account.to_string())
+}
+
+/// The account's grants a debit may draw from, in [`drawing_order`].
+async fn live_grants(
+    conn: &mut SqliteConnection,
+    account: &AccountId,
+) -> Result<Vec<GrantRow>, LedgerError> {
+    let rows = sqlx::query(
+        "SELECT id, remaining, expires_at, created_at FROM credit_grants \
+         WHERE account_id = ? AND expired_at IS NULL AND remaining > 0",
+    )
+    .bind(account.as_str())
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut grants = rows
+        .iter()
+        .map(|row| {
+            Ok(GrantRow {
+                id: row.try_get("id")?,
+                remaining: row.try_get("remaining")?,
+                expires_at_ms: row.try_get("expires_at")?,
+                created_at_ms: row.try_get("created_at")?,
+            })
+        })
+        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+    drawing_order(&mut grants);
+    Ok(grants)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn insert_entry(
     conn: &mut SqliteConnection,
     account: &AccountId,
     entry_type: EntryType,
-    amount: Credits,
+    amount: i64,
+    before: Credits,
+    after: Credits,
     description: &str,
     reference: Option<&str>,
-) -> Result<(LedgerEntry, Snapshot), LedgerError> {
-    let before = read_account(conn, account)
-        .await?
-        .ok_or_else(|| LedgerError::Corrupt(format!("account {account} vanished")))?;
-    let after = before
-        .balance
-        .checked_add(amount)
-        .ok_or_else(|| LedgerError::Overflow(account.to_string()))?;
-    let now = now_ms();
+    now: i64,
+) -> Result<i64, LedgerError> {
     let id = sqlx::query(
         "INSERT INTO credit_transactions \
          (account_id, type, amount, balance_before, balance_after, description, reference, created_at) \
@@ -175,8 +259,8 @@ async fn append_entry(
     )
     .bind(account.as_str())
     .bind(entry_type.as_str())
-    .bind(amount.micros())
-    .bind(before.balance.micros())
+    .bind(amount)
+    .bind(before.micros())
     .bind(after.micros())
     .bind(description)
     .bind(reference)
@@ -184,36 +268,295 @@ async fn append_entry(
     .execute(&mut *conn)
     .await?
     .last_insert_rowid();
-    sqlx::query("UPDATE accounts SET balance = ?, rev = rev + 1, updated_at = ? WHERE id = ?")
-        .bind(after.micros())
-        .bind(now)
+    Ok(id)
+}
+
+async fn insert_draws(
+    conn: &mut SqliteConnection,
+    entry_id: i64,
+    draws: &[(i64, i64)],
+) -> Result<(), LedgerError> {
+    for (grant_id, amount) in draws {
+        sqlx::query("INSERT INTO grant_draws (transaction_id, grant_id, amount) VALUES (?, ?, ?)")
+            .bind(entry_id)
+            .bind(grant_id)
+            .bind(amount)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Writes the `remaining` of the grants in `ids` (as planned in `grants`).
+async fn write_remaining(
+    conn: &mut SqliteConnection,
+    grants: &[GrantRow],
+    ids: &BTreeSet<i64>,
+) -> Result<(), LedgerError> {
+    for grant in grants.iter().filter(|g| ids.contains(&g.id)) {
+        sqlx::query("UPDATE credit_grants SET remaining = ? WHERE id = ?")
+            .bind(grant.remaining)
+            .bind(grant.id)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Appends one ledger entry and moves the account's balance, inside the caller's transaction,
+/// and applies it to the account's grants: a credit becomes a new grant (which pays the debt
+/// off first), a debit draws from the live grants and what they do not cover becomes debt.
+async fn append_entry(
+    conn: &mut SqliteConnection,
+    account: &AccountId,
+    entry_type: EntryType,
+    amount: Credits,
+    description: &str,
+    reference: Option<&str>,
+    expires_at_ms: Option<i64>,
+) -> Result<(LedgerEntry, Snapshot), LedgerError> {
+    let before = read_state(conn, account).await?;
+    let now = now_ms();
+    let mut after = AccountState {
+        snapshot: Snapshot {
+            balance: before
+                .snapshot
+                .balance
+                .checked_add(amount)
+                .ok_or_else(|| overflow(account))?,
+            rev: before
+                .snapshot
+                .rev
+                .checked_add(1)
+                .ok_or_else(|| overflow(account))?,
+        },
+        debt: before.debt,
+    };
+    // Planned before anything is written, so an overflow changes nothing.
+    let mut credit = None;
+    let mut debit = None;
+    if amount.is_positive() {
+        let (paid, remaining) = plan_credit(before.debt, amount.micros());
+        after.debt -= paid;
+        credit = Some((paid, remaining));
+    } else if amount.is_negative() {
+        let taken = amount
+            .micros()
+            .checked_neg()
+            .ok_or_else(|| overflow(account))?;
+        let mut grants = live_grants(conn, account).await?;
+        let plan = plan_debit(&mut grants, taken, now);
+        after.debt = after
+            .debt
+            .checked_add(plan.uncovered)
+            .ok_or_else(|| overflow(account))?;
+        debit = Some((plan, grants));
+    }
+    let id = insert_entry(
+        conn,
+        account,
+        entry_type,
+        amount.micros(),
+        before.snapshot.balance,
+        after.snapshot.balance,
+        description,
+        reference,
+        now,
+    )
+    .await?;
+    write_account(conn, account, after, now).await?;
+    if let Some((paid, remaining)) = credit {
+        sqlx::query(
+            "INSERT INTO credit_grants (account_id, source, transaction_id, amount, debt_paid, \
+             remaining, expires_at, expired_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, NULL, ?)",
+        )
         .bind(account.as_str())
+        .bind(entry_type.as_str())
+        .bind(id)
+        .bind(amount.micros())
+        .bind(paid)
+        .bind(remaining)
+        .bind(expires_at_ms)
+        .bind(now)
         .execute(&mut *conn)
         .await?;
+    }
+    if let Some((plan, grants)) = debit {
+        let drawn: BTreeSet<i64> = plan.draws.iter().map(|(grant, _)| *grant).collect();
+        write_remaining(conn, &grants, &drawn).await?;
+        insert_draws(conn, id, &plan.draws).await?;
+    }
     let entry = LedgerEntry {
         id,
         account: account.clone(),
         entry_type,
         amount,
-        balance_before: before.balance,
-        balance_after: after,
+        balance_before: before.snapshot.balance,
+        balance_after: after.snapshot.balance,
         description: description.to_owned(),
         reference: reference.map(str::to_owned),
         created_at_ms: now,
     };
-    Ok((
-        entry,
-        Snapshot {
-            balance: after,
-            rev: before.rev + 1,
-        },
-    ))
+    Ok((entry, after.snapshot))
+}
+
+fn grant_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<GrantRecord, LedgerError> {
+    Ok(GrantRecord {
+        id: row.try_get("id")?,
+        source: row.try_get("source")?,
+        transaction_id: row.try_get("transaction_id")?,
+        amount: credits(row, "amount")?,
+        debt_paid: credits(row, "debt_paid")?,
+        remaining: credits(row, "remaining")?,
+        expires_at_ms: row.try_get("expires_at")?,
+        expired_at_ms: row.try_get("expired_at")?,
+        created_at_ms: row.try_get("created_at")?,
+    })
+}
+
+/// An API key's spend as a settle batch sees it (read once per batch, written once).
+struct KeySpend {
+    limit: Option<i64>,
+    spent: i64,
+    rev: i64,
+    changed: bool,
+}
+
+impl KeySpend {
+    fn limit_snapshot(&self) -> Option<Snapshot> {
+        self.limit.map(|limit| Snapshot {
+            balance: Credits::from_micros(limit.saturating_sub(self.spent)),
+            rev: self.rev,
+        })
+    }
+}
+
+async fn read_key_spend(
+    conn: &mut SqliteConnection,
+    key_id: &str,
+) -> Result<Option<KeySpend>, LedgerError> {
+    let row = sqlx::query("SELECT spend_limit, spent, rev FROM api_keys WHERE id = ?")
+        .bind(key_id)
+        .fetch_optional(&mut *conn)
+        .await?;
+    row.map(|row| {
+        Ok(KeySpend {
+            limit: row.try_get("spend_limit")?,
+            spent: row.try_get("spent")?,
+            rev: row.try_get("rev")?,
+            changed: false,
+        })
+    })
+    .transpose()
+}
+
+/// An account a settle batch touches: its state and, once a charge needs them, its live grants.
+struct Touched {
+    state: AccountState,
+    grants: Option<Vec<GrantRow>>,
+    drawn: BTreeSet<i64>,
+}
+
+/// Per-account state while [`SqliteLedger::verify`] walks the ledger.
+#[derive(Default)]
+struct AccountCheck {
+    exists: bool,
+    balance: i64,
+    debt: i64,
+    running: i64,
+    sum: i128,
+    live_remaining: i128,
+    problems: Vec<String>,
+}
+
+impl SqliteLedger {
+    /// Sweeps one account's due grants in one transaction; `Some` if its balance moved.
+    async fn expire_account(
+        &self,
+        account: &AccountId,
+        now: i64,
+    ) -> Result<Option<Snapshot>, LedgerError> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        // Read under the write lock: a sweep that ran meanwhile has set `expired_at`.
+        let due = sqlx::query(
+            "SELECT id, source, amount, remaining FROM credit_grants \
+             WHERE account_id = ? AND expired_at IS NULL AND expires_at <= ? \
+             ORDER BY expires_at, id",
+        )
+        .bind(account.as_str())
+        .bind(now)
+        .fetch_all(&mut *tx)
+        .await?;
+        if due.is_empty() {
+            tx.commit().await?;
+            return Ok(None);
+        }
+        let mut state = read_state(&mut tx, account).await?;
+        let clock = now_ms();
+        let mut moved = false;
+        for row in &due {
+            let id: i64 = row.try_get("id")?;
+            let remaining: i64 = row.try_get("remaining")?;
+            if remaining > 0 {
+                let source: String = row.try_get("source")?;
+                let amount = credits(row, "amount")?;
+                let before = state.snapshot.balance;
+                let after = before
+                    .checked_sub(Credits::from_micros(remaining))
+                    .ok_or_else(|| overflow(account))?;
+                let description = format!(
+                    "grant {id} ({source} of {amount} credits) expired with {} credits left",
+                    Credits::from_micros(remaining)
+                );
+                let reference = format!("grant:{id}");
+                let entry_id = insert_entry(
+                    &mut tx,
+                    account,
+                    EntryType::Expiry,
+                    -remaining,
+                    before,
+                    after,
+                    &description,
+                    Some(&reference),
+                    clock,
+                )
+                .await?;
+                insert_draws(&mut tx, entry_id, &[(id, remaining)]).await?;
+                state.snapshot.balance = after;
+                moved = true;
+            }
+            sqlx::query("UPDATE credit_grants SET remaining = 0, expired_at = ? WHERE id = ?")
+                .bind(now)
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        if moved {
+            state.snapshot.rev = state
+                .snapshot
+                .rev
+                .checked_add(1)
+                .ok_or_else(|| overflow(account))?;
+            write_account(&mut tx, account, state, clock).await?;
+        }
+        tx.commit().await?;
+        Ok(moved.then_some(state.snapshot))
+    }
 }
 
 #[async_trait]
 impl Ledger for SqliteLedger {
     async fn migrate(&self) -> Result<(), LedgerError> {
-        migrator().run(&self.pool).await?;
+        // On a connection of its own, closed afterwards: a migration run outside a transaction
+        // that failed half-way may leave its own transaction open and foreign keys off on it,
+        // which must not reach the pool.
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(self.options.clone())
+            .await?;
+        let outcome = migrator().run(&pool).await;
+        pool.close().await;
+        outcome?;
         Ok(())
     }
 
@@ -240,6 +583,7 @@ impl Ledger for SqliteLedger {
                 signup_grant,
                 "signup grant",
                 Some("signup"),
+                None,
             )
             .await?;
         }
@@ -322,6 +666,7 @@ impl Ledger for SqliteLedger {
             grant.amount,
             &grant.description,
             grant.reference.as_deref(),
+            grant.expires_at_ms,
         )
         .await?;
         tx.commit().await?;
@@ -335,13 +680,14 @@ impl Ledger for SqliteLedger {
     async fn settle_batch(&self, batch: &[Settlement]) -> Result<Vec<SettleOutcome>, LedgerError> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let now = now_ms();
-        // Balances move once per account per batch; entries chain through this map.
-        let mut balances: HashMap<AccountId, Snapshot> = HashMap::new();
-        let mut key_spend: HashMap<String, i64> = HashMap::new();
+        // Balances, debts and grants move once per account per batch; entries chain through
+        // this map, and each charge draws from the grants as the earlier ones left them.
+        let mut touched: BTreeMap<AccountId, Touched> = BTreeMap::new();
+        let mut keys: BTreeMap<String, Option<KeySpend>> = BTreeMap::new();
         let mut applied = Vec::with_capacity(batch.len());
         for s in batch {
             // The usage record references the account, so the account must exist first.
-            if !balances.contains_key(&s.account) {
+            if !touched.contains_key(&s.account) {
                 insert_account(&mut tx, &s.account).await?;
             }
             let inserted = sqlx::query(
@@ -375,22 +721,66 @@ impl Ledger for SqliteLedger {
             if !inserted {
                 continue;
             }
-            let before = match balances.get(&s.account) {
-                Some(snapshot) => snapshot.balance,
-                None => {
-                    let snapshot = read_account(&mut tx, &s.account).await?.ok_or_else(|| {
-                        LedgerError::Corrupt(format!("account {} vanished", s.account))
-                    })?;
-                    balances.insert(s.account.clone(), snapshot);
-                    snapshot.balance
-                }
-            };
+            if !touched.contains_key(&s.account) {
+                let state = read_state(&mut tx, &s.account).await?;
+                touched.insert(
+                    s.account.clone(),
+                    Touched {
+                        state,
+                        grants: None,
+                        drawn: BTreeSet::new(),
+                    },
+                );
+            }
             if s.cost == Credits::ZERO {
                 continue;
             }
+            if s.cost.is_negative() {
+                return Err(LedgerError::Corrupt(format!(
+                    "settlement {} has a negative cost",
+                    s.request_id.as_str()
+                )));
+            }
+            let amount = s
+                .cost
+                .micros()
+                .checked_neg()
+                .ok_or_else(|| overflow(&s.account))?;
+            let account = touched
+                .get_mut(&s.account)
+                .ok_or_else(|| LedgerError::Corrupt(format!("account {} vanished", s.account)))?;
+            if account.grants.is_none() {
+                account.grants = Some(live_grants(&mut tx, &s.account).await?);
+            }
+            let grants = account.grants.get_or_insert_with(Vec::new);
+            let before = account.state.snapshot.balance;
             let after = before
                 .checked_sub(s.cost)
-                .ok_or_else(|| LedgerError::Overflow(s.account.to_string()))?;
+                .ok_or_else(|| overflow(&s.account))?;
+            let plan = plan_debit(grants, s.cost.micros(), now);
+            account.state.debt = account
+                .state
+                .debt
+                .checked_add(plan.uncovered)
+                .ok_or_else(|| overflow(&s.account))?;
+            account.state.snapshot.balance = after;
+            account
+                .drawn
+                .extend(plan.draws.iter().map(|(grant, _)| *grant));
+            if let Some(key) = &s.api_key_id {
+                if !keys.contains_key(key) {
+                    let spend = read_key_spend(&mut tx, key).await?;
+                    keys.insert(key.clone(), spend);
+                }
+                // An unknown key has no spend to track.
+                if let Some(Some(spend)) = keys.get_mut(key) {
+                    spend.spent = spend
+                        .spent
+                        .checked_add(s.cost.micros())
+                        .ok_or_else(|| overflow(&s.account))?;
+                    spend.changed = true;
+                }
+            }
             let description = format!(
                 "{} {}: {} prompt + {} completion tokens ({})",
                 s.endpoint,
@@ -399,56 +789,57 @@ impl Ledger for SqliteLedger {
                 s.usage.completion_tokens,
                 s.source.as_str()
             );
-            let entry_id = sqlx::query(
-                "INSERT INTO credit_transactions \
-                 (account_id, type, amount, balance_before, balance_after, description, reference, created_at) \
-                 VALUES (?, 'usage', ?, ?, ?, ?, ?, ?)",
+            let entry_id = insert_entry(
+                &mut tx,
+                &s.account,
+                EntryType::Usage,
+                amount,
+                before,
+                after,
+                &description,
+                Some(s.request_id.as_str()),
+                now,
             )
-            .bind(s.account.as_str())
-            .bind(-s.cost.micros())
-            .bind(before.micros())
-            .bind(after.micros())
-            .bind(description)
-            .bind(s.request_id.as_str())
-            .bind(now)
-            .execute(&mut *tx)
-            .await?
-            .last_insert_rowid();
+            .await?;
             sqlx::query("UPDATE usage_records SET transaction_id = ? WHERE request_id = ?")
                 .bind(entry_id)
                 .bind(s.request_id.as_str())
                 .execute(&mut *tx)
                 .await?;
-            if let Some(snapshot) = balances.get_mut(&s.account) {
-                snapshot.balance = after;
-            }
-            if let Some(key) = &s.api_key_id {
-                let spent = key_spend.entry(key.clone()).or_default();
-                *spent = spent.saturating_add(s.cost.micros());
+            insert_draws(&mut tx, entry_id, &plan.draws).await?;
+        }
+        for (account, t) in &mut touched {
+            t.state.snapshot.rev = t
+                .state
+                .snapshot
+                .rev
+                .checked_add(1)
+                .ok_or_else(|| overflow(account))?;
+            write_account(&mut tx, account, t.state, now).await?;
+            if let Some(grants) = &t.grants {
+                write_remaining(&mut tx, grants, &t.drawn).await?;
             }
         }
-        for (account, snapshot) in &mut balances {
-            sqlx::query(
-                "UPDATE accounts SET balance = ?, rev = rev + 1, updated_at = ? WHERE id = ?",
-            )
-            .bind(snapshot.balance.micros())
-            .bind(now)
-            .bind(account.as_str())
-            .execute(&mut *tx)
-            .await?;
-            snapshot.rev += 1;
-        }
-        for (key, spent) in &key_spend {
-            sqlx::query("UPDATE api_keys SET spent = spent + ?, rev = rev + 1 WHERE id = ?")
-                .bind(spent)
-                .bind(key)
-                .execute(&mut *tx)
-                .await?;
+        for (key, spend) in &mut keys {
+            if let Some(spend) = spend
+                && spend.changed
+            {
+                spend.rev = spend
+                    .rev
+                    .checked_add(1)
+                    .ok_or_else(|| LedgerError::Overflow(format!("api key {key}")))?;
+                sqlx::query("UPDATE api_keys SET spent = ?, rev = ? WHERE id = ?")
+                    .bind(spend.spent)
+                    .bind(spend.rev)
+                    .bind(key)
+                    .execute(&mut *tx)
+                    .await?;
+            }
         }
         let mut outcomes = Vec::with_capacity(batch.len());
         for (s, applied) in batch.iter().zip(applied) {
-            let account = match balances.get(&s.account) {
-                Some(snapshot) => *snapshot,
+            let account = match touched.get(&s.account) {
+                Some(t) => t.state.snapshot,
                 None => read_account(&mut tx, &s.account)
                     .await?
                     .unwrap_or(Snapshot {
@@ -458,22 +849,13 @@ impl Ledger for SqliteLedger {
             };
             let key_limit = match &s.api_key_id {
                 Some(key) => {
-                    let row =
-                        sqlx::query("SELECT spend_limit, spent, rev FROM api_keys WHERE id = ?")
-                            .bind(key)
-                            .fetch_optional(&mut *tx)
-                            .await?;
-                    match row {
-                        Some(row) => {
-                            let limit: Option<i64> = row.try_get("spend_limit")?;
-                            let spent: i64 = row.try_get("spent")?;
-                            limit.map(|limit| Snapshot {
-                                balance: Credits::from_micros(limit.saturating_sub(spent)),
-                                rev: row.try_get("rev").unwrap_or(0),
-                            })
-                        }
-                        None => None,
+                    if !keys.contains_key(key) {
+                        let spend = read_key_spend(&mut tx, key).await?;
+                        keys.insert(key.clone(), spend);
                     }
+                    keys.get(key)
+                        .and_then(Option::as_ref)
+                        .and_then(KeySpend::limit_snapshot)
                 }
                 None => None,
             };
@@ -615,57 +997,132 @@ impl Ledger for SqliteLedger {
     }
 
     async fn verify(&self) -> Result<Vec<VerifyProblem>, LedgerError> {
-        let mut problems = Vec::new();
-        let accounts = sqlx::query("SELECT id, balance FROM accounts ORDER BY id")
-            .fetch_all(&self.pool)
-            .await?;
-        for row in &accounts {
-            let id: String = row.try_get("id")?;
-            let balance: i64 = row.try_get("balance")?;
-            let entries = sqlx::query(
-                "SELECT id, amount, balance_before, balance_after FROM credit_transactions \
-                 WHERE account_id = ? ORDER BY id",
-            )
-            .bind(&id)
-            .fetch_all(&self.pool)
-            .await?;
-            let mut running: i64 = 0;
-            let mut sum: i128 = 0;
-            for entry in &entries {
-                let entry_id: i64 = entry.try_get("id")?;
-                let amount: i64 = entry.try_get("amount")?;
-                let before: i64 = entry.try_get("balance_before")?;
-                let after: i64 = entry.try_get("balance_after")?;
-                if before != running {
-                    problems.push(VerifyProblem {
-                        account: id.clone(),
-                        problem: format!("entry {entry_id}: balance_before {before} but the previous entry left {running}"),
-                    });
-                }
-                if i128::from(before) + i128::from(amount) != i128::from(after) {
-                    problems.push(VerifyProblem {
-                        account: id.clone(),
-                        problem: format!("entry {entry_id}: {before} + {amount} != {after}"),
-                    });
-                }
-                running = after;
-                sum += i128::from(amount);
-            }
-            if sum != i128::from(balance) {
-                problems.push(VerifyProblem {
-                    account: id.clone(),
-                    problem: format!(
-                        "entries sum to {sum} micro-credits but the balance is {balance}"
-                    ),
-                });
+        // One read transaction: in WAL mode every read below sees the snapshot the first one
+        // took, so settlements committing meanwhile cannot make the tables disagree.
+        let mut tx = self.pool.begin().await?;
+        let mut checks: BTreeMap<String, AccountCheck> = BTreeMap::new();
+        {
+            let mut rows = sqlx::query("SELECT id, balance, debt FROM accounts").fetch(&mut *tx);
+            while let Some(row) = rows.try_next().await? {
+                checks.insert(
+                    row.try_get("id")?,
+                    AccountCheck {
+                        exists: true,
+                        balance: row.try_get("balance")?,
+                        debt: row.try_get("debt")?,
+                        ..AccountCheck::default()
+                    },
+                );
             }
         }
+        {
+            // One pass in id order: per account, that is each account's own entry order.
+            let mut rows = sqlx::query(
+                "SELECT id, account_id, amount, balance_before, balance_after \
+                 FROM credit_transactions ORDER BY id",
+            )
+            .fetch(&mut *tx);
+            while let Some(row) = rows.try_next().await? {
+                let account: String = row.try_get("account_id")?;
+                let entry_id: i64 = row.try_get("id")?;
+                let amount: i64 = row.try_get("amount")?;
+                let before: i64 = row.try_get("balance_before")?;
+                let after: i64 = row.try_get("balance_after")?;
+                let check = checks.entry(account).or_default();
+                if before != check.running {
+                    check.problems.push(format!(
+                        "entry {entry_id}: balance_before {before} but the previous entry left {}",
+                        check.running
+                    ));
+                }
+                if i128::from(before) + i128::from(amount) != i128::from(after) {
+                    check
+                        .problems
+                        .push(format!("entry {entry_id}: {before} + {amount} != {after}"));
+                }
+                check.running = after;
+                check.sum += i128::from(amount);
+            }
+        }
+        let mut drawn: HashMap<i64, i128> = HashMap::new();
+        {
+            let mut rows = sqlx::query("SELECT grant_id, amount FROM grant_draws").fetch(&mut *tx);
+            while let Some(row) = rows.try_next().await? {
+                let amount: i64 = row.try_get("amount")?;
+                *drawn.entry(row.try_get("grant_id")?).or_default() += i128::from(amount);
+            }
+        }
+        {
+            let mut rows = sqlx::query(
+                "SELECT id, account_id, amount, debt_paid, remaining, expired_at \
+                 FROM credit_grants ORDER BY id",
+            )
+            .fetch(&mut *tx);
+            while let Some(row) = rows.try_next().await? {
+                let account: String = row.try_get("account_id")?;
+                let grant_id: i64 = row.try_get("id")?;
+                let amount: i64 = row.try_get("amount")?;
+                let debt_paid: i64 = row.try_get("debt_paid")?;
+                let remaining: i64 = row.try_get("remaining")?;
+                let expired_at: Option<i64> = row.try_get("expired_at")?;
+                let draws = drawn.get(&grant_id).copied().unwrap_or(0);
+                let expected = i128::from(amount) - i128::from(debt_paid) - draws;
+                let check = checks.entry(account).or_default();
+                if remaining < 0 {
+                    check.problems.push(format!(
+                        "grant {grant_id}: remaining {remaining} is negative"
+                    ));
+                }
+                if i128::from(remaining) != expected {
+                    check.problems.push(format!(
+                        "grant {grant_id}: remaining {remaining} but amount {amount} - debt paid \
+                         {debt_paid} - drawn {draws} = {expected}"
+                    ));
+                }
+                if expired_at.is_none() {
+                    check.live_remaining += i128::from(remaining);
+                }
+            }
+        }
+
+        let mut problems = Vec::new();
+        for (account, check) in checks {
+            let mut report = |problem: String| {
+                problems.push(VerifyProblem {
+                    account: account.clone(),
+                    problem,
+                });
+            };
+            if !check.exists {
+                report("entries or grants belong to an account that does not exist".into());
+            }
+            for problem in check.problems {
+                report(problem);
+            }
+            if check.sum != i128::from(check.balance) {
+                report(format!(
+                    "entries sum to {} micro-credits but the balance is {}",
+                    check.sum, check.balance
+                ));
+            }
+            if check.debt < 0 {
+                report(format!("debt {} is negative", check.debt));
+            }
+            if check.live_remaining - i128::from(check.debt) != i128::from(check.balance) {
+                report(format!(
+                    "live grants hold {} and the debt is {}, but the balance is {}",
+                    check.live_remaining, check.debt, check.balance
+                ));
+            }
+        }
+
         let orphans = sqlx::query(
             "SELECT u.request_id, u.account_id FROM usage_records u \
              LEFT JOIN credit_transactions t ON t.id = u.transaction_id \
-             WHERE u.cost <> 0 AND (t.id IS NULL OR t.amount <> -u.cost OR t.reference <> u.request_id)",
+             WHERE u.cost <> 0 AND (t.id IS NULL OR t.amount <> -u.cost OR t.reference <> u.request_id) \
+             ORDER BY u.rowid",
         )
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *tx)
         .await?;
         for row in &orphans {
             let request: String = row.try_get("request_id")?;
@@ -676,9 +1133,10 @@ impl Ledger for SqliteLedger {
         }
         let keys = sqlx::query(
             "SELECT k.id, k.account_id, k.spent, COALESCE(SUM(u.cost), 0) AS used FROM api_keys k \
-             LEFT JOIN usage_records u ON u.api_key_id = k.id GROUP BY k.id, k.account_id, k.spent",
+             LEFT JOIN usage_records u ON u.api_key_id = k.id GROUP BY k.id, k.account_id, k.spent \
+             ORDER BY k.id",
         )
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *tx)
         .await?;
         for row in &keys {
             let spent: i64 = row.try_get("spent")?;
@@ -693,11 +1151,57 @@ impl Ledger for SqliteLedger {
                 });
             }
         }
+        tx.rollback().await?;
         Ok(problems)
     }
 
     async fn ping(&self) -> Result<(), LedgerError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
+    }
+
+    async fn grants(&self, account: &AccountId) -> Result<Vec<GrantRecord>, LedgerError> {
+        let rows = sqlx::query(
+            "SELECT id, source, transaction_id, amount, debt_paid, remaining, expires_at, \
+             expired_at, created_at FROM credit_grants WHERE account_id = ? ORDER BY id",
+        )
+        .bind(account.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(grant_from_row).collect()
+    }
+
+    async fn draws(&self, transaction_id: i64) -> Result<Vec<(i64, Credits)>, LedgerError> {
+        // In drawing order.
+        let rows = sqlx::query(
+            "SELECT d.grant_id, d.amount FROM grant_draws d \
+             JOIN credit_grants g ON g.id = d.grant_id WHERE d.transaction_id = ? \
+             ORDER BY g.expires_at IS NULL, g.expires_at, g.created_at, g.id",
+        )
+        .bind(transaction_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| Ok((row.try_get("grant_id")?, credits(row, "amount")?)))
+            .collect()
+    }
+
+    async fn expire_grants(&self, now: i64) -> Result<Vec<(AccountId, Snapshot)>, LedgerError> {
+        let accounts: Vec<String> = sqlx::query_scalar(
+            "SELECT DISTINCT account_id FROM credit_grants \
+             WHERE expired_at IS NULL AND expires_at <= ? ORDER BY account_id",
+        )
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut changed = Vec::new();
+        for raw in accounts {
+            let account = AccountId::parse(&raw)
+                .map_err(|_| LedgerError::Corrupt(format!("account id `{raw}`")))?;
+            if let Some(snapshot) = self.expire_account(&account, now).await? {
+                changed.push((account, snapshot));
+            }
+        }
+        Ok(changed)
     }
 }

@@ -5,6 +5,7 @@
 //! handler can never leak a hold. Both hand work to the [`settler`], off the client's path.
 
 pub mod pricing;
+pub mod pricing_sync;
 pub mod settler;
 
 use std::sync::Arc;

@@ -556,16 +556,18 @@ impl PricingHandle {
         version
     }
 
-    /// Polls `path` every `interval` and reloads it when its modified time, length or content
-    /// hash changes (the hash catches same-second, same-length edits). A rejected file is logged
-    /// and the last good prices stay in force. Stops when `shutdown` becomes `true` or its sender
-    /// is dropped; aborting the returned handle also stops it. Must be called inside a Tokio
-    /// runtime; it reads the file once, synchronously, to record the starting state.
+    /// Polls `path` every `interval` (and whenever `nudge` is notified, e.g. by a sibling
+    /// instance that saw the file change) and reloads it when its modified time, length or
+    /// content hash changes (the hash catches same-second, same-length edits). A rejected file is
+    /// logged and the last good prices stay in force. Stops when `shutdown` becomes `true` or its
+    /// sender is dropped; aborting the returned handle also stops it. Must be called inside a
+    /// Tokio runtime; it reads the file once, synchronously, to record the starting state.
     pub fn spawn_watcher(
         &self,
         path: PathBuf,
         interval: Duration,
         mut shutdown: watch::Receiver<bool>,
+        nudge: Arc<tokio::sync::Notify>,
     ) -> JoinHandle<()> {
         let handle = self.clone();
         // Taken before spawning so an edit made right after this call is not mistaken for the
@@ -582,6 +584,7 @@ impl PricingHandle {
                 }
                 tokio::select! {
                     _ = ticker.tick() => {}
+                    () = nudge.notified() => {}
                     changed = shutdown.changed() => {
                         if changed.is_err() {
                             break;
@@ -1108,7 +1111,12 @@ mod tests {
         std::fs::write(&path, PRICE_2).expect("write");
         let handle = PricingHandle::new(PriceTable::load(&path).expect("valid"));
         let (stop, shutdown) = watch::channel(false);
-        let watcher = handle.spawn_watcher(path.clone(), Duration::from_millis(20), shutdown);
+        let watcher = handle.spawn_watcher(
+            path.clone(),
+            Duration::from_millis(20),
+            shutdown,
+            Arc::default(),
+        );
 
         // An edit of the same length in the same second is seen through the content hash.
         std::fs::write(&path, PRICE_3).expect("write");
@@ -1189,7 +1197,8 @@ mod tests {
         std::fs::write(&path, PRICE_2).expect("write");
         let handle = PricingHandle::new(PriceTable::builtin_default());
         let (stop, shutdown) = watch::channel(false);
-        let watcher = handle.spawn_watcher(path, Duration::from_millis(20), shutdown);
+        let watcher =
+            handle.spawn_watcher(path, Duration::from_millis(20), shutdown, Arc::default());
         drop(stop);
         tokio::time::timeout(Duration::from_secs(5), watcher)
             .await

@@ -256,13 +256,19 @@ jwt_role = "admin"
 
 [metering]
 pricing_file = "{pricing}"
-pricing_poll_ms = 50
+{poll}
 {extra}
 
 {upstreams}
 "#,
         db = isolation.database_url,
         pricing = pricing_path.display(),
+        // A test may set its own poll interval in `extra`.
+        poll = if options.extra.contains("pricing_poll_ms") {
+            ""
+        } else {
+            "pricing_poll_ms = 50"
+        },
         extra = options.extra,
     );
     let config_path = dir.path().join("tollgate.toml");

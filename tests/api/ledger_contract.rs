@@ -9,14 +9,15 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use sqlx::{AssertSqlSafe, Connection, MySqlConnection, MySqlPool, SqlitePool};
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::{AssertSqlSafe, Connection, MySqlConnection, MySqlPool, SqlSafeStr, SqlitePool};
 use tempfile::TempDir;
 use tollgate::domain::{AccountId, Credits, RequestId, TokenUsage};
 use tollgate::ledger::mysql::MySqlLedger;
 use tollgate::ledger::sqlite::SqliteLedger;
 use tollgate::ledger::{
-    ApiKeyRecord, Bucket, EntryType, GrantRequest, Ledger, LedgerError, Page, Settlement,
-    UsageSource, now_ms,
+    ApiKeyRecord, Bucket, EntryType, GrantRecord, GrantRequest, Ledger, LedgerEntry, LedgerError,
+    Page, Settlement, UsageSource, now_ms,
 };
 
 const DEFAULT_MYSQL_URL: &str = "mysql://root@127.0.0.1:3306/test";
@@ -39,10 +40,56 @@ enum Raw {
 
 impl Fixture {
     pub async fn sqlite() -> Fixture {
+        Self::sqlite_at(true).await
+    }
+
+    pub async fn mysql() -> Fixture {
+        Self::mysql_at(true).await
+    }
+
+    /// A fresh database with only the first migration applied (the schema from before grants).
+    pub async fn sqlite_v1() -> Fixture {
+        let fx = Self::sqlite_at(false).await;
+        fx.migrate_to_v1().await;
+        fx
+    }
+
+    pub async fn mysql_v1() -> Fixture {
+        let fx = Self::mysql_at(false).await;
+        fx.migrate_to_v1().await;
+        fx
+    }
+
+    async fn migrate_to_v1(&self) {
+        // The adapters' first migration exactly (same version and checksum), alone.
+        let v1 = |sql: &'static str| {
+            Migrator::with_migrations(vec![Migration::new(
+                1,
+                "ledger".into(),
+                MigrationType::Simple,
+                sql.into_sql_str(),
+                false,
+            )])
+        };
+        match &self.raw {
+            Raw::Sqlite(pool) => v1(include_str!("../../migrations/sqlite/0001_ledger.sql"))
+                .run(pool)
+                .await
+                .expect("sqlite v1"),
+            Raw::MySql(pool) => v1(include_str!("../../migrations/mysql/0001_ledger.sql"))
+                .run(pool)
+                .await
+                .expect("mysql v1"),
+        }
+    }
+
+    async fn sqlite_at(migrate: bool) -> Fixture {
         let dir = tempfile::tempdir().expect("temp dir");
         let url = format!("sqlite://{}", dir.path().join("ledger.db").display());
         let ledger = SqliteLedger::connect(&url, 8).await.expect("open sqlite");
-        ledger.migrate().await.expect("migrate sqlite");
+        if migrate {
+            ledger.migrate().await.expect("migrate sqlite");
+        }
         let raw = SqlitePool::connect(&url).await.expect("raw sqlite pool");
         Fixture {
             ledger: Arc::new(ledger),
@@ -53,7 +100,7 @@ impl Fixture {
         }
     }
 
-    pub async fn mysql() -> Fixture {
+    async fn mysql_at(migrate: bool) -> Fixture {
         let admin_url =
             std::env::var("TOLLGATE_TEST_MYSQL_URL").unwrap_or_else(|_| DEFAULT_MYSQL_URL.into());
         let name = format!("tg_{}", uuid::Uuid::new_v4().simple());
@@ -77,7 +124,9 @@ impl Fixture {
             .expect("the MySQL URL names a database");
         let url = format!("{base}/{name}");
         let ledger = Arc::new(MySqlLedger::connect(&url, 8).await.expect("open mysql"));
-        ledger.migrate().await.expect("migrate mysql");
+        if migrate {
+            ledger.migrate().await.expect("migrate mysql");
+        }
         let raw = MySqlPool::connect(&url).await.expect("raw mysql pool");
         Fixture {
             ledger: ledger.clone(),
@@ -105,6 +154,35 @@ impl Fixture {
                     .await
                     .expect("raw mysql");
             }
+        }
+    }
+
+    /// Runs `sql` (any number of statements, no parameters), bypassing the adapter.
+    pub async fn raw_script(&self, sql: &str) {
+        let sql = AssertSqlSafe(sql.to_owned());
+        match &self.raw {
+            Raw::Sqlite(pool) => {
+                sqlx::raw_sql(sql).execute(pool).await.expect("raw sqlite");
+            }
+            Raw::MySql(pool) => {
+                sqlx::raw_sql(sql).execute(pool).await.expect("raw mysql");
+            }
+        }
+    }
+
+    /// The number of rows `sql` returns, bypassing the adapter.
+    pub async fn raw_rows(&self, sql: &'static str) -> usize {
+        match &self.raw {
+            Raw::Sqlite(pool) => sqlx::query(sql)
+                .fetch_all(pool)
+                .await
+                .expect("raw sqlite")
+                .len(),
+            Raw::MySql(pool) => sqlx::query(sql)
+                .fetch_all(pool)
+                .await
+                .expect("raw mysql")
+                .len(),
         }
     }
 
@@ -177,10 +255,18 @@ macro_rules! contract {
         contract!(
             @emit $name,
             [tokio::test(flavor = "multi_thread", worker_threads = 4)],
+            (sqlite, mysql),
             |$fx| $body
         );
     };
+    // On a database that has only the first migration: the body runs the rest.
+    (v1 $name:ident, |$fx:ident| $body:block) => {
+        contract!(@emit $name, [tokio::test], (sqlite_v1, mysql_v1), |$fx| $body);
+    };
     (@emit $name:ident, [$($runtime:tt)*], |$fx:ident| $body:block) => {
+        contract!(@emit $name, [$($runtime)*], (sqlite, mysql), |$fx| $body);
+    };
+    (@emit $name:ident, [$($runtime:tt)*], ($sqlite:ident, $mysql:ident), |$fx:ident| $body:block) => {
         mod $name {
             #[allow(unused_imports)]
             use super::*;
@@ -189,14 +275,14 @@ macro_rules! contract {
 
             #[$($runtime)*]
             async fn sqlite() {
-                let fixture = Fixture::sqlite().await;
+                let fixture = Fixture::$sqlite().await;
                 check(&fixture).await;
                 fixture.close().await;
             }
 
             #[$($runtime)*]
             async fn mysql() {
-                let fixture = Fixture::mysql().await;
+                let fixture = Fixture::$mysql().await;
                 check(&fixture).await;
                 fixture.close().await;
             }
@@ -1050,4 +1136,622 @@ contract!(account_ids_are_case_sensitive, |fx| {
     assert!(outcomes.iter().all(|o| o.applied));
     assert_eq!(balance(fx, "alice").await, 5);
     assert_consistent(fx).await;
+});
+
+// ---- Credit grants (src/ledger/grants.rs): drawing order, debt, expiry. ----
+
+const HOUR_MS: i64 = 3_600_000;
+
+fn expiring(
+    id: &str,
+    entry_type: EntryType,
+    amount: i64,
+    expires_at_ms: Option<i64>,
+) -> GrantRequest {
+    GrantRequest {
+        expires_at_ms,
+        ..grant(id, entry_type, amount, None)
+    }
+}
+
+/// Applies a grant and returns its `credit_grants` row (the newest of the account).
+async fn add_grant(fx: &Fixture, request: &GrantRequest) -> GrantRecord {
+    let outcome = fx.ledger.grant(request).await.expect("grant");
+    assert!(outcome.applied);
+    let grants = grants_of(fx, request.account.as_str()).await;
+    let record = grants.last().expect("the grant has a row").clone();
+    assert_eq!(record.transaction_id, Some(outcome.entry.id));
+    assert_eq!(record.source, request.entry_type.as_str());
+    assert_eq!(record.amount, request.amount);
+    assert_eq!(record.expires_at_ms, request.expires_at_ms);
+    assert_eq!(record.expired_at_ms, None);
+    record
+}
+
+async fn grants_of(fx: &Fixture, id: &str) -> Vec<GrantRecord> {
+    fx.ledger.grants(&account(id)).await.expect("grants")
+}
+
+/// `(remaining, debt_paid)` of each of the account's grants, oldest first.
+async fn remainders(fx: &Fixture, id: &str) -> Vec<(i64, i64)> {
+    grants_of(fx, id)
+        .await
+        .iter()
+        .map(|g| (g.remaining.micros(), g.debt_paid.micros()))
+        .collect()
+}
+
+async fn entries_of(fx: &Fixture, id: &str) -> Vec<LedgerEntry> {
+    fx.ledger
+        .transactions(&account(id), first_page(1_000))
+        .await
+        .expect("entries")
+}
+
+/// Settles one request and returns its usage entry.
+async fn charge(fx: &Fixture, request_id: &str, id: &str, cost: i64) -> LedgerEntry {
+    let outcomes = fx
+        .ledger
+        .settle_batch(&[settlement(request_id, id, cost, None)])
+        .await
+        .expect("settle");
+    assert!(outcomes[0].applied);
+    usage_entry(fx, request_id, id).await
+}
+
+async fn usage_entry(fx: &Fixture, request_id: &str, id: &str) -> LedgerEntry {
+    entries_of(fx, id)
+        .await
+        .into_iter()
+        .find(|e| e.entry_type == EntryType::Usage && e.reference.as_deref() == Some(request_id))
+        .unwrap_or_else(|| panic!("usage entry of {request_id}"))
+}
+
+async fn draws_of(fx: &Fixture, entry_id: i64) -> Vec<(i64, i64)> {
+    fx.ledger
+        .draws(entry_id)
+        .await
+        .expect("draws")
+        .into_iter()
+        .map(|(grant, amount)| (grant, amount.micros()))
+        .collect()
+}
+
+fn expiry_entries(entries: &[LedgerEntry]) -> Vec<&LedgerEntry> {
+    entries
+        .iter()
+        .filter(|e| e.entry_type == EntryType::Expiry)
+        .collect()
+}
+
+contract!(signup_grants_and_purchases_become_grants, |fx| {
+    let snapshot = fx
+        .ledger
+        .ensure_account(&account("sg"), micros(5_000))
+        .await
+        .expect("ensure");
+    assert_eq!(snapshot.balance.micros(), 5_000);
+    let grants = grants_of(fx, "sg").await;
+    assert_eq!(grants.len(), 1);
+    let signup = &entries_of(fx, "sg").await[0];
+    assert_eq!(grants[0].source, "bonus");
+    assert_eq!(grants[0].transaction_id, Some(signup.id));
+    assert_eq!(
+        (grants[0].amount.micros(), grants[0].remaining.micros()),
+        (5_000, 5_000)
+    );
+    assert_eq!(grants[0].expires_at_ms, None);
+    // Every kind of positive entry is a grant; a zero adjustment is an entry and no grant.
+    let expires = now_ms() + HOUR_MS;
+    add_grant(fx, &expiring("sg", EntryType::Purchase, 10, Some(expires))).await;
+    add_grant(fx, &expiring("sg", EntryType::Refund, 20, None)).await;
+    add_grant(fx, &expiring("sg", EntryType::Adjustment, 30, None)).await;
+    fx.ledger
+        .grant(&grant("sg", EntryType::Adjustment, 0, None))
+        .await
+        .expect("zero adjustment");
+    let sources: Vec<String> = grants_of(fx, "sg")
+        .await
+        .into_iter()
+        .map(|g| g.source)
+        .collect();
+    assert_eq!(sources, ["bonus", "purchase", "refund", "adjustment"]);
+    assert_eq!(balance(fx, "sg").await, 5_060);
+    // Replaying a referenced grant adds no second grant.
+    for _ in 0..2 {
+        fx.ledger
+            .grant(&grant("sg", EntryType::Purchase, 7, Some("once")))
+            .await
+            .expect("grant");
+    }
+    assert_eq!(grants_of(fx, "sg").await.len(), 5);
+    assert!(
+        fx.ledger
+            .grants(&account("nobody"))
+            .await
+            .expect("grants")
+            .is_empty()
+    );
+    assert!(fx.ledger.draws(signup.id).await.expect("draws").is_empty());
+    assert_consistent(fx).await;
+});
+
+contract!(usage_draws_soonest_expiring_first_then_oldest, |fx| {
+    let now = now_ms();
+    let a = add_grant(fx, &expiring("dr", EntryType::Purchase, 100, None)).await;
+    let b = add_grant(
+        fx,
+        &expiring("dr", EntryType::Bonus, 50, Some(now + HOUR_MS)),
+    )
+    .await;
+    let c = add_grant(
+        fx,
+        &expiring("dr", EntryType::Bonus, 30, Some(now + 2 * HOUR_MS)),
+    )
+    .await;
+    let d = add_grant(fx, &expiring("dr", EntryType::Purchase, 20, None)).await;
+    assert_eq!(balance(fx, "dr").await, 200);
+
+    // The soonest-expiring grant first.
+    let first = charge(fx, "dr-1", "dr", 40).await;
+    assert_eq!(draws_of(fx, first.id).await, [(b.id, 40)]);
+    assert_consistent(fx).await;
+
+    // One usage spanning two grants: two draws that add up to the cost.
+    let second = charge(fx, "dr-2", "dr", 30).await;
+    let draws = draws_of(fx, second.id).await;
+    assert_eq!(draws, [(b.id, 10), (c.id, 20)]);
+    assert_eq!(draws.iter().map(|(_, amount)| amount).sum::<i64>(), 30);
+    assert_consistent(fx).await;
+
+    // In one batch, each settlement draws from what the earlier ones left; never-expiring
+    // grants come last, the oldest of them first.
+    let outcomes = fx
+        .ledger
+        .settle_batch(&[
+            settlement("dr-3", "dr", 50, None),
+            settlement("dr-4", "dr", 70, None),
+        ])
+        .await
+        .expect("settle");
+    assert_eq!(outcomes[1].account.balance.micros(), 10);
+    let third = usage_entry(fx, "dr-3", "dr").await;
+    let fourth = usage_entry(fx, "dr-4", "dr").await;
+    assert_eq!(draws_of(fx, third.id).await, [(c.id, 10), (a.id, 40)]);
+    assert_eq!(draws_of(fx, fourth.id).await, [(a.id, 60), (d.id, 10)]);
+    assert_eq!(
+        remainders(fx, "dr").await,
+        [(0, 0), (0, 0), (0, 0), (10, 0)]
+    );
+    assert_eq!(balance(fx, "dr").await, 10);
+    assert_consistent(fx).await;
+});
+
+contract!(
+    uncovered_usage_becomes_debt_that_the_next_grant_pays,
+    |fx| {
+        let first = add_grant(fx, &expiring("debt", EntryType::Purchase, 100, None)).await;
+        let usage = charge(fx, "debt-1", "debt", 150).await;
+        // The grant covers 100; the other 50 is debt.
+        assert_eq!(draws_of(fx, usage.id).await, [(first.id, 100)]);
+        assert_eq!(balance(fx, "debt").await, -50);
+        assert_eq!(remainders(fx, "debt").await, [(0, 0)]);
+        assert_consistent(fx).await;
+
+        // A grant smaller than the debt goes wholly to it.
+        let small = add_grant(fx, &expiring("debt", EntryType::Purchase, 30, None)).await;
+        assert_eq!(
+            (small.debt_paid.micros(), small.remaining.micros()),
+            (30, 0)
+        );
+        assert_eq!(balance(fx, "debt").await, -20);
+        assert_consistent(fx).await;
+
+        // The next one pays the rest first and keeps the remainder.
+        let big = add_grant(
+            fx,
+            &expiring("debt", EntryType::Bonus, 80, Some(now_ms() + HOUR_MS)),
+        )
+        .await;
+        assert_eq!((big.debt_paid.micros(), big.remaining.micros()), (20, 60));
+        assert_eq!(balance(fx, "debt").await, 60);
+        let after = charge(fx, "debt-2", "debt", 10).await;
+        assert_eq!(draws_of(fx, after.id).await, [(big.id, 10)]);
+        assert_eq!(remainders(fx, "debt").await, [(0, 0), (0, 30), (50, 20)]);
+        // With no debt left, a grant keeps all of it.
+        let clean = add_grant(fx, &expiring("debt", EntryType::Purchase, 5, None)).await;
+        assert_eq!((clean.debt_paid.micros(), clean.remaining.micros()), (0, 5));
+        assert_eq!(balance(fx, "debt").await, 55);
+        assert_consistent(fx).await;
+
+        // No grant at all: the whole cost is debt, and the entry draws nothing.
+        let bare = charge(fx, "debt-3", "debt-bare", 7).await;
+        assert!(draws_of(fx, bare.id).await.is_empty());
+        assert_eq!(balance(fx, "debt-bare").await, -7);
+        assert_consistent(fx).await;
+
+        // A negative cost is refused, and the batch changes nothing.
+        let refused = fx
+            .ledger
+            .settle_batch(&[
+                settlement("debt-4", "debt", 1, None),
+                settlement("debt-5", "debt", -1, None),
+            ])
+            .await;
+        assert!(
+            matches!(refused, Err(LedgerError::Corrupt(_))),
+            "{refused:?}"
+        );
+        assert_eq!(balance(fx, "debt").await, 55);
+        assert_consistent(fx).await;
+    }
+);
+
+contract!(negative_adjustments_draw_like_usage, |fx| {
+    let purchase = add_grant(fx, &expiring("na", EntryType::Purchase, 100, None)).await;
+    let bonus = add_grant(
+        fx,
+        &expiring("na", EntryType::Bonus, 40, Some(now_ms() + HOUR_MS)),
+    )
+    .await;
+    let taken = fx
+        .ledger
+        .grant(&grant("na", EntryType::Adjustment, -60, Some("fix-1")))
+        .await
+        .expect("adjust");
+    assert_eq!(
+        draws_of(fx, taken.entry.id).await,
+        [(bonus.id, 40), (purchase.id, 20)]
+    );
+    // A negative adjustment is no grant.
+    assert_eq!(grants_of(fx, "na").await.len(), 2);
+    assert_consistent(fx).await;
+    // Replayed: nothing drawn twice.
+    fx.ledger
+        .grant(&grant("na", EntryType::Adjustment, -60, Some("fix-1")))
+        .await
+        .expect("replay");
+    assert_eq!(remainders(fx, "na").await, [(80, 0), (0, 0)]);
+
+    // A negative refund beyond the grants leaves debt, which the next grant pays.
+    let refund = fx
+        .ledger
+        .grant(&grant("na", EntryType::Refund, -100, None))
+        .await
+        .expect("refund");
+    assert_eq!(draws_of(fx, refund.entry.id).await, [(purchase.id, 80)]);
+    assert_eq!(refund.snapshot.balance.micros(), -20);
+    assert_consistent(fx).await;
+    let next = add_grant(fx, &expiring("na", EntryType::Purchase, 50, None)).await;
+    assert_eq!((next.debt_paid.micros(), next.remaining.micros()), (20, 30));
+    assert_eq!(balance(fx, "na").await, 30);
+    assert_consistent(fx).await;
+});
+
+contract!(
+    usage_after_a_grants_expiry_skips_it_before_the_sweep,
+    |fx| {
+        let now = now_ms();
+        // Already past its expiry when it arrives: it counts in the balance until swept, but no
+        // debit draws from it.
+        let lapsed = add_grant(fx, &expiring("lx", EntryType::Bonus, 100, Some(now - 1))).await;
+        let open = add_grant(fx, &expiring("lx", EntryType::Purchase, 50, None)).await;
+        let first = charge(fx, "lx-1", "lx", 10).await;
+        assert_eq!(draws_of(fx, first.id).await, [(open.id, 10)]);
+        let second = charge(fx, "lx-2", "lx", 60).await;
+        assert_eq!(draws_of(fx, second.id).await, [(open.id, 40)]);
+        assert_eq!(balance(fx, "lx").await, 80);
+        assert_eq!(remainders(fx, "lx").await, [(100, 0), (0, 0)]);
+        assert_consistent(fx).await;
+        let adjusted = fx
+            .ledger
+            .grant(&grant("lx", EntryType::Adjustment, -5, None))
+            .await
+            .expect("adjust");
+        assert!(draws_of(fx, adjusted.entry.id).await.is_empty());
+        assert_eq!(balance(fx, "lx").await, 75);
+        assert_consistent(fx).await;
+
+        // The sweep takes the lapsed remainder out; the debt stays.
+        let changed = fx.ledger.expire_grants(now_ms()).await.expect("sweep");
+        assert_eq!(changed.len(), 1);
+        assert_eq!(changed[0].1.balance.micros(), -25);
+        let entries = entries_of(fx, "lx").await;
+        let expiries = expiry_entries(&entries);
+        assert_eq!(expiries.len(), 1);
+        assert_eq!(draws_of(fx, expiries[0].id).await, [(lapsed.id, 100)]);
+        assert_consistent(fx).await;
+        // The next grant pays the debt.
+        let next = add_grant(fx, &expiring("lx", EntryType::Purchase, 30, None)).await;
+        assert_eq!((next.debt_paid.micros(), next.remaining.micros()), (25, 5));
+        assert_eq!(balance(fx, "lx").await, 5);
+        assert_consistent(fx).await;
+    }
+);
+
+contract!(concurrent the_sweep_expires_each_remainder_once, |fx| {
+    let t0 = now_ms();
+    let soon = add_grant(fx, &expiring("sw", EntryType::Bonus, 30, Some(t0 + 500))).await;
+    let due = add_grant(fx, &expiring("sw", EntryType::Purchase, 100, Some(t0 + 1_000))).await;
+    let later = add_grant(
+        fx,
+        &expiring("sw", EntryType::Bonus, 50, Some(t0 + 1_000 * HOUR_MS)),
+    )
+    .await;
+    let never = add_grant(fx, &expiring("sw", EntryType::Purchase, 20, None)).await;
+    // Uses all of `soon` and some of `due`.
+    let usage = charge(fx, "sw-1", "sw", 40).await;
+    assert_eq!(draws_of(fx, usage.id).await, [(soon.id, 30), (due.id, 10)]);
+    // An account whose due grant is used up: swept, but its balance does not move.
+    add_grant(fx, &expiring("sw-empty", EntryType::Bonus, 10, Some(t0 + 1_000))).await;
+    charge(fx, "sw-2", "sw-empty", 10).await;
+    let before = fx.ledger.account(&account("sw")).await.expect("read").expect("exists");
+
+    // Nothing is due yet.
+    assert!(fx.ledger.expire_grants(t0 + 499).await.expect("early sweep").is_empty());
+    assert!(expiry_entries(&entries_of(fx, "sw").await).is_empty());
+
+    let swept_at = t0 + 2_000;
+    let changed = fx.ledger.expire_grants(swept_at).await.expect("sweep");
+    assert_eq!(changed.len(), 1, "{changed:?}");
+    let (changed_account, snapshot) = &changed[0];
+    assert_eq!(changed_account, &account("sw"));
+    let record = fx.ledger.account(&account("sw")).await.expect("read").expect("exists");
+    assert_eq!((snapshot.balance, snapshot.rev), (record.balance, record.rev));
+    assert_eq!(snapshot.balance.micros(), 70);
+    assert!(snapshot.rev > before.rev);
+
+    let entries = entries_of(fx, "sw").await;
+    let expiries = expiry_entries(&entries);
+    assert_eq!(expiries.len(), 1);
+    let expiry = expiries[0];
+    assert_eq!(expiry.amount.micros(), -90);
+    assert_eq!(
+        (expiry.balance_before.micros(), expiry.balance_after.micros()),
+        (160, 70)
+    );
+    assert_eq!(expiry.reference, Some(format!("grant:{}", due.id)));
+    assert!(
+        expiry.description.contains(&due.id.to_string()),
+        "{}",
+        expiry.description
+    );
+    assert_eq!(draws_of(fx, expiry.id).await, [(due.id, 90)]);
+    let states: Vec<(i64, i64, Option<i64>)> = grants_of(fx, "sw")
+        .await
+        .iter()
+        .map(|g| (g.id, g.remaining.micros(), g.expired_at_ms))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            (soon.id, 0, Some(swept_at)),
+            (due.id, 0, Some(swept_at)),
+            (later.id, 50, None),
+            (never.id, 20, None),
+        ]
+    );
+    let empty = grants_of(fx, "sw-empty").await;
+    assert_eq!(empty[0].expired_at_ms, Some(swept_at));
+    assert!(expiry_entries(&entries_of(fx, "sw-empty").await).is_empty());
+    assert_consistent(fx).await;
+
+    // Again: nothing left to do.
+    assert!(fx.ledger.expire_grants(swept_at + 1).await.expect("second sweep").is_empty());
+    assert_eq!(entries_of(fx, "sw").await.len(), entries.len());
+    assert_consistent(fx).await;
+
+    // Eight sweeps at once over four accounts with three due grants each: one expiry entry
+    // per grant, and each account reported by exactly one sweep.
+    let due_at = t0 + 3_000;
+    let accounts: Vec<String> = (0..4).map(|n| format!("par-{n}")).collect();
+    for id in &accounts {
+        for amount in [3, 5, 7] {
+            add_grant(fx, &expiring(id, EntryType::Bonus, amount, Some(due_at))).await;
+        }
+        add_grant(fx, &expiring(id, EntryType::Purchase, 11, None)).await;
+    }
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let ledger = fx.ledger.clone();
+            tokio::spawn(async move { ledger.expire_grants(due_at + 1).await })
+        })
+        .collect();
+    let mut reported = Vec::new();
+    for task in tasks {
+        let changed = task.await.expect("task").expect("sweep");
+        reported.extend(changed.into_iter().map(|(id, _)| id.as_str().to_owned()));
+    }
+    reported.sort();
+    assert_eq!(reported, accounts);
+    for id in &accounts {
+        let entries = entries_of(fx, id).await;
+        let mut amounts: Vec<i64> = expiry_entries(&entries)
+            .iter()
+            .map(|e| e.amount.micros())
+            .collect();
+        amounts.sort();
+        assert_eq!(amounts, [-7, -5, -3], "{id}");
+        assert_eq!(balance(fx, id).await, 11);
+    }
+    assert_consistent(fx).await;
+});
+
+contract!(
+    verify_names_an_account_whose_grants_were_tampered_with,
+    |fx| {
+        for id in ["tampered", "honest"] {
+            add_grant(fx, &expiring(id, EntryType::Purchase, 100, None)).await;
+            charge(fx, &format!("t-{id}"), id, 30).await;
+        }
+        assert_consistent(fx).await;
+        let grant_id = grants_of(fx, "tampered").await[0].id;
+
+        fx.raw_execute(
+            "UPDATE credit_grants SET remaining = remaining + 1 WHERE account_id = ?",
+            "tampered",
+        )
+        .await;
+        let problems = fx.ledger.verify().await.expect("verify");
+        assert!(!problems.is_empty());
+        assert!(
+            problems.iter().all(|p| p.account == "tampered"),
+            "{problems:?}"
+        );
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.problem.contains(&format!("grant {grant_id}"))),
+            "{problems:?}"
+        );
+        fx.raw_execute(
+            "UPDATE credit_grants SET remaining = remaining - 1 WHERE account_id = ?",
+            "tampered",
+        )
+        .await;
+        assert_consistent(fx).await;
+
+        // A debt changed behind the ledger's back no longer matches the balance.
+        fx.raw_execute(
+            "UPDATE accounts SET debt = debt + 1 WHERE id = ?",
+            "tampered",
+        )
+        .await;
+        let problems = fx.ledger.verify().await.expect("verify");
+        assert!(!problems.is_empty());
+        assert!(
+            problems.iter().all(|p| p.account == "tampered"),
+            "{problems:?}"
+        );
+    }
+);
+
+contract!(key_spend_overflow_is_an_error_and_changes_nothing, |fx| {
+    add_grant(fx, &expiring("ko", EntryType::Purchase, 1_000, None)).await;
+    fx.ledger
+        .create_api_key(&api_key("k-over", "ko", None))
+        .await
+        .expect("key");
+    fx.raw_execute(
+        "UPDATE api_keys SET spent = 9223372036854775800 WHERE id = ?",
+        "k-over",
+    )
+    .await;
+    let overflow = fx
+        .ledger
+        .settle_batch(&[settlement("ko-1", "ko", 100, Some("k-over"))])
+        .await;
+    assert!(
+        matches!(overflow, Err(LedgerError::Overflow(ref id)) if id == "ko"),
+        "{overflow:?}"
+    );
+    assert_eq!(balance(fx, "ko").await, 1_000);
+    assert_eq!(remainders(fx, "ko").await, [(1_000, 0)]);
+    assert!(
+        fx.ledger
+            .usage(&account("ko"), first_page(10))
+            .await
+            .expect("usage")
+            .is_empty()
+    );
+});
+
+/// What a database written before grants holds: a funded account with usage through an API
+/// key, an account in the red, and one at zero.
+const V1_DATA: &str = "
+INSERT INTO accounts (id, balance, rev, created_at, updated_at) VALUES
+    ('old-rich', 4000000, 3, 1000, 1003),
+    ('old-poor', -200, 2, 1000, 1005),
+    ('old-zero', 0, 2, 1000, 1007);
+INSERT INTO credit_transactions
+    (id, account_id, `type`, amount, balance_before, balance_after, description, reference, created_at)
+VALUES
+    (1, 'old-rich', 'purchase', 5000000, 0, 5000000, 'order', 'order-1', 1001),
+    (2, 'old-rich', 'usage', -1200000, 5000000, 3800000, 'chat', 'old-req-1', 1002),
+    (3, 'old-rich', 'bonus', 200000, 3800000, 4000000, 'bonus', NULL, 1003),
+    (4, 'old-poor', 'purchase', 100, 0, 100, 'order', NULL, 1004),
+    (5, 'old-poor', 'usage', -300, 100, -200, 'chat', 'old-req-2', 1005),
+    (6, 'old-zero', 'purchase', 50, 0, 50, 'order', NULL, 1006),
+    (7, 'old-zero', 'adjustment', -50, 50, 0, 'fix', NULL, 1007);
+INSERT INTO api_keys (id, account_id, key_hash, prefix, name, spend_limit, spent, rev, allowed_models, created_at)
+VALUES ('old-key', 'old-rich', 'hash-of-old-key', 'tg_old', 'old', NULL, 1200000, 1, NULL, 1000);
+INSERT INTO usage_records (request_id, account_id, api_key_id, endpoint, model, upstream,
+    prompt_tokens, completion_tokens, cached_tokens, cost, hold, source, stream, status,
+    started_at, finished_at, settled_at, transaction_id)
+VALUES
+    ('old-req-1', 'old-rich', 'old-key', 'chat/completions', 'm', 'u', 1, 2, 0, 1200000, 1300000,
+     'reported', 1, 'completed', 1001, 1002, 1002, 2),
+    ('old-req-2', 'old-poor', NULL, 'chat/completions', 'm', 'u', 1, 2, 0, 300, 300,
+     'counted', 0, 'completed', 1004, 1005, 1005, 5);
+";
+
+contract!(v1 migrating_a_database_from_before_grants_keeps_every_balance, |fx| {
+    fx.raw_script(V1_DATA).await;
+    fx.ledger.migrate().await.expect("migrate to grants");
+    fx.ledger.migrate().await.expect("migrate again");
+
+    assert_eq!(balance(fx, "old-rich").await, 4_000_000);
+    assert_eq!(balance(fx, "old-poor").await, -200);
+    assert_eq!(balance(fx, "old-zero").await, 0);
+    let ids: Vec<(i64, i64)> = entries_of(fx, "old-rich")
+        .await
+        .iter()
+        .map(|e| (e.id, e.amount.micros()))
+        .collect();
+    assert_eq!(ids, [(3, 200_000), (2, -1_200_000), (1, 5_000_000)]);
+    assert_eq!(entries_of(fx, "old-poor").await.len(), 2);
+    let usage = fx
+        .ledger
+        .usage(&account("old-rich"), first_page(10))
+        .await
+        .expect("usage");
+    assert_eq!(usage.len(), 1);
+
+    // A positive balance is one never-expiring `migrated` grant; a negative one is debt.
+    let grants = grants_of(fx, "old-rich").await;
+    assert_eq!(grants.len(), 1);
+    let migrated = &grants[0];
+    assert_eq!(migrated.source, "migrated");
+    assert_eq!(migrated.transaction_id, None);
+    assert_eq!(
+        (migrated.amount.micros(), migrated.remaining.micros(), migrated.debt_paid.micros()),
+        (4_000_000, 4_000_000, 0)
+    );
+    assert_eq!((migrated.expires_at_ms, migrated.expired_at_ms), (None, None));
+    assert_eq!(migrated.created_at_ms, 1003);
+    assert!(grants_of(fx, "old-poor").await.is_empty());
+    assert!(grants_of(fx, "old-zero").await.is_empty());
+    assert_consistent(fx).await;
+
+    // The migrated ledger works on: usage draws from the migrated grant (new entry ids follow
+    // the old ones), a grant pays the old debt, and `expiry` entries are allowed.
+    let used = charge(fx, "new-req-1", "old-rich", 1_000_000).await;
+    assert!(used.id > 7, "entry id {} reused", used.id);
+    assert_eq!(used.balance_before.micros(), 4_000_000);
+    assert_eq!(draws_of(fx, used.id).await, [(migrated.id, 1_000_000)]);
+    let paid = add_grant(fx, &expiring("old-poor", EntryType::Purchase, 500, None)).await;
+    assert_eq!((paid.debt_paid.micros(), paid.remaining.micros()), (200, 300));
+    assert_eq!(balance(fx, "old-poor").await, 300);
+    add_grant(
+        fx,
+        &expiring("old-zero", EntryType::Bonus, 9, Some(now_ms() - 1)),
+    )
+    .await;
+    let changed = fx.ledger.expire_grants(now_ms()).await.expect("sweep");
+    assert_eq!(changed.len(), 1);
+    assert_eq!(changed[0].0, account("old-zero"));
+    assert_eq!(balance(fx, "old-zero").await, 0);
+    assert_eq!(expiry_entries(&entries_of(fx, "old-zero").await).len(), 1);
+    let key = fx
+        .ledger
+        .api_key_by_hash("hash-of-old-key")
+        .await
+        .expect("key")
+        .expect("exists");
+    assert_eq!(key.spent.micros(), 1_200_000);
+    assert_consistent(fx).await;
+    // No row points at a missing one (SQLite rebuilt the entries table with foreign keys off).
+    if matches!(fx.raw, Raw::Sqlite(_)) {
+        assert_eq!(fx.raw_rows("PRAGMA foreign_key_check").await, 0);
+    }
 });

@@ -10,6 +10,7 @@ mod admin_and_keys;
 mod auth;
 mod bad_input;
 mod concurrency;
+mod grants_and_pricing;
 mod ledger_contract;
 mod lifecycle;
 mod metering;

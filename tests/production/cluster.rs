@@ -192,3 +192,73 @@ async fn killing_an_instance_loses_no_finished_request_and_leaves_no_hold() {
     }
     app.assert_ledger_consistent().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pricing_reload_reaches_sibling_instances_without_waiting_for_their_poll() {
+    // Polling is effectively off: only the Redis nudge can spread the change.
+    let app = spawn_app_with(Options {
+        extra: "pricing_poll_ms = 600000".into(),
+        ..Options::default()
+    })
+    .await;
+    let mut sibling = app.spawn_sibling().await;
+    let client = reqwest::Client::new();
+    let pricing = |base: String| {
+        let client = client.clone();
+        async move {
+            let response = client
+                .get(format!("{base}/admin/pricing"))
+                .bearer_auth(ADMIN_TOKEN)
+                .send()
+                .await
+                .expect("sent");
+            assert_eq!(response.status(), 200);
+            response.json::<Value>().await.expect("json")
+        }
+    };
+    let old = pricing(sibling.base.clone()).await["fingerprint"].clone();
+    std::fs::write(
+        &app.pricing_path,
+        DEFAULT_PRICING.replace("completion_per_1k = \"20\"", "completion_per_1k = \"30\""),
+    )
+    .expect("edit");
+    let response = app
+        .post("/admin/pricing/reload", ADMIN_TOKEN, &json!({}))
+        .await;
+    assert_eq!(response.status(), 200);
+    let new: Value = response.json().await.expect("json");
+    assert_ne!(new["fingerprint"], old);
+
+    let started = Instant::now();
+    loop {
+        let seen = pricing(sibling.base.clone()).await;
+        if seen["fingerprint"] == new["fingerprint"] {
+            let instances = seen["instances"]
+                .as_object()
+                .cloned()
+                .expect("instances listed");
+            assert!(instances.len() >= 2, "{seen}");
+            break;
+        }
+        // Without the nudge this would take the 600 s poll; the bound is loose so a loaded
+        // machine cannot fail it (the nudge itself takes one pub/sub hop plus a 100 ms tick).
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the sibling still has the old prices: {seen}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Both instances list each other with the same prices.
+    let listed = pricing(app.base.clone()).await["instances"].clone();
+    let fingerprints: Vec<&Value> = listed
+        .as_object()
+        .expect("map")
+        .values()
+        .map(|i| &i["fingerprint"])
+        .collect();
+    assert!(
+        fingerprints.iter().all(|f| **f == new["fingerprint"]),
+        "{listed}"
+    );
+    sibling.stop().await;
+}

@@ -16,6 +16,8 @@ mod auth;
 mod bad_input;
 #[path = "../api/concurrency.rs"]
 mod concurrency;
+#[path = "../api/grants_and_pricing.rs"]
+mod grants_and_pricing;
 #[path = "../api/lifecycle.rs"]
 mod lifecycle;
 #[path = "../api/metering.rs"]

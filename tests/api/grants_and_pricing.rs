@@ -1,0 +1,207 @@
+//! Credit grants with expiry through the admin API, and pricing administration.
+
+use std::time::{Duration, Instant};
+
+use rust_decimal::Decimal;
+use serde_json::{Value, json};
+
+use crate::helpers::*;
+
+async fn admin_grant(app: &TestApp, account: &str, body: Value) {
+    let response = app
+        .post(
+            &format!("/admin/accounts/{account}/credits"),
+            ADMIN_TOKEN,
+            &body,
+        )
+        .await;
+    assert_eq!(
+        response.status(),
+        201,
+        "{}",
+        response.text().await.unwrap_or_default()
+    );
+}
+
+async fn admin_pricing(app: &TestApp) -> Value {
+    let response = app.get("/admin/pricing", ADMIN_TOKEN).await;
+    assert_eq!(response.status(), 200);
+    response.json().await.expect("json")
+}
+
+async fn admin_account(app: &TestApp, account: &str) -> Value {
+    let response = app
+        .get(&format!("/admin/accounts/{account}"), ADMIN_TOKEN)
+        .await;
+    assert_eq!(response.status(), 200);
+    response.json().await.expect("json")
+}
+
+#[tokio::test]
+async fn expiring_credits_are_spent_first_and_swept_when_they_expire() {
+    let app = spawn_app().await;
+    let user = token("expiring");
+    admin_grant(
+        &app,
+        "expiring",
+        json!({"amount": "5", "type": "bonus", "description": "forever"}),
+    )
+    .await;
+    admin_grant(
+        &app,
+        "expiring",
+        json!({"amount": "10", "type": "bonus", "description": "trial", "expires_in": "2s"}),
+    )
+    .await;
+
+    assert_eq!(
+        app.chat(&user, &chat_body("mock-1", "spend the trial first"))
+            .await
+            .status(),
+        200
+    );
+    let balance = app.settled_balance(&user).await;
+    let cost = Decimal::from(15) - credits(&balance["balance"]);
+    assert!(cost > Decimal::ZERO);
+
+    let grants = admin_account(&app, "expiring").await["grants"]
+        .as_array()
+        .cloned()
+        .expect("grants");
+    assert_eq!(grants.len(), 2);
+    let trial = grants
+        .iter()
+        .find(|g| g["amount"] == "10")
+        .expect("trial grant");
+    let forever = grants
+        .iter()
+        .find(|g| g["amount"] == "5")
+        .expect("permanent grant");
+    assert_eq!(
+        credits(&trial["remaining"]),
+        Decimal::from(10) - cost,
+        "usage drew from the expiring grant"
+    );
+    assert_eq!(forever["remaining"], "5");
+    assert!(trial["expires_at"].is_string() && forever["expires_at"].is_null());
+
+    // Once expired, the sweep takes the trial's remainder out with one `expiry` entry.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    tollgate::app::sweep_expired_grants(&*app.state.ledger, &*app.state.cache).await;
+    tollgate::app::sweep_expired_grants(&*app.state.ledger, &*app.state.cache).await;
+    let balance = app.settled_balance(&user).await;
+    assert_eq!(balance["balance"], "5");
+    let entries = app.list("/api/credits/transactions", &user).await;
+    let expiries: Vec<&Value> = entries.iter().filter(|e| e["type"] == "expiry").collect();
+    assert_eq!(expiries.len(), 1, "{entries:?}");
+    assert_eq!(credits(&expiries[0]["amount"]), cost - Decimal::from(10));
+    app.assert_ledger_consistent().await;
+}
+
+#[tokio::test]
+async fn bad_expiries_are_refused_and_change_nothing() {
+    let app = spawn_app().await;
+    for body in [
+        json!({"amount": "1", "expires_at": "yesterday"}),
+        json!({"amount": "1", "expires_at": "2001-01-01T00:00:00Z"}),
+        json!({"amount": "1", "expires_in": "0s"}),
+        json!({"amount": "1", "expires_in": "3 weeks"}),
+        json!({"amount": "1", "expires_in": "1d", "expires_at": "2099-01-01T00:00:00Z"}),
+    ] {
+        let response = app
+            .post("/admin/accounts/careful/credits", ADMIN_TOKEN, &body)
+            .await;
+        openai_error(response, 400).await;
+    }
+    assert_eq!(
+        app.get("/admin/accounts/careful", ADMIN_TOKEN)
+            .await
+            .status(),
+        404
+    );
+    let response = app
+        .post(
+            "/admin/accounts/careful/credits",
+            ADMIN_TOKEN,
+            &json!({"amount": "1", "expires_at": "2099-01-01T00:00:00Z"}),
+        )
+        .await;
+    assert_eq!(response.status(), 201);
+    let grants = admin_account(&app, "careful").await["grants"].clone();
+    assert_eq!(grants[0]["expires_at"], "2099-01-01T00:00:00Z");
+    app.assert_ledger_consistent().await;
+}
+
+#[tokio::test]
+async fn the_cli_grants_expiring_credits() {
+    let app = spawn_app().await;
+    let mut command = app.tollgate_cli();
+    command.args(["credits", "grant", "cli-user", "7", "--expires-in", "1d"]);
+    let output = tokio::task::spawn_blocking(move || command.output())
+        .await
+        .expect("join")
+        .expect("run");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let grants = admin_account(&app, "cli-user").await["grants"].clone();
+    assert_eq!(grants[0]["amount"], "7");
+    assert!(grants[0]["expires_at"].is_string());
+    app.assert_ledger_consistent().await;
+}
+
+#[tokio::test]
+async fn admin_pricing_shows_and_reloads_the_prices_in_force() {
+    let app = spawn_app_with(Options {
+        extra: "pricing_poll_ms = 600000".into(),
+        ..Options::default()
+    })
+    .await;
+    let before = admin_pricing(&app).await;
+    assert_eq!(before["version"], 1);
+    assert_eq!(before["models"][0]["match"], "mock-pricey*");
+    assert_eq!(before["default"]["prompt_per_1k"], "1");
+
+    std::fs::write(
+        &app.pricing_path,
+        DEFAULT_PRICING.replace("prompt_per_1k = \"10\"", "prompt_per_1k = \"11\""),
+    )
+    .expect("edit");
+    let response = app
+        .post("/admin/pricing/reload", ADMIN_TOKEN, &json!({}))
+        .await;
+    assert_eq!(response.status(), 200);
+    let after = admin_pricing(&app).await;
+    assert_eq!(after["version"], 2);
+    assert_eq!(after["models"][0]["prompt_per_1k"], "11");
+    assert_ne!(after["fingerprint"], before["fingerprint"]);
+
+    // A broken file is refused with its line; the prices in force stay.
+    std::fs::write(
+        &app.pricing_path,
+        "[default]\nprompt_per_1k = \"abc\"\ncompletion_per_1k = \"1\"\n",
+    )
+    .expect("edit");
+    let error = openai_error(
+        app.post("/admin/pricing/reload", ADMIN_TOKEN, &json!({}))
+            .await,
+        400,
+    )
+    .await;
+    assert!(
+        error["message"]
+            .as_str()
+            .expect("message")
+            .contains("line 2"),
+        "{error}"
+    );
+    assert_eq!(
+        admin_pricing(&app).await["fingerprint"],
+        after["fingerprint"]
+    );
+    let started = Instant::now();
+    assert_eq!(app.get("/readyz", "").await.status(), 200);
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
