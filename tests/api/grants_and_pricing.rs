@@ -205,3 +205,24 @@ async fn admin_pricing_shows_and_reloads_the_prices_in_force() {
     assert_eq!(app.get("/readyz", "").await.status(), 200);
     assert!(started.elapsed() < Duration::from_secs(5));
 }
+
+#[tokio::test]
+async fn ledger_verify_exits_1_and_names_the_account_when_a_balance_is_tampered_with() {
+    let app = spawn_app().await;
+    app.grant("tampered", "10").await;
+    app.grant("honest", "10").await;
+    app.assert_ledger_consistent().await;
+    app.execute_sql("UPDATE accounts SET balance = balance + 1 WHERE id = 'tampered'")
+        .await;
+
+    let mut command = app.tollgate_cli();
+    command.args(["ledger", "verify"]);
+    let output = tokio::task::spawn_blocking(move || command.output())
+        .await
+        .expect("join")
+        .expect("run");
+    assert_eq!(output.status.code(), Some(1));
+    let report = String::from_utf8_lossy(&output.stdout);
+    assert!(report.contains("account tampered:"), "{report}");
+    assert!(!report.contains("account honest:"), "{report}");
+}

@@ -408,6 +408,26 @@ impl TestApp {
             .expect("reopen ledger")
     }
 
+    /// Runs one statement on this test's database behind the gateway's back (to corrupt it).
+    pub async fn execute_sql(&self, sql: &'static str) {
+        let url = &self.config.database.url;
+        if url.starts_with("mysql:") {
+            let pool = sqlx::MySqlPool::connect(url).await.expect("open db");
+            sqlx::query(sql)
+                .execute(&pool)
+                .await
+                .expect("statement runs");
+            pool.close().await;
+        } else {
+            let pool = sqlx::SqlitePool::connect(url).await.expect("open db");
+            sqlx::query(sql)
+                .execute(&pool)
+                .await
+                .expect("statement runs");
+            pool.close().await;
+        }
+    }
+
     /// Rows in the tables a request could write: accounts, ledger entries, usage, keys.
     pub async fn row_counts(&self) -> [i64; 4] {
         let queries = [
