@@ -7,6 +7,7 @@
 pub mod grants;
 pub mod mysql;
 pub mod sqlite;
+mod verify;
 
 use std::sync::Arc;
 

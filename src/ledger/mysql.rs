@@ -19,7 +19,7 @@
 //!   transaction back and runs it again after a short random pause; the re-run sees the winner's
 //!   row and reports a replay instead of an error.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -33,6 +33,7 @@ use sqlx::{
 };
 
 use super::grants::{GrantRow, drawing_order, plan_credit, plan_debit};
+use super::verify::Checks;
 use super::{
     AccountRecord, ApiKeyRecord, Bucket, EntryType, GrantOutcome, GrantRecord, GrantRequest,
     Ledger, LedgerEntry, LedgerError, Page, SettleOutcome, Settlement, Snapshot, UsageRecord,
@@ -1187,19 +1188,6 @@ impl MySqlLedger {
     }
 }
 
-/// Per-account state while [`MySqlLedger::verify`] walks the ledger.
-#[derive(Default)]
-struct AccountCheck {
-    exists: bool,
-    balance: i64,
-    debt: i64,
-    running: i64,
-    sum: i128,
-    /// Σ remaining of the account's unswept grants.
-    live_remaining: i128,
-    problems: Vec<String>,
-}
-
 #[async_trait]
 impl Ledger for MySqlLedger {
     async fn migrate(&self) -> Result<(), LedgerError> {
@@ -1389,53 +1377,8 @@ impl Ledger for MySqlLedger {
             .begin_with("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
             .await?;
 
-        let mut checks: BTreeMap<String, AccountCheck> = BTreeMap::new();
-        {
-            let mut rows = sqlx::query("SELECT id, balance, debt FROM accounts").fetch(&mut *tx);
-            while let Some(row) = rows.try_next().await? {
-                checks.insert(
-                    row.try_get("id")?,
-                    AccountCheck {
-                        exists: true,
-                        balance: row.try_get("balance")?,
-                        debt: row.try_get("debt")?,
-                        ..AccountCheck::default()
-                    },
-                );
-            }
-        }
-        {
-            // One pass in id order: per account, that is each account's own entry order.
-            let mut rows = sqlx::query(
-                "SELECT id, account_id, amount, balance_before, balance_after \
-                 FROM credit_transactions ORDER BY id",
-            )
-            .fetch(&mut *tx);
-            while let Some(row) = rows.try_next().await? {
-                let account: String = row.try_get("account_id")?;
-                let entry_id: i64 = row.try_get("id")?;
-                let amount: i64 = row.try_get("amount")?;
-                let before: i64 = row.try_get("balance_before")?;
-                let after: i64 = row.try_get("balance_after")?;
-                // An account that does not exist (the foreign key forbids it) is reported below.
-                let check = checks.entry(account).or_default();
-                if before != check.running {
-                    check.problems.push(format!(
-                        "entry {entry_id}: balance_before {before} but the previous entry left {}",
-                        check.running
-                    ));
-                }
-                if i128::from(before) + i128::from(amount) != i128::from(after) {
-                    check
-                        .problems
-                        .push(format!("entry {entry_id}: {before} + {amount} != {after}"));
-                }
-                check.running = after;
-                check.sum += i128::from(amount);
-            }
-        }
+        let mut checks = Checks::read::<MySql>(&mut tx).await?;
         // SUM over BIGINT is DECIMAL on the server; it travels as text and is parsed exactly.
-        let mut drawn: HashMap<i64, i128> = HashMap::new();
         {
             let mut rows = sqlx::query(
                 "SELECT grant_id, CAST(SUM(amount) AS CHAR) AS drawn FROM grant_draws \
@@ -1448,72 +1391,10 @@ impl Ledger for MySqlLedger {
                 let sum = sum.parse::<i128>().map_err(|_| {
                     LedgerError::Corrupt(format!("grant {grant_id}: draws sum `{sum}`"))
                 })?;
-                drawn.insert(grant_id, sum);
+                checks.draw(grant_id, sum);
             }
         }
-        {
-            let mut rows = sqlx::query(
-                "SELECT id, account_id, amount, debt_paid, remaining, expired_at \
-                 FROM credit_grants ORDER BY id",
-            )
-            .fetch(&mut *tx);
-            while let Some(row) = rows.try_next().await? {
-                let account: String = row.try_get("account_id")?;
-                let grant_id: i64 = row.try_get("id")?;
-                let amount: i64 = row.try_get("amount")?;
-                let debt_paid: i64 = row.try_get("debt_paid")?;
-                let remaining: i64 = row.try_get("remaining")?;
-                let expired_at: Option<i64> = row.try_get("expired_at")?;
-                let draws = drawn.get(&grant_id).copied().unwrap_or(0);
-                let expected = i128::from(amount) - i128::from(debt_paid) - draws;
-                let check = checks.entry(account).or_default();
-                if remaining < 0 {
-                    check.problems.push(format!(
-                        "grant {grant_id}: remaining {remaining} is negative"
-                    ));
-                }
-                if i128::from(remaining) != expected {
-                    check.problems.push(format!(
-                        "grant {grant_id}: remaining {remaining} but amount {amount} - debt paid \
-                         {debt_paid} - drawn {draws} = {expected}"
-                    ));
-                }
-                if expired_at.is_none() {
-                    check.live_remaining += i128::from(remaining);
-                }
-            }
-        }
-
-        let mut problems = Vec::new();
-        for (account, check) in checks {
-            let mut report = |problem: String| {
-                problems.push(VerifyProblem {
-                    account: account.clone(),
-                    problem,
-                });
-            };
-            if !check.exists {
-                report("entries or grants belong to an account that does not exist".into());
-            }
-            for problem in check.problems {
-                report(problem);
-            }
-            if check.sum != i128::from(check.balance) {
-                report(format!(
-                    "entries sum to {} micro-credits but the balance is {}",
-                    check.sum, check.balance
-                ));
-            }
-            if check.debt < 0 {
-                report(format!("debt {} is negative", check.debt));
-            }
-            if check.live_remaining - i128::from(check.debt) != i128::from(check.balance) {
-                report(format!(
-                    "live grants hold {} and the debt is {}, but the balance is {}",
-                    check.live_remaining, check.debt, check.balance
-                ));
-            }
-        }
+        let mut problems = checks.finish();
 
         let orphans = sqlx::query(
             "SELECT u.request_id, u.account_id FROM usage_records u \

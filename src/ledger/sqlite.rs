@@ -4,7 +4,7 @@
 //! front; balances, debts and grants read inside such a transaction cannot change under it, so
 //! updates may set absolute values computed from those reads.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
@@ -16,6 +16,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Row, SqlSafeStr, SqliteConnection, SqlitePool};
 
 use super::grants::{GrantRow, drawing_order, plan_credit, plan_debit};
+use super::verify::Checks;
 use super::{
     AccountRecord, ApiKeyRecord, Bucket, EntryType, GrantOutcome, GrantRecord, GrantRequest,
     Ledger, LedgerEntry, LedgerError, Page, SettleOutcome, Settlement, Snapshot, UsageRecord,
@@ -455,18 +456,6 @@ struct Touched {
     state: AccountState,
     grants: Option<Vec<GrantRow>>,
     drawn: BTreeSet<i64>,
-}
-
-/// Per-account state while [`SqliteLedger::verify`] walks the ledger.
-#[derive(Default)]
-struct AccountCheck {
-    exists: bool,
-    balance: i64,
-    debt: i64,
-    running: i64,
-    sum: i128,
-    live_remaining: i128,
-    problems: Vec<String>,
 }
 
 impl SqliteLedger {
@@ -1000,121 +989,15 @@ impl Ledger for SqliteLedger {
         // One read transaction: in WAL mode every read below sees the snapshot the first one
         // took, so settlements committing meanwhile cannot make the tables disagree.
         let mut tx = self.pool.begin().await?;
-        let mut checks: BTreeMap<String, AccountCheck> = BTreeMap::new();
-        {
-            let mut rows = sqlx::query("SELECT id, balance, debt FROM accounts").fetch(&mut *tx);
-            while let Some(row) = rows.try_next().await? {
-                checks.insert(
-                    row.try_get("id")?,
-                    AccountCheck {
-                        exists: true,
-                        balance: row.try_get("balance")?,
-                        debt: row.try_get("debt")?,
-                        ..AccountCheck::default()
-                    },
-                );
-            }
-        }
-        {
-            // One pass in id order: per account, that is each account's own entry order.
-            let mut rows = sqlx::query(
-                "SELECT id, account_id, amount, balance_before, balance_after \
-                 FROM credit_transactions ORDER BY id",
-            )
-            .fetch(&mut *tx);
-            while let Some(row) = rows.try_next().await? {
-                let account: String = row.try_get("account_id")?;
-                let entry_id: i64 = row.try_get("id")?;
-                let amount: i64 = row.try_get("amount")?;
-                let before: i64 = row.try_get("balance_before")?;
-                let after: i64 = row.try_get("balance_after")?;
-                let check = checks.entry(account).or_default();
-                if before != check.running {
-                    check.problems.push(format!(
-                        "entry {entry_id}: balance_before {before} but the previous entry left {}",
-                        check.running
-                    ));
-                }
-                if i128::from(before) + i128::from(amount) != i128::from(after) {
-                    check
-                        .problems
-                        .push(format!("entry {entry_id}: {before} + {amount} != {after}"));
-                }
-                check.running = after;
-                check.sum += i128::from(amount);
-            }
-        }
-        let mut drawn: HashMap<i64, i128> = HashMap::new();
+        let mut checks = Checks::read::<sqlx::Sqlite>(&mut tx).await?;
         {
             let mut rows = sqlx::query("SELECT grant_id, amount FROM grant_draws").fetch(&mut *tx);
             while let Some(row) = rows.try_next().await? {
                 let amount: i64 = row.try_get("amount")?;
-                *drawn.entry(row.try_get("grant_id")?).or_default() += i128::from(amount);
+                checks.draw(row.try_get("grant_id")?, i128::from(amount));
             }
         }
-        {
-            let mut rows = sqlx::query(
-                "SELECT id, account_id, amount, debt_paid, remaining, expired_at \
-                 FROM credit_grants ORDER BY id",
-            )
-            .fetch(&mut *tx);
-            while let Some(row) = rows.try_next().await? {
-                let account: String = row.try_get("account_id")?;
-                let grant_id: i64 = row.try_get("id")?;
-                let amount: i64 = row.try_get("amount")?;
-                let debt_paid: i64 = row.try_get("debt_paid")?;
-                let remaining: i64 = row.try_get("remaining")?;
-                let expired_at: Option<i64> = row.try_get("expired_at")?;
-                let draws = drawn.get(&grant_id).copied().unwrap_or(0);
-                let expected = i128::from(amount) - i128::from(debt_paid) - draws;
-                let check = checks.entry(account).or_default();
-                if remaining < 0 {
-                    check.problems.push(format!(
-                        "grant {grant_id}: remaining {remaining} is negative"
-                    ));
-                }
-                if i128::from(remaining) != expected {
-                    check.problems.push(format!(
-                        "grant {grant_id}: remaining {remaining} but amount {amount} - debt paid \
-                         {debt_paid} - drawn {draws} = {expected}"
-                    ));
-                }
-                if expired_at.is_none() {
-                    check.live_remaining += i128::from(remaining);
-                }
-            }
-        }
-
-        let mut problems = Vec::new();
-        for (account, check) in checks {
-            let mut report = |problem: String| {
-                problems.push(VerifyProblem {
-                    account: account.clone(),
-                    problem,
-                });
-            };
-            if !check.exists {
-                report("entries or grants belong to an account that does not exist".into());
-            }
-            for problem in check.problems {
-                report(problem);
-            }
-            if check.sum != i128::from(check.balance) {
-                report(format!(
-                    "entries sum to {} micro-credits but the balance is {}",
-                    check.sum, check.balance
-                ));
-            }
-            if check.debt < 0 {
-                report(format!("debt {} is negative", check.debt));
-            }
-            if check.live_remaining - i128::from(check.debt) != i128::from(check.balance) {
-                report(format!(
-                    "live grants hold {} and the debt is {}, but the balance is {}",
-                    check.live_remaining, check.debt, check.balance
-                ));
-            }
-        }
+        let mut problems = checks.finish();
 
         let orphans = sqlx::query(
             "SELECT u.request_id, u.account_id FROM usage_records u \
