@@ -52,6 +52,8 @@ pub struct AppState {
     /// Where instances announce their price versions (with Redis only).
     pub pricing_registry: Option<PricingRegistry>,
     pub pricing_path: std::path::PathBuf,
+    /// Credit packages on sale, from the config.
+    pub packages: Arc<Vec<crate::billing::packages::Package>>,
     /// The last cache epoch seen; a different one in the ledger means someone else changed it.
     epoch: Arc<AtomicI64>,
 }
@@ -217,6 +219,7 @@ impl App {
             body_limit: config.server.body_limit_bytes,
             pricing_registry,
             pricing_path: config.metering.pricing_file.clone(),
+            packages: Arc::new(config.packages.clone()),
             epoch: Arc::new(AtomicI64::new(epoch)),
         };
         // Load the tokenizer now rather than inside the first request.
@@ -352,7 +355,8 @@ fn router(state: AppState) -> Router {
     let credits = Router::new()
         .route("/balance", get(http::credits::balance))
         .route("/transactions", get(http::credits::transactions))
-        .route("/usage", get(http::credits::usage));
+        .route("/usage", get(http::credits::usage))
+        .route("/packages", get(http::credits::packages));
     let admin = Router::new()
         .route("/accounts/{account}", get(admin::routes::account))
         .route("/accounts/{account}/credits", post(admin::routes::grant))

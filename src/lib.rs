@@ -9,6 +9,7 @@
 //! - [`ledger`]: the ledger port and its SQLite adapter (source of truth for money).
 //! - [`cache`]: the balance-cache port and its in-process adapter (holds, pending settlements).
 //! - [`http`]: the OpenAI-shaped error type, `/api/credits` routes, health checks.
+//! - [`billing`]: credit packages and payment providers' webhook signatures.
 //! - [`admin`]: admin operations shared by `/admin` routes and the CLI.
 //! - [`cli`]: the `tollgate` command line.
 //! - [`domain`]: money and id newtypes.
@@ -16,6 +17,7 @@
 pub mod admin;
 pub mod app;
 pub mod auth;
+pub mod billing;
 pub mod cache;
 pub mod cli;
 pub mod config;

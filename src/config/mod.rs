@@ -49,6 +49,9 @@ pub struct Config {
     pub metering: MeteringConfig,
     #[serde(default)]
     pub upstreams: Vec<UpstreamConfig>,
+    /// Credit packages on sale (`GET /api/credits/packages`).
+    #[serde(default)]
+    pub packages: Vec<crate::billing::packages::Package>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -345,6 +348,7 @@ impl Config {
         }
         self.resolve_upstreams(|name| std::env::var(name).ok())
             .map_err(error)?;
+        crate::billing::packages::validate(&self.packages).map_err(error)?;
         Ok(())
     }
 
@@ -540,6 +544,26 @@ mod tests {
         assert_eq!(config.cache.key_prefix, "tg");
         let err = parse("[cache]\nredis = \"x\"\n").expect_err("unknown field");
         assert!(err.to_string().contains("redis"), "{err}");
+    }
+
+    #[test]
+    fn the_shipped_config_is_valid() {
+        let config = parse(include_str!("../../config/tollgate.toml")).expect("parses");
+        config.validate("config/tollgate.toml").expect("validates");
+        assert_eq!(config.upstreams[0].base_url, BUILTIN_MOCK_URL);
+        let ids: Vec<&str> = config.packages.iter().map(|p| p.id.as_str()).collect();
+        assert_eq!(ids, ["starter", "professional", "enterprise"]);
+        assert_eq!(config.packages[0].price.to_string(), "9.99");
+    }
+
+    #[test]
+    fn a_bad_package_stops_start_up_naming_the_field() {
+        let text = "[[packages]]\nid = \"a\"\nname = \"A\"\ncredits = \"0\"\nprice = \"1\"\ncurrency = \"USD\"\n";
+        let err = parse(text)
+            .expect("parses")
+            .validate("t")
+            .expect_err("zero credits");
+        assert!(err.to_string().contains("packages[0].credits"), "{err}");
     }
 
     #[test]

@@ -128,3 +128,10 @@ pub async fn usage(
         page.limit,
     ))
 }
+
+/// `GET /api/credits/packages`: the active credit packages, in config order.
+pub async fn packages(State(state): State<AppState>) -> Json<Value> {
+    let data: Vec<&crate::billing::packages::Package> =
+        state.packages.iter().filter(|p| p.active).collect();
+    Json(json!({"object": "list", "data": data}))
+}

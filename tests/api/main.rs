@@ -9,6 +9,7 @@ pub const BACKEND: helpers::Backend = helpers::Backend::Embedded;
 mod admin_and_keys;
 mod auth;
 mod bad_input;
+mod billing;
 mod concurrency;
 mod grants_and_pricing;
 mod ledger_contract;

@@ -14,6 +14,8 @@ mod admin_and_keys;
 mod auth;
 #[path = "../api/bad_input.rs"]
 mod bad_input;
+#[path = "../api/billing.rs"]
+mod billing;
 #[path = "../api/concurrency.rs"]
 mod concurrency;
 #[path = "../api/grants_and_pricing.rs"]

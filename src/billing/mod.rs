@@ -1,0 +1,4 @@
+//! Selling credits: the credit packages on offer and the payment providers' webhook signatures.
+
+pub mod packages;
+pub mod signatures;
