@@ -164,8 +164,7 @@ pub struct TestApp {
     pub state: AppState,
     /// A second connection to the same database, for checking what was written.
     pub ledger: Arc<dyn Ledger>,
-    shutdown: Option<oneshot::Sender<()>>,
-    server: Option<JoinHandle<anyhow::Result<()>>>,
+    gateway: Gateway,
     // Last: the database and keys outlive every connection above.
     _isolation: Isolation,
 }
@@ -196,7 +195,6 @@ impl Gateway {
     }
 
     /// Stops gracefully (drain, flush) and waits for it.
-    #[allow(dead_code, reason = "used by the production test binary only")]
     pub async fn stop(&mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
@@ -274,28 +272,22 @@ pricing_file = "{pricing}"
     let config_path = dir.path().join("tollgate.toml");
     std::fs::write(&config_path, &config_text).expect("write config");
     let config = Config::load(&config_path).expect("valid test config");
-    let Gateway {
-        base,
-        state,
-        shutdown,
-        server,
-    } = Gateway::start(&config).await;
+    let gateway = Gateway::start(&config).await;
     let ledger = tollgate::app::open_ledger(&config)
         .await
         .expect("open ledger");
     TestApp {
         config,
         _isolation: isolation,
-        base,
+        base: gateway.base.clone(),
         client: reqwest::Client::new(),
         dir,
         config_path,
         pricing_path,
         upstream,
-        state,
+        state: gateway.state.clone(),
         ledger,
-        shutdown,
-        server,
+        gateway,
     }
 }
 
@@ -390,15 +382,7 @@ impl TestApp {
 
     /// Stops the gateway gracefully (drain, flush) and waits for it.
     pub async fn stop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        if let Some(server) = self.server.take() {
-            server
-                .await
-                .expect("server task")
-                .expect("server stopped cleanly");
-        }
+        self.gateway.stop().await;
     }
 
     /// A fresh connection to this test's ledger (e.g. after the gateway stopped).
