@@ -1,5 +1,9 @@
-//! Selling credits: the credit packages on offer and the payment providers' webhook signatures.
+//! Selling credits: packages, payment providers' checkouts and webhooks, orders and invoices.
 
 pub mod invoice;
+pub mod lemonsqueezy;
 pub mod packages;
+pub mod pdf;
+pub mod provider;
 pub mod signatures;
+pub mod stripe;

@@ -1,6 +1,7 @@
 //! Integration tests: the real gateway on an ephemeral loopback port, a fake OpenAI upstream
 //! (a real HTTP server) and a real HTTP client. One binary keeps link time down.
 
+mod fakes;
 mod helpers;
 
 /// This binary runs every test on the embedded default (SQLite, in-process cache).

@@ -2,6 +2,8 @@
 //! cache (127.0.0.1:3306 and :6379), each test in its own database and key prefix. Plus what
 //! only the shared backends can show: several instances, a crash, Redis and MySQL faults.
 
+#[path = "../api/fakes.rs"]
+mod fakes;
 #[path = "../api/helpers.rs"]
 mod helpers;
 

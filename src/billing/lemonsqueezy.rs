@@ -1,0 +1,1 @@
+//! Lemon Squeezy API client (being written).

@@ -1,0 +1,1 @@
+//! Invoice PDF rendering (being written).

@@ -1,0 +1,1 @@
+//! Stripe API client (being written).

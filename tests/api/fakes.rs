@@ -1,0 +1,1 @@
+//! Fake payment provider APIs on loopback (being written).
