@@ -10,6 +10,8 @@ use std::time::Duration;
 use globset::{Glob, GlobMatcher};
 use serde::Deserialize;
 
+pub mod payments;
+
 use crate::auth::jwt::JwtSettings;
 use crate::domain::Credits;
 
@@ -52,6 +54,11 @@ pub struct Config {
     /// Credit packages on sale (`GET /api/credits/packages`).
     #[serde(default)]
     pub packages: Vec<crate::billing::packages::Package>,
+    #[serde(default)]
+    pub payments: payments::PaymentsConfig,
+    /// Seller details and tax printed on invoices.
+    #[serde(default)]
+    pub invoices: crate::billing::orders::InvoiceSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -349,7 +356,23 @@ impl Config {
         self.resolve_upstreams(|name| std::env::var(name).ok())
             .map_err(error)?;
         crate::billing::packages::validate(&self.packages).map_err(error)?;
+        self.resolve_payments(|name| std::env::var(name).ok())
+            .map_err(error)?;
+        if self.invoices.tax_rate_percent.is_sign_negative() {
+            return Err(error(
+                "invoices.tax_rate_percent: must not be negative".into(),
+            ));
+        }
         Ok(())
+    }
+
+    /// Validates `[payments]` and reads the providers' secrets.
+    pub fn resolve_payments(
+        &self,
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<payments::ResolvedPayments, String> {
+        let ids: Vec<&str> = self.packages.iter().map(|p| p.id.as_str()).collect();
+        self.payments.resolve(&ids, lookup)
     }
 
     /// Validates every upstream and resolves its API key (from the file or its env var).

@@ -6,6 +6,7 @@
 
 pub mod grants;
 pub mod mysql;
+mod payments;
 pub mod sqlite;
 mod verify;
 
@@ -337,6 +338,9 @@ pub trait Ledger: Send + Sync + 'static {
     /// grant is marked swept (`expired_at = now_ms`). Idempotent and safe to run on several
     /// instances at once. Returns the accounts whose balance changed, with their new snapshots.
     async fn expire_grants(&self, now_ms: i64) -> Result<Vec<(AccountId, Snapshot)>, LedgerError>;
+
+    /// Orders, payment events and invoices, kept in the same database.
+    fn payments(&self) -> &dyn crate::billing::store::PaymentStore;
 }
 
 pub fn now_ms() -> i64 {

@@ -53,6 +53,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "grants",
         include_str!("../../migrations/mysql/0002_grants.sql"),
     ),
+    (
+        3,
+        "payments",
+        include_str!("../../migrations/mysql/0003_payments.sql"),
+    ),
 ];
 
 fn migrator() -> Migrator {
@@ -160,6 +165,11 @@ fn server_error_number(error: &LedgerError) -> Option<u16> {
             .map(MySqlDatabaseError::number),
         _ => None,
     }
+}
+
+/// A deadlock or lock wait timeout: the transaction may simply be run again.
+fn is_lock_conflict(error: &LedgerError) -> bool {
+    is_transient(error, Retry::LockConflicts)
 }
 
 fn is_transient(error: &LedgerError, retry: Retry) -> bool {
@@ -1480,6 +1490,10 @@ impl Ledger for MySqlLedger {
             .collect()
     }
 
+    fn payments(&self) -> &dyn crate::billing::store::PaymentStore {
+        self
+    }
+
     async fn expire_grants(&self, now: i64) -> Result<Vec<(AccountId, Snapshot)>, LedgerError> {
         let accounts: Vec<String> = sqlx::query_scalar(
             "SELECT DISTINCT account_id FROM credit_grants \
@@ -1504,3 +1518,11 @@ impl Ledger for MySqlLedger {
         Ok(changed)
     }
 }
+
+super::payments::impl_payment_store!(
+    MySqlLedger,
+    begin = "BEGIN",
+    lock = " FOR UPDATE",
+    bump_counter = "INSERT INTO invoice_counters (year, last_number) VALUES (?, 1) ON DUPLICATE KEY UPDATE last_number = last_number + 1",
+    transient = is_lock_conflict
+);

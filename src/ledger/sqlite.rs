@@ -41,6 +41,12 @@ const MIGRATIONS: &[(i64, &str, &str, bool)] = &[
         include_str!("../../migrations/sqlite/0002_grants.sql"),
         true,
     ),
+    (
+        3,
+        "payments",
+        include_str!("../../migrations/sqlite/0003_payments.sql"),
+        false,
+    ),
 ];
 
 fn migrator() -> Migrator {
@@ -1069,6 +1075,10 @@ impl Ledger for SqliteLedger {
             .collect()
     }
 
+    fn payments(&self) -> &dyn crate::billing::store::PaymentStore {
+        self
+    }
+
     async fn expire_grants(&self, now: i64) -> Result<Vec<(AccountId, Snapshot)>, LedgerError> {
         let accounts: Vec<String> = sqlx::query_scalar(
             "SELECT DISTINCT account_id FROM credit_grants \
@@ -1088,3 +1098,16 @@ impl Ledger for SqliteLedger {
         Ok(changed)
     }
 }
+
+/// SQLite's one writer waits for the write lock (`busy_timeout`) instead of failing.
+fn never_transient(_: &LedgerError) -> bool {
+    false
+}
+
+super::payments::impl_payment_store!(
+    SqliteLedger,
+    begin = "BEGIN IMMEDIATE",
+    lock = "",
+    bump_counter = "INSERT INTO invoice_counters (year, last_number) VALUES (?, 1) ON CONFLICT (year) DO UPDATE SET last_number = last_number + 1",
+    transient = never_transient
+);

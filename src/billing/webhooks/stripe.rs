@@ -1,0 +1,195 @@
+//! Stripe events: Checkout Sessions, refunds and disputes.
+
+use serde_json::Value;
+
+use super::{
+    Action, Claim, Malformed, ParsedEvent, int_at, metadata, parse_json, required_int,
+    required_str, str_at,
+};
+use crate::billing::orders::{OrderStatus, PaymentFacts};
+use crate::billing::store::OrderLookup;
+
+pub fn parse(body: &[u8]) -> Result<ParsedEvent, Malformed> {
+    let event = parse_json(body)?;
+    let event_id = required_str(&event, &["id"])?;
+    let event_type = required_str(&event, &["type"])?;
+    let object = event
+        .pointer("/data/object")
+        .ok_or_else(|| Malformed("`data.object` is missing".into()))?;
+    let action = match event_type.as_str() {
+        "checkout.session.completed" | "checkout.session.async_payment_succeeded" => {
+            session_paid(object, event_type == "checkout.session.completed")?
+        }
+        "checkout.session.async_payment_failed" => Action::Closed {
+            lookup: session_lookup(object)?,
+            status: OrderStatus::Failed,
+        },
+        "checkout.session.expired" => Action::Closed {
+            lookup: session_lookup(object)?,
+            status: OrderStatus::Expired,
+        },
+        "charge.refunded" => Action::Refunded {
+            lookup: charge_lookup(object),
+            refunded_total: required_int(object, &["amount_refunded"])?,
+            currency: required_str(object, &["currency"])?,
+        },
+        "charge.dispute.created" => Action::DisputeOpened {
+            lookup: charge_lookup(object),
+            dispute_id: required_str(object, &["id"])?,
+            amount: required_int(object, &["amount"])?,
+            currency: required_str(object, &["currency"])?,
+        },
+        "charge.dispute.closed" => {
+            let status = required_str(object, &["status"])?;
+            let won = match status.as_str() {
+                "won" | "warning_closed" => true,
+                "lost" => false,
+                other => {
+                    return Ok(ParsedEvent {
+                        event_id,
+                        event_type,
+                        action: Action::Ignore(format!("dispute closed with status {other}")),
+                    });
+                }
+            };
+            Action::DisputeClosed {
+                lookup: charge_lookup(object),
+                dispute_id: required_str(object, &["id"])?,
+                won,
+            }
+        }
+        other => Action::Ignore(format!("event type {other} is not handled")),
+    };
+    Ok(ParsedEvent {
+        event_id,
+        event_type,
+        action,
+    })
+}
+
+/// A session's order: its metadata, else `client_reference_id` (`order:account`), else the
+/// session id Tollgate stored when it created the session.
+fn session_lookup(session: &Value) -> Result<OrderLookup, Malformed> {
+    let order_id = metadata(session, &["metadata"], "order_id").or_else(|| {
+        str_at(session, &["client_reference_id"])
+            .and_then(|r| r.split_once(':').map(|(order, _)| order.to_owned()))
+    });
+    Ok(OrderLookup {
+        order_id,
+        provider_order_id: Some(required_str(session, &["id"])?),
+        payment_ref: id_or_object(session, "payment_intent"),
+    })
+}
+
+fn session_paid(session: &Value, completed: bool) -> Result<Action, Malformed> {
+    let lookup = session_lookup(session)?;
+    let session_id = required_str(session, &["id"])?;
+    let payment_status = required_str(session, &["payment_status"])?;
+    if completed && payment_status == "unpaid" {
+        return Ok(Action::AwaitingPayment {
+            lookup,
+            provider_order_id: session_id,
+            payment_ref: id_or_object(session, "payment_intent"),
+        });
+    }
+    if payment_status != "paid" && payment_status != "no_payment_required" {
+        return Ok(Action::Ignore(format!(
+            "payment_status is {payment_status}"
+        )));
+    }
+    Ok(Action::Paid {
+        claim: Claim {
+            account_id: metadata(session, &["metadata"], "account_id"),
+            package_id: metadata(session, &["metadata"], "package_id"),
+        },
+        facts: PaymentFacts {
+            provider_order_id: session_id,
+            payment_ref: id_or_object(session, "payment_intent"),
+            amount: int_at(session, &["amount_total"]).unwrap_or(0),
+            currency: required_str(session, &["currency"])?,
+            buyer_email: str_at(session, &["customer_details", "email"]).map(str::to_owned),
+            buyer_name: str_at(session, &["customer_details", "name"]).map(str::to_owned),
+        },
+        lookup,
+    })
+}
+
+/// A charge's or dispute's order: by metadata if present, else by its PaymentIntent.
+fn charge_lookup(object: &Value) -> OrderLookup {
+    OrderLookup {
+        order_id: metadata(object, &["metadata"], "order_id"),
+        provider_order_id: None,
+        payment_ref: id_or_object(object, "payment_intent"),
+    }
+}
+
+/// A field that is an id, or the expanded object carrying it.
+fn id_or_object(object: &Value, field: &str) -> Option<String> {
+    match object.get(field)? {
+        Value::String(id) => Some(id.clone()),
+        Value::Object(expanded) => expanded.get("id")?.as_str().map(str::to_owned),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn event(kind: &str, object: Value) -> Vec<u8> {
+        json!({"id": "evt_1", "object": "event", "type": kind, "data": {"object": object}})
+            .to_string()
+            .into_bytes()
+    }
+
+    #[test]
+    fn a_paid_session_carries_the_order_and_the_amount() {
+        let body = event(
+            "checkout.session.completed",
+            json!({"id": "cs_1", "payment_status": "paid", "amount_total": 999,
+                   "currency": "usd", "payment_intent": "pi_1",
+                   "metadata": {"order_id": "ord_1", "account_id": "alice", "package_id": "starter"},
+                   "customer_details": {"email": "a@example.com", "name": "Alice"}}),
+        );
+        let parsed = parse(&body).unwrap_or_else(|e| panic!("{e}"));
+        let Action::Paid {
+            lookup,
+            claim,
+            facts,
+        } = parsed.action
+        else {
+            panic!("{:?}", parsed.action)
+        };
+        assert_eq!(lookup.order_id.as_deref(), Some("ord_1"));
+        assert_eq!(claim.package_id.as_deref(), Some("starter"));
+        assert_eq!((facts.amount, facts.currency.as_str()), (999, "usd"));
+        assert_eq!(facts.payment_ref.as_deref(), Some("pi_1"));
+    }
+
+    #[test]
+    fn an_unpaid_completed_session_waits_for_the_money() {
+        let body = event(
+            "checkout.session.completed",
+            json!({"id": "cs_1", "payment_status": "unpaid", "currency": "usd",
+                   "client_reference_id": "ord_9:alice"}),
+        );
+        let parsed = parse(&body).unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            matches!(&parsed.action, Action::AwaitingPayment { lookup, .. }
+                if lookup.order_id.as_deref() == Some("ord_9")),
+            "{:?}",
+            parsed.action
+        );
+    }
+
+    #[test]
+    fn unknown_types_are_ignored_and_bad_shapes_are_malformed() {
+        let parsed = parse(&event("customer.created", json!({"id": "cus_1"})))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(parsed.action, Action::Ignore(_)));
+        assert!(parse(b"not json").is_err());
+        assert!(parse(&event("charge.refunded", json!({"id": "ch_1"}))).is_err());
+    }
+}
