@@ -2,8 +2,12 @@
 
 pub mod invoice;
 pub mod lemonsqueezy;
+pub mod money;
+pub mod orders;
 pub mod packages;
 pub mod pdf;
 pub mod provider;
 pub mod signatures;
+pub mod store;
 pub mod stripe;
+pub mod webhooks;
