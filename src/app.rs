@@ -54,6 +54,7 @@ pub struct AppState {
     pub pricing_path: std::path::PathBuf,
     /// Credit packages on sale, from the config.
     pub packages: Arc<Vec<crate::billing::packages::Package>>,
+    pub payments: Arc<crate::billing::service::Payments>,
     /// The last cache epoch seen; a different one in the ledger means someone else changed it.
     epoch: Arc<AtomicI64>,
 }
@@ -187,9 +188,20 @@ impl App {
             settler.clone(),
             instance.clone(),
         );
+        let packages = Arc::new(config.packages.clone());
+        let payments = Arc::new(
+            crate::billing::service::Payments::new(
+                &config,
+                ledger.clone(),
+                cache.clone(),
+                packages.clone(),
+            )
+            .context("config: payments")?,
+        );
         let recovery = spawn_recovery(
             ledger.clone(),
             cache.clone(),
+            payments.clone(),
             Duration::from_millis(config.metering.recovery_interval_ms.max(100)),
             Duration::from_secs(config.metering.orphan_after_secs.max(1)),
             Duration::from_secs(config.metering.expiry_sweep_secs.max(1)),
@@ -219,7 +231,8 @@ impl App {
             body_limit: config.server.body_limit_bytes,
             pricing_registry,
             pricing_path: config.metering.pricing_file.clone(),
-            packages: Arc::new(config.packages.clone()),
+            packages,
+            payments,
             epoch: Arc::new(AtomicI64::new(epoch)),
         };
         // Load the tokenizer now rather than inside the first request.
@@ -286,11 +299,13 @@ impl App {
     }
 }
 
-/// Every `interval`: release expired holds and write settlements orphaned by a dead instance;
+/// Every `interval`: release expired holds, write settlements orphaned by a dead instance and
+/// apply order credit moves left pending;
 /// every `sweep_every`: take expired grant remainders out of balances.
 fn spawn_recovery(
     ledger: SharedLedger,
     cache: SharedCache,
+    payments: Arc<crate::billing::service::Payments>,
     interval: Duration,
     orphan_age: Duration,
     sweep_every: Duration,
@@ -316,6 +331,12 @@ fn spawn_recovery(
                 Err(error) => {
                     tracing::warn!(%error, "recovery pass failed; retrying next interval")
                 }
+            }
+            // Credit moves whose webhook failed half-way and was not delivered again.
+            match payments.apply_moves(None).await {
+                Ok(0) => {}
+                Ok(applied) => tracing::info!(applied, "applied pending order credit moves"),
+                Err(error) => tracing::warn!(%error, "applying order credit moves failed"),
             }
             if last_sweep.is_none_or(|at| at.elapsed() >= sweep_every) {
                 last_sweep = Some(tokio::time::Instant::now());
@@ -357,18 +378,33 @@ fn router(state: AppState) -> Router {
         .route("/transactions", get(http::credits::transactions))
         .route("/usage", get(http::credits::usage))
         .route("/packages", get(http::credits::packages));
+    let payment = Router::new()
+        .route("/create-checkout", post(http::payments::create_checkout))
+        .route("/orders", get(http::payments::orders))
+        .route("/orders/{id}", get(http::payments::order))
+        .route("/invoices/{id}", get(http::payments::invoice))
+        .route("/invoices/{id}/download", get(http::payments::invoice_pdf))
+        .route("/webhook", post(http::payments::stripe_webhook))
+        .route(
+            "/webhook/lemonsqueezy",
+            post(http::payments::lemonsqueezy_webhook),
+        )
+        .route("/webhook/polar", post(http::payments::polar_webhook));
     let admin = Router::new()
         .route("/accounts/{account}", get(admin::routes::account))
         .route("/accounts/{account}/credits", post(admin::routes::grant))
         .route("/accounts/{account}/keys", post(admin::routes::create_key))
         .route("/keys/{key_id}", delete(admin::routes::revoke_key))
         .route("/pricing", get(admin::routes::pricing))
-        .route("/pricing/reload", post(admin::routes::reload_pricing));
+        .route("/pricing/reload", post(admin::routes::reload_pricing))
+        .route("/payments/events", get(admin::routes::payment_events))
+        .route("/orders/{id}", get(admin::routes::order));
     Router::new()
         .route("/healthz", get(http::health::healthz))
         .route("/readyz", get(http::health::readyz))
         .nest("/v1", v1)
         .nest("/api/credits", credits)
+        .nest("/api/payment", payment)
         .nest("/admin", admin)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -408,7 +444,7 @@ async fn request_id(mut request: Request, next: Next) -> Response {
 /// Authenticates every route except [`UNAUTHENTICATED_ROUTES`].
 async fn authenticate(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
     let path = request.uri().path();
-    if UNAUTHENTICATED_ROUTES.contains(&path) {
+    if UNAUTHENTICATED_ROUTES.contains(&path) || http::payments::WEBHOOK_ROUTES.contains(&path) {
         return next.run(request).await;
     }
     if let Err(error) = state.sync_external_changes().await {

@@ -1,7 +1,7 @@
 //! `/admin/*` routes (admin token or an admin-role JWT; checked by the auth middleware).
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -281,4 +281,65 @@ pub async fn reload_pricing(State(state): State<AppState>) -> Result<Json<Value>
         "version": version,
         "fingerprint": crate::metering::pricing_sync::fingerprint(&table),
     })))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct EventsQuery {
+    outcome: Option<String>,
+    #[serde(flatten)]
+    page: crate::http::credits::PageQuery,
+}
+
+/// `GET /admin/payments/events[?outcome=review]`: provider events as processed, newest first;
+/// those kept for review carry their raw payload.
+pub async fn payment_events(
+    State(state): State<AppState>,
+    Query(query): Query<EventsQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let page = query.page.page()?;
+    if let Some(outcome) = &query.outcome
+        && !["processed", "ignored", "review"].contains(&outcome.as_str())
+    {
+        return Err(ApiError::BadRequest {
+            message: "outcome must be one of processed, ignored, review".into(),
+            param: Some("outcome"),
+            code: None,
+        });
+    }
+    let events = state
+        .ledger
+        .payments()
+        .events(query.outcome.as_deref(), page)
+        .await?;
+    let last = events.last().map(|e| e.cursor);
+    let data = events
+        .iter()
+        .map(|event| {
+            let mut value = serde_json::to_value(event).unwrap_or(Value::Null);
+            if let Some(object) = value.as_object_mut() {
+                object.remove("received_at_ms");
+                object.insert(
+                    "received_at".into(),
+                    json!(crate::http::rfc3339(event.received_at_ms)),
+                );
+            }
+            value
+        })
+        .collect();
+    Ok(crate::http::credits::list(data, last, page.limit))
+}
+
+/// `GET /admin/orders/{id}`: any account's order.
+pub async fn order(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    match state.ledger.payments().order(&id).await? {
+        Some(order) => {
+            let mut value = crate::http::payments::order_json(&order);
+            value["account_id"] = json!(order.account);
+            Ok(Json(value))
+        }
+        None => Err(ApiError::NotFound(format!("no order {id}"))),
+    }
 }

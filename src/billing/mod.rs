@@ -7,6 +7,7 @@ pub mod orders;
 pub mod packages;
 pub mod pdf;
 pub mod provider;
+pub mod service;
 pub mod signatures;
 pub mod store;
 pub mod stripe;

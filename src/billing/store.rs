@@ -19,7 +19,7 @@ pub type StepFn<'a> = dyn Fn(&Order) -> Step + Send + Sync + 'a;
 pub enum UpdateOutcome {
     NotFound,
     /// The order after the step (unchanged if the step had nothing to do).
-    Applied(Order),
+    Applied(Box<Order>),
     /// The step refused; nothing was written.
     Deferred(Deferred),
 }

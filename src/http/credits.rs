@@ -23,7 +23,7 @@ pub struct PageQuery {
 }
 
 impl PageQuery {
-    fn page(&self) -> Result<Page, ApiError> {
+    pub(crate) fn page(&self) -> Result<Page, ApiError> {
         let limit = match self.limit.as_deref() {
             None => DEFAULT_LIMIT,
             Some(raw) => raw.parse::<u32>().unwrap_or(0),
@@ -50,7 +50,7 @@ impl PageQuery {
     }
 }
 
-fn list(data: Vec<Value>, last_cursor: Option<i64>, limit: u32) -> Json<Value> {
+pub(crate) fn list(data: Vec<Value>, last_cursor: Option<i64>, limit: u32) -> Json<Value> {
     let full = data.len() == limit as usize;
     let next_cursor = last_cursor.filter(|_| full).map(|c| c.to_string());
     Json(json!({"object": "list", "data": data, "next_cursor": next_cursor}))

@@ -39,6 +39,9 @@ pub enum ApiError {
     PayloadTooLarge(usize),
     #[error("{0}")]
     NotFound(String),
+    /// The request conflicts with the current state; retrying later may succeed.
+    #[error("{0}")]
+    Conflict(String),
     #[error("method {0} is not allowed on this route")]
     MethodNotAllowed(String),
     #[error("{message}")]
@@ -68,6 +71,7 @@ impl ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::InsufficientCredits { .. } => StatusCode::PAYMENT_REQUIRED,
             ApiError::ModelNotFound(_) | ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -94,6 +98,7 @@ impl ApiError {
                 ("invalid_request_error", None, Some("request_too_large"))
             }
             ApiError::NotFound(_) => ("invalid_request_error", None, Some("not_found")),
+            ApiError::Conflict(_) => ("invalid_request_error", None, Some("conflict")),
             ApiError::MethodNotAllowed(_) => {
                 ("invalid_request_error", None, Some("method_not_allowed"))
             }

@@ -3,6 +3,7 @@
 pub mod credits;
 pub mod error;
 pub mod health;
+pub mod payments;
 
 /// RFC 3339 UTC time of Unix milliseconds, as the APIs show timestamps.
 pub fn rfc3339(ms: i64) -> String {

@@ -446,7 +446,7 @@ macro_rules! impl_payment_store {
                 let current = $crate::ledger::payments::order_from_row(&row)?;
                 let transition = match step(&current) {
                     Ok(Some(transition)) => transition,
-                    Ok(None) => return Ok(UpdateOutcome::Applied(current)),
+                    Ok(None) => return Ok(UpdateOutcome::Applied(Box::new(current))),
                     Err(deferred) => return Ok(UpdateOutcome::Deferred(deferred)),
                 };
                 let now = $crate::ledger::now_ms();
@@ -524,7 +524,7 @@ macro_rules! impl_payment_store {
                     }
                 }
                 tx.commit().await?;
-                Ok(UpdateOutcome::Applied(order))
+                Ok(UpdateOutcome::Applied(Box::new(order)))
             }
         }
     };

@@ -1,1 +1,1499 @@
-//! Fake payment provider APIs on loopback (being written).
+//! Fake payment provider APIs on loopback, and webhook bodies signed the way the providers sign
+//! them.
+//!
+//! - [`FakeStripe`]: `POST /v1/checkout/sessions` as async-stripe sends it (form-encoded,
+//!   `Idempotency-Key` honoured), answering with a `checkout.session` that async-stripe's
+//!   deserializer accepts.
+//! - [`FakeLemonSqueezy`]: `POST /v1/checkouts` (JSON:API).
+//! - Webhook builders: Stripe (`Stripe-Signature`), Lemon Squeezy (`X-Signature`), Polar /
+//!   Standard Webhooks (`webhook-id`, `webhook-timestamp`, `webhook-signature`). The HMACs are
+//!   computed here, independently of the crate's verifier, and checked against the shared
+//!   vectors in `tests/fixtures/webhooks/webhook-signatures.json`.
+//!
+//! Included by both the api and the production test binaries; not every item is used by both.
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use hmac::{Hmac, Mac};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use tokio::task::JoinHandle;
+
+type HmacSha256 = Hmac<Sha256>;
+
+fn now_unix() -> i64 {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs();
+    i64::try_from(secs).expect("unix time fits i64")
+}
+
+fn rfc3339(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .expect("valid timestamp")
+        .format(&time::format_description::well_known::Rfc3339)
+        .expect("formats")
+}
+
+/// Adds `more`'s fields to the object `target` (big literals exceed `json!`'s recursion limit).
+fn extend(target: &mut Value, more: Value) {
+    if let (Value::Object(target), Value::Object(more)) = (target, more) {
+        target.extend(more);
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn header(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+async fn serve(router: Router) -> (String, JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind fake provider");
+    let addr = listener.local_addr().expect("fake provider addr");
+    let task = tokio::spawn(async move {
+        let _ = axum::serve(listener, router).await;
+    });
+    (format!("http://{addr}"), task)
+}
+
+/// Decodes an `application/x-www-form-urlencoded` body into (key, value) pairs, in order.
+pub fn parse_form(body: &str) -> Vec<(String, String)> {
+    let url = reqwest::Url::parse(&format!("http://form.invalid/?{body}")).expect("form body");
+    url.query_pairs()
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect()
+}
+
+/// The entries of `form` under `prefix[...]`, keyed by what is inside the brackets
+/// (`metadata[order_id]` → `order_id` for prefix `metadata`).
+fn bracketed(form: &BTreeMap<String, String>, prefix: &str) -> BTreeMap<String, String> {
+    let start = format!("{prefix}[");
+    form.iter()
+        .filter_map(|(k, v)| {
+            let inner = k.strip_prefix(&start)?.strip_suffix(']')?;
+            (!inner.contains('[')).then(|| (inner.to_owned(), v.clone()))
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stripe
+// ---------------------------------------------------------------------------------------------
+
+/// One Checkout Session the fake created.
+#[derive(Debug, Clone)]
+pub struct StripeSession {
+    pub id: String,
+    pub url: String,
+    /// Every form field as received (keys decoded, e.g. `line_items[0][price_data][currency]`).
+    pub form: BTreeMap<String, String>,
+    /// `unit_amount × quantity` of the line items.
+    pub amount: i64,
+    /// As sent (async-stripe lower-cases nothing itself; tollgate sends lower case).
+    pub currency: String,
+    pub product_name: Option<String>,
+    pub quantity: Option<i64>,
+    pub mode: Option<String>,
+    pub success_url: Option<String>,
+    pub cancel_url: Option<String>,
+    pub client_reference_id: Option<String>,
+    pub metadata: BTreeMap<String, String>,
+    pub payment_intent_metadata: BTreeMap<String, String>,
+    pub idempotency_key: Option<String>,
+    /// The `Stripe-Version` header the client sent.
+    pub stripe_version: Option<String>,
+    /// The JSON the fake answered with (replayed as-is for the same idempotency key).
+    pub response: Value,
+}
+
+#[derive(Default)]
+struct StripeState {
+    sessions: Vec<StripeSession>,
+    /// Idempotency key → index in `sessions`.
+    by_key: HashMap<String, usize>,
+    create_calls: usize,
+    fail_next: Option<u16>,
+    omit_url_next: bool,
+    next_id: u64,
+}
+
+/// A fake Stripe API on 127.0.0.1. `base` is what `StripeApi::new` takes as its API base.
+pub struct FakeStripe {
+    pub base: String,
+    state: Arc<Mutex<StripeState>>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for FakeStripe {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl FakeStripe {
+    pub async fn start() -> FakeStripe {
+        let state = Arc::new(Mutex::new(StripeState::default()));
+        let router = Router::new()
+            .route("/v1/checkout/sessions", post(stripe_create_session))
+            .fallback(|| async {
+                stripe_error(
+                    StatusCode::NOT_FOUND,
+                    "invalid_request_error",
+                    None,
+                    "Unrecognized request URL (fake Stripe).",
+                )
+            })
+            .with_state(state.clone());
+        let (base, task) = serve(router).await;
+        FakeStripe { base, state, task }
+    }
+
+    /// The next create answers `status` with a Stripe error body (and creates nothing).
+    pub fn fail_next(&self, status: u16) {
+        lock(&self.state).fail_next = Some(status);
+    }
+
+    /// The next session created is answered without a `url` (as an embedded session would be).
+    pub fn omit_url_next(&self) {
+        lock(&self.state).omit_url_next = true;
+    }
+
+    /// The sessions created, oldest first (idempotent replays do not add one).
+    pub fn sessions(&self) -> Vec<StripeSession> {
+        lock(&self.state).sessions.clone()
+    }
+
+    pub fn session(&self, id: &str) -> Option<StripeSession> {
+        lock(&self.state)
+            .sessions
+            .iter()
+            .find(|s| s.id == id)
+            .cloned()
+    }
+
+    /// Every `POST /v1/checkout/sessions` received: creates, idempotent replays and failures.
+    pub fn create_calls(&self) -> usize {
+        lock(&self.state).create_calls
+    }
+}
+
+fn stripe_error(status: StatusCode, kind: &str, code: Option<&str>, message: &str) -> Response {
+    let mut error = json!({ "type": kind, "message": message });
+    if let Some(code) = code {
+        error["code"] = json!(code);
+    }
+    (status, axum::Json(json!({ "error": error }))).into_response()
+}
+
+async fn stripe_create_session(
+    State(state): State<Arc<Mutex<StripeState>>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let mut state = lock(&state);
+    state.create_calls += 1;
+
+    let authorized = header(&headers, "authorization")
+        .and_then(|v| v.strip_prefix("Bearer ").map(str::to_owned))
+        .is_some_and(|key| key.starts_with("sk_test_") && key.len() > "sk_test_".len());
+    if !authorized {
+        return stripe_error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            None,
+            "Invalid API Key provided: sk_****",
+        );
+    }
+    if let Some(status) = state.fail_next.take() {
+        let status = StatusCode::from_u16(status).expect("fail_next: a valid HTTP status");
+        let (kind, code) = match status.as_u16() {
+            429 => ("invalid_request_error", Some("rate_limit")),
+            500.. => ("api_error", None),
+            _ => ("invalid_request_error", Some("parameter_invalid_empty")),
+        };
+        return stripe_error(
+            status,
+            kind,
+            code,
+            &format!("Fake Stripe failure ({})", status.as_u16()),
+        );
+    }
+
+    let form: BTreeMap<String, String> = parse_form(&String::from_utf8_lossy(&body))
+        .into_iter()
+        .collect();
+    let idempotency_key = header(&headers, "idempotency-key");
+    if let Some(key) = &idempotency_key
+        && let Some(&index) = state.by_key.get(key)
+    {
+        let earlier = &state.sessions[index];
+        if earlier.form != form {
+            return stripe_error(
+                StatusCode::BAD_REQUEST,
+                "idempotency_error",
+                None,
+                &format!(
+                    "Keys for idempotent requests can only be used with the same parameters they were first used with. Try using a key other than '{key}' if you meant to execute a different request."
+                ),
+            );
+        }
+        return (StatusCode::OK, axum::Json(earlier.response.clone())).into_response();
+    }
+
+    let Some(unit_amount) = form
+        .get("line_items[0][price_data][unit_amount]")
+        .and_then(|v| v.parse::<i64>().ok())
+    else {
+        return stripe_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            Some("parameter_missing"),
+            "Missing required param: line_items[0][price_data][unit_amount].",
+        );
+    };
+    let quantity = form
+        .get("line_items[0][quantity]")
+        .and_then(|v| v.parse::<i64>().ok());
+    let Some(currency) = form.get("line_items[0][price_data][currency]").cloned() else {
+        return stripe_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            Some("parameter_missing"),
+            "Missing required param: line_items[0][price_data][currency].",
+        );
+    };
+    let amount = unit_amount
+        .checked_mul(quantity.unwrap_or(1))
+        .expect("amount fits i64");
+
+    state.next_id += 1;
+    let id = format!("cs_test_{}", state.next_id);
+    let url = format!("https://checkout.stripe.test/c/pay/{id}");
+    let omit_url = std::mem::take(&mut state.omit_url_next);
+    let metadata = bracketed(&form, "metadata");
+    let payment_intent_metadata = bracketed(&form, "payment_intent_data[metadata]");
+    let created = now_unix();
+    let mut response = json!({
+        "id": id,
+        "object": "checkout.session",
+        "adaptive_pricing": null,
+        "after_expiration": null,
+        "allow_promotion_codes": null,
+        "amount_subtotal": amount,
+        "amount_total": amount,
+        "automatic_tax": { "enabled": false, "liability": null, "provider": null, "status": null },
+        "billing_address_collection": null,
+        "cancel_url": form.get("cancel_url"),
+        "client_reference_id": form.get("client_reference_id"),
+        "client_secret": null,
+        "consent": null,
+        "consent_collection": null,
+        "created": created,
+        "currency": currency,
+        "currency_conversion": null,
+        "custom_fields": [],
+        "custom_text": {
+            "after_submit": null,
+            "shipping_address": null,
+            "submit": null,
+            "terms_of_service_acceptance": null
+        },
+        "customer": null,
+        "customer_creation": "if_required",
+        "customer_details": null,
+    });
+    extend(
+        &mut response,
+        json!({
+        "customer_email": null,
+        "discounts": [],
+        "expires_at": created + 24 * 3600,
+        "invoice": null,
+        "invoice_creation": null,
+        "livemode": false,
+        "locale": null,
+        "metadata": metadata,
+        "mode": form.get("mode").map_or("payment", String::as_str),
+        "payment_intent": null,
+        "payment_link": null,
+        "payment_method_collection": "if_required",
+        "payment_method_configuration_details": null,
+        "payment_method_options": null,
+        "payment_method_types": ["card"],
+        "payment_status": "unpaid",
+        "phone_number_collection": null,
+        "recovered_from": null,
+        "saved_payment_method_options": null,
+        "setup_intent": null,
+        "shipping_address_collection": null,
+        "shipping_cost": null,
+        "shipping_options": [],
+        "status": "open",
+        "submit_type": null,
+        "subscription": null,
+        "success_url": form.get("success_url"),
+        "total_details": { "amount_discount": 0, "amount_shipping": 0, "amount_tax": 0 },
+        "ui_mode": "hosted_page",
+        "url": if omit_url { Value::Null } else { json!(url) },
+        "wallet_options": null
+        }),
+    );
+    let session = StripeSession {
+        id,
+        url,
+        amount,
+        currency,
+        product_name: form
+            .get("line_items[0][price_data][product_data][name]")
+            .cloned(),
+        quantity,
+        mode: form.get("mode").cloned(),
+        success_url: form.get("success_url").cloned(),
+        cancel_url: form.get("cancel_url").cloned(),
+        client_reference_id: form.get("client_reference_id").cloned(),
+        metadata,
+        payment_intent_metadata,
+        idempotency_key: idempotency_key.clone(),
+        stripe_version: header(&headers, "stripe-version"),
+        form,
+        response: response.clone(),
+    };
+    state.sessions.push(session);
+    if let Some(key) = idempotency_key {
+        let index = state.sessions.len() - 1;
+        state.by_key.insert(key, index);
+    }
+    (StatusCode::OK, axum::Json(response)).into_response()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Lemon Squeezy
+// ---------------------------------------------------------------------------------------------
+
+/// One checkout the fake created.
+#[derive(Debug, Clone)]
+pub struct LemonSqueezyCheckout {
+    pub id: String,
+    pub url: String,
+    pub store_id: Option<String>,
+    pub variant_id: Option<String>,
+    pub custom_price: Option<i64>,
+    /// `checkout_data.custom` as sent.
+    pub custom: Value,
+    pub redirect_url: Option<String>,
+    /// The whole request body.
+    pub body: Value,
+}
+
+#[derive(Default)]
+struct LemonSqueezyState {
+    checkouts: Vec<LemonSqueezyCheckout>,
+    create_calls: usize,
+    fail_next: Option<u16>,
+}
+
+/// A fake Lemon Squeezy API on 127.0.0.1. `base` is what `LemonSqueezyApi::new` takes.
+pub struct FakeLemonSqueezy {
+    pub base: String,
+    state: Arc<Mutex<LemonSqueezyState>>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for FakeLemonSqueezy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl FakeLemonSqueezy {
+    pub async fn start() -> FakeLemonSqueezy {
+        let state = Arc::new(Mutex::new(LemonSqueezyState::default()));
+        let router = Router::new()
+            .route("/v1/checkouts", post(ls_create_checkout))
+            .fallback(|| async { ls_error(StatusCode::NOT_FOUND, "Not Found", "Not found.") })
+            .with_state(state.clone());
+        let (base, task) = serve(router).await;
+        FakeLemonSqueezy { base, state, task }
+    }
+
+    /// The next create answers `status` with a JSON:API error body (and creates nothing).
+    pub fn fail_next(&self, status: u16) {
+        lock(&self.state).fail_next = Some(status);
+    }
+
+    pub fn checkouts(&self) -> Vec<LemonSqueezyCheckout> {
+        lock(&self.state).checkouts.clone()
+    }
+
+    /// Every `POST /v1/checkouts` received, failures included.
+    pub fn create_calls(&self) -> usize {
+        lock(&self.state).create_calls
+    }
+}
+
+fn ls_error(status: StatusCode, title: &str, detail: &str) -> Response {
+    let body = json!({
+        "jsonapi": { "version": "1.0" },
+        "errors": [{ "detail": detail, "status": status.as_u16().to_string(), "title": title }]
+    });
+    (
+        status,
+        [("content-type", "application/vnd.api+json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+async fn ls_create_checkout(
+    State(state): State<Arc<Mutex<LemonSqueezyState>>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let mut state = lock(&state);
+    state.create_calls += 1;
+
+    let authorized = header(&headers, "authorization")
+        .and_then(|v| v.strip_prefix("Bearer ").map(str::to_owned))
+        .is_some_and(|key| key.starts_with("ls_test_") && key.len() > "ls_test_".len());
+    if !authorized {
+        return ls_error(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthenticated.");
+    }
+    if let Some(status) = state.fail_next.take() {
+        let status = StatusCode::from_u16(status).expect("fail_next: a valid HTTP status");
+        return ls_error(
+            status,
+            status.canonical_reason().unwrap_or("Error"),
+            &format!("Fake Lemon Squeezy failure ({})", status.as_u16()),
+        );
+    }
+    let json_api = "application/vnd.api+json";
+    if header(&headers, "content-type").as_deref() != Some(json_api) {
+        return ls_error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "Unsupported Media Type",
+            "Content-Type must be application/vnd.api+json.",
+        );
+    }
+    if header(&headers, "accept").as_deref() != Some(json_api) {
+        return ls_error(
+            StatusCode::NOT_ACCEPTABLE,
+            "Not Acceptable",
+            "Accept must be application/vnd.api+json.",
+        );
+    }
+    let Ok(request) = serde_json::from_slice::<Value>(&body) else {
+        return ls_error(StatusCode::BAD_REQUEST, "Bad Request", "Invalid JSON body.");
+    };
+    if request.pointer("/data/type").and_then(Value::as_str) != Some("checkouts") {
+        return ls_error(
+            StatusCode::CONFLICT,
+            "Conflict",
+            "The resource type must be checkouts.",
+        );
+    }
+    let id_at = |pointer: &str| {
+        request.pointer(pointer).and_then(|v| match v {
+            Value::String(s) => Some(s.clone()),
+            Value::Number(n) => Some(n.to_string()),
+            _ => None,
+        })
+    };
+    let store_id = id_at("/data/relationships/store/data/id");
+    let variant_id = id_at("/data/relationships/variant/data/id");
+    if store_id.is_none() || variant_id.is_none() {
+        return ls_error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Unprocessable Entity",
+            "The store and variant relationships are required.",
+        );
+    }
+    let attributes = request
+        .pointer("/data/attributes")
+        .cloned()
+        .unwrap_or(Value::Null);
+    let custom_price = attributes.get("custom_price").and_then(Value::as_i64);
+    let custom = attributes
+        .pointer("/checkout_data/custom")
+        .cloned()
+        .unwrap_or(Value::Null);
+    let redirect_url = attributes
+        .pointer("/product_options/redirect_url")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+
+    let id = uuid::Uuid::new_v4().to_string();
+    let url = format!("https://tollgate-test.lemonsqueezy.test/checkout/custom/{id}");
+    let now = rfc3339(now_unix());
+    let as_number = |id: &Option<String>| {
+        id.as_deref()
+            .and_then(|s| s.parse::<i64>().ok())
+            .map_or_else(|| json!(id), |n| json!(n))
+    };
+    let response = json!({
+        "jsonapi": { "version": "1.0" },
+        "links": { "self": format!("https://api.lemonsqueezy.test/v1/checkouts/{id}") },
+        "data": {
+            "type": "checkouts",
+            "id": id,
+            "attributes": {
+                "store_id": as_number(&store_id),
+                "variant_id": as_number(&variant_id),
+                "custom_price": custom_price,
+                "product_options": attributes.get("product_options").cloned().unwrap_or(json!({})),
+                "checkout_options": attributes.get("checkout_options").cloned().unwrap_or(json!({})),
+                "checkout_data": attributes.get("checkout_data").cloned().unwrap_or(json!({})),
+                "preview": false,
+                "expires_at": null,
+                "created_at": now,
+                "updated_at": now,
+                "test_mode": true,
+                "url": url
+            },
+            "relationships": {
+                "store": { "links": {} },
+                "variant": { "links": {} }
+            },
+            "links": { "self": format!("https://api.lemonsqueezy.test/v1/checkouts/{id}") }
+        }
+    });
+    state.checkouts.push(LemonSqueezyCheckout {
+        id,
+        url,
+        store_id,
+        variant_id,
+        custom_price,
+        custom,
+        redirect_url,
+        body: request,
+    });
+    (
+        StatusCode::CREATED,
+        [("content-type", "application/vnd.api+json")],
+        response.to_string(),
+    )
+        .into_response()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Webhooks: signatures
+// ---------------------------------------------------------------------------------------------
+
+fn hmac_sha256(key: &[u8], parts: &[&[u8]]) -> Vec<u8> {
+    let mut mac = HmacSha256::new_from_slice(key).expect("HMAC takes any key length");
+    for part in parts {
+        mac.update(part);
+    }
+    mac.finalize().into_bytes().to_vec()
+}
+
+fn stripe_v1(secret: &str, timestamp: i64, body: &str) -> String {
+    hex::encode(hmac_sha256(
+        secret.as_bytes(),
+        &[timestamp.to_string().as_bytes(), b".", body.as_bytes()],
+    ))
+}
+
+/// `Stripe-Signature`: `t=<ts>,v1=<hex HMAC-SHA256(secret bytes, "{ts}.{body}")>`.
+pub fn stripe_signature_header(secret: &str, timestamp: i64, body: &str) -> String {
+    stripe_signature_header_multi(&[secret], timestamp, body)
+}
+
+/// `Stripe-Signature` during secret rotation: one `v1=` per secret, in the order given.
+pub fn stripe_signature_header_multi(secrets: &[&str], timestamp: i64, body: &str) -> String {
+    let mut header = format!("t={timestamp}");
+    for secret in secrets {
+        header.push_str(",v1=");
+        header.push_str(&stripe_v1(secret, timestamp, body));
+    }
+    header
+}
+
+/// `X-Signature`: hex HMAC-SHA256 of the raw body, keyed by the signing secret's bytes.
+pub fn lemonsqueezy_signature(secret: &str, body: &str) -> String {
+    hex::encode(hmac_sha256(secret.as_bytes(), &[body.as_bytes()]))
+}
+
+/// Standard Webhooks headers (`webhook-id`, `webhook-timestamp`, `webhook-signature`), signed
+/// over `"{id}.{ts}.{body}"`. The key is the secret string's UTF-8 bytes when
+/// `encoding_is_polar`, else the base64 decoding of the part after `whsec_`.
+pub fn polar_signature_headers(
+    secret: &str,
+    encoding_is_polar: bool,
+    msg_id: &str,
+    timestamp: i64,
+    body: &str,
+) -> [(String, String); 3] {
+    let key = if encoding_is_polar {
+        secret.as_bytes().to_vec()
+    } else {
+        let encoded = secret.strip_prefix("whsec_").unwrap_or(secret);
+        BASE64
+            .decode(encoded)
+            .expect("a Standard Webhooks secret is base64 after whsec_")
+    };
+    let signature = BASE64.encode(hmac_sha256(
+        &key,
+        &[
+            msg_id.as_bytes(),
+            b".",
+            timestamp.to_string().as_bytes(),
+            b".",
+            body.as_bytes(),
+        ],
+    ));
+    [
+        ("webhook-id".to_owned(), msg_id.to_owned()),
+        ("webhook-timestamp".to_owned(), timestamp.to_string()),
+        ("webhook-signature".to_owned(), format!("v1,{signature}")),
+    ]
+}
+
+// ---------------------------------------------------------------------------------------------
+// Webhooks: bodies
+// ---------------------------------------------------------------------------------------------
+
+/// A stable short hex tag derived from `seed` (for ids the providers would generate).
+fn tag(seed: &str, len: usize) -> String {
+    let digest = Sha256::digest(seed.as_bytes());
+    hex::encode(digest)[..len].to_owned()
+}
+
+/// A UUID-shaped id derived from `seed`, the same for the same seed.
+fn uuid_like(seed: &str) -> String {
+    let h = tag(seed, 32);
+    format!(
+        "{}-{}-4{}-8{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[13..16],
+        &h[17..20],
+        &h[20..32]
+    )
+}
+
+/// The JSON body of a Stripe event wrapping `object`.
+pub fn stripe_event(event_id: &str, event_type: &str, object: Value) -> String {
+    json!({
+        "id": event_id,
+        "object": "event",
+        "api_version": "2025-03-31.basil",
+        "created": now_unix(),
+        "data": { "object": object },
+        "livemode": false,
+        "pending_webhooks": 1,
+        "request": { "id": null, "idempotency_key": null },
+        "type": event_type
+    })
+    .to_string()
+}
+
+/// A `checkout.session` as Stripe sends it in `checkout.session.*` events: `status` is
+/// `complete` (set `obj["status"]` yourself for an expired one); `payment_intent` empty → null.
+#[allow(clippy::too_many_arguments)]
+pub fn checkout_session_object(
+    session_id: &str,
+    order_id: &str,
+    account_id: &str,
+    package_id: &str,
+    amount_total: i64,
+    currency: &str,
+    payment_status: &str,
+    payment_intent: &str,
+) -> Value {
+    let created = now_unix() - 60;
+    let mut object = json!({
+        "id": session_id,
+        "object": "checkout.session",
+        "after_expiration": null,
+        "allow_promotion_codes": null,
+        "amount_subtotal": amount_total,
+        "amount_total": amount_total,
+        "automatic_tax": { "enabled": false, "liability": null, "provider": null, "status": null },
+        "billing_address_collection": null,
+        "cancel_url": "https://tollgate.test/billing/cancel",
+        "client_reference_id": format!("{order_id}:{account_id}"),
+        "consent": null,
+        "consent_collection": null,
+        "created": created,
+        "currency": currency.to_ascii_lowercase(),
+        "custom_fields": [],
+        "custom_text": {
+            "after_submit": null,
+            "shipping_address": null,
+            "submit": null,
+            "terms_of_service_acceptance": null
+        },
+        "customer": null,
+        "customer_creation": "if_required",
+        "customer_details": {
+            "address": {
+                "city": null,
+                "country": "US",
+                "line1": null,
+                "line2": null,
+                "postal_code": "94107",
+                "state": null
+            },
+            "email": "buyer@example.test",
+            "name": "Test Buyer",
+            "phone": null,
+            "tax_exempt": "none",
+            "tax_ids": []
+        },
+    });
+    extend(
+        &mut object,
+        json!({
+        "customer_email": null,
+        "expires_at": created + 24 * 3600,
+        "invoice": null,
+        "invoice_creation": {
+            "enabled": false,
+            "invoice_data": {
+                "account_tax_ids": null,
+                "custom_fields": null,
+                "description": null,
+                "footer": null,
+                "issuer": null,
+                "metadata": {},
+                "rendering_options": null
+            }
+        },
+        "livemode": false,
+        "locale": null,
+        "metadata": {
+            "account_id": account_id,
+            "order_id": order_id,
+            "package_id": package_id
+        },
+        "mode": "payment",
+        "payment_intent": if payment_intent.is_empty() { Value::Null } else { json!(payment_intent) },
+        "payment_link": null,
+        "payment_method_collection": "if_required",
+        "payment_method_options": { "card": { "request_three_d_secure": "automatic" } },
+        "payment_method_types": ["card"],
+        "payment_status": payment_status,
+        "phone_number_collection": { "enabled": false },
+        "recovered_from": null,
+        "setup_intent": null,
+        "shipping_address_collection": null,
+        "shipping_cost": null,
+        "shipping_details": null,
+        "shipping_options": [],
+        "status": "complete",
+        "submit_type": null,
+        "subscription": null,
+        "success_url": "https://tollgate.test/billing/success",
+        "total_details": { "amount_discount": 0, "amount_shipping": 0, "amount_tax": 0 },
+        "ui_mode": "hosted",
+        "url": null
+        }),
+    );
+    object
+}
+
+/// A `charge` (for `charge.refunded` and the like). `refunded` is true once fully refunded.
+pub fn charge_object(
+    charge_id: &str,
+    payment_intent: &str,
+    amount: i64,
+    amount_refunded: i64,
+    currency: &str,
+    metadata: Value,
+) -> Value {
+    json!({
+        "id": charge_id,
+        "object": "charge",
+        "amount": amount,
+        "amount_captured": amount,
+        "amount_refunded": amount_refunded,
+        "balance_transaction": format!("txn_{}", tag(charge_id, 24)),
+        "billing_details": {
+            "address": { "city": null, "country": "US", "line1": null, "line2": null, "postal_code": "94107", "state": null },
+            "email": "buyer@example.test",
+            "name": "Test Buyer",
+            "phone": null
+        },
+        "captured": true,
+        "created": now_unix() - 60,
+        "currency": currency.to_ascii_lowercase(),
+        "customer": null,
+        "description": null,
+        "disputed": false,
+        "failure_code": null,
+        "failure_message": null,
+        "livemode": false,
+        "metadata": metadata,
+        "outcome": {
+            "network_status": "approved_by_network",
+            "reason": null,
+            "risk_level": "normal",
+            "seller_message": "Payment complete.",
+            "type": "authorized"
+        },
+        "paid": true,
+        "payment_intent": payment_intent,
+        "payment_method": format!("pm_{}", tag(charge_id, 24)),
+        "payment_method_details": {
+            "card": { "brand": "visa", "country": "US", "exp_month": 12, "exp_year": 2034, "last4": "4242" },
+            "type": "card"
+        },
+        "receipt_email": null,
+        "refunded": amount > 0 && amount_refunded >= amount,
+        "status": "succeeded"
+    })
+}
+
+/// A `dispute` (for `charge.dispute.*`). `status` e.g. `needs_response`, `won`, `lost`.
+pub fn dispute_object(
+    dispute_id: &str,
+    charge_id: &str,
+    payment_intent: &str,
+    amount: i64,
+    currency: &str,
+    status: &str,
+) -> Value {
+    let created = now_unix() - 60;
+    json!({
+        "id": dispute_id,
+        "object": "dispute",
+        "amount": amount,
+        "balance_transactions": [],
+        "charge": charge_id,
+        "created": created,
+        "currency": currency.to_ascii_lowercase(),
+        "evidence": {},
+        "evidence_details": {
+            "due_by": created + 7 * 24 * 3600,
+            "has_evidence": false,
+            "past_due": false,
+            "submission_count": 0
+        },
+        "is_charge_refundable": false,
+        "livemode": false,
+        "metadata": {},
+        "payment_intent": payment_intent,
+        "reason": "fraudulent",
+        "status": status
+    })
+}
+
+/// The body of a Lemon Squeezy `orders` webhook (`order_created`, `order_refunded`, …).
+/// `refunded` is true when `refunded_amount > 0`.
+pub fn lemonsqueezy_order_event(
+    event_name: &str,
+    ls_order_id: &str,
+    status: &str,
+    total: i64,
+    refunded_amount: i64,
+    currency: &str,
+    custom_data: Value,
+) -> String {
+    let now = rfc3339(now_unix());
+    let created = rfc3339(now_unix() - 60);
+    let order_number = ls_order_id
+        .parse::<i64>()
+        .unwrap_or_else(|_| i64::from_str_radix(&tag(ls_order_id, 6), 16).expect("hex tag parses"));
+    let refunded = refunded_amount > 0;
+    let status_formatted = match status {
+        "paid" => "Paid".to_owned(),
+        "pending" => "Pending".to_owned(),
+        "failed" => "Failed".to_owned(),
+        "refunded" => "Refunded".to_owned(),
+        "partial_refund" => "Partial refund".to_owned(),
+        other => other.to_owned(),
+    };
+    let first_order_item = json!({
+        "id": order_number + 1000,
+        "order_id": order_number,
+        "product_id": 55,
+        "variant_id": 777,
+        "price_id": 888,
+        "product_name": "Tollgate credits",
+        "variant_name": "Custom amount",
+        "price": total,
+        "quantity": 1,
+        "created_at": created,
+        "updated_at": now,
+        "test_mode": true
+    });
+    let identifier = uuid_like(&format!("order:{ls_order_id}"));
+    let mut attributes = json!({
+        "store_id": 4242,
+        "customer_id": 777,
+        "identifier": identifier,
+        "order_number": order_number,
+        "user_name": "Test Buyer",
+        "user_email": "buyer@example.test",
+        "currency": currency,
+        "currency_rate": "1.00000000",
+        "subtotal": total,
+        "setup_fee": 0,
+        "discount_total": 0,
+        "tax": 0,
+        "total": total,
+        "refunded_amount": refunded_amount,
+    });
+    extend(
+        &mut attributes,
+        json!({
+            "subtotal_usd": total,
+            "setup_fee_usd": 0,
+            "discount_total_usd": 0,
+            "tax_usd": 0,
+            "total_usd": total,
+            "refunded_amount_usd": refunded_amount,
+            "tax_name": null,
+            "tax_rate": "0.00",
+            "tax_inclusive": false,
+            "status": status,
+            "status_formatted": status_formatted,
+            "refunded": refunded,
+            "refunded_at": if refunded { json!(now) } else { Value::Null },
+        }),
+    );
+    extend(
+        &mut attributes,
+        json!({
+            "subtotal_formatted": null,
+            "total_formatted": null,
+            "first_order_item": first_order_item,
+            "urls": { "receipt": format!("https://app.lemonsqueezy.test/my-orders/{identifier}") },
+            "created_at": created,
+            "updated_at": now,
+            "test_mode": true
+        }),
+    );
+    json!({
+        "meta": {
+            "test_mode": true,
+            "event_name": event_name,
+            "webhook_id": uuid_like(&format!("webhook:{event_name}:{ls_order_id}")),
+            "custom_data": custom_data
+        },
+        "data": {
+            "type": "orders",
+            "id": ls_order_id,
+            "attributes": attributes,
+            "relationships": {},
+            "links": { "self": format!("https://api.lemonsqueezy.test/v1/orders/{ls_order_id}") }
+        }
+    })
+    .to_string()
+}
+
+/// The body of a Polar order webhook (`order.paid`, `order.refunded`, …). Amounts are in
+/// minor units; `currency` is lower case as Polar sends it. No tax, no discount, so
+/// `total_amount` = `subtotal_amount` = `net_amount`.
+pub fn polar_order_event(
+    event_type: &str,
+    polar_order_id: &str,
+    status: &str,
+    net_amount: i64,
+    refunded_amount: i64,
+    currency: &str,
+    metadata: Value,
+) -> String {
+    let now = rfc3339(now_unix());
+    let created = rfc3339(now_unix() - 60);
+    let customer_id = uuid_like(&format!("customer:{polar_order_id}"));
+    let product_id = uuid_like("product:tollgate-credits");
+    let organization_id = uuid_like("organization:tollgate");
+    let customer = json!({
+        "id": customer_id,
+        "created_at": created,
+        "modified_at": null,
+        "metadata": {},
+        "external_id": null,
+        "email": "buyer@example.test",
+        "email_verified": false,
+        "name": "Test Buyer",
+        "billing_address": null,
+        "tax_id": null,
+        "organization_id": organization_id,
+        "deleted_at": null
+    });
+    let product = json!({
+        "id": product_id,
+        "name": "Tollgate credits",
+        "description": null,
+        "is_recurring": false,
+        "is_archived": false,
+        "organization_id": organization_id,
+        "metadata": {}
+    });
+    let items = json!([{
+        "id": uuid_like(&format!("item:{polar_order_id}")),
+        "label": "Tollgate credits",
+        "amount": net_amount,
+        "tax_amount": 0,
+        "proration": false,
+        "product_price_id": uuid_like("price:tollgate-credits")
+    }]);
+    let mut data = json!({
+        "id": polar_order_id,
+        "created_at": created,
+        "modified_at": now,
+        "status": status,
+        "paid": matches!(status, "paid" | "refunded" | "partially_refunded"),
+        "subtotal_amount": net_amount,
+        "discount_amount": 0,
+        "net_amount": net_amount,
+        "tax_amount": 0,
+        "total_amount": net_amount,
+        "refunded_amount": refunded_amount,
+        "refunded_tax_amount": 0,
+        "currency": currency,
+        "billing_reason": "purchase",
+    });
+    extend(
+        &mut data,
+        json!({
+            "billing_name": "Test Buyer",
+            "billing_address": { "country": "US" },
+            "invoice_number": format!("TOLL-{}", tag(polar_order_id, 6).to_ascii_uppercase()),
+            "is_invoice_generated": false,
+            "customer_id": customer_id,
+            "product_id": product_id,
+            "discount_id": null,
+            "subscription_id": null,
+            "checkout_id": uuid_like(&format!("checkout:{polar_order_id}")),
+            "metadata": metadata,
+            "custom_field_data": {},
+            "customer": customer,
+            "user_id": customer_id,
+            "product": product,
+            "discount": null,
+            "subscription": null,
+            "items": items
+        }),
+    );
+    json!({ "type": event_type, "timestamp": now, "data": data }).to_string()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests: the signing helpers against the shared vectors
+// ---------------------------------------------------------------------------------------------
+
+#[cfg(test)]
+fn signature_vectors() -> Value {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/webhooks/webhook-signatures.json"
+    );
+    serde_json::from_str(&std::fs::read_to_string(path).expect("read vectors")).expect("json")
+}
+
+#[cfg(test)]
+fn s<'a>(v: &'a Value, pointer: &str) -> &'a str {
+    v.pointer(pointer)
+        .and_then(Value::as_str)
+        .unwrap_or_else(|| panic!("{pointer} in the vectors"))
+}
+
+#[cfg(test)]
+fn ts(v: &Value, pointer: &str) -> i64 {
+    v.pointer(pointer)
+        .and_then(Value::as_i64)
+        .unwrap_or_else(|| panic!("{pointer} in the vectors"))
+}
+
+#[test]
+fn stripe_signing_matches_the_shared_vectors() {
+    let v = signature_vectors();
+    let (secret, body) = (s(&v, "/stripe/secret"), s(&v, "/stripe/body"));
+    let t = ts(&v, "/stripe/timestamp");
+    assert_eq!(
+        stripe_signature_header(secret, t, body),
+        s(&v, "/stripe/header")
+    );
+    assert_eq!(
+        stripe_signature_header_multi(&[s(&v, "/stripe/old_secret"), secret], t, body),
+        s(&v, "/stripe/rotation_header")
+    );
+}
+
+#[test]
+fn standard_webhooks_signing_matches_the_shared_vectors() {
+    let v = signature_vectors();
+    for case in ["spec", "own"] {
+        let headers = polar_signature_headers(
+            s(&v, &format!("/{case}/secret")),
+            false,
+            s(&v, &format!("/{case}/id")),
+            ts(&v, &format!("/{case}/ts")),
+            s(&v, &format!("/{case}/body")),
+        );
+        assert_eq!(
+            headers[0],
+            ("webhook-id".into(), s(&v, &format!("/{case}/id")).into())
+        );
+        assert_eq!(
+            headers[1],
+            (
+                "webhook-timestamp".into(),
+                ts(&v, &format!("/{case}/ts")).to_string()
+            )
+        );
+        assert_eq!(
+            headers[2],
+            (
+                "webhook-signature".into(),
+                s(&v, &format!("/{case}/signature")).into()
+            ),
+            "{case}"
+        );
+    }
+}
+
+#[test]
+fn polar_signing_matches_the_shared_vectors() {
+    let v = signature_vectors();
+    let headers = polar_signature_headers(
+        s(&v, "/polar/secret"),
+        true,
+        s(&v, "/polar/id"),
+        ts(&v, "/polar/ts"),
+        s(&v, "/polar/body"),
+    );
+    assert_eq!(headers[2].1, s(&v, "/polar/signature"));
+}
+
+#[test]
+fn lemonsqueezy_signing_matches_the_shared_vectors() {
+    let v = signature_vectors();
+    assert_eq!(
+        lemonsqueezy_signature(s(&v, "/lemonsqueezy/secret"), s(&v, "/lemonsqueezy/body")),
+        s(&v, "/lemonsqueezy/x_signature")
+    );
+}
+
+#[test]
+fn webhook_bodies_have_the_providers_shape() {
+    let event: Value = serde_json::from_str(&stripe_event(
+        "evt_1",
+        "checkout.session.completed",
+        checkout_session_object(
+            "cs_1", "ord_1", "acct_1", "pkg_1", 500, "USD", "paid", "pi_1",
+        ),
+    ))
+    .expect("stripe event json");
+    assert_eq!(event["type"], "checkout.session.completed");
+    assert_eq!(
+        event["data"]["object"]["client_reference_id"],
+        "ord_1:acct_1"
+    );
+    assert_eq!(event["data"]["object"]["metadata"]["package_id"], "pkg_1");
+    assert_eq!(event["data"]["object"]["currency"], "usd");
+    assert_eq!(
+        event["data"]["object"]["customer_details"]["email"],
+        "buyer@example.test"
+    );
+
+    let charge = charge_object(
+        "ch_1",
+        "pi_1",
+        500,
+        500,
+        "usd",
+        json!({"order_id": "ord_1"}),
+    );
+    assert_eq!(charge["refunded"], true);
+    let dispute = dispute_object("dp_1", "ch_1", "pi_1", 500, "usd", "needs_response");
+    assert_eq!(dispute["charge"], "ch_1");
+
+    let ls: Value = serde_json::from_str(&lemonsqueezy_order_event(
+        "order_refunded",
+        "1001",
+        "refunded",
+        500,
+        500,
+        "USD",
+        json!({"order_id": "ord_1"}),
+    ))
+    .expect("ls json");
+    assert_eq!(ls["meta"]["custom_data"]["order_id"], "ord_1");
+    assert_eq!(ls["data"]["attributes"]["refunded"], true);
+    assert_eq!(ls["data"]["attributes"]["order_number"], 1001);
+    assert_eq!(ls["data"]["attributes"]["first_order_item"]["price"], 500);
+
+    let polar: Value = serde_json::from_str(&polar_order_event(
+        "order.paid",
+        "ord_polar_1",
+        "paid",
+        500,
+        0,
+        "usd",
+        json!({"order_id": "ord_1"}),
+    ))
+    .expect("polar json");
+    assert_eq!(polar["data"]["total_amount"], 500);
+    assert_eq!(polar["data"]["metadata"]["order_id"], "ord_1");
+    assert_eq!(polar["data"]["customer"]["email"], "buyer@example.test");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests: the real API clients against the fakes
+// ---------------------------------------------------------------------------------------------
+
+#[cfg(test)]
+mod client_tests {
+    use super::*;
+    use tollgate::billing::lemonsqueezy::LemonSqueezyApi;
+    use tollgate::billing::provider::{CheckoutRequest, ProviderError};
+    use tollgate::billing::stripe::StripeApi;
+
+    fn order(order_id: &str) -> CheckoutRequest {
+        CheckoutRequest {
+            order_id: order_id.into(),
+            account_id: "acct_42".into(),
+            package_id: "pkg_starter".into(),
+            product_name: "Starter credits".into(),
+            currency: "USD".into(),
+            amount_minor: 1999,
+            success_url: "https://tollgate.test/billing/success?order=ord".into(),
+            cancel_url: "https://tollgate.test/billing/cancel".into(),
+        }
+    }
+
+    fn ids() -> BTreeMap<String, String> {
+        BTreeMap::from([
+            ("account_id".to_owned(), "acct_42".to_owned()),
+            ("order_id".to_owned(), "ord_1".to_owned()),
+            ("package_id".to_owned(), "pkg_starter".to_owned()),
+        ])
+    }
+
+    /// A loopback port with nothing listening.
+    async fn closed_base() -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        drop(listener);
+        format!("http://{addr}")
+    }
+
+    #[tokio::test]
+    async fn stripe_create_is_idempotent_per_order_and_sends_the_order() {
+        let fake = FakeStripe::start().await;
+        let api = StripeApi::new("sk_test_x", Some(&fake.base)).expect("client");
+        let first = api.create_checkout(&order("ord_1")).await.expect("create");
+        let again = api.create_checkout(&order("ord_1")).await.expect("replay");
+        assert_eq!(first, again);
+        assert_eq!(first.checkout_id, "cs_test_1");
+        assert_eq!(first.url, "https://checkout.stripe.test/c/pay/cs_test_1");
+        assert_eq!(fake.create_calls(), 2);
+
+        let sessions = fake.sessions();
+        assert_eq!(sessions.len(), 1);
+        let session = &sessions[0];
+        assert_eq!(session.amount, 1999);
+        assert_eq!(session.currency, "usd");
+        assert_eq!(session.quantity, Some(1));
+        assert_eq!(session.mode.as_deref(), Some("payment"));
+        assert_eq!(session.product_name.as_deref(), Some("Starter credits"));
+        assert_eq!(
+            session.client_reference_id.as_deref(),
+            Some("ord_1:acct_42")
+        );
+        assert_eq!(
+            session.success_url.as_deref(),
+            Some("https://tollgate.test/billing/success?order=ord")
+        );
+        assert_eq!(
+            session.cancel_url.as_deref(),
+            Some("https://tollgate.test/billing/cancel")
+        );
+        assert_eq!(session.metadata, ids());
+        assert_eq!(session.payment_intent_metadata, ids());
+        assert_eq!(
+            session.idempotency_key.as_deref(),
+            Some("tollgate-checkout-ord_1")
+        );
+        assert!(session.stripe_version.is_some());
+
+        let other = api.create_checkout(&order("ord_2")).await.expect("create");
+        assert_eq!(other.checkout_id, "cs_test_2");
+        assert_eq!(fake.sessions().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn stripe_errors_map_to_provider_errors() {
+        let fake = FakeStripe::start().await;
+        let api = StripeApi::new("sk_test_x", Some(&fake.base)).expect("client");
+
+        fake.fail_next(500);
+        let err = api.create_checkout(&order("ord_1")).await.expect_err("500");
+        assert!(matches!(err, ProviderError::Unavailable(_)), "{err:?}");
+
+        fake.fail_next(429);
+        let err = api.create_checkout(&order("ord_1")).await.expect_err("429");
+        assert!(matches!(err, ProviderError::Unavailable(_)), "{err:?}");
+
+        fake.fail_next(400);
+        match api.create_checkout(&order("ord_1")).await {
+            Err(ProviderError::Rejected { status, message }) => {
+                assert_eq!(status, 400);
+                assert_eq!(message, "Fake Stripe failure (400)");
+            }
+            other => panic!("{other:?}"),
+        }
+        // Every attempt reached the fake once (no hidden retries); none created a session.
+        assert_eq!(fake.create_calls(), 3);
+        assert!(fake.sessions().is_empty());
+
+        // After failures, the same order still gets its session.
+        api.create_checkout(&order("ord_1")).await.expect("create");
+
+        // Same idempotency key, different parameters: Stripe refuses.
+        let mut changed = order("ord_1");
+        changed.amount_minor = 5000;
+        match api.create_checkout(&changed).await {
+            Err(ProviderError::Rejected {
+                status: 400,
+                message,
+            }) => {
+                assert!(message.contains("idempotent"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
+
+        fake.omit_url_next();
+        let err = api
+            .create_checkout(&order("ord_3"))
+            .await
+            .expect_err("no url");
+        assert!(
+            matches!(err, ProviderError::Unavailable(ref m) if m.contains("url")),
+            "{err:?}"
+        );
+
+        let wrong = StripeApi::new("rk_live_wrong", Some(&fake.base)).expect("client");
+        match wrong.create_checkout(&order("ord_4")).await {
+            Err(ProviderError::Rejected { status, message }) => {
+                assert_eq!(status, 401);
+                assert!(message.contains("Invalid API Key"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+
+        let down = StripeApi::new("sk_test_x", Some(&closed_base().await)).expect("client");
+        let err = down
+            .create_checkout(&order("ord_5"))
+            .await
+            .expect_err("down");
+        assert!(matches!(err, ProviderError::Unavailable(_)), "{err:?}");
+
+        assert!(matches!(
+            StripeApi::new("sk_test_x", Some("not a url")),
+            Err(ProviderError::Config(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn lemonsqueezy_create_sends_a_json_api_checkout() {
+        let fake = FakeLemonSqueezy::start().await;
+        let api = LemonSqueezyApi::new("ls_test_x", "4242", Some(&fake.base)).expect("client");
+        let created = api
+            .create_checkout(&order("ord_1"), "777")
+            .await
+            .expect("create");
+        assert_eq!(fake.create_calls(), 1);
+        let checkouts = fake.checkouts();
+        assert_eq!(checkouts.len(), 1);
+        let checkout = &checkouts[0];
+        assert_eq!(created.checkout_id, checkout.id);
+        assert_eq!(
+            created.url,
+            format!(
+                "https://tollgate-test.lemonsqueezy.test/checkout/custom/{}",
+                checkout.id
+            )
+        );
+        assert_eq!(checkout.store_id.as_deref(), Some("4242"));
+        assert_eq!(checkout.variant_id.as_deref(), Some("777"));
+        assert_eq!(checkout.custom_price, Some(1999));
+        assert_eq!(
+            checkout.custom,
+            json!({"account_id": "acct_42", "order_id": "ord_1", "package_id": "pkg_starter"})
+        );
+        assert_eq!(
+            checkout.redirect_url.as_deref(),
+            Some("https://tollgate.test/billing/success?order=ord")
+        );
+        assert_eq!(checkout.body["data"]["type"], "checkouts");
+    }
+
+    #[tokio::test]
+    async fn lemonsqueezy_errors_map_to_provider_errors() {
+        let fake = FakeLemonSqueezy::start().await;
+        let api = LemonSqueezyApi::new("ls_test_x", "4242", Some(&fake.base)).expect("client");
+
+        fake.fail_next(500);
+        let err = api
+            .create_checkout(&order("ord_1"), "777")
+            .await
+            .expect_err("500");
+        assert!(matches!(err, ProviderError::Unavailable(_)), "{err:?}");
+
+        fake.fail_next(429);
+        let err = api
+            .create_checkout(&order("ord_1"), "777")
+            .await
+            .expect_err("429");
+        assert!(matches!(err, ProviderError::Unavailable(_)), "{err:?}");
+
+        fake.fail_next(400);
+        match api.create_checkout(&order("ord_1"), "777").await {
+            Err(ProviderError::Rejected { status, message }) => {
+                assert_eq!(status, 400);
+                assert_eq!(message, "Fake Lemon Squeezy failure (400)");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(fake.create_calls(), 3);
+        assert!(fake.checkouts().is_empty());
+
+        let wrong = LemonSqueezyApi::new("wrong", "4242", Some(&fake.base)).expect("client");
+        match wrong.create_checkout(&order("ord_1"), "777").await {
+            Err(ProviderError::Rejected { status, message }) => {
+                assert_eq!(status, 401);
+                assert_eq!(message, "Unauthenticated.");
+            }
+            other => panic!("{other:?}"),
+        }
+
+        let down =
+            LemonSqueezyApi::new("ls_test_x", "4242", Some(&closed_base().await)).expect("client");
+        let err = down
+            .create_checkout(&order("ord_1"), "777")
+            .await
+            .expect_err("down");
+        assert!(matches!(err, ProviderError::Unavailable(_)), "{err:?}");
+
+        assert!(matches!(
+            LemonSqueezyApi::new("ls_test_x", "4242", Some("ftp://x")),
+            Err(ProviderError::Config(_))
+        ));
+    }
+}

@@ -16,5 +16,6 @@ mod grants_and_pricing;
 mod ledger_contract;
 mod lifecycle;
 mod metering;
+mod payments;
 mod streaming;
 mod upstreams;

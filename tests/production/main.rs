@@ -26,6 +26,8 @@ mod grants_and_pricing;
 mod lifecycle;
 #[path = "../api/metering.rs"]
 mod metering;
+#[path = "../api/payments.rs"]
+mod payments;
 #[path = "../api/streaming.rs"]
 mod streaming;
 #[path = "../api/upstreams.rs"]

@@ -1,0 +1,565 @@
+//! The payments use cases: create a checkout, handle a verified provider event, apply the
+//! credit moves orders cause to the ledger.
+//!
+//! Exactly-once crediting rests on three keys, each checked in the database:
+//! - the provider's event id (`payment_events`): a replayed delivery changes nothing;
+//! - the provider's payment id (`orders.provider_order_id`, unique per provider): a second
+//!   event about the same payment finds the order already paid;
+//! - each credit move's reference (`order_credit_moves`, then the ledger's own idempotent
+//!   grant reference): a move is applied once however often it is retried.
+//!
+//! An event is recorded as processed only after its moves are in the ledger. If anything fails
+//! in between, the provider's retry (or the recovery task's sweep of pending moves) finishes
+//! the job, and the keys above make the second run a replay.
+
+use std::sync::Arc;
+
+use super::lemonsqueezy::LemonSqueezyApi;
+use super::money::to_minor;
+use super::orders::{self, Deferred, Order, OrderStatus, Provider};
+use super::packages::Package;
+use super::provider::{CheckoutRequest, ProviderError};
+use super::store::{EventRecord, OrderLookup, PaymentStore, StepFn, UpdateOutcome};
+use super::stripe::StripeApi;
+use super::webhooks::{Action, Claim, ParsedEvent};
+use crate::cache::SharedCache;
+use crate::config::Config;
+use crate::config::payments::{ResolvedLemonSqueezy, ResolvedPolar, ResolvedStripe};
+use crate::domain::AccountId;
+use crate::ledger::{Bucket, LedgerError, SharedLedger, now_ms};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PaymentError {
+    #[error("{message}")]
+    Invalid {
+        message: String,
+        param: Option<&'static str>,
+    },
+    #[error("{0}")]
+    NotFound(String),
+    #[error(transparent)]
+    Provider(#[from] ProviderError),
+    /// The event may apply later; the provider should deliver it again.
+    #[error("{0}")]
+    Retry(String),
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+    #[error("balance cache: {0}")]
+    Cache(#[from] crate::cache::CacheError),
+}
+
+impl PaymentError {
+    fn invalid(message: impl Into<String>, param: &'static str) -> PaymentError {
+        PaymentError::Invalid {
+            message: message.into(),
+            param: Some(param),
+        }
+    }
+}
+
+/// What `create-checkout` returns.
+#[derive(Debug, Clone)]
+pub struct CheckoutStarted {
+    pub order: Order,
+    pub checkout_url: String,
+}
+
+/// What became of one event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Handled {
+    /// Seen before: nothing changed.
+    Duplicate,
+    Processed {
+        order_id: String,
+    },
+    Ignored(String),
+    /// Kept for an admin, not credited.
+    Review(String),
+}
+
+struct StripeSetup {
+    api: Option<StripeApi>,
+    webhook: ResolvedStripe,
+}
+
+struct LemonSqueezySetup {
+    api: Option<LemonSqueezyApi>,
+    config: ResolvedLemonSqueezy,
+}
+
+pub struct Payments {
+    ledger: SharedLedger,
+    cache: SharedCache,
+    packages: Arc<Vec<Package>>,
+    invoices: orders::InvoiceSettings,
+    success_url: String,
+    cancel_url: String,
+    default_provider: Option<Provider>,
+    stripe: Option<StripeSetup>,
+    lemonsqueezy: Option<LemonSqueezySetup>,
+    polar: Option<ResolvedPolar>,
+}
+
+impl Payments {
+    pub fn new(
+        config: &Config,
+        ledger: SharedLedger,
+        cache: SharedCache,
+        packages: Arc<Vec<Package>>,
+    ) -> anyhow::Result<Payments> {
+        let resolved = config
+            .resolve_payments(|name| std::env::var(name).ok())
+            .map_err(anyhow::Error::msg)?;
+        let stripe = resolved
+            .stripe
+            .map(|webhook| -> anyhow::Result<StripeSetup> {
+                let api = webhook
+                    .secret_key
+                    .as_deref()
+                    .map(|key| StripeApi::new(key, webhook.api_base.as_deref()))
+                    .transpose()?;
+                Ok(StripeSetup { api, webhook })
+            })
+            .transpose()?;
+        let lemonsqueezy = resolved
+            .lemonsqueezy
+            .map(|config| -> anyhow::Result<LemonSqueezySetup> {
+                let api = config
+                    .api_key
+                    .as_deref()
+                    .map(|key| {
+                        LemonSqueezyApi::new(key, &config.store_id, config.api_base.as_deref())
+                    })
+                    .transpose()?;
+                Ok(LemonSqueezySetup { api, config })
+            })
+            .transpose()?;
+        let default_provider = match config.payments.default_provider.as_deref() {
+            Some(name) => Provider::parse(name),
+            None if stripe.as_ref().is_some_and(|s| s.api.is_some()) => Some(Provider::Stripe),
+            None if lemonsqueezy.as_ref().is_some_and(|l| l.api.is_some()) => {
+                Some(Provider::LemonSqueezy)
+            }
+            None => None,
+        };
+        Ok(Payments {
+            ledger,
+            cache,
+            packages,
+            invoices: config.invoices.clone(),
+            success_url: config.payments.success_url.clone(),
+            cancel_url: config.payments.cancel_url.clone(),
+            default_provider,
+            stripe,
+            lemonsqueezy,
+            polar: resolved.polar,
+        })
+    }
+
+    fn store(&self) -> &dyn PaymentStore {
+        self.ledger.payments()
+    }
+
+    pub fn stripe_webhook(&self) -> Option<&ResolvedStripe> {
+        self.stripe.as_ref().map(|s| &s.webhook)
+    }
+
+    pub fn lemonsqueezy_secret(&self) -> Option<&str> {
+        self.lemonsqueezy
+            .as_ref()
+            .map(|l| l.config.signing_secret.as_str())
+    }
+
+    pub fn polar_webhook(&self) -> Option<&ResolvedPolar> {
+        self.polar.as_ref()
+    }
+
+    fn package(&self, id: &str) -> Option<&Package> {
+        self.packages.iter().find(|p| p.id == id)
+    }
+
+    /// A new pending order for `package_id` and the provider's hosted checkout for it.
+    pub async fn create_checkout(
+        &self,
+        account: &AccountId,
+        package_id: &str,
+        provider: Option<&str>,
+        coupon_code: Option<&str>,
+    ) -> Result<CheckoutStarted, PaymentError> {
+        let package = self
+            .package(package_id)
+            .filter(|p| p.active)
+            .ok_or_else(|| {
+                PaymentError::invalid(format!("no active package `{package_id}`"), "package_id")
+            })?;
+        let provider = match provider {
+            Some(name) => Provider::parse(name).ok_or_else(|| {
+                PaymentError::invalid(
+                    format!("provider `{name}` is not one of stripe, lemonsqueezy"),
+                    "provider",
+                )
+            })?,
+            None => self.default_provider.ok_or_else(|| {
+                PaymentError::invalid("no payment provider is configured", "provider")
+            })?,
+        };
+        if coupon_code.is_some() {
+            return Err(PaymentError::invalid(
+                "coupons are not supported yet",
+                "coupon_code",
+            ));
+        }
+        let amount = to_minor(package.price, &package.currency).ok_or_else(|| {
+            PaymentError::invalid(
+                format!("package `{package_id}` has a price its currency cannot charge"),
+                "package_id",
+            )
+        })?;
+        let now = now_ms();
+        let order = new_order(account, package, provider, amount, now);
+        let request = CheckoutRequest {
+            order_id: order.id.clone(),
+            account_id: account.as_str().to_owned(),
+            package_id: package.id.clone(),
+            product_name: package.name.clone(),
+            currency: package.currency.clone(),
+            amount_minor: amount,
+            success_url: self.success_url.replace("{ORDER_ID}", &order.id),
+            cancel_url: self.cancel_url.replace("{ORDER_ID}", &order.id),
+        };
+        // Checked before the order is written, so a refused request leaves nothing behind.
+        match provider {
+            Provider::Stripe if self.stripe.as_ref().is_some_and(|s| s.api.is_some()) => {}
+            Provider::LemonSqueezy => {
+                let setup = self
+                    .lemonsqueezy
+                    .as_ref()
+                    .filter(|l| l.api.is_some())
+                    .ok_or_else(|| not_configured(provider))?;
+                if !setup.config.variants.contains_key(&package.id) {
+                    return Err(PaymentError::invalid(
+                        format!("package `{package_id}` is not sold through Lemon Squeezy"),
+                        "package_id",
+                    ));
+                }
+            }
+            _ => return Err(not_configured(provider)),
+        }
+        self.store().insert_order(&order).await?;
+        let created = match self.call_provider(provider, &request, &package.id).await {
+            Ok(created) => created,
+            Err(error) => {
+                // The buyer can start again; this order will never be paid.
+                let failed = self
+                    .store()
+                    .update_order(&order.id, &|o| {
+                        orders::close(o, OrderStatus::Failed, now_ms())
+                    })
+                    .await;
+                if let Err(store_error) = failed {
+                    tracing::warn!(%store_error, order = %order.id, "cannot close a failed order");
+                }
+                return Err(error.into());
+            }
+        };
+        let (checkout_id, url) = (created.checkout_id, created.url);
+        let outcome = self
+            .store()
+            .update_order(&order.id, &|o| {
+                let mut next = o.clone();
+                next.checkout_id = Some(checkout_id.clone());
+                next.checkout_url = Some(url.clone());
+                if provider == Provider::Stripe && next.provider_order_id.is_none() {
+                    // A Stripe session is the payment's natural key.
+                    next.provider_order_id = Some(checkout_id.clone());
+                }
+                Ok(Some(orders::Transition {
+                    order: next,
+                    moves: Vec::new(),
+                    invoice: None,
+                }))
+            })
+            .await?;
+        let order = match outcome {
+            UpdateOutcome::Applied(order) => *order,
+            _ => order,
+        };
+        Ok(CheckoutStarted {
+            order,
+            checkout_url: url,
+        })
+    }
+
+    async fn call_provider(
+        &self,
+        provider: Provider,
+        request: &CheckoutRequest,
+        package_id: &str,
+    ) -> Result<super::provider::CheckoutCreated, ProviderError> {
+        match provider {
+            Provider::Stripe => {
+                let api = self.stripe.as_ref().and_then(|s| s.api.as_ref());
+                let api = api.ok_or_else(|| ProviderError::Config("stripe".into()))?;
+                api.create_checkout(request).await
+            }
+            Provider::LemonSqueezy => {
+                let setup = self.lemonsqueezy.as_ref();
+                let (api, variant) = setup
+                    .and_then(|l| Some((l.api.as_ref()?, l.config.variants.get(package_id)?)))
+                    .ok_or_else(|| ProviderError::Config("lemonsqueezy".into()))?;
+                api.create_checkout(request, variant).await
+            }
+            Provider::Polar => Err(ProviderError::Config(
+                "Polar checkouts are created in Polar".into(),
+            )),
+        }
+    }
+
+    /// Applies one verified event. `raw` is kept when the event is left for an admin.
+    pub async fn handle_event(
+        &self,
+        provider: Provider,
+        event: ParsedEvent,
+        raw: &[u8],
+    ) -> Result<Handled, PaymentError> {
+        if self.store().event_seen(provider, &event.event_id).await? {
+            return Ok(Handled::Duplicate);
+        }
+        let handled = self.apply_action(provider, &event.action).await?;
+        let (outcome, order_id, detail) = match &handled {
+            Handled::Processed { order_id } => ("processed", Some(order_id.clone()), String::new()),
+            Handled::Ignored(why) => ("ignored", None, why.clone()),
+            Handled::Review(why) => ("review", None, why.clone()),
+            Handled::Duplicate => return Ok(Handled::Duplicate),
+        };
+        if let Handled::Review(why) = &handled {
+            tracing::warn!(provider = provider.as_str(), event = %event.event_id, %why,
+                "payment event kept for review; nothing credited");
+        }
+        let record = EventRecord {
+            provider,
+            event_id: event.event_id.clone(),
+            event_type: event.event_type.clone(),
+            outcome: outcome.to_owned(),
+            order_id,
+            detail,
+            payload: matches!(handled, Handled::Review(_))
+                .then(|| String::from_utf8_lossy(raw).into_owned()),
+            received_at_ms: now_ms(),
+            cursor: 0,
+        };
+        if !self.store().record_event(&record).await? {
+            return Ok(Handled::Duplicate);
+        }
+        Ok(handled)
+    }
+
+    async fn apply_action(
+        &self,
+        provider: Provider,
+        action: &Action,
+    ) -> Result<Handled, PaymentError> {
+        let now = now_ms();
+        let (lookup, step): (&OrderLookup, Box<StepFn<'_>>) = match action {
+            Action::Ignore(why) => return Ok(Handled::Ignored(why.clone())),
+            Action::Paid {
+                lookup,
+                claim,
+                facts,
+            } => {
+                if self.store().find_order(provider, lookup).await?.is_none() {
+                    match self.order_on_arrival(provider, claim, facts, now).await? {
+                        Ok(()) => {}
+                        Err(why) => return Ok(Handled::Review(why)),
+                    }
+                }
+                let invoices = &self.invoices;
+                (
+                    lookup,
+                    Box::new(move |o| orders::pay(o, facts, invoices, now)),
+                )
+            }
+            Action::AwaitingPayment {
+                lookup,
+                provider_order_id,
+                payment_ref,
+            } => (
+                lookup,
+                Box::new(move |o| {
+                    orders::awaiting_payment(o, provider_order_id, payment_ref.as_deref(), now)
+                }),
+            ),
+            Action::Closed { lookup, status } => {
+                (lookup, Box::new(move |o| orders::close(o, *status, now)))
+            }
+            Action::Refunded {
+                lookup,
+                refunded_total,
+                currency,
+            } => (
+                lookup,
+                Box::new(move |o| orders::refund(o, *refunded_total, currency, now)),
+            ),
+            Action::DisputeOpened {
+                lookup,
+                dispute_id,
+                amount,
+                currency,
+            } => (
+                lookup,
+                Box::new(move |o| orders::dispute_opened(o, dispute_id, *amount, currency, now)),
+            ),
+            Action::DisputeClosed {
+                lookup,
+                dispute_id,
+                won,
+            } => (
+                lookup,
+                Box::new(move |o| orders::dispute_closed(o, dispute_id, *won, now)),
+            ),
+        };
+        let Some(order) = self.store().find_order(provider, lookup).await? else {
+            return Ok(match action {
+                // Not an order of ours: another integration's payment on the same account.
+                Action::Refunded { .. }
+                | Action::DisputeOpened { .. }
+                | Action::DisputeClosed { .. }
+                    if lookup.order_id.is_none() =>
+                {
+                    Handled::Ignored("no order of Tollgate's is paid by this payment".into())
+                }
+                _ if lookup.order_id.is_some() => Handled::Review(format!(
+                    "order {} does not exist",
+                    lookup.order_id.as_deref().unwrap_or("")
+                )),
+                _ => Handled::Ignored("no order of Tollgate's matches this event".into()),
+            });
+        };
+        match self.store().update_order(&order.id, &*step).await? {
+            UpdateOutcome::NotFound => Err(PaymentError::NotFound(order.id)),
+            UpdateOutcome::Deferred(Deferred::Retry(why)) => Err(PaymentError::Retry(why)),
+            UpdateOutcome::Deferred(Deferred::Review(why)) => Ok(Handled::Review(why)),
+            UpdateOutcome::Applied(order) => {
+                let order = *order;
+                self.apply_moves(Some(&order.id)).await?;
+                if order.status == OrderStatus::Review {
+                    return Ok(Handled::Review(
+                        order
+                            .review_reason
+                            .unwrap_or_else(|| "held for review".into()),
+                    ));
+                }
+                Ok(Handled::Processed { order_id: order.id })
+            }
+        }
+    }
+
+    /// Creates the order for a paid event Tollgate did not start, from the account and package
+    /// its metadata names. `Err(why)` when it names no known package or account.
+    async fn order_on_arrival(
+        &self,
+        provider: Provider,
+        claim: &Claim,
+        facts: &orders::PaymentFacts,
+        now: i64,
+    ) -> Result<Result<(), String>, PaymentError> {
+        let Some(package) = claim.package_id.as_deref().and_then(|id| self.package(id)) else {
+            return Ok(Err(format!(
+                "payment {} names no known package ({:?})",
+                facts.provider_order_id, claim.package_id
+            )));
+        };
+        let Some(account) = claim
+            .account_id
+            .as_deref()
+            .and_then(|id| AccountId::parse(id).ok())
+        else {
+            return Ok(Err(format!(
+                "payment {} names no valid account_id",
+                facts.provider_order_id
+            )));
+        };
+        let Some(amount) = to_minor(package.price, &package.currency) else {
+            return Ok(Err(format!("package {} cannot be charged", package.id)));
+        };
+        let mut order = new_order(&account, package, provider, amount, now);
+        order.provider_order_id = Some(facts.provider_order_id.clone());
+        match self.store().insert_order(&order).await {
+            Ok(()) => Ok(Ok(())),
+            // A concurrent delivery of the same payment created it first.
+            Err(LedgerError::Database(sqlx::Error::Database(e))) if e.is_unique_violation() => {
+                Ok(Ok(()))
+            }
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// Applies pending credit moves (of one order, or of all) to the ledger and the cache.
+    pub async fn apply_moves(&self, order_id: Option<&str>) -> Result<usize, PaymentError> {
+        let moves = self.store().pending_moves(order_id, 500).await?;
+        for credit in &moves {
+            let outcome = self.ledger.grant(&credit.grant_request()).await?;
+            self.store()
+                .mark_move_applied(&credit.reference, now_ms())
+                .await?;
+            self.cache
+                .apply(&Bucket::Account(credit.account.clone()), outcome.snapshot)
+                .await?;
+            tracing::info!(order = %credit.order_id, reference = %credit.reference,
+                amount = %credit.amount, applied = outcome.applied, "order credit move applied");
+        }
+        Ok(moves.len())
+    }
+}
+
+fn not_configured(provider: Provider) -> PaymentError {
+    PaymentError::invalid(
+        format!("checkout through {} is not configured", provider.as_str()),
+        "provider",
+    )
+}
+
+fn new_order(
+    account: &AccountId,
+    package: &Package,
+    provider: Provider,
+    amount: i64,
+    now: i64,
+) -> Order {
+    Order {
+        id: format!("ord_{}", uuid::Uuid::new_v4().simple()),
+        account: account.clone(),
+        package_id: package.id.clone(),
+        description: package.name.clone(),
+        provider,
+        status: OrderStatus::Pending,
+        checkout_id: None,
+        checkout_url: None,
+        provider_order_id: None,
+        payment_ref: None,
+        credits: package.credits,
+        bonus_credits: crate::domain::Credits::ZERO,
+        validity_days: package.validity_days,
+        currency: package.currency.clone(),
+        list_amount: amount,
+        discount_amount: 0,
+        amount,
+        paid_amount: None,
+        refunded_amount: 0,
+        credits_refunded: crate::domain::Credits::ZERO,
+        dispute_id: None,
+        dispute_status: None,
+        dispute_credits: crate::domain::Credits::ZERO,
+        coupon_code: None,
+        invoice_id: None,
+        buyer_email: None,
+        buyer_name: None,
+        review_reason: None,
+        grant_expires_at_ms: None,
+        created_at_ms: now,
+        updated_at_ms: now,
+        paid_at_ms: None,
+        refunded_at_ms: None,
+        closed_at_ms: None,
+    }
+}
