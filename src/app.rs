@@ -14,7 +14,7 @@ use axum::Router;
 use axum::extract::{Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, patch, post};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
@@ -372,7 +372,8 @@ fn router(state: AppState) -> Router {
         .route("/completions", post(proxy::completions))
         .route("/embeddings", post(proxy::embeddings))
         .route("/responses", post(proxy::responses))
-        .route("/models", get(proxy::models));
+        .route("/models", get(proxy::models))
+        .route("/billing/coupons/apply", post(http::billing::apply_coupon));
     let credits = Router::new()
         .route("/balance", get(http::credits::balance))
         .route("/transactions", get(http::credits::transactions))
@@ -398,7 +399,12 @@ fn router(state: AppState) -> Router {
         .route("/pricing", get(admin::routes::pricing))
         .route("/pricing/reload", post(admin::routes::reload_pricing))
         .route("/payments/events", get(admin::routes::payment_events))
-        .route("/orders/{id}", get(admin::routes::order));
+        .route("/orders/{id}", get(admin::routes::order))
+        .route(
+            "/coupons",
+            get(admin::routes::coupons).post(admin::routes::create_coupon),
+        )
+        .route("/coupons/{code}", patch(admin::routes::update_coupon));
     Router::new()
         .route("/healthz", get(http::health::healthz))
         .route("/readyz", get(http::health::readyz))

@@ -343,3 +343,83 @@ pub async fn order(
         None => Err(ApiError::NotFound(format!("no order {id}"))),
     }
 }
+
+pub fn coupon_json(coupon: &crate::billing::coupons::Coupon) -> Value {
+    let time = |ms: Option<i64>| ms.map(crate::http::rfc3339);
+    json!({
+        "code": coupon.code,
+        "kind": coupon.kind,
+        "percent_off": coupon
+            .percent_off_bp
+            .map(|bp| rust_decimal::Decimal::new(bp, 2).normalize().to_string()),
+        "amount_off": coupon.amount_off.zip(coupon.currency.as_deref()).map(|(minor, currency)| {
+            crate::billing::money::from_minor(minor, currency).to_string()
+        }),
+        "currency": coupon.currency,
+        "bonus_credits": coupon.bonus_credits,
+        "valid_from": time(coupon.valid_from_ms),
+        "valid_until": time(coupon.valid_until_ms),
+        "max_uses": coupon.max_uses,
+        "max_uses_per_account": coupon.max_uses_per_account,
+        "min_package": coupon.min_package,
+        "active": coupon.active,
+        "uses": coupon.uses,
+        "created_at": crate::http::rfc3339(coupon.created_at_ms),
+    })
+}
+
+/// `POST /admin/coupons`.
+pub async fn create_coupon(
+    State(state): State<AppState>,
+    ApiJson(spec): ApiJson<crate::billing::coupons::CouponSpec>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let coupon = spec
+        .into_coupon(&state.packages, crate::ledger::now_ms())
+        .map_err(|(message, param)| ApiError::BadRequest {
+            message,
+            param: Some(param),
+            code: None,
+        })?;
+    if !state.ledger.payments().create_coupon(&coupon).await? {
+        return Err(ApiError::Conflict(format!(
+            "coupon {} exists already",
+            coupon.code
+        )));
+    }
+    Ok((StatusCode::CREATED, Json(coupon_json(&coupon))))
+}
+
+/// `GET /admin/coupons`.
+pub async fn coupons(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let coupons = state.ledger.payments().coupons().await?;
+    let data: Vec<Value> = coupons.iter().map(coupon_json).collect();
+    Ok(Json(json!({"object": "list", "data": data})))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CouponPatch {
+    active: bool,
+}
+
+/// `PATCH /admin/coupons/{code}` `{"active": false}`: retires (or revives) a coupon.
+pub async fn update_coupon(
+    State(state): State<AppState>,
+    Path(code): Path<String>,
+    ApiJson(patch): ApiJson<CouponPatch>,
+) -> Result<Json<Value>, ApiError> {
+    let code = crate::billing::coupons::normalize_code(&code)
+        .ok_or_else(|| ApiError::NotFound(format!("no coupon {code}")))?;
+    let store = state.ledger.payments();
+    if !store
+        .set_coupon_active(&code, patch.active, crate::ledger::now_ms())
+        .await?
+    {
+        return Err(ApiError::NotFound(format!("no coupon {code}")));
+    }
+    let coupon = store
+        .coupon(&code)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no coupon {code}")))?;
+    Ok(Json(coupon_json(&coupon)))
+}

@@ -1,5 +1,6 @@
 //! Selling credits: packages, payment providers' checkouts and webhooks, orders and invoices.
 
+pub mod coupons;
 pub mod invoice;
 pub mod lemonsqueezy;
 pub mod money;

@@ -215,14 +215,17 @@ pub struct Transition {
     pub order: Order,
     pub moves: Vec<CreditMove>,
     pub invoice: Option<InvoiceDraft>,
+    /// Give the order's coupon use back (the order will never be paid).
+    pub release_coupon: bool,
 }
 
 impl Transition {
-    fn order_only(order: Order) -> Transition {
+    pub fn order_only(order: Order) -> Transition {
         Transition {
             order,
             moves: Vec::new(),
             invoice: None,
+            release_coupon: false,
         }
     }
 }
@@ -337,6 +340,7 @@ pub fn pay(order: &Order, facts: &PaymentFacts, settings: &InvoiceSettings, now_
         order: next,
         moves,
         invoice: Some(invoice),
+        release_coupon: false,
     }))
 }
 
@@ -400,6 +404,7 @@ pub fn refund(order: &Order, refunded_total: i64, currency: &str, now_ms: i64) -
         order: next,
         moves,
         invoice: None,
+        release_coupon: false,
     }))
 }
 
@@ -462,6 +467,7 @@ pub fn dispute_opened(
         order: next,
         moves,
         invoice: None,
+        release_coupon: false,
     }))
 }
 
@@ -507,6 +513,7 @@ pub fn dispute_closed(order: &Order, dispute_id: &str, won: bool, now_ms: i64) -
         order: next,
         moves,
         invoice: None,
+        release_coupon: false,
     }))
 }
 
@@ -520,7 +527,10 @@ pub fn close(order: &Order, status: OrderStatus, now_ms: i64) -> Step {
     next.status = status;
     next.closed_at_ms = Some(now_ms);
     next.updated_at_ms = now_ms;
-    Ok(Some(Transition::order_only(next)))
+    Ok(Some(Transition {
+        release_coupon: order.coupon_code.is_some(),
+        ..Transition::order_only(next)
+    }))
 }
 
 /// A checkout finished without money yet (an asynchronous payment method): remember the

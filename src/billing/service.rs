@@ -14,6 +14,7 @@
 
 use std::sync::Arc;
 
+use super::coupons::{self, Coupon};
 use super::lemonsqueezy::LemonSqueezyApi;
 use super::money::to_minor;
 use super::orders::{self, Deferred, Order, OrderStatus, Provider};
@@ -55,6 +56,16 @@ impl PaymentError {
             param: Some(param),
         }
     }
+}
+
+/// A coupon applied to a package.
+#[derive(Debug, Clone)]
+pub struct Quote {
+    pub coupon: Coupon,
+    pub package: Package,
+    pub discount: coupons::Discount,
+    /// The package price in minor units, before the discount.
+    pub price: i64,
 }
 
 /// What `create-checkout` returns.
@@ -203,12 +214,6 @@ impl Payments {
                 PaymentError::invalid("no payment provider is configured", "provider")
             })?,
         };
-        if coupon_code.is_some() {
-            return Err(PaymentError::invalid(
-                "coupons are not supported yet",
-                "coupon_code",
-            ));
-        }
         let amount = to_minor(package.price, &package.currency).ok_or_else(|| {
             PaymentError::invalid(
                 format!("package `{package_id}` has a price its currency cannot charge"),
@@ -216,14 +221,24 @@ impl Payments {
             )
         })?;
         let now = now_ms();
-        let order = new_order(account, package, provider, amount, now);
+        let mut order = new_order(account, package, provider, amount, now);
+        let quoted = match coupon_code {
+            Some(code) => Some(self.quote(account, code, package_id).await?),
+            None => None,
+        };
+        if let Some(quote) = &quoted {
+            order.coupon_code = Some(quote.coupon.code.clone());
+            order.discount_amount = quote.discount.amount_off;
+            order.amount = amount - quote.discount.amount_off;
+            order.bonus_credits = quote.discount.bonus_credits;
+        }
         let request = CheckoutRequest {
             order_id: order.id.clone(),
             account_id: account.as_str().to_owned(),
             package_id: package.id.clone(),
             product_name: package.name.clone(),
             currency: package.currency.clone(),
-            amount_minor: amount,
+            amount_minor: order.amount,
             success_url: self.success_url.replace("{ORDER_ID}", &order.id),
             cancel_url: self.cancel_url.replace("{ORDER_ID}", &order.id),
         };
@@ -245,7 +260,29 @@ impl Payments {
             }
             _ => return Err(not_configured(provider)),
         }
-        self.store().insert_order(&order).await?;
+        match &quoted {
+            None => self.store().insert_order(&order).await?,
+            Some(quote) => {
+                // Re-checked under the coupon's lock, where the use is counted: the quote must
+                // still hold, or the buyer is told why not.
+                let expected = quote.discount;
+                let check = |coupon: &Coupon, held: i64| {
+                    let now = now_ms();
+                    match coupons::evaluate(coupon, package, &self.packages, held, now) {
+                        Ok(discount) if discount == expected => Ok(()),
+                        Ok(_) => Err("this coupon changed; apply it again".to_owned()),
+                        Err(why) => Err(why),
+                    }
+                };
+                if let Err(why) = self
+                    .store()
+                    .insert_order_with_coupon(&order, &check)
+                    .await?
+                {
+                    return Err(PaymentError::invalid(why, "coupon_code"));
+                }
+            }
+        }
         let created = match self.call_provider(provider, &request, &package.id).await {
             Ok(created) => created,
             Err(error) => {
@@ -273,11 +310,7 @@ impl Payments {
                     // A Stripe session is the payment's natural key.
                     next.provider_order_id = Some(checkout_id.clone());
                 }
-                Ok(Some(orders::Transition {
-                    order: next,
-                    moves: Vec::new(),
-                    invoice: None,
-                }))
+                Ok(Some(orders::Transition::order_only(next)))
             })
             .await?;
         let order = match outcome {
@@ -287,6 +320,34 @@ impl Payments {
         Ok(CheckoutStarted {
             order,
             checkout_url: url,
+        })
+    }
+
+    /// What `code` takes off `package_id` for this account, without holding a use of it.
+    pub async fn quote(
+        &self,
+        account: &AccountId,
+        code: &str,
+        package_id: &str,
+    ) -> Result<Quote, PaymentError> {
+        let package = self
+            .package(package_id)
+            .filter(|p| p.active)
+            .ok_or_else(|| {
+                PaymentError::invalid(format!("no active package `{package_id}`"), "package_id")
+            })?;
+        let unknown = || PaymentError::invalid("no such coupon", "coupon_code");
+        let code = coupons::normalize_code(code).ok_or_else(unknown)?;
+        let coupon = self.store().coupon(&code).await?.ok_or_else(unknown)?;
+        let held = self.store().coupon_uses_by(&code, account).await?;
+        let discount = coupons::evaluate(&coupon, package, &self.packages, held, now_ms())
+            .map_err(|why| PaymentError::invalid(why, "coupon_code"))?;
+        let price = to_minor(package.price, &package.currency).unwrap_or(0);
+        Ok(Quote {
+            coupon,
+            package: package.clone(),
+            discount,
+            price,
         })
     }
 

@@ -6,6 +6,7 @@
 use async_trait::async_trait;
 use serde::Serialize;
 
+use super::coupons::Coupon;
 use super::invoice::Invoice;
 use super::orders::{CreditMove, Deferred, Order, Provider, Step};
 use crate::domain::AccountId;
@@ -23,6 +24,10 @@ pub enum UpdateOutcome {
     /// The step refused; nothing was written.
     Deferred(Deferred),
 }
+
+/// Re-checks a coupon under its row lock, given the uses the account already holds; the error
+/// says why it no longer applies.
+pub type CouponCheck<'a> = dyn Fn(&Coupon, i64) -> Result<(), String> + Send + Sync + 'a;
 
 /// How an event finds its order.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -103,4 +108,30 @@ pub trait PaymentStore: Send + Sync {
     ) -> Result<Vec<EventRecord>, LedgerError>;
 
     async fn invoice(&self, id: &str) -> Result<Option<Invoice>, LedgerError>;
+
+    /// Writes `order` holding one use of its coupon: under the coupon's row lock, `check` sees
+    /// the current uses, then the use is counted. `Ok(Err(why))` writes nothing.
+    async fn insert_order_with_coupon(
+        &self,
+        order: &Order,
+        check: &CouponCheck<'_>,
+    ) -> Result<Result<(), String>, LedgerError>;
+
+    /// False if the code exists already.
+    async fn create_coupon(&self, coupon: &Coupon) -> Result<bool, LedgerError>;
+
+    async fn coupon(&self, code: &str) -> Result<Option<Coupon>, LedgerError>;
+
+    async fn coupons(&self) -> Result<Vec<Coupon>, LedgerError>;
+
+    /// Turns a coupon on or off; false if there is no such code.
+    async fn set_coupon_active(
+        &self,
+        code: &str,
+        active: bool,
+        now_ms: i64,
+    ) -> Result<bool, LedgerError>;
+
+    /// Uses of `code` the account holds (orders not failed or expired).
+    async fn coupon_uses_by(&self, code: &str, account: &AccountId) -> Result<i64, LedgerError>;
 }

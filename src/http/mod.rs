@@ -1,5 +1,6 @@
 //! HTTP edges that are not the proxy: the error type, credits routes and health checks.
 
+pub mod billing;
 pub mod credits;
 pub mod error;
 pub mod health;

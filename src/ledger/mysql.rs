@@ -58,6 +58,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "payments",
         include_str!("../../migrations/mysql/0003_payments.sql"),
     ),
+    (
+        4,
+        "coupons",
+        include_str!("../../migrations/mysql/0004_coupons.sql"),
+    ),
 ];
 
 fn migrator() -> Migrator {

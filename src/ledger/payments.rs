@@ -6,6 +6,7 @@
 //! instantiates the one implementation for each adapter with those three pieces, and the row
 //! decoding is generic over the driver ([`Columns`]).
 
+use crate::billing::coupons::{Coupon, CouponKind};
 use crate::billing::invoice::Invoice;
 use crate::billing::orders::{CreditMove, Order, OrderStatus, Provider};
 use crate::billing::store::EventRecord;
@@ -52,6 +53,36 @@ pub(crate) const INSERT_EVENT: &str = "INSERT INTO payment_events (provider, eve
 
 pub(crate) const INSERT_INVOICE: &str = "INSERT INTO invoices (id, number, order_id, account_id, \
      issued_at, document) VALUES (?, ?, ?, ?, ?, ?)";
+
+pub(crate) const COUPON_COLUMNS: &str = "code, kind, percent_off_bp, amount_off, currency, \
+     bonus_credits, valid_from, valid_until, max_uses, max_uses_per_account, min_package, \
+     active, uses, created_at, updated_at";
+
+pub(crate) const INSERT_COUPON: &str = "INSERT INTO coupons (code, kind, percent_off_bp, \
+     amount_off, currency, bonus_credits, valid_from, valid_until, max_uses, \
+     max_uses_per_account, min_package, active, uses, created_at, updated_at) \
+     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
+
+pub(crate) fn coupon_from_row<R: Columns>(row: &R) -> Result<Coupon, LedgerError> {
+    let kind = row.text("kind")?;
+    Ok(Coupon {
+        code: row.text("code")?,
+        kind: CouponKind::parse(&kind).ok_or_else(|| corrupt("coupon kind", &kind))?,
+        percent_off_bp: row.optional_int("percent_off_bp")?,
+        amount_off: row.optional_int("amount_off")?,
+        currency: row.optional_text("currency")?,
+        bonus_credits: Credits::from_micros(row.int("bonus_credits")?),
+        valid_from_ms: row.optional_int("valid_from")?,
+        valid_until_ms: row.optional_int("valid_until")?,
+        max_uses: row.optional_int("max_uses")?,
+        max_uses_per_account: row.optional_int("max_uses_per_account")?,
+        min_package: row.optional_text("min_package")?,
+        active: row.int("active")? != 0,
+        uses: row.int("uses")?,
+        created_at_ms: row.int("created_at")?,
+        updated_at_ms: row.int("updated_at")?,
+    })
+}
 
 fn corrupt(what: &str, raw: &str) -> LedgerError {
     LedgerError::Corrupt(format!("{what} `{raw}`"))
@@ -144,6 +175,51 @@ pub(crate) fn invoice_number(year: i32, seq: i64) -> String {
     format!("INV-{year}-{seq:06}")
 }
 
+/// `INSERT_ORDER` with every column of `$order` bound, ready to execute.
+macro_rules! bind_order {
+    ($order:expr) => {{
+        use sqlx::SqlSafeStr as _;
+        let order = $order;
+        sqlx::query($crate::ledger::payments::INSERT_ORDER.into_sql_str())
+            .bind(&order.id)
+            .bind(order.account.as_str())
+            .bind(&order.package_id)
+            .bind(&order.description)
+            .bind(order.provider.as_str())
+            .bind(order.status.as_str())
+            .bind(order.checkout_id.as_deref())
+            .bind(order.checkout_url.as_deref())
+            .bind(order.provider_order_id.as_deref())
+            .bind(order.payment_ref.as_deref())
+            .bind(order.credits.micros())
+            .bind(order.bonus_credits.micros())
+            .bind(order.validity_days.map(i64::from))
+            .bind(&order.currency)
+            .bind(order.list_amount)
+            .bind(order.discount_amount)
+            .bind(order.amount)
+            .bind(order.paid_amount)
+            .bind(order.refunded_amount)
+            .bind(order.credits_refunded.micros())
+            .bind(order.dispute_id.as_deref())
+            .bind(order.dispute_status.as_deref())
+            .bind(order.dispute_credits.micros())
+            .bind(order.coupon_code.as_deref())
+            .bind(order.invoice_id.as_deref())
+            .bind(order.buyer_email.as_deref())
+            .bind(order.buyer_name.as_deref())
+            .bind(order.review_reason.as_deref())
+            .bind(order.grant_expires_at_ms)
+            .bind(order.created_at_ms)
+            .bind(order.updated_at_ms)
+            .bind(order.paid_at_ms)
+            .bind(order.refunded_at_ms)
+            .bind(order.closed_at_ms)
+    }};
+}
+
+pub(crate) use bind_order;
+
 /// Implements [`PaymentStore`](crate::billing::store::PaymentStore) for a ledger adapter with
 /// a `pool` field. `begin` starts a write transaction, `lock` is appended to the order's
 /// SELECT to lock its row, `bump_counter` increments (or creates at 1) a year's invoice
@@ -157,45 +233,182 @@ macro_rules! impl_payment_store {
                 &self,
                 order: &$crate::billing::orders::Order,
             ) -> Result<(), $crate::ledger::LedgerError> {
-                use sqlx::SqlSafeStr as _;
-                sqlx::query($crate::ledger::payments::INSERT_ORDER.into_sql_str())
-                    .bind(&order.id)
-                    .bind(order.account.as_str())
-                    .bind(&order.package_id)
-                    .bind(&order.description)
-                    .bind(order.provider.as_str())
-                    .bind(order.status.as_str())
-                    .bind(order.checkout_id.as_deref())
-                    .bind(order.checkout_url.as_deref())
-                    .bind(order.provider_order_id.as_deref())
-                    .bind(order.payment_ref.as_deref())
-                    .bind(order.credits.micros())
-                    .bind(order.bonus_credits.micros())
-                    .bind(order.validity_days.map(i64::from))
-                    .bind(&order.currency)
-                    .bind(order.list_amount)
-                    .bind(order.discount_amount)
-                    .bind(order.amount)
-                    .bind(order.paid_amount)
-                    .bind(order.refunded_amount)
-                    .bind(order.credits_refunded.micros())
-                    .bind(order.dispute_id.as_deref())
-                    .bind(order.dispute_status.as_deref())
-                    .bind(order.dispute_credits.micros())
-                    .bind(order.coupon_code.as_deref())
-                    .bind(order.invoice_id.as_deref())
-                    .bind(order.buyer_email.as_deref())
-                    .bind(order.buyer_name.as_deref())
-                    .bind(order.review_reason.as_deref())
-                    .bind(order.grant_expires_at_ms)
-                    .bind(order.created_at_ms)
-                    .bind(order.updated_at_ms)
-                    .bind(order.paid_at_ms)
-                    .bind(order.refunded_at_ms)
-                    .bind(order.closed_at_ms)
+                $crate::ledger::payments::bind_order!(order)
                     .execute(&self.pool)
                     .await?;
                 Ok(())
+            }
+
+            async fn insert_order_with_coupon(
+                &self,
+                order: &$crate::billing::orders::Order,
+                check: &$crate::billing::store::CouponCheck<'_>,
+            ) -> Result<Result<(), String>, $crate::ledger::LedgerError> {
+                use sqlx::{Row as _, SqlSafeStr as _};
+                let Some(code) = order.coupon_code.as_deref() else {
+                    return Err($crate::ledger::LedgerError::Corrupt(
+                        "an order without a coupon written as holding one".into(),
+                    ));
+                };
+                let mut attempt = 1;
+                loop {
+                    let result: Result<Result<(), String>, $crate::ledger::LedgerError> = async {
+                        let mut tx = self.pool.begin_with($begin).await?;
+                        let sql = format!(
+                            "SELECT {} FROM coupons WHERE code = ?{}",
+                            $crate::ledger::payments::COUPON_COLUMNS,
+                            $lock
+                        );
+                        let Some(row) = sqlx::query(sqlx::AssertSqlSafe(sql).into_sql_str())
+                            .bind(code)
+                            .fetch_optional(&mut *tx)
+                            .await?
+                        else {
+                            return Ok(Err("no such coupon".to_owned()));
+                        };
+                        let coupon = $crate::ledger::payments::coupon_from_row(&row)?;
+                        let held: i64 = sqlx::query(
+                            "SELECT COUNT(*) AS held FROM coupon_redemptions \
+                             WHERE code = ? AND account_id = ? AND released_at IS NULL",
+                        )
+                        .bind(code)
+                        .bind(order.account.as_str())
+                        .fetch_one(&mut *tx)
+                        .await?
+                        .try_get("held")?;
+                        if let Err(why) = check(&coupon, held) {
+                            return Ok(Err(why));
+                        }
+                        $crate::ledger::payments::bind_order!(order)
+                            .execute(&mut *tx)
+                            .await?;
+                        sqlx::query(
+                            "INSERT INTO coupon_redemptions (order_id, code, account_id, \
+                             created_at) VALUES (?, ?, ?, ?)",
+                        )
+                        .bind(&order.id)
+                        .bind(code)
+                        .bind(order.account.as_str())
+                        .bind(order.created_at_ms)
+                        .execute(&mut *tx)
+                        .await?;
+                        sqlx::query(
+                            "UPDATE coupons SET uses = uses + 1, updated_at = ? WHERE code = ?",
+                        )
+                        .bind(order.created_at_ms)
+                        .bind(code)
+                        .execute(&mut *tx)
+                        .await?;
+                        tx.commit().await?;
+                        Ok(Ok(()))
+                    }
+                    .await;
+                    match result {
+                        Err(error) if attempt < 6 && $transient(&error) => {
+                            tokio::time::sleep(std::time::Duration::from_millis(10 << attempt))
+                                .await;
+                            attempt += 1;
+                        }
+                        result => return result,
+                    }
+                }
+            }
+
+            async fn create_coupon(
+                &self,
+                coupon: &$crate::billing::coupons::Coupon,
+            ) -> Result<bool, $crate::ledger::LedgerError> {
+                use sqlx::SqlSafeStr as _;
+                let inserted = sqlx::query($crate::ledger::payments::INSERT_COUPON.into_sql_str())
+                    .bind(&coupon.code)
+                    .bind(coupon.kind.as_str())
+                    .bind(coupon.percent_off_bp)
+                    .bind(coupon.amount_off)
+                    .bind(coupon.currency.as_deref())
+                    .bind(coupon.bonus_credits.micros())
+                    .bind(coupon.valid_from_ms)
+                    .bind(coupon.valid_until_ms)
+                    .bind(coupon.max_uses)
+                    .bind(coupon.max_uses_per_account)
+                    .bind(coupon.min_package.as_deref())
+                    .bind(i64::from(coupon.active))
+                    .bind(coupon.uses)
+                    .bind(coupon.created_at_ms)
+                    .bind(coupon.updated_at_ms)
+                    .execute(&self.pool)
+                    .await;
+                match inserted {
+                    Ok(_) => Ok(true),
+                    Err(sqlx::Error::Database(error)) if error.is_unique_violation() => Ok(false),
+                    Err(error) => Err(error.into()),
+                }
+            }
+
+            async fn coupon(
+                &self,
+                code: &str,
+            ) -> Result<Option<$crate::billing::coupons::Coupon>, $crate::ledger::LedgerError> {
+                use sqlx::SqlSafeStr as _;
+                let sql = format!(
+                    "SELECT {} FROM coupons WHERE code = ?",
+                    $crate::ledger::payments::COUPON_COLUMNS
+                );
+                sqlx::query(sqlx::AssertSqlSafe(sql).into_sql_str())
+                    .bind(code)
+                    .fetch_optional(&self.pool)
+                    .await?
+                    .map(|row| $crate::ledger::payments::coupon_from_row(&row))
+                    .transpose()
+            }
+
+            async fn coupons(
+                &self,
+            ) -> Result<Vec<$crate::billing::coupons::Coupon>, $crate::ledger::LedgerError> {
+                use sqlx::SqlSafeStr as _;
+                let sql = format!(
+                    "SELECT {} FROM coupons ORDER BY code",
+                    $crate::ledger::payments::COUPON_COLUMNS
+                );
+                sqlx::query(sqlx::AssertSqlSafe(sql).into_sql_str())
+                    .fetch_all(&self.pool)
+                    .await?
+                    .iter()
+                    .map($crate::ledger::payments::coupon_from_row)
+                    .collect()
+            }
+
+            async fn set_coupon_active(
+                &self,
+                code: &str,
+                active: bool,
+                now_ms: i64,
+            ) -> Result<bool, $crate::ledger::LedgerError> {
+                let result =
+                    sqlx::query("UPDATE coupons SET active = ?, updated_at = ? WHERE code = ?")
+                        .bind(i64::from(active))
+                        .bind(now_ms)
+                        .bind(code)
+                        .execute(&self.pool)
+                        .await?;
+                Ok(result.rows_affected() > 0)
+            }
+
+            async fn coupon_uses_by(
+                &self,
+                code: &str,
+                account: &$crate::domain::AccountId,
+            ) -> Result<i64, $crate::ledger::LedgerError> {
+                use sqlx::Row as _;
+                let held: i64 = sqlx::query(
+                    "SELECT COUNT(*) AS held FROM coupon_redemptions \
+                     WHERE code = ? AND account_id = ? AND released_at IS NULL",
+                )
+                .bind(code)
+                .bind(account.as_str())
+                .fetch_one(&self.pool)
+                .await?
+                .try_get("held")?;
+                Ok(held)
             }
 
             async fn order(
@@ -521,6 +734,28 @@ macro_rules! impl_payment_store {
                         Err(sqlx::Error::Database(error)) if error.is_unique_violation() => {}
                         Err(error) => return Err(error.into()),
                         Ok(_) => {}
+                    }
+                }
+                if transition.release_coupon
+                    && let Some(code) = order.coupon_code.as_deref()
+                {
+                    let released = sqlx::query(
+                        "UPDATE coupon_redemptions SET released_at = ? \
+                         WHERE order_id = ? AND released_at IS NULL",
+                    )
+                    .bind(now)
+                    .bind(&order.id)
+                    .execute(&mut *tx)
+                    .await?;
+                    if released.rows_affected() > 0 {
+                        sqlx::query(
+                            "UPDATE coupons SET uses = uses - 1, updated_at = ? \
+                             WHERE code = ? AND uses > 0",
+                        )
+                        .bind(now)
+                        .bind(code)
+                        .execute(&mut *tx)
+                        .await?;
                     }
                 }
                 tx.commit().await?;

@@ -47,6 +47,12 @@ const MIGRATIONS: &[(i64, &str, &str, bool)] = &[
         include_str!("../../migrations/sqlite/0003_payments.sql"),
         false,
     ),
+    (
+        4,
+        "coupons",
+        include_str!("../../migrations/sqlite/0004_coupons.sql"),
+        false,
+    ),
 ];
 
 fn migrator() -> Migrator {

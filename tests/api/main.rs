@@ -12,6 +12,7 @@ mod auth;
 mod bad_input;
 mod billing;
 mod concurrency;
+mod coupons;
 mod grants_and_pricing;
 mod ledger_contract;
 mod lifecycle;

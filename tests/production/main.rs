@@ -20,6 +20,8 @@ mod bad_input;
 mod billing;
 #[path = "../api/concurrency.rs"]
 mod concurrency;
+#[path = "../api/coupons.rs"]
+mod coupons;
 #[path = "../api/grants_and_pricing.rs"]
 mod grants_and_pricing;
 #[path = "../api/lifecycle.rs"]
