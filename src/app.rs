@@ -373,7 +373,12 @@ fn router(state: AppState) -> Router {
         .route("/embeddings", post(proxy::embeddings))
         .route("/responses", post(proxy::responses))
         .route("/models", get(proxy::models))
-        .route("/billing/coupons/apply", post(http::billing::apply_coupon));
+        .route("/billing/coupons/apply", post(http::billing::apply_coupon))
+        .route(
+            "/billing/invoices/generate",
+            post(http::billing::generate_statement),
+        )
+        .route("/billing/invoices", get(http::billing::statements));
     let credits = Router::new()
         .route("/balance", get(http::credits::balance))
         .route("/transactions", get(http::credits::transactions))

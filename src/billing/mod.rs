@@ -10,6 +10,7 @@ pub mod pdf;
 pub mod provider;
 pub mod service;
 pub mod signatures;
+pub mod statements;
 pub mod store;
 pub mod stripe;
 pub mod webhooks;

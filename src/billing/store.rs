@@ -132,6 +132,27 @@ pub trait PaymentStore: Send + Sync {
         now_ms: i64,
     ) -> Result<bool, LedgerError>;
 
+    /// The account's usage between `from_ms` (inclusive) and `to_ms`, summed per model.
+    async fn usage_by_model(
+        &self,
+        account: &AccountId,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<super::statements::ModelUsage>, LedgerError>;
+
+    /// Stores (or replaces) the account's statement of its month.
+    async fn save_statement(
+        &self,
+        statement: &super::statements::Statement,
+        now_ms: i64,
+    ) -> Result<(), LedgerError>;
+
+    /// The account's statements, newest month first.
+    async fn statements(
+        &self,
+        account: &AccountId,
+    ) -> Result<Vec<super::statements::Statement>, LedgerError>;
+
     /// Uses of `code` the account holds (orders not failed or expired).
     async fn coupon_uses_by(&self, code: &str, account: &AccountId) -> Result<i64, LedgerError>;
 }

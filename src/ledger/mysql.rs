@@ -63,6 +63,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "coupons",
         include_str!("../../migrations/mysql/0004_coupons.sql"),
     ),
+    (
+        5,
+        "statements",
+        include_str!("../../migrations/mysql/0005_statements.sql"),
+    ),
 ];
 
 fn migrator() -> Migrator {
@@ -1529,5 +1534,6 @@ super::payments::impl_payment_store!(
     begin = "BEGIN",
     lock = " FOR UPDATE",
     bump_counter = "INSERT INTO invoice_counters (year, last_number) VALUES (?, 1) ON DUPLICATE KEY UPDATE last_number = last_number + 1",
-    transient = is_lock_conflict
+    transient = is_lock_conflict,
+    upsert_statement = "INSERT INTO usage_statements (account_id, billing_month, document, generated_at) VALUES (?, ?, ?, ?) ON DUPLICATE KEY UPDATE document = VALUES(document), generated_at = VALUES(generated_at)"
 );

@@ -226,7 +226,7 @@ pub(crate) use bind_order;
 /// counter, and `transient` tells which errors mean "run the transaction again".
 macro_rules! impl_payment_store {
     ($ledger:ty, begin = $begin:literal, lock = $lock:literal, bump_counter = $bump:literal,
-     transient = $transient:path) => {
+     transient = $transient:path, upsert_statement = $upsert_statement:literal) => {
         #[async_trait::async_trait]
         impl $crate::billing::store::PaymentStore for $ledger {
             async fn insert_order(
@@ -391,6 +391,82 @@ macro_rules! impl_payment_store {
                         .execute(&self.pool)
                         .await?;
                 Ok(result.rows_affected() > 0)
+            }
+
+            async fn usage_by_model(
+                &self,
+                account: &$crate::domain::AccountId,
+                from_ms: i64,
+                to_ms: i64,
+            ) -> Result<Vec<$crate::billing::statements::ModelUsage>, $crate::ledger::LedgerError>
+            {
+                use sqlx::Row as _;
+                // Sums are cast back to BIGINT: MySQL sums BIGINTs as DECIMAL.
+                let rows = sqlx::query(
+                    "SELECT model, COUNT(*) AS requests, \
+                     CAST(SUM(prompt_tokens) AS SIGNED) AS prompt_tokens, \
+                     CAST(SUM(completion_tokens) AS SIGNED) AS completion_tokens, \
+                     CAST(SUM(cost) AS SIGNED) AS cost \
+                     FROM usage_records WHERE account_id = ? AND settled_at >= ? \
+                     AND settled_at < ? GROUP BY model ORDER BY model",
+                )
+                .bind(account.as_str())
+                .bind(from_ms)
+                .bind(to_ms)
+                .fetch_all(&self.pool)
+                .await?;
+                rows.iter()
+                    .map(|row| {
+                        Ok($crate::billing::statements::ModelUsage {
+                            model: row.try_get("model")?,
+                            requests: row.try_get("requests")?,
+                            prompt_tokens: row.try_get("prompt_tokens")?,
+                            completion_tokens: row.try_get("completion_tokens")?,
+                            cost: $crate::domain::Credits::from_micros(row.try_get("cost")?),
+                        })
+                    })
+                    .collect()
+            }
+
+            async fn save_statement(
+                &self,
+                statement: &$crate::billing::statements::Statement,
+                now_ms: i64,
+            ) -> Result<(), $crate::ledger::LedgerError> {
+                let document = serde_json::to_string(statement).map_err(|e| {
+                    $crate::ledger::LedgerError::Corrupt(format!("statement document: {e}"))
+                })?;
+                sqlx::query($upsert_statement)
+                    .bind(&statement.account_id)
+                    .bind(&statement.billing_month)
+                    .bind(document)
+                    .bind(now_ms)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(())
+            }
+
+            async fn statements(
+                &self,
+                account: &$crate::domain::AccountId,
+            ) -> Result<Vec<$crate::billing::statements::Statement>, $crate::ledger::LedgerError>
+            {
+                use sqlx::Row as _;
+                sqlx::query(
+                    "SELECT document FROM usage_statements WHERE account_id = ? \
+                     ORDER BY billing_month DESC",
+                )
+                .bind(account.as_str())
+                .fetch_all(&self.pool)
+                .await?
+                .iter()
+                .map(|row| {
+                    let document: String = row.try_get("document")?;
+                    serde_json::from_str(&document).map_err(|e| {
+                        $crate::ledger::LedgerError::Corrupt(format!("statement document: {e}"))
+                    })
+                })
+                .collect()
             }
 
             async fn coupon_uses_by(

@@ -53,6 +53,12 @@ const MIGRATIONS: &[(i64, &str, &str, bool)] = &[
         include_str!("../../migrations/sqlite/0004_coupons.sql"),
         false,
     ),
+    (
+        5,
+        "statements",
+        include_str!("../../migrations/sqlite/0005_statements.sql"),
+        false,
+    ),
 ];
 
 fn migrator() -> Migrator {
@@ -1115,5 +1121,6 @@ super::payments::impl_payment_store!(
     begin = "BEGIN IMMEDIATE",
     lock = "",
     bump_counter = "INSERT INTO invoice_counters (year, last_number) VALUES (?, 1) ON CONFLICT (year) DO UPDATE SET last_number = last_number + 1",
-    transient = never_transient
+    transient = never_transient,
+    upsert_statement = "INSERT INTO usage_statements (account_id, billing_month, document, generated_at) VALUES (?, ?, ?, ?) ON CONFLICT (account_id, billing_month) DO UPDATE SET document = excluded.document, generated_at = excluded.generated_at"
 );

@@ -18,5 +18,6 @@ mod ledger_contract;
 mod lifecycle;
 mod metering;
 mod payments;
+mod statements;
 mod streaming;
 mod upstreams;

@@ -30,6 +30,8 @@ mod lifecycle;
 mod metering;
 #[path = "../api/payments.rs"]
 mod payments;
+#[path = "../api/statements.rs"]
+mod statements;
 #[path = "../api/streaming.rs"]
 mod streaming;
 #[path = "../api/upstreams.rs"]
