@@ -247,7 +247,21 @@ impl PaymentsConfig {
             .ok_or("payments.polar.webhook_secret: required")?;
             let encoding = match polar.secret_encoding {
                 PolarSecretEncoding::Polar => SecretEncoding::Polar,
-                PolarSecretEncoding::Standard => SecretEncoding::Standard,
+                PolarSecretEncoding::Standard => {
+                    use base64::Engine as _;
+                    let encoded = webhook_secret
+                        .strip_prefix("whsec_")
+                        .unwrap_or(&webhook_secret);
+                    if base64::engine::general_purpose::STANDARD
+                        .decode(encoded)
+                        .is_err()
+                    {
+                        return Err("payments.polar.webhook_secret: with secret_encoding = \
+                             \"standard\" it must be `whsec_` followed by base64"
+                            .into());
+                    }
+                    SecretEncoding::Standard
+                }
             };
             resolved.polar = Some(ResolvedPolar {
                 webhook_secret,
@@ -327,6 +341,10 @@ mod tests {
             ),
             (
                 "[polar]\nsecret_encoding = \"standard\"\n",
+                "payments.polar.webhook_secret",
+            ),
+            (
+                "[polar]\nwebhook_secret = \"whsec_not base64!\"\nsecret_encoding = \"standard\"\n",
                 "payments.polar.webhook_secret",
             ),
             (

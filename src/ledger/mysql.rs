@@ -1415,6 +1415,7 @@ impl Ledger for MySqlLedger {
             }
         }
         let mut problems = checks.finish();
+        problems.extend(super::payments::verify::<MySql>(&mut tx).await?);
 
         let orphans = sqlx::query(
             "SELECT u.request_id, u.account_id FROM usage_records u \

@@ -1016,6 +1016,7 @@ impl Ledger for SqliteLedger {
             }
         }
         let mut problems = checks.finish();
+        problems.extend(super::payments::verify::<sqlx::Sqlite>(&mut tx).await?);
 
         let orphans = sqlx::query(
             "SELECT u.request_id, u.account_id FROM usage_records u \

@@ -18,6 +18,7 @@ mod ledger_contract;
 mod lifecycle;
 mod metering;
 mod payments;
+mod payments_providers;
 mod statements;
 mod streaming;
 mod upstreams;

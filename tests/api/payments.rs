@@ -854,3 +854,73 @@ async fn invoices_are_numbered_without_gaps_and_readable_only_by_their_owner() {
         assert!(text.contains(&expected), "{expected} not in {text}");
     }
 }
+
+#[tokio::test]
+async fn concurrent_payments_take_invoice_numbers_without_gaps_or_repeats() {
+    let shop = shop().await;
+    let mut sessions = Vec::new();
+    for i in 0..8 {
+        let user = format!("numbered-{i}");
+        let (order_id, session) = shop.checkout(&user, "starter").await;
+        sessions.push((user, order_id, session));
+    }
+    let payments = sessions.iter().map(|(user, _, session)| {
+        let shop = &shop;
+        async move {
+            let object = shop.paid_session(session, user, 999);
+            shop.event(
+                &format!("evt_n_{}", session.id),
+                "checkout.session.completed",
+                object,
+            )
+            .await
+        }
+    });
+    for (status, body) in futures_util::future::join_all(payments).await {
+        assert_eq!(status, 200, "{body}");
+    }
+    let year = time::OffsetDateTime::now_utc().year();
+    let mut numbers = Vec::new();
+    for (user, order_id, _) in &sessions {
+        let order = shop.order(user, order_id).await;
+        let invoice_id = order["invoice_id"].as_str().expect("invoice id");
+        let invoice: Value = shop
+            .app
+            .get(&format!("/api/payment/invoices/{invoice_id}"), &token(user))
+            .await
+            .json()
+            .await
+            .expect("invoice json");
+        numbers.push(invoice["number"].as_str().expect("number").to_owned());
+    }
+    numbers.sort();
+    let expected: Vec<String> = (1..=8).map(|n| format!("INV-{year}-{n:06}")).collect();
+    assert_eq!(numbers, expected);
+    shop.app.assert_ledger_consistent().await;
+}
+
+#[tokio::test]
+async fn ledger_verify_reports_payment_records_that_disagree() {
+    let shop = shop().await;
+    shop.pay("verify-1", "starter", 999).await;
+    shop.app.assert_ledger_consistent().await;
+    // Behind the gateway's back: an invoice number skipped, a move that the ledger lacks,
+    // a coupon counting a use nobody holds.
+    shop.app
+        .execute_sql("UPDATE invoice_counters SET last_number = last_number + 1")
+        .await;
+    shop.app
+        .execute_sql("UPDATE order_credit_moves SET amount = amount + 1")
+        .await;
+    shop.app
+        .execute_sql(
+            "INSERT INTO coupons (code, kind, bonus_credits, active, uses, created_at, updated_at) \
+             VALUES ('GHOST', 'bonus', 1, 1, 1, 0, 0)",
+        )
+        .await;
+    let problems = shop.app.ledger.verify().await.expect("verify runs");
+    let text = format!("{problems:?}");
+    for expected in ["without gaps", "no matching ledger entry", "coupon GHOST"] {
+        assert!(text.contains(expected), "{expected} not in {text}");
+    }
+}

@@ -30,6 +30,8 @@ mod lifecycle;
 mod metering;
 #[path = "../api/payments.rs"]
 mod payments;
+#[path = "../api/payments_providers.rs"]
+mod payments_providers;
 #[path = "../api/statements.rs"]
 mod statements;
 #[path = "../api/streaming.rs"]
