@@ -846,15 +846,6 @@ macro_rules! impl_payment_store {
 
 pub(crate) use impl_payment_store;
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn invoice_numbers_are_zero_padded_per_year() {
-        assert_eq!(super::invoice_number(2026, 123), "INV-2026-000123");
-        assert_eq!(super::invoice_number(2027, 1), "INV-2027-000001");
-    }
-}
-
 /// Applied credit moves whose ledger entry is missing or differs.
 const UNMATCHED_MOVES: &str = "SELECT m.account_id, m.reference FROM order_credit_moves m \
      LEFT JOIN credit_transactions t ON t.account_id = m.account_id \
@@ -961,4 +952,13 @@ where
         }
     }
     Ok(problems)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn invoice_numbers_are_zero_padded_per_year() {
+        assert_eq!(super::invoice_number(2026, 123), "INV-2026-000123");
+        assert_eq!(super::invoice_number(2027, 1), "INV-2027-000001");
+    }
 }
