@@ -560,11 +560,13 @@ impl Payments {
         let moves = self.store().pending_moves(order_id, 500).await?;
         for credit in &moves {
             let outcome = self.ledger.grant(&credit.grant_request()).await?;
-            self.store()
-                .mark_move_applied(&credit.reference, now_ms())
-                .await?;
+            // The move stays pending until the cache has the new balance too: a retry then
+            // replays the grant (a no-op returning the current balance) and updates the cache.
             self.cache
                 .apply(&Bucket::Account(credit.account.clone()), outcome.snapshot)
+                .await?;
+            self.store()
+                .mark_move_applied(&credit.reference, now_ms())
                 .await?;
             tracing::info!(order = %credit.order_id, reference = %credit.reference,
                 amount = %credit.amount, applied = outcome.applied, "order credit move applied");

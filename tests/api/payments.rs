@@ -924,3 +924,33 @@ async fn ledger_verify_reports_payment_records_that_disagree() {
         assert!(text.contains(expected), "{expected} not in {text}");
     }
 }
+
+#[tokio::test]
+async fn a_credit_left_pending_by_a_crash_is_applied_by_the_recovery_task() {
+    let shop = shop().await;
+    let user = "recover-1";
+    // As if the process died after writing an order's change and before the ledger grant.
+    shop.app
+        .execute_sql(
+            "INSERT INTO order_credit_moves (reference, order_id, account_id, entry_type, \
+             amount, description, expires_at, created_at) VALUES ('stripe:cs_crashed', \
+             'ord_crashed', 'recover-1', 'purchase', 5000000, 'Starter (order ord_crashed)', \
+             NULL, 0)",
+        )
+        .await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while shop.balance_of(user).await != dec("5") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the pending credit was never applied"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let entries = shop
+        .app
+        .list("/api/credits/transactions", &token(user))
+        .await;
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0]["reference"], "stripe:cs_crashed");
+    shop.app.assert_ledger_consistent().await;
+}
