@@ -241,16 +241,7 @@ mod tests {
     use super::*;
 
     fn order() -> CheckoutRequest {
-        CheckoutRequest {
-            order_id: "ord_1".into(),
-            account_id: "acct_1".into(),
-            package_id: "pkg_small".into(),
-            product_name: "Small pack".into(),
-            currency: "USD".into(),
-            amount_minor: 1234,
-            success_url: "https://app.test/ok".into(),
-            cancel_url: "https://app.test/cancel".into(),
-        }
+        crate::billing::provider::sample_request()
     }
 
     #[test]

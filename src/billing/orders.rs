@@ -357,19 +357,24 @@ pub fn refund(order: &Order, refunded_total: i64, currency: &str, now_ms: i64) -
     if total <= order.refunded_amount {
         return Ok(None);
     }
-    let target = pro_rata(order.total_credits(), total, paid);
-    let unclawed = order
-        .total_credits()
+    // The refund owns its share of the credits. Where a dispute already took part of that
+    // share, the dispute's claim shrinks (a won dispute must not give back refunded credits),
+    // so only what neither has taken yet leaves the balance now.
+    let granted = order.total_credits().micros();
+    let refunded = pro_rata(order.total_credits(), total, paid)
         .micros()
-        .saturating_sub(order.credits_refunded.micros())
-        .saturating_sub(order.dispute_credits.micros());
-    let take = target
+        .max(order.credits_refunded.micros());
+    let disputed = order
+        .dispute_credits
         .micros()
-        .saturating_sub(order.credits_refunded.micros())
-        .clamp(0, unclawed.max(0));
+        .min(granted.saturating_sub(refunded).max(0));
+    let take = (refunded + disputed)
+        .saturating_sub(order.credits_refunded.micros() + order.dispute_credits.micros())
+        .max(0);
     let mut next = order.clone();
     next.refunded_amount = total;
-    next.credits_refunded = Credits::from_micros(order.credits_refunded.micros() + take);
+    next.credits_refunded = Credits::from_micros(refunded);
+    next.dispute_credits = Credits::from_micros(disputed);
     next.refunded_at_ms = Some(now_ms);
     next.updated_at_ms = now_ms;
     if !matches!(
@@ -378,34 +383,18 @@ pub fn refund(order: &Order, refunded_total: i64, currency: &str, now_ms: i64) -
     ) {
         next.status = refund_status(total, paid);
     }
-    let moves = if take > 0 {
-        vec![CreditMove {
-            reference: format!(
-                "{}:refund:{}",
-                order.payment_key(),
-                from_minor(total, &order.currency)
-            ),
-            order_id: order.id.clone(),
-            account: order.account.clone(),
-            entry_type: EntryType::Refund,
-            amount: Credits::from_micros(-take),
-            description: format!(
-                "Refund of {} {} (order {})",
-                from_minor(total - order.refunded_amount, &order.currency),
-                order.currency,
-                order.id
-            ),
-            expires_at_ms: None,
-        }]
-    } else {
-        Vec::new()
-    };
-    Ok(Some(Transition {
-        order: next,
-        moves,
-        invoice: None,
-        release_coupon: false,
-    }))
+    let reference = format!(
+        "{}:refund:{}",
+        order.payment_key(),
+        from_minor(total, &order.currency)
+    );
+    let description = format!(
+        "Refund of {} {} (order {})",
+        from_minor(total - order.refunded_amount, &order.currency),
+        order.currency,
+        order.id
+    );
+    taking_back(order, next, take, EntryType::Refund, reference, description)
 }
 
 /// The buyer disputed `amount` of the payment: its credits are taken back while it is open.
@@ -447,28 +436,19 @@ pub fn dispute_opened(
     next.dispute_credits = Credits::from_micros(take);
     next.status = OrderStatus::Disputed;
     next.updated_at_ms = now_ms;
-    let moves = if take > 0 {
-        vec![CreditMove {
-            reference: format!("{}:dispute:{dispute_id}", order.provider.as_str()),
-            order_id: order.id.clone(),
-            account: order.account.clone(),
-            entry_type: EntryType::Adjustment,
-            amount: Credits::from_micros(-take),
-            description: format!(
-                "Payment disputed (order {}, dispute {dispute_id})",
-                order.id
-            ),
-            expires_at_ms: None,
-        }]
-    } else {
-        Vec::new()
-    };
-    Ok(Some(Transition {
-        order: next,
-        moves,
-        invoice: None,
-        release_coupon: false,
-    }))
+    let reference = format!("{}:dispute:{dispute_id}", order.provider.as_str());
+    let description = format!(
+        "Payment disputed (order {}, dispute {dispute_id})",
+        order.id
+    );
+    taking_back(
+        order,
+        next,
+        take,
+        EntryType::Adjustment,
+        reference,
+        description,
+    )
 }
 
 /// The dispute closed: won gives the credits back, lost keeps them taken.
@@ -554,6 +534,33 @@ pub fn awaiting_payment(
     }
     next.updated_at_ms = now_ms;
     Ok(Some(Transition::order_only(next)))
+}
+
+/// The transition to `next` that takes `take` micro-credits (if any) back from the account.
+fn taking_back(
+    order: &Order,
+    next: Order,
+    take: i64,
+    entry_type: EntryType,
+    reference: String,
+    description: String,
+) -> Step {
+    let moves = (take > 0)
+        .then(|| CreditMove {
+            reference,
+            order_id: order.id.clone(),
+            account: order.account.clone(),
+            entry_type,
+            amount: Credits::from_micros(-take),
+            description,
+            expires_at_ms: None,
+        })
+        .into_iter()
+        .collect();
+    Ok(Some(Transition {
+        moves,
+        ..Transition::order_only(next)
+    }))
 }
 
 fn paid_amount(order: &Order) -> Result<i64, Deferred> {
@@ -656,5 +663,177 @@ fn invoice_draft(order: &Order, settings: &InvoiceSettings, now_ms: i64) -> Invo
     InvoiceDraft {
         year: issued.year(),
         invoice,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn order() -> Order {
+        Order {
+            id: "ord_1".into(),
+            account: AccountId::parse("alice").unwrap_or_else(|_| panic!("account id")),
+            package_id: "starter".into(),
+            description: "Starter".into(),
+            provider: Provider::Stripe,
+            status: OrderStatus::Pending,
+            checkout_id: Some("cs_1".into()),
+            checkout_url: None,
+            provider_order_id: Some("cs_1".into()),
+            payment_ref: None,
+            credits: Credits::from_micros(1_000_000_000),
+            bonus_credits: Credits::ZERO,
+            validity_days: Some(30),
+            currency: "USD".into(),
+            list_amount: 999,
+            discount_amount: 0,
+            amount: 999,
+            paid_amount: None,
+            refunded_amount: 0,
+            credits_refunded: Credits::ZERO,
+            dispute_id: None,
+            dispute_status: None,
+            dispute_credits: Credits::ZERO,
+            coupon_code: None,
+            invoice_id: None,
+            buyer_email: None,
+            buyer_name: None,
+            review_reason: None,
+            grant_expires_at_ms: None,
+            created_at_ms: 0,
+            updated_at_ms: 0,
+            paid_at_ms: None,
+            refunded_at_ms: None,
+            closed_at_ms: None,
+        }
+    }
+
+    fn facts(amount: i64) -> PaymentFacts {
+        PaymentFacts {
+            provider_order_id: "cs_1".into(),
+            payment_ref: Some("pi_1".into()),
+            amount,
+            currency: "usd".into(),
+            buyer_email: None,
+            buyer_name: None,
+        }
+    }
+
+    fn step(result: Step) -> Transition {
+        match result {
+            Ok(Some(transition)) => transition,
+            other => panic!("expected a transition, got {other:?}"),
+        }
+    }
+
+    fn paid() -> Order {
+        step(pay(
+            &order(),
+            &facts(999),
+            &InvoiceSettings::default(),
+            1_000,
+        ))
+        .order
+    }
+
+    #[test]
+    fn a_payment_grants_once_with_the_package_expiry_and_an_invoice() {
+        let t = step(pay(
+            &order(),
+            &facts(999),
+            &InvoiceSettings::default(),
+            1_000,
+        ));
+        assert_eq!(t.order.status, OrderStatus::Paid);
+        assert_eq!(t.moves.len(), 1);
+        assert_eq!(t.moves[0].reference, "stripe:cs_1");
+        assert_eq!(t.moves[0].expires_at_ms, Some(1_000 + 30 * DAY_MS));
+        assert!(t.invoice.is_some());
+        // The same payment again changes nothing; another payment for it is for an admin.
+        assert_eq!(
+            pay(&t.order, &facts(999), &InvoiceSettings::default(), 2_000),
+            Ok(None)
+        );
+        let mut other = facts(999);
+        other.provider_order_id = "cs_2".into();
+        assert!(matches!(
+            pay(&t.order, &other, &InvoiceSettings::default(), 2_000),
+            Err(Deferred::Review(_))
+        ));
+    }
+
+    #[test]
+    fn a_wrong_amount_holds_the_order_for_review_without_credit() {
+        let t = step(pay(
+            &order(),
+            &facts(998),
+            &InvoiceSettings::default(),
+            1_000,
+        ));
+        assert_eq!(t.order.status, OrderStatus::Review);
+        assert!(t.moves.is_empty() && t.invoice.is_none());
+    }
+
+    #[test]
+    fn partial_refunds_in_any_steps_take_back_exactly_everything_in_the_end() {
+        for steps in [
+            vec![1, 2, 3, 999],
+            vec![333, 666, 999],
+            vec![998, 999],
+            vec![500, 400, 999],
+        ] {
+            let mut current = paid();
+            let mut taken = 0;
+            for total in steps {
+                if let Ok(Some(t)) = refund(&current, total, "USD", 5) {
+                    taken -= t.moves.iter().map(|m| m.amount.micros()).sum::<i64>();
+                    current = t.order;
+                }
+            }
+            assert_eq!(taken, 1_000_000_000);
+            assert_eq!(current.status, OrderStatus::Refunded);
+        }
+    }
+
+    #[test]
+    fn refunds_and_disputes_never_take_more_than_was_granted() {
+        let all = 1_000_000_000;
+        let disputed = step(dispute_opened(&paid(), "dp_1", 999, "usd", 5)).order;
+        assert_eq!(disputed.dispute_credits, Credits::from_micros(all));
+        // The dispute took everything: a refund of a third takes nothing more, but that third
+        // now belongs to the refund, so a won dispute gives back only the other two thirds.
+        let refunded = step(refund(&disputed, 333, "usd", 6));
+        assert!(refunded.moves.is_empty());
+        assert_eq!(refunded.order.status, OrderStatus::Disputed);
+        assert_eq!(
+            refunded.order.credits_refunded,
+            Credits::from_micros(all / 3)
+        );
+        let won = step(dispute_closed(&refunded.order, "dp_1", true, 7));
+        assert_eq!(won.moves[0].amount, Credits::from_micros(all - all / 3));
+        assert_eq!(won.order.status, OrderStatus::PartiallyRefunded);
+        // Fully refunded while disputed: winning gives nothing back.
+        let full = step(refund(&disputed, 999, "usd", 6)).order;
+        let won = step(dispute_closed(&full, "dp_1", true, 7));
+        assert!(won.moves.is_empty());
+        assert_eq!(won.order.status, OrderStatus::Refunded);
+    }
+
+    #[test]
+    fn events_before_the_payment_are_retried_and_closing_releases_the_coupon() {
+        assert!(matches!(
+            refund(&order(), 100, "usd", 1),
+            Err(Deferred::Retry(_))
+        ));
+        assert!(matches!(
+            dispute_closed(&paid(), "dp_9", false, 1),
+            Err(Deferred::Retry(_))
+        ));
+        let mut with_coupon = order();
+        with_coupon.coupon_code = Some("SAVE".into());
+        let closed = step(close(&with_coupon, OrderStatus::Expired, 1));
+        assert!(closed.release_coupon);
+        assert_eq!(close(&paid(), OrderStatus::Expired, 1), Ok(None));
     }
 }

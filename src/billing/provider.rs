@@ -38,3 +38,18 @@ pub enum ProviderError {
     #[error("payment provider misconfigured: {0}")]
     Config(String),
 }
+
+/// A checkout request for provider client tests.
+#[cfg(test)]
+pub(crate) fn sample_request() -> CheckoutRequest {
+    CheckoutRequest {
+        order_id: "ord_1".into(),
+        account_id: "acct_1".into(),
+        package_id: "pkg_small".into(),
+        product_name: "Small pack".into(),
+        currency: "USD".into(),
+        amount_minor: 1234,
+        success_url: "https://app.test/ok".into(),
+        cancel_url: "https://app.test/cancel".into(),
+    }
+}
