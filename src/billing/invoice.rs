@@ -1,7 +1,8 @@
 //! Invoices: the document issued for each paid order, frozen at issue time.
 //!
-//! Amounts are exact decimals in the invoice currency with two decimal places. Prices are
-//! tax-inclusive: `total` is what the buyer paid, and `tax` is the part of it that is tax.
+//! Amounts are exact decimals in the invoice currency, with its decimal places (2 for USD).
+//! Prices are tax-inclusive: `total` is what the buyer paid, and `tax` is the part of it that is
+//! tax.
 
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};

@@ -255,10 +255,11 @@ fn issue_date(issued_at: &str) -> &str {
         .map_or(issued_at, |(date, _)| date)
 }
 
-/// `9.99 USD`: two decimal places (half away from zero), then the currency code.
+/// `9.99 USD`, `1200 JPY`: the currency's decimal places (half away from zero), then its code.
 fn format_money(amount: Decimal, currency: &str) -> String {
-    let mut rounded = amount.round_dp_with_strategy(2, RoundingStrategy::MidpointAwayFromZero);
-    rounded.rescale(2);
+    let places = super::money::exponent(currency);
+    let mut rounded = amount.round_dp_with_strategy(places, RoundingStrategy::MidpointAwayFromZero);
+    rounded.rescale(places);
     format!("{rounded} {currency}")
 }
 
@@ -838,7 +839,9 @@ mod tests {
     }
 
     #[test]
-    fn formats_money_with_two_decimals() {
+    fn formats_money_with_the_currency_decimals() {
+        assert_eq!(format_money(dec("1200"), "JPY"), "1200 JPY");
+        assert_eq!(format_money(dec("1.2345"), "KWD"), "1.235 KWD");
         assert_eq!(format_money(dec("9.9"), "USD"), "9.90 USD");
         assert_eq!(format_money(dec("10"), "EUR"), "10.00 EUR");
         assert_eq!(format_money(dec("0.125"), "EUR"), "0.13 EUR");
