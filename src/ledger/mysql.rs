@@ -177,11 +177,6 @@ fn server_error_number(error: &LedgerError) -> Option<u16> {
     }
 }
 
-/// A deadlock or lock wait timeout: the transaction may simply be run again.
-fn is_lock_conflict(error: &LedgerError) -> bool {
-    is_transient(error, Retry::LockConflicts)
-}
-
 fn is_transient(error: &LedgerError, retry: Retry) -> bool {
     match server_error_number(error) {
         Some(ER_LOCK_DEADLOCK | ER_LOCK_WAIT_TIMEOUT) => true,
@@ -196,6 +191,15 @@ fn backoff(attempt: u32) -> Duration {
     let base: u64 = 5 << attempt.min(6);
     let jitter = rand::rng().random_range(0..=base);
     Duration::from_millis(base + jitter)
+}
+
+/// [`retrying`] on deadlocks and lock wait timeouts: the payments store's transactions.
+async fn rerun_on_lock_conflict<T, F, Fut>(what: &'static str, attempt: F) -> Result<T, LedgerError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, LedgerError>>,
+{
+    retrying(what, Retry::LockConflicts, attempt).await
 }
 
 /// Runs `attempt` (one whole transaction) until it succeeds, fails for good, or has been tried
@@ -1535,6 +1539,6 @@ super::payments::impl_payment_store!(
     begin = "BEGIN",
     lock = " FOR UPDATE",
     bump_counter = "INSERT INTO invoice_counters (year, last_number) VALUES (?, 1) ON DUPLICATE KEY UPDATE last_number = last_number + 1",
-    transient = is_lock_conflict,
+    rerun = rerun_on_lock_conflict,
     upsert_statement = "INSERT INTO usage_statements (account_id, billing_month, document, generated_at) VALUES (?, ?, ?, ?) ON DUPLICATE KEY UPDATE document = VALUES(document), generated_at = VALUES(generated_at)"
 );

@@ -58,6 +58,10 @@ pub(crate) const COUPON_COLUMNS: &str = "code, kind, percent_off_bp, amount_off,
      bonus_credits, valid_from, valid_until, max_uses, max_uses_per_account, min_package, \
      active, uses, created_at, updated_at";
 
+/// The uses of a coupon (`?`) that an account (`?`) holds.
+pub(crate) const HELD_USES: &str = "SELECT COUNT(*) AS held FROM coupon_redemptions \
+     WHERE code = ? AND account_id = ? AND released_at IS NULL";
+
 pub(crate) const INSERT_COUPON: &str = "INSERT INTO coupons (code, kind, percent_off_bp, \
      amount_off, currency, bonus_credits, valid_from, valid_until, max_uses, \
      max_uses_per_account, min_package, active, uses, created_at, updated_at) \
@@ -223,10 +227,11 @@ pub(crate) use bind_order;
 /// Implements [`PaymentStore`](crate::billing::store::PaymentStore) for a ledger adapter with
 /// a `pool` field. `begin` starts a write transaction, `lock` is appended to the order's
 /// SELECT to lock its row, `bump_counter` increments (or creates at 1) a year's invoice
-/// counter, and `transient` tells which errors mean "run the transaction again".
+/// counter, `rerun(what, attempt)` runs a whole transaction again where the database asks for
+/// it, and `upsert_statement` writes a usage statement over an older one.
 macro_rules! impl_payment_store {
     ($ledger:ty, begin = $begin:literal, lock = $lock:literal, bump_counter = $bump:literal,
-     transient = $transient:path, upsert_statement = $upsert_statement:literal) => {
+     rerun = $rerun:path, upsert_statement = $upsert_statement:literal) => {
         #[async_trait::async_trait]
         impl $crate::billing::store::PaymentStore for $ledger {
             async fn insert_order(
@@ -244,74 +249,10 @@ macro_rules! impl_payment_store {
                 order: &$crate::billing::orders::Order,
                 check: &$crate::billing::store::CouponCheck<'_>,
             ) -> Result<Result<(), String>, $crate::ledger::LedgerError> {
-                use sqlx::{Row as _, SqlSafeStr as _};
-                let Some(code) = order.coupon_code.as_deref() else {
-                    return Err($crate::ledger::LedgerError::Corrupt(
-                        "an order without a coupon written as holding one".into(),
-                    ));
-                };
-                let mut attempt = 1;
-                loop {
-                    let result: Result<Result<(), String>, $crate::ledger::LedgerError> = async {
-                        let mut tx = self.pool.begin_with($begin).await?;
-                        let sql = format!(
-                            "SELECT {} FROM coupons WHERE code = ?{}",
-                            $crate::ledger::payments::COUPON_COLUMNS,
-                            $lock
-                        );
-                        let Some(row) = sqlx::query(sqlx::AssertSqlSafe(sql).into_sql_str())
-                            .bind(code)
-                            .fetch_optional(&mut *tx)
-                            .await?
-                        else {
-                            return Ok(Err("no such coupon".to_owned()));
-                        };
-                        let coupon = $crate::ledger::payments::coupon_from_row(&row)?;
-                        let held: i64 = sqlx::query(
-                            "SELECT COUNT(*) AS held FROM coupon_redemptions \
-                             WHERE code = ? AND account_id = ? AND released_at IS NULL",
-                        )
-                        .bind(code)
-                        .bind(order.account.as_str())
-                        .fetch_one(&mut *tx)
-                        .await?
-                        .try_get("held")?;
-                        if let Err(why) = check(&coupon, held) {
-                            return Ok(Err(why));
-                        }
-                        $crate::ledger::payments::bind_order!(order)
-                            .execute(&mut *tx)
-                            .await?;
-                        sqlx::query(
-                            "INSERT INTO coupon_redemptions (order_id, code, account_id, \
-                             created_at) VALUES (?, ?, ?, ?)",
-                        )
-                        .bind(&order.id)
-                        .bind(code)
-                        .bind(order.account.as_str())
-                        .bind(order.created_at_ms)
-                        .execute(&mut *tx)
-                        .await?;
-                        sqlx::query(
-                            "UPDATE coupons SET uses = uses + 1, updated_at = ? WHERE code = ?",
-                        )
-                        .bind(order.created_at_ms)
-                        .bind(code)
-                        .execute(&mut *tx)
-                        .await?;
-                        tx.commit().await?;
-                        Ok(Ok(()))
-                    }
-                    .await;
-                    match result {
-                        Err(error) if attempt < 6 && $transient(&error) => {
-                            tokio::time::sleep(std::time::Duration::from_millis(10 << attempt))
-                                .await;
-                            attempt += 1;
-                        }
-                        result => return result,
-                    }
-                }
+                $rerun("insert_order_with_coupon", || {
+                    self.insert_order_with_coupon_once(order, check)
+                })
+                .await
             }
 
             async fn create_coupon(
@@ -475,15 +416,12 @@ macro_rules! impl_payment_store {
                 account: &$crate::domain::AccountId,
             ) -> Result<i64, $crate::ledger::LedgerError> {
                 use sqlx::Row as _;
-                let held: i64 = sqlx::query(
-                    "SELECT COUNT(*) AS held FROM coupon_redemptions \
-                     WHERE code = ? AND account_id = ? AND released_at IS NULL",
-                )
-                .bind(code)
-                .bind(account.as_str())
-                .fetch_one(&self.pool)
-                .await?
-                .try_get("held")?;
+                let held: i64 = sqlx::query($crate::ledger::payments::HELD_USES)
+                    .bind(code)
+                    .bind(account.as_str())
+                    .fetch_one(&self.pool)
+                    .await?
+                    .try_get("held")?;
                 Ok(held)
             }
 
@@ -571,31 +509,20 @@ macro_rules! impl_payment_store {
                 order_id: &str,
                 step: &$crate::billing::store::StepFn<'_>,
             ) -> Result<$crate::billing::store::UpdateOutcome, $crate::ledger::LedgerError> {
-                let mut attempt = 1;
-                loop {
-                    match self.update_order_once(order_id, step).await {
-                        Err(error) if attempt < 6 && $transient(&error) =>
-                        {
-                            tracing::debug!(%error, attempt, "order update conflicted; re-running");
-                            tokio::time::sleep(std::time::Duration::from_millis(
-                                10 << attempt,
-                            ))
-                            .await;
-                            attempt += 1;
-                        }
-                        result => return result,
-                    }
-                }
+                $rerun("update_order", || self.update_order_once(order_id, step)).await
             }
 
             async fn pending_moves(
                 &self,
                 order_id: Option<&str>,
                 limit: u32,
-            ) -> Result<Vec<$crate::billing::orders::CreditMove>, $crate::ledger::LedgerError>
-            {
+            ) -> Result<Vec<$crate::billing::orders::CreditMove>, $crate::ledger::LedgerError> {
                 use sqlx::SqlSafeStr as _;
-                let filter = if order_id.is_some() { "AND order_id = ?" } else { "" };
+                let filter = if order_id.is_some() {
+                    "AND order_id = ?"
+                } else {
+                    ""
+                };
                 let sql = format!(
                     "SELECT {} FROM order_credit_moves WHERE applied_at IS NULL {filter} \
                      ORDER BY created_at, reference LIMIT ?",
@@ -672,10 +599,13 @@ macro_rules! impl_payment_store {
                 &self,
                 outcome: Option<&str>,
                 page: $crate::ledger::Page,
-            ) -> Result<Vec<$crate::billing::store::EventRecord>, $crate::ledger::LedgerError>
-            {
+            ) -> Result<Vec<$crate::billing::store::EventRecord>, $crate::ledger::LedgerError> {
                 use sqlx::SqlSafeStr as _;
-                let filter = if outcome.is_some() { "AND outcome = ?" } else { "" };
+                let filter = if outcome.is_some() {
+                    "AND outcome = ?"
+                } else {
+                    ""
+                };
                 let sql = format!(
                     "SELECT {} FROM payment_events WHERE seq < ? {filter} \
                      ORDER BY seq DESC LIMIT ?",
@@ -714,6 +644,63 @@ macro_rules! impl_payment_store {
         }
 
         impl $ledger {
+            /// One attempt of [`PaymentStore::insert_order_with_coupon`].
+            async fn insert_order_with_coupon_once(
+                &self,
+                order: &$crate::billing::orders::Order,
+                check: &$crate::billing::store::CouponCheck<'_>,
+            ) -> Result<Result<(), String>, $crate::ledger::LedgerError> {
+                use sqlx::{Row as _, SqlSafeStr as _};
+                let Some(code) = order.coupon_code.as_deref() else {
+                    return Err($crate::ledger::LedgerError::Corrupt(
+                        "an order without a coupon written as holding one".into(),
+                    ));
+                };
+                let mut tx = self.pool.begin_with($begin).await?;
+                let sql = format!(
+                    "SELECT {} FROM coupons WHERE code = ?{}",
+                    $crate::ledger::payments::COUPON_COLUMNS,
+                    $lock
+                );
+                let Some(row) = sqlx::query(sqlx::AssertSqlSafe(sql).into_sql_str())
+                    .bind(code)
+                    .fetch_optional(&mut *tx)
+                    .await?
+                else {
+                    return Ok(Err("no such coupon".to_owned()));
+                };
+                let coupon = $crate::ledger::payments::coupon_from_row(&row)?;
+                let held: i64 = sqlx::query($crate::ledger::payments::HELD_USES)
+                    .bind(code)
+                    .bind(order.account.as_str())
+                    .fetch_one(&mut *tx)
+                    .await?
+                    .try_get("held")?;
+                if let Err(why) = check(&coupon, held) {
+                    return Ok(Err(why));
+                }
+                $crate::ledger::payments::bind_order!(order)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query(
+                    "INSERT INTO coupon_redemptions (order_id, code, account_id, \
+                     created_at) VALUES (?, ?, ?, ?)",
+                )
+                .bind(&order.id)
+                .bind(code)
+                .bind(order.account.as_str())
+                .bind(order.created_at_ms)
+                .execute(&mut *tx)
+                .await?;
+                sqlx::query("UPDATE coupons SET uses = uses + 1, updated_at = ? WHERE code = ?")
+                    .bind(order.created_at_ms)
+                    .bind(code)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(Ok(()))
+            }
+
             /// One attempt of [`PaymentStore::update_order`].
             async fn update_order_once(
                 &self,
@@ -746,7 +733,10 @@ macro_rules! impl_payment_store {
                 if let Some(draft) = transition.invoice
                     && current.invoice_id.is_none()
                 {
-                    sqlx::query($bump).bind(draft.year).execute(&mut *tx).await?;
+                    sqlx::query($bump)
+                        .bind(draft.year)
+                        .execute(&mut *tx)
+                        .await?;
                     let seq: i64 =
                         sqlx::query("SELECT last_number FROM invoice_counters WHERE year = ?")
                             .bind(draft.year)

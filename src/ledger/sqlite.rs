@@ -1112,9 +1112,14 @@ impl Ledger for SqliteLedger {
     }
 }
 
-/// SQLite's one writer waits for the write lock (`busy_timeout`) instead of failing.
-fn never_transient(_: &LedgerError) -> bool {
-    false
+/// Runs `attempt` once: SQLite's one writer waits for the write lock (`busy_timeout`) instead
+/// of failing, so a transaction never needs running again.
+async fn run_once<T, F, Fut>(_what: &'static str, mut attempt: F) -> Result<T, LedgerError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, LedgerError>>,
+{
+    attempt().await
 }
 
 super::payments::impl_payment_store!(
@@ -1122,6 +1127,6 @@ super::payments::impl_payment_store!(
     begin = "BEGIN IMMEDIATE",
     lock = "",
     bump_counter = "INSERT INTO invoice_counters (year, last_number) VALUES (?, 1) ON CONFLICT (year) DO UPDATE SET last_number = last_number + 1",
-    transient = never_transient,
+    rerun = run_once,
     upsert_statement = "INSERT INTO usage_statements (account_id, billing_month, document, generated_at) VALUES (?, ?, ?, ?) ON CONFLICT (account_id, billing_month) DO UPDATE SET document = excluded.document, generated_at = excluded.generated_at"
 );
