@@ -270,6 +270,28 @@ impl ResolvedUpstream {
     }
 }
 
+/// A secret given in the file as `name`, or named by `name_env` as an environment variable
+/// (read with `lookup`); both at once is an error. Errors name the field under `path`.
+pub(crate) fn secret_or_env(
+    path: &str,
+    name: &str,
+    value: &Option<String>,
+    env: &Option<String>,
+    lookup: &impl Fn(&str) -> Option<String>,
+) -> Result<Option<String>, String> {
+    match (value, env) {
+        (Some(_), Some(_)) => Err(format!(
+            "{path}.{name}: set either {name} or {name}_env, not both"
+        )),
+        (Some(value), None) => Ok(Some(value.clone())),
+        (None, Some(var)) => lookup(var)
+            .filter(|v| !v.is_empty())
+            .map(Some)
+            .ok_or_else(|| format!("{path}.{name}_env: environment variable `{var}` is not set")),
+        (None, None) => Ok(None),
+    }
+}
+
 impl Config {
     /// Reads, parses, applies environment overrides and validates `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -405,24 +427,13 @@ impl Config {
                         ));
                     }
                 }
-                let api_key = match (&upstream.api_key, &upstream.api_key_env) {
-                    (Some(_), Some(_)) => {
-                        return Err(format!(
-                            "{}: set either api_key or api_key_env, not both",
-                            field("api_key")
-                        ));
-                    }
-                    (Some(key), None) => Some(key.clone()),
-                    (None, Some(var)) => {
-                        Some(lookup(var).filter(|v| !v.is_empty()).ok_or_else(|| {
-                            format!(
-                                "{}: environment variable `{var}` is not set",
-                                field("api_key_env")
-                            )
-                        })?)
-                    }
-                    (None, None) => None,
-                };
+                let api_key = secret_or_env(
+                    &format!("upstreams[{i}]"),
+                    "api_key",
+                    &upstream.api_key,
+                    &upstream.api_key_env,
+                    &lookup,
+                )?;
                 if upstream.models.is_empty() {
                     return Err(format!(
                         "{}: list at least one model or pattern",

@@ -130,25 +130,18 @@ macro_rules! redacted_debug {
 }
 redacted_debug!(ResolvedStripe, ResolvedLemonSqueezy, ResolvedPolar);
 
-/// A secret from the file or from the variable its `_env` field names.
+/// A secret from the file (not empty) or from the variable its `_env` field names.
 fn secret(
-    field: &str,
+    section: &str,
+    name: &str,
     value: &Option<String>,
     env: &Option<String>,
     lookup: &impl Fn(&str) -> Option<String>,
 ) -> Result<Option<String>, String> {
-    match (value, env) {
-        (Some(_), Some(_)) => Err(format!(
-            "{field}: set either {field} or {field}_env, not both"
-        )),
-        (Some(value), None) if value.is_empty() => Err(format!("{field}: must not be empty")),
-        (Some(value), None) => Ok(Some(value.clone())),
-        (None, Some(var)) => lookup(var)
-            .filter(|v| !v.is_empty())
-            .map(Some)
-            .ok_or_else(|| format!("{field}_env: environment variable `{var}` is not set")),
-        (None, None) => Ok(None),
+    if value.as_deref() == Some("") {
+        return Err(format!("{section}.{name}: must not be empty"));
     }
+    super::secret_or_env(section, name, value, env, lookup)
 }
 
 fn check_url(field: &str, url: &Option<String>) -> Result<(), String> {
@@ -175,7 +168,8 @@ impl PaymentsConfig {
         let mut resolved = ResolvedPayments::default();
         if let Some(stripe) = &self.stripe {
             let secret_key = secret(
-                "payments.stripe.secret_key",
+                "payments.stripe",
+                "secret_key",
                 &stripe.secret_key,
                 &stripe.secret_key_env,
                 &lookup,
@@ -206,13 +200,15 @@ impl PaymentsConfig {
         }
         if let Some(ls) = &self.lemonsqueezy {
             let api_key = secret(
-                "payments.lemonsqueezy.api_key",
+                "payments.lemonsqueezy",
+                "api_key",
                 &ls.api_key,
                 &ls.api_key_env,
                 &lookup,
             )?;
             let signing_secret = secret(
-                "payments.lemonsqueezy.signing_secret",
+                "payments.lemonsqueezy",
+                "signing_secret",
                 &ls.signing_secret,
                 &ls.signing_secret_env,
                 &lookup,
@@ -239,7 +235,8 @@ impl PaymentsConfig {
         }
         if let Some(polar) = &self.polar {
             let webhook_secret = secret(
-                "payments.polar.webhook_secret",
+                "payments.polar",
+                "webhook_secret",
                 &polar.webhook_secret,
                 &polar.webhook_secret_env,
                 &lookup,
