@@ -189,6 +189,13 @@ impl Payments {
         self.packages.iter().find(|p| p.id == id)
     }
 
+    /// A package buyers may order now.
+    fn active_package(&self, id: &str) -> Result<&Package, PaymentError> {
+        self.package(id)
+            .filter(|p| p.active)
+            .ok_or_else(|| PaymentError::invalid(format!("no active package `{id}`"), "package_id"))
+    }
+
     /// A new pending order for `package_id` and the provider's hosted checkout for it.
     pub async fn create_checkout(
         &self,
@@ -197,12 +204,7 @@ impl Payments {
         provider: Option<&str>,
         coupon_code: Option<&str>,
     ) -> Result<CheckoutStarted, PaymentError> {
-        let package = self
-            .package(package_id)
-            .filter(|p| p.active)
-            .ok_or_else(|| {
-                PaymentError::invalid(format!("no active package `{package_id}`"), "package_id")
-            })?;
+        let package = self.active_package(package_id)?;
         let provider = match provider {
             Some(name) => Provider::parse(name).ok_or_else(|| {
                 PaymentError::invalid(
@@ -330,12 +332,7 @@ impl Payments {
         code: &str,
         package_id: &str,
     ) -> Result<Quote, PaymentError> {
-        let package = self
-            .package(package_id)
-            .filter(|p| p.active)
-            .ok_or_else(|| {
-                PaymentError::invalid(format!("no active package `{package_id}`"), "package_id")
-            })?;
+        let package = self.active_package(package_id)?;
         let unknown = || PaymentError::invalid("no such coupon", "coupon_code");
         let code = coupons::normalize_code(code).ok_or_else(unknown)?;
         let coupon = self.store().coupon(&code).await?.ok_or_else(unknown)?;
@@ -423,17 +420,7 @@ impl Payments {
         let now = now_ms();
         let (lookup, step): (&OrderLookup, Box<StepFn<'_>>) = match action {
             Action::Ignore(why) => return Ok(Handled::Ignored(why.clone())),
-            Action::Paid {
-                lookup,
-                claim,
-                facts,
-            } => {
-                if self.store().find_order(provider, lookup).await?.is_none() {
-                    match self.order_on_arrival(provider, claim, facts, now).await? {
-                        Ok(()) => {}
-                        Err(why) => return Ok(Handled::Review(why)),
-                    }
-                }
+            Action::Paid { lookup, facts, .. } => {
                 let invoices = &self.invoices;
                 (
                     lookup,
@@ -479,7 +466,17 @@ impl Payments {
                 Box::new(move |o| orders::dispute_closed(o, dispute_id, *won, now)),
             ),
         };
-        let Some(order) = self.store().find_order(provider, lookup).await? else {
+        let mut found = self.store().find_order(provider, lookup).await?;
+        if found.is_none()
+            && let Action::Paid { claim, facts, .. } = action
+        {
+            // A payment Tollgate did not start: its order is created as it arrives.
+            if let Err(why) = self.order_on_arrival(provider, claim, facts, now).await? {
+                return Ok(Handled::Review(why));
+            }
+            found = self.store().find_order(provider, lookup).await?;
+        }
+        let Some(order) = found else {
             return Ok(match action {
                 // Not an order of ours: another integration's payment on the same account.
                 Action::Refunded { .. }
