@@ -31,7 +31,8 @@ use tokio::task::JoinHandle;
 
 type HmacSha256 = Hmac<Sha256>;
 
-fn now_unix() -> i64 {
+/// Now, in Unix seconds (webhook timestamps).
+pub fn now_unix() -> i64 {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock after 1970")

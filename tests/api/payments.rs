@@ -72,13 +72,6 @@ pub async fn shop_with(extra: &str) -> Shop {
     Shop { app, stripe }
 }
 
-fn now_unix() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or_default()
-}
-
 pub fn dec(raw: &str) -> Decimal {
     Decimal::from_str(raw).unwrap_or_else(|e| panic!("{raw}: {e}"))
 }

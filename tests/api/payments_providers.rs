@@ -82,13 +82,6 @@ async fn lemon_shop() -> (TestApp, FakeLemonSqueezy) {
     (app, lemon)
 }
 
-fn now_unix() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or_default()
-}
-
 async fn balance_of(app: &TestApp, user: &str) -> Decimal {
     credits(&app.balance(&token(user)).await["balance"])
 }
