@@ -15,6 +15,10 @@
 //! failure. Run: `cargo bench --bench backends` (options: `SETTLEMENTS` per case, default 5120;
 //! `RESERVATIONS` per hold case, default 10240).
 
+mod support;
+
+use support::{env_or, percentile};
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -46,21 +50,10 @@ const POOL: u32 = 8;
 /// What every hold reserves, in micro-credits.
 const HOLD_MICROS: i64 = 5_000;
 
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_else(|_| "unknown".into())
-}
-
-fn percentile(sorted: &[Duration], p: usize) -> Duration {
-    sorted[(sorted.len() * p / 100).min(sorted.len() - 1)]
 }
 
 /// Per second, integer arithmetic only.

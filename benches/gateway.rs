@@ -7,6 +7,10 @@
 //! Run: `cargo bench --bench gateway` (options: `RATE` per second, default 200; `REQUESTS`,
 //! default 2000).
 
+mod support;
+
+use support::{env_or, percentile};
+
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -16,17 +20,6 @@ use tollgate::domain::{AccountId, Credits};
 use tollgate::ledger::{EntryType, GrantRequest};
 
 const JWT_SECRET: &str = "benchmark-secret-of-at-least-32-bytes!!";
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn percentile(sorted: &[Duration], p: usize) -> Duration {
-    sorted[(sorted.len() * p / 100).min(sorted.len() - 1)]
-}
 
 async fn run(
     client: &reqwest::Client,

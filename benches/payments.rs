@@ -10,6 +10,10 @@
 //! Run: `cargo bench --bench payments` (options: `EVENTS`, default 500; `CONCURRENCY`,
 //! default 8).
 
+mod support;
+
+use support::{env_or, percentile};
+
 use std::time::{Duration, Instant};
 
 use hmac::{Hmac, Mac};
@@ -19,17 +23,6 @@ use tollgate::app::App;
 use tollgate::config::Config;
 
 const WHSEC: &str = "whsec_benchmark_secret";
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn percentile(sorted: &[Duration], p: usize) -> Duration {
-    sorted[(sorted.len() * p / 100).min(sorted.len() - 1)]
-}
 
 fn us(d: Duration) -> u128 {
     d.as_micros()
