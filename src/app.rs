@@ -176,7 +176,6 @@ impl App {
             cache.clone(),
             SettlerConfig {
                 batch_max: config.metering.settle_batch_max,
-                flush_window: Duration::from_millis(config.metering.settle_flush_ms),
             },
         );
         let meter = Meter::new(
@@ -261,8 +260,10 @@ impl App {
         &self.state
     }
 
-    /// Serves until `shutdown` resolves, waits up to the grace period for open requests, then
-    /// flushes every pending settlement.
+    /// Serves until `shutdown` resolves and waits up to the grace period for open requests. Then
+    /// cuts the requests still running (each is billed for what it delivered), waits for every
+    /// hold to end, stops the background tasks, and stops the settler last, once it has written
+    /// every settlement.
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -281,23 +282,45 @@ impl App {
                 tracing::warn!(?grace, "grace period over; cutting the remaining requests");
             }
         }
-        // Streams cut above are dropped with their connections; give their drops a moment to
-        // queue their settlements before the final flush.
-        tokio::task::yield_now().await;
-        self.state.settler.flush().await;
+        // Connections still open run on their own tasks: cutting ends their streams, which
+        // queue their settlements as they end.
+        let meter = &self.state.meter;
+        meter.cut();
+        if tokio::time::timeout(DRAIN_AFTER_CUT, meter.drained())
+            .await
+            .is_err()
+        {
+            tracing::error!(
+                timeout = ?DRAIN_AFTER_CUT,
+                "requests still hold credits after being cut; their holds expire at their deadlines"
+            );
+        }
         let _ = self.stop_background.send(true);
         let _ = self.pricing_watcher.await;
         let _ = self.recovery.await;
         if let Some(pricing_sync) = self.pricing_sync {
             let _ = pricing_sync.await;
         }
-        // Requests cut after the grace period may still hold handles, so the settler is not
-        // awaited; everything queued before the flush above is written.
-        drop(self.settler_task);
-        tracing::info!("all settlements written");
+        // Last: everything queued is written before the settler stops.
+        match tokio::time::timeout(SETTLER_STOP, self.state.settler.stop()).await {
+            Ok(()) => {
+                let _ = self.settler_task.await;
+                tracing::info!("all settlements written");
+            }
+            Err(_) => tracing::error!(
+                timeout = ?SETTLER_STOP,
+                "the ledger did not take the last settlements in time; stopping without them \
+                 (with Redis they stay journaled for a sibling or the next start)"
+            ),
+        }
         Ok(())
     }
 }
+
+/// How long shutdown waits for cut requests to end their holds.
+const DRAIN_AFTER_CUT: Duration = Duration::from_secs(10);
+/// How long shutdown waits for the ledger to take the last settlements.
+const SETTLER_STOP: Duration = Duration::from_secs(30);
 
 /// Every `interval`: release expired holds, write settlements orphaned by a dead instance and
 /// apply order credit moves left pending;

@@ -192,6 +192,10 @@ impl BalanceCache for LocalCache {
             if let Some(pending) = entry.pending.remove(request_id) {
                 entry.pending_total -= pending.cost;
             }
+            // Left only if the settlement never reached the cache; the ledger has it now.
+            if let Some((amount, _)) = entry.holds.remove(request_id) {
+                entry.held -= amount;
+            }
             entry.absorb(snapshot);
         }
         Ok(())

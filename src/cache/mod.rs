@@ -115,6 +115,8 @@ pub trait BalanceCache: Send + Sync + 'static {
     async fn release(&self, bucket: &Bucket, request_id: &str) -> Result<(), CacheError>;
 
     /// The request's settlement is in the ledger; `snapshot` is the bucket's balance after it.
+    /// Drops the request's pending settlement, and its hold if the settlement never reached the
+    /// cache (the ledger's balance carries the charge now).
     async fn committed(
         &self,
         bucket: &Bucket,
@@ -139,6 +141,13 @@ pub trait BalanceCache: Send + Sync + 'static {
 
     /// Pending settlements whose owner is gone or that are older than `older_than_ms`.
     async fn orphans(&self, now_ms: i64, older_than_ms: i64) -> Result<Vec<Orphan>, CacheError>;
+
+    /// Whether a settlement recorded here survives this process being killed: true for a shared
+    /// cache whose journal a sibling instance writes to the ledger (see
+    /// [`crate::metering::settler`]), false for an in-process cache.
+    fn journal_outlives_process(&self) -> bool {
+        false
+    }
 
     /// Whether the cache answers (for `/readyz`).
     async fn ping(&self) -> Result<(), CacheError> {

@@ -710,6 +710,10 @@ impl BalanceCache for RedisCache {
         }
     }
 
+    fn journal_outlives_process(&self) -> bool {
+        true
+    }
+
     async fn reserve(
         &self,
         bucket: &Bucket,
@@ -824,7 +828,7 @@ impl BalanceCache for RedisCache {
         let journaled: i64 = eval(
             &self.conn,
             &SCRIPTS.committed,
-            &[&keys.base, &keys.pending, &keys.journal],
+            &[&keys.base, &keys.pending, &keys.journal, &keys.holds],
             &[
                 request_id,
                 &exact(snapshot.balance.micros()).to_string(),

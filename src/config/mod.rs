@@ -164,10 +164,9 @@ pub struct MeteringConfig {
     /// `reject` answers 402 when the estimate is not affordable; `cap_max_tokens` lowers the
     /// request's output cap to what the balance affords (still 402 if not even the prompt is).
     pub on_insufficient: InsufficientPolicy,
-    /// Largest number of settlements written in one ledger transaction.
+    /// Largest number of settlements written in one ledger transaction. A batch is whatever
+    /// queued while the previous one was being written; there is no wait to fill it.
     pub settle_batch_max: usize,
-    /// How long the settler waits to fill a batch once it has one settlement.
-    pub settle_flush_ms: u64,
     pub pricing_poll_ms: u64,
     /// Longest a hold may live; after it, any instance may release it. Must exceed the longest
     /// request (a stream) the gateway serves.
@@ -180,6 +179,13 @@ pub struct MeteringConfig {
     pub orphan_after_secs: u64,
     /// How often each instance sweeps expired grant remainders out of balances.
     pub expiry_sweep_secs: u64,
+    /// What happens to an upstream call whose client hung up: `finish` lets it run (for up to
+    /// `disconnect_finish_secs`) and bills the usage the upstream reports, as the upstream bills
+    /// the work; `cancel` cancels it and bills what was produced so far.
+    pub on_client_disconnect: DisconnectPolicy,
+    /// Longest an upstream call runs on after its client hung up (`finish` policy); then it is
+    /// cancelled and billed for what it produced.
+    pub disconnect_finish_secs: u64,
 }
 
 impl Default for MeteringConfig {
@@ -190,14 +196,22 @@ impl Default for MeteringConfig {
             estimate_margin_percent: 10,
             on_insufficient: InsufficientPolicy::Reject,
             settle_batch_max: 512,
-            settle_flush_ms: 5,
             pricing_poll_ms: 500,
             hold_ttl_secs: 3600,
             recovery_interval_ms: 2000,
             orphan_after_secs: 30,
             expiry_sweep_secs: 60,
+            on_client_disconnect: DisconnectPolicy::Finish,
+            disconnect_finish_secs: 120,
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DisconnectPolicy {
+    Finish,
+    Cancel,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]

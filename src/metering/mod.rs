@@ -2,7 +2,12 @@
 //!
 //! `reserve` runs before forwarding (402 when not affordable). The returned [`Hold`] must end in
 //! exactly one `finish` (charge from usage) or release; dropping it releases it, so a cancelled
-//! handler can never leak a hold. Both hand work to the [`settler`], off the client's path.
+//! handler can never leak a hold. Both hand work to the [`settler`] with a synchronous send, so
+//! no cancellation can come between a hold's end and its settlement being queued.
+//!
+//! Every hold counts as a request in flight until it ends; at shutdown the gateway cuts the
+//! requests still running ([`Meter::cut`]) and waits for their holds to end
+//! ([`Meter::drained`]) before it stops the settler.
 
 pub mod pricing;
 pub mod pricing_sync;
@@ -19,7 +24,9 @@ use crate::domain::{AccountId, Credits, RequestId, TokenUsage};
 use crate::http::error::ApiError;
 use crate::ledger::{Bucket, LedgerError, Settlement, SharedLedger, Snapshot, UsageSource, now_ms};
 use pricing::PricingHandle;
-use settler::{Job, SettlerHandle};
+use settler::{Durable, Job, SettlerHandle};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::{TaskTracker, task_tracker::TaskTrackerToken};
 
 /// Loads cache snapshots from the ledger, creating accounts on first sight.
 pub struct LedgerSource {
@@ -62,6 +69,8 @@ pub struct Hold {
     pub amount: Credits,
     pub started_at_ms: i64,
     settler: Option<SettlerHandle>,
+    /// Counts this request as in flight until the hold ends (settled or released).
+    _in_flight: TaskTrackerToken,
 }
 
 impl Drop for Hold {
@@ -108,6 +117,10 @@ struct MeterInner {
     settler: SettlerHandle,
     /// This gateway instance: the owner of the holds it takes.
     instance: String,
+    /// Requests holding credits; closed and awaited at shutdown.
+    in_flight: TaskTracker,
+    /// Cancelled at the end of the shutdown grace period: open streams end and settle.
+    cut: CancellationToken,
 }
 
 impl Meter {
@@ -131,8 +144,32 @@ impl Meter {
                 config,
                 settler,
                 instance,
+                in_flight: TaskTracker::new(),
+                cut: CancellationToken::new(),
             }),
         }
+    }
+
+    pub fn config(&self) -> &MeteringConfig {
+        &self.inner.config
+    }
+
+    /// Resolves when the gateway cuts the requests still running at the end of shutdown's grace
+    /// period.
+    pub fn cut_signal(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
+        self.inner.cut.clone().cancelled_owned()
+    }
+
+    /// Cuts every request still running: streams end, are billed for what they delivered, and
+    /// settle.
+    pub fn cut(&self) {
+        self.inner.cut.cancel();
+    }
+
+    /// Waits until every hold has ended (settled or released).
+    pub async fn drained(&self) {
+        self.inner.in_flight.close();
+        self.inner.in_flight.wait().await;
     }
 
     pub fn instance(&self) -> &str {
@@ -258,6 +295,7 @@ impl Meter {
                 amount,
                 started_at_ms: now_ms(),
                 settler: Some(self.inner.settler.clone()),
+                _in_flight: self.inner.in_flight.token(),
             },
             capped_max_tokens: capped,
         })
@@ -354,28 +392,15 @@ impl Meter {
         }
     }
 
-    /// Charges the exact cost of a finished request from a context that cannot wait (a
-    /// `Drop`): the settler records it in the balance cache, then writes it to the ledger.
-    pub fn finish(&self, mut hold: Hold, finished: Finished) {
+    /// Charges the exact cost of a finished request. The settlement is queued before this
+    /// returns; the [`Durable`] resolves once a crash can no longer lose it, which is what the
+    /// response waits for before its last bytes leave. Callers that cannot wait (a `Drop`) may
+    /// ignore it.
+    pub fn finish(&self, mut hold: Hold, finished: Finished) -> Durable {
         let settlement = self.settlement(&mut hold, finished);
-        self.inner.settler.send(Job::Settle {
-            settlement: Box::new(settlement),
-            limited_key: hold.limited_key.clone(),
-            recorded: false,
-        });
-    }
-
-    /// Charges the exact cost of a finished request, recording it in the balance cache (its
-    /// journal) before returning; the ledger write follows in the settler's next batch.
-    pub async fn finish_recorded(&self, mut hold: Hold, finished: Finished) {
-        let settlement = self.settlement(&mut hold, finished);
-        let recorded =
-            settler::record(&*self.inner.cache, &settlement, hold.limited_key.as_deref()).await;
-        self.inner.settler.send(Job::Settle {
-            settlement: Box::new(settlement),
-            limited_key: hold.limited_key.clone(),
-            recorded,
-        });
+        self.inner
+            .settler
+            .settle(settlement, hold.limited_key.clone())
     }
 }
 

@@ -23,6 +23,7 @@ use serde_json::{Map, Value, json};
 
 use crate::app::AppState;
 use crate::auth::Caller;
+use crate::config::DisconnectPolicy;
 use crate::domain::RequestId;
 use crate::http::error::ApiError;
 use crate::metering::CostRequest;
@@ -198,97 +199,151 @@ async fn forward(
         bytes
     };
 
-    let answer = state
-        .upstreams
-        .send(&candidates, endpoint, upstream_body)
-        .await
-        .map_err(|error| match error {
-            UpstreamError::Timeout { .. } => ApiError::Upstream {
-                status: StatusCode::GATEWAY_TIMEOUT,
-                message: error.to_string(),
-            },
-            UpstreamError::Connect { .. } | UpstreamError::Failed { .. } => ApiError::Upstream {
-                status: StatusCode::BAD_GATEWAY,
-                message: error.to_string(),
-            },
-        })?;
-    let upstream = answer.upstream;
-    let (parts, upstream_body) = answer.response.into_parts();
-    let billing = Billing {
-        meter: state.meter.clone(),
-        hold: reserved.hold,
-        api_key_id: caller.key.as_ref().map(|k| k.id.clone()),
+    let call = UpstreamCall {
+        state: state.clone(),
         endpoint,
-        model,
-        upstream: upstream.config.name.clone(),
-        prompt_tokens,
-        stream,
+        body: upstream_body,
+        strip_usage_chunk,
+        billing: Billing {
+            meter: state.meter.clone(),
+            hold: reserved.hold,
+            api_key_id: caller.key.as_ref().map(|k| k.id.clone()),
+            endpoint,
+            model,
+            upstream: String::new(),
+            prompt_tokens,
+            stream,
+        },
     };
-    if !parts.status.is_success() {
-        // The upstream refused before producing output: no charge (dropping `billing` releases
-        // the hold), and its error body — already in OpenAI's shape — goes back as it is.
-        drop(billing);
-        tracing::info!(upstream = %upstream.config.name, status = %parts.status, "upstream answered with an error");
-        return Ok(Response::from_parts(
-            passthrough_parts(parts),
-            upstream_body,
-        ));
+    match state.meter.config().on_client_disconnect {
+        // On its own task, the call outlives a client that hangs up before the answer: the
+        // upstream bills that work, so it is finished and billed too (dropping the response
+        // then only drops the answer).
+        DisconnectPolicy::Finish => tokio::spawn(call.run())
+            .await
+            .unwrap_or_else(|error| Err(ApiError::internal(error))),
+        DisconnectPolicy::Cancel => call.run().await,
     }
-    let is_event_stream = parts
-        .headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("text/event-stream"));
-    if is_event_stream {
-        let body = stream::metered_body(
-            upstream_body,
-            billing,
-            strip_usage_chunk,
-            upstream.config.idle_timeout(),
-        );
-        return Ok(Response::from_parts(passthrough_parts(parts), body));
+}
+
+/// A reserved request on its way upstream and back.
+struct UpstreamCall {
+    state: AppState,
+    endpoint: Endpoint,
+    body: Bytes,
+    strip_usage_chunk: bool,
+    /// Its hold; `upstream` is filled in once one answers.
+    billing: Billing,
+}
+
+impl UpstreamCall {
+    async fn run(self) -> Result<Response, ApiError> {
+        // Cut at shutdown: the hold is released (nothing was produced for the client).
+        let cut = self.state.meter.cut_signal();
+        tokio::select! {
+            response = self.exchange() => response,
+            () = cut => Err(ApiError::Unavailable(
+                "the gateway is shutting down; the request was not completed".into(),
+            )),
+        }
     }
 
-    let idle = upstream.config.idle_timeout();
-    let collected = tokio::time::timeout(
-        idle,
-        Limited::new(upstream_body, MAX_UPSTREAM_BODY).collect(),
-    )
-    .await;
-    let body = match collected {
-        Ok(Ok(collected)) => collected.to_bytes(),
-        Ok(Err(error)) => {
-            tracing::warn!(%error, "upstream body failed");
-            return Err(ApiError::Upstream {
-                status: StatusCode::BAD_GATEWAY,
-                message: "the upstream's answer could not be read".into(),
-            });
-        }
-        Err(_) => {
-            return Err(ApiError::Upstream {
-                status: StatusCode::GATEWAY_TIMEOUT,
-                message: "the upstream's answer did not complete in time".into(),
-            });
-        }
-    };
-    match serde_json::from_slice::<Value>(&body) {
-        Ok(json) => {
-            let reported = usage::usage_from_json(endpoint, &json);
-            let text = usage::output_text_from_json(endpoint, &json);
-            // A 2xx JSON answer is output even when its text is empty (embeddings, tool calls).
-            billing
-                .settle_recorded(reported, &text, true, "completed")
-                .await;
-        }
-        Err(_) => {
-            tracing::warn!(upstream = %upstream.config.name, "upstream answered 2xx with a body that is not JSON; not charged");
+    async fn exchange(self) -> Result<Response, ApiError> {
+        let UpstreamCall {
+            state,
+            endpoint,
+            body,
+            strip_usage_chunk,
+            mut billing,
+        } = self;
+        let candidates = state.upstreams.candidates(&billing.model);
+        let answer = state
+            .upstreams
+            .send(&candidates, endpoint, body)
+            .await
+            .map_err(|error| match error {
+                UpstreamError::Timeout { .. } => ApiError::Upstream {
+                    status: StatusCode::GATEWAY_TIMEOUT,
+                    message: error.to_string(),
+                },
+                UpstreamError::Connect { .. } | UpstreamError::Failed { .. } => {
+                    ApiError::Upstream {
+                        status: StatusCode::BAD_GATEWAY,
+                        message: error.to_string(),
+                    }
+                }
+            })?;
+        let upstream = answer.upstream;
+        billing.upstream.clone_from(&upstream.config.name);
+        let (parts, upstream_body) = answer.response.into_parts();
+        if !parts.status.is_success() {
+            // The upstream refused before producing output: no charge (dropping `billing`
+            // releases the hold), and its error body — already in OpenAI's shape — goes back
+            // as it is.
             drop(billing);
+            tracing::info!(upstream = %upstream.config.name, status = %parts.status, "upstream answered with an error");
+            return Ok(Response::from_parts(
+                passthrough_parts(parts),
+                upstream_body,
+            ));
         }
+        let is_event_stream = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        if is_event_stream {
+            let body = stream::metered_body(
+                upstream_body,
+                billing,
+                strip_usage_chunk,
+                upstream.config.idle_timeout(),
+            );
+            return Ok(Response::from_parts(passthrough_parts(parts), body));
+        }
+
+        let idle = upstream.config.idle_timeout();
+        let collected = tokio::time::timeout(
+            idle,
+            Limited::new(upstream_body, MAX_UPSTREAM_BODY).collect(),
+        )
+        .await;
+        let body = match collected {
+            Ok(Ok(collected)) => collected.to_bytes(),
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "upstream body failed");
+                return Err(ApiError::Upstream {
+                    status: StatusCode::BAD_GATEWAY,
+                    message: "the upstream's answer could not be read".into(),
+                });
+            }
+            Err(_) => {
+                return Err(ApiError::Upstream {
+                    status: StatusCode::GATEWAY_TIMEOUT,
+                    message: "the upstream's answer did not complete in time".into(),
+                });
+            }
+        };
+        match serde_json::from_slice::<Value>(&body) {
+            Ok(json) => {
+                let reported = usage::usage_from_json(endpoint, &json);
+                let text = usage::output_text_from_json(endpoint, &json);
+                // A 2xx JSON answer is output even when its text is empty (embeddings, tool
+                // calls). The answer leaves once its settlement is durable (DESIGN.md I4).
+                if let Some(durable) = billing.settle(reported, &text, true, "completed") {
+                    let _ = durable.await;
+                }
+            }
+            Err(_) => {
+                tracing::warn!(upstream = %upstream.config.name, "upstream answered 2xx with a body that is not JSON; not charged");
+                drop(billing);
+            }
+        }
+        Ok(Response::from_parts(
+            passthrough_parts(parts),
+            Body::from(body),
+        ))
     }
-    Ok(Response::from_parts(
-        passthrough_parts(parts),
-        Body::from(body),
-    ))
 }
 
 /// The upstream's status and the headers worth passing on (content type, OpenAI's metadata).

@@ -148,6 +148,12 @@ impl SseObserver {
         (tail, self.summary.clone())
     }
 
+    /// Whether the stream's terminal event (`[DONE]`, or a terminal Responses API event) has
+    /// been seen: nothing after it changes what is owed.
+    pub fn completed(&self) -> bool {
+        self.summary.completed
+    }
+
     /// A snapshot of what was observed so far (for a client that disconnected mid-stream).
     pub fn summary(&self) -> StreamSummary {
         self.summary.clone()

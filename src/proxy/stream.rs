@@ -2,20 +2,26 @@
 //! through the [`SseObserver`], and the request is settled when the stream ends.
 //!
 //! Settlement lives in `Drop`, so every ending is billed exactly once: the upstream finished, the
-//! upstream failed, the stream went idle, or the client hung up (hyper drops the body, which
-//! also drops — and so cancels — the upstream request).
+//! upstream failed, the stream went idle, the gateway cut it at shutdown, or the client hung up
+//! (hyper drops the body). For a client that hung up, the `finish` policy reads the rest of the
+//! upstream's answer on its own task and bills the usage the upstream reports; `cancel` drops
+//! (and so cancels) the upstream request and bills what was produced.
 
+use std::pin::Pin;
 use std::time::Duration;
 
 use axum::body::Body;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
 use http_body_util::BodyExt;
+use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use super::sse::SseObserver;
 use super::usage::Endpoint;
+use crate::config::DisconnectPolicy;
 use crate::domain::TokenUsage;
 use crate::ledger::UsageSource;
+use crate::metering::settler::Durable;
 use crate::metering::{Finished, Hold, Meter};
 
 /// Everything needed to settle a request once its output is known.
@@ -65,32 +71,23 @@ impl Billing {
         })
     }
 
-    /// Settles from a context that cannot wait (a `Drop`). Dropping the hold unused releases it.
+    /// Queues the settlement (or, when nothing is owed, releases the hold by dropping it).
+    /// The returned [`Durable`] resolves once a crash can no longer lose the settlement; a
+    /// context that cannot wait (a `Drop`) ignores it.
     pub fn settle(
         self,
         reported: Option<TokenUsage>,
         output_text: &str,
         saw_output: bool,
         status: &'static str,
-    ) {
-        if let Some(finished) = self.charge(reported, output_text, saw_output, status) {
-            self.meter.finish(self.hold, finished);
-        }
-    }
-
-    /// Settles and records the charge in the balance cache before returning.
-    pub async fn settle_recorded(
-        self,
-        reported: Option<TokenUsage>,
-        output_text: &str,
-        saw_output: bool,
-        status: &'static str,
-    ) {
-        if let Some(finished) = self.charge(reported, output_text, saw_output, status) {
-            self.meter.finish_recorded(self.hold, finished).await;
-        }
+    ) -> Option<Durable> {
+        let finished = self.charge(reported, output_text, saw_output, status)?;
+        Some(self.meter.finish(self.hold, finished))
     }
 }
+
+/// How long to wait, after the terminal event, for the upstream to end its response.
+const END_AFTER_TERMINAL_EVENT: Duration = Duration::from_secs(1);
 
 struct Metered {
     upstream: Body,
@@ -98,20 +95,84 @@ struct Metered {
     billing: Option<Billing>,
     idle_timeout: Duration,
     status: &'static str,
+    /// From the terminal event on, what the client gets is held back here until the
+    /// settlement is durable: the response's last bytes leave only after it (DESIGN.md I4).
+    tail: BytesMut,
+    /// Resolves when the gateway shuts down and cuts the requests still running.
+    cut: Pin<Box<WaitForCancellationFutureOwned>>,
 }
 
 impl Drop for Metered {
     fn drop(&mut self) {
-        if let Some(billing) = self.billing.take() {
-            let (_, summary) = self.observer.finish();
-            billing.settle(
-                summary.usage,
-                &summary.output_text,
-                summary.saw_output,
-                self.status,
+        let Some(billing) = self.billing.take() else {
+            return;
+        };
+        let config = billing.meter.config();
+        let finish = config.on_client_disconnect == DisconnectPolicy::Finish;
+        let bound = Duration::from_secs(config.disconnect_finish_secs);
+        if finish && let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            // The client hung up: read the rest of the answer for the usage the upstream
+            // reports (reasoning and media tokens included), as the upstream bills it.
+            let upstream = std::mem::replace(&mut self.upstream, Body::empty());
+            let observer = std::mem::replace(
+                &mut self.observer,
+                SseObserver::new(billing.endpoint, false),
             );
+            runtime.spawn(finish_after_disconnect(
+                upstream,
+                observer,
+                billing,
+                bound,
+                self.idle_timeout,
+            ));
+            return;
+        }
+        let (_, summary) = self.observer.finish();
+        // Queued now; nobody is left to wait for it.
+        let _ = billing.settle(
+            summary.usage,
+            &summary.output_text,
+            summary.saw_output,
+            self.status,
+        );
+    }
+}
+
+/// Reads a stream whose client hung up to its end (within `bound`, and `idle_timeout` between
+/// frames), then bills it: the usage the upstream reported, or what was produced by then.
+async fn finish_after_disconnect(
+    mut upstream: Body,
+    mut observer: SseObserver,
+    billing: Billing,
+    bound: Duration,
+    idle_timeout: Duration,
+) {
+    let deadline = tokio::time::Instant::now() + bound;
+    let mut cut = Box::pin(billing.meter.cut_signal());
+    while !observer.completed() {
+        let frame = tokio::select! {
+            frame = tokio::time::timeout(idle_timeout, upstream.frame()) => frame,
+            () = tokio::time::sleep_until(deadline) => break,
+            () = &mut cut => break,
+        };
+        match frame {
+            Ok(Some(Ok(frame))) => {
+                if let Ok(data) = frame.into_data() {
+                    observer.observe(data);
+                }
+            }
+            Ok(Some(Err(_)) | None) | Err(_) => break,
         }
     }
+    // Cancels the upstream call if it is still running.
+    drop(upstream);
+    let (_, summary) = observer.finish();
+    let _ = billing.settle(
+        summary.usage,
+        &summary.output_text,
+        summary.saw_output,
+        "client_disconnected",
+    );
 }
 
 /// Wraps an upstream SSE body; `strip_usage_chunk` removes the usage chunk the gateway asked for.
@@ -122,6 +183,7 @@ pub fn metered_body(
     idle_timeout: Duration,
 ) -> Body {
     let observer = SseObserver::new(billing.endpoint, strip_usage_chunk);
+    let cut = Box::pin(billing.meter.cut_signal());
     let state = Metered {
         upstream,
         observer,
@@ -129,38 +191,67 @@ pub fn metered_body(
         idle_timeout,
         // Until the stream ends by itself, a drop means the client went away.
         status: "client_disconnected",
+        tail: BytesMut::new(),
+        cut,
     };
     Body::from_stream(frames(state))
+}
+
+/// What ended the wait for the next upstream frame.
+enum Next {
+    Frame(Option<Result<http_body::Frame<Bytes>, axum::Error>>),
+    Idle,
+    Cut,
 }
 
 fn frames(state: Metered) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send {
     futures_util::stream::unfold(Some(state), |state| async move {
         let mut state = state?;
         loop {
-            let next = tokio::time::timeout(state.idle_timeout, state.upstream.frame()).await;
+            let wait = if state.observer.completed() {
+                END_AFTER_TERMINAL_EVENT.min(state.idle_timeout)
+            } else {
+                state.idle_timeout
+            };
+            let next = tokio::select! {
+                frame = tokio::time::timeout(wait, state.upstream.frame()) => {
+                    frame.map_or(Next::Idle, Next::Frame)
+                }
+                () = &mut state.cut => Next::Cut,
+            };
             match next {
-                Ok(Some(Ok(frame))) => {
+                Next::Frame(Some(Ok(frame))) => {
                     let Ok(data) = frame.into_data() else {
                         continue;
                     };
                     let out = state.observer.observe(data);
+                    if state.observer.completed() {
+                        state.tail.extend_from_slice(&out);
+                        continue;
+                    }
                     if out.is_empty() {
                         continue;
                     }
                     return Some((Ok(out), Some(state)));
                 }
-                Ok(None) => {
+                Next::Frame(None) => {
                     state.status = "completed";
                     let rest = settle_now(&mut state).await;
                     return rest.map(|bytes| (Ok(bytes), None));
                 }
-                Ok(Some(Err(error))) => {
+                Next::Idle if state.observer.completed() => {
+                    // The answer is whole; only the upstream's end of the response is missing.
+                    state.status = "completed";
+                    let rest = settle_now(&mut state).await;
+                    return rest.map(|bytes| (Ok(bytes), None));
+                }
+                Next::Frame(Some(Err(error))) => {
                     tracing::warn!(%error, "upstream stream failed");
                     state.status = "upstream_failed";
                     settle_now(&mut state).await;
                     return Some((Err(std::io::Error::other("upstream stream failed")), None));
                 }
-                Err(_) => {
+                Next::Idle => {
                     tracing::warn!(timeout = ?state.idle_timeout, "upstream stream went idle");
                     state.status = "upstream_timeout";
                     settle_now(&mut state).await;
@@ -169,24 +260,37 @@ fn frames(state: Metered) -> impl Stream<Item = Result<Bytes, std::io::Error>> +
                         None,
                     ));
                 }
+                Next::Cut => {
+                    tracing::warn!("gateway shutting down: stream cut");
+                    state.status = "cut_at_shutdown";
+                    settle_now(&mut state).await;
+                    return Some((Err(std::io::Error::other("gateway shutting down")), None));
+                }
             }
         }
     })
 }
 
-/// Settles with the final summary, recorded before the response ends; returns any bytes the
-/// observer still held back.
+/// Settles with the final summary and waits until the settlement is durable, so the response
+/// ends only once a crash can no longer lose its charge; returns the bytes held back (the
+/// terminal event and anything the observer kept): the last bytes of the response.
+///
+/// Cancellation-safe: the settlement is queued before the first await, so a client that hangs
+/// up during the wait (dropping this future) changes nothing.
 async fn settle_now(state: &mut Metered) -> Option<Bytes> {
     let (rest, summary) = state.observer.finish();
-    if let Some(billing) = state.billing.take() {
-        billing
-            .settle_recorded(
-                summary.usage,
-                &summary.output_text,
-                summary.saw_output,
-                state.status,
-            )
-            .await;
+    let durable = state.billing.take().and_then(|billing| {
+        billing.settle(
+            summary.usage,
+            &summary.output_text,
+            summary.saw_output,
+            state.status,
+        )
+    });
+    if let Some(durable) = durable {
+        let _ = durable.await;
     }
-    (!rest.is_empty()).then_some(rest)
+    state.tail.extend_from_slice(&rest);
+    let tail = state.tail.split().freeze();
+    (!tail.is_empty()).then_some(tail)
 }

@@ -140,6 +140,8 @@ pub struct Options {
     pub upstreams: Option<String>,
     /// Production backend only: another Redis than the shared one.
     pub redis_url: Option<String>,
+    /// `server.shutdown_grace_secs`.
+    pub shutdown_grace_secs: u64,
 }
 
 impl Default for Options {
@@ -149,6 +151,7 @@ impl Default for Options {
             extra: String::new(),
             upstreams: None,
             redis_url: None,
+            shutdown_grace_secs: 5,
         }
     }
 }
@@ -238,7 +241,7 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
 [server]
 listen = "127.0.0.1:0"
 body_limit_bytes = 65536
-shutdown_grace_secs = 5
+shutdown_grace_secs = {grace}
 
 [database]
 url = "{db}"
@@ -260,6 +263,7 @@ pricing_file = "{pricing}"
 {upstreams}
 "#,
         db = isolation.database_url,
+        grace = options.shutdown_grace_secs,
         pricing = pricing_path.display(),
         // A test may set its own poll interval in `extra`.
         poll = if options.extra.contains("pricing_poll_ms") {

@@ -363,3 +363,84 @@ async fn racing_first_requests_create_each_account_once() {
     }
     app.assert_ledger_consistent().await;
 }
+
+/// Streams still open when the grace period ends are cut, billed for what they delivered, and
+/// written before the gateway exits (the settler stops last).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_cut_at_the_end_of_the_grace_period_are_billed() {
+    use futures_util::StreamExt;
+    let mut app = spawn_app_with(Options {
+        shutdown_grace_secs: 1,
+        ..Options::default()
+    })
+    .await;
+    let alice = token("alice");
+    app.grant("alice", "100").await;
+    // 200 words at 50 ms each would take 10 s: far longer than the grace period.
+    let body = serde_json::json!({
+        "model": "mock-slow",
+        "messages": [{"role": "user", "content": "a long slow answer"}],
+        "max_tokens": 200,
+        "stream": true
+    });
+    let mut readers = Vec::new();
+    for _ in 0..3 {
+        let response = app.chat(&alice, &body).await;
+        assert_eq!(response.status(), 200);
+        let mut stream = response.bytes_stream();
+        let first = stream.next().await.expect("a first chunk").expect("chunk");
+        readers.push(tokio::spawn(async move {
+            let mut received = first.to_vec();
+            let mut broken = false;
+            while let Some(chunk) = stream.next().await {
+                match chunk {
+                    Ok(chunk) => received.extend_from_slice(&chunk),
+                    Err(_) => {
+                        broken = true;
+                        break;
+                    }
+                }
+            }
+            (received, broken)
+        }));
+    }
+    let stopping = Instant::now();
+    app.stop().await;
+    assert!(
+        stopping.elapsed() < Duration::from_secs(6),
+        "shutdown waited for the streams to finish by themselves"
+    );
+    let mut delivered = Vec::new();
+    for reader in readers {
+        let (received, broken) = reader.await.expect("reader");
+        assert!(broken, "a cut stream must not look complete to its client");
+        let words = sse_json(&received)
+            .iter()
+            .filter(|c| c["choices"][0]["delta"]["content"].is_string())
+            .count();
+        delivered.push(words);
+    }
+
+    let ledger = app.reopen_ledger().await;
+    let account = AccountId::parse("alice").expect("id");
+    let usage = ledger
+        .usage(
+            &account,
+            Page {
+                limit: 100,
+                before: None,
+            },
+        )
+        .await
+        .expect("usage");
+    assert_eq!(usage.len(), 3, "every cut stream is billed");
+    for record in &usage {
+        assert_eq!(record.status, "cut_at_shutdown");
+        assert!(
+            record.completion_tokens > 0 && record.completion_tokens < 200,
+            "billed for what it delivered: {record:?} (delivered {delivered:?})"
+        );
+    }
+    let problems = ledger.verify().await.expect("verify");
+    assert!(problems.is_empty(), "{problems:?}");
+}

@@ -202,27 +202,63 @@ async fn a_stream_without_usage_is_counted_with_the_tokenizer() {
     app.assert_ledger_consistent().await;
 }
 
-#[tokio::test]
-async fn a_client_that_disconnects_is_billed_for_what_was_produced() {
-    let app = spawn_app().await;
-    let eve = token("eve");
-    app.grant("eve", "10").await;
-    // 200 words at 50 ms each would take 10 s; the client leaves after a few.
-    let started = Instant::now();
-    let response = app.chat(&eve, &stream_body("mock-slow", 200)).await;
+/// Reads a slow stream until it has `words` content deltas, then hangs up.
+async fn hang_up_after(app: &TestApp, bearer: &str, body: &Value, words: usize) {
+    let response = app.chat(bearer, body).await;
     assert_eq!(response.status(), 200);
-    let mut body = response.bytes_stream();
+    let mut stream = response.bytes_stream();
     let mut received = Vec::new();
     while sse_json(&received)
         .iter()
         .filter(|c| c["choices"][0]["delta"]["content"].is_string())
         .count()
-        < 4
+        < words
     {
-        let chunk = body.next().await.expect("more chunks").expect("chunk");
+        let chunk = stream.next().await.expect("more chunks").expect("chunk");
         received.extend_from_slice(&chunk);
     }
-    drop(body);
+}
+
+/// The default policy (`finish`): a client that hangs up does not stop the work the upstream
+/// bills, so the gateway reads the answer to its end and bills the usage the upstream reports.
+#[tokio::test]
+async fn a_client_that_disconnects_is_billed_what_the_upstream_reports() {
+    let app = spawn_app().await;
+    let eve = token("eve");
+    app.grant("eve", "10").await;
+    // 40 words at 50 ms each take 2 s; the client leaves after 4.
+    hang_up_after(&app, &eve, &stream_body("mock-slow", 40), 4).await;
+
+    let balance = app.settled_balance(&eve).await;
+    let usage = app.list("/api/credits/usage", &eve).await;
+    assert_eq!(usage.len(), 1);
+    assert_eq!(usage[0]["status"], "client_disconnected");
+    assert_eq!(usage[0]["source"], "reported");
+    assert_eq!(usage[0]["completion_tokens"], 40, "{usage:?}");
+    let prompt = usage[0]["prompt_tokens"].as_u64().expect("prompt tokens");
+    assert_eq!(
+        credits(&balance["balance"]),
+        rust_decimal::Decimal::from(10)
+            - rust_decimal::Decimal::from(prompt + 40) / rust_decimal::Decimal::from(1000)
+    );
+    assert_eq!(balance["held"], "0");
+    app.assert_ledger_consistent().await;
+}
+
+/// `on_client_disconnect = "cancel"`: the upstream call is cancelled at once and what was
+/// produced by then is billed.
+#[tokio::test]
+async fn the_cancel_policy_cancels_a_disconnected_stream_and_bills_what_was_produced() {
+    let app = spawn_app_with(Options {
+        extra: "on_client_disconnect = \"cancel\"".into(),
+        ..Options::default()
+    })
+    .await;
+    let eve = token("eve");
+    app.grant("eve", "10").await;
+    // 200 words at 50 ms each would take 10 s; the client leaves after 4.
+    let started = Instant::now();
+    hang_up_after(&app, &eve, &stream_body("mock-slow", 200), 4).await;
 
     let balance = app.settled_balance(&eve).await;
     assert!(
@@ -260,5 +296,42 @@ async fn an_upstream_that_dies_mid_stream_is_billed_for_its_output() {
     assert_eq!(usage[0]["status"], "upstream_failed");
     assert_eq!(usage[0]["source"], "counted");
     assert!(credits(&balance["balance"]) < rust_decimal::Decimal::from(10));
+    app.assert_ledger_consistent().await;
+}
+
+/// A client that hangs up the moment it has `[DONE]` (as the official SDKs do) races the
+/// gateway's settlement of the stream's end: the settlement must survive the hang-up.
+#[tokio::test]
+async fn a_client_that_hangs_up_after_done_is_settled_at_once() {
+    let app = spawn_app().await;
+    let gus = token("gus");
+    app.grant("gus", "100").await;
+    for round in 0..30 {
+        let response = app.chat(&gus, &stream_body("mock-1", 7)).await;
+        assert_eq!(response.status(), 200);
+        let mut body = response.bytes_stream();
+        let mut received = Vec::new();
+        while !String::from_utf8_lossy(&received).contains("data: [DONE]") {
+            let chunk = body.next().await.expect("more chunks").expect("chunk");
+            received.extend_from_slice(&chunk);
+        }
+        drop(body);
+        let deadline = Instant::now() + Duration::from_secs(1);
+        loop {
+            let balance = app.balance(&gus).await;
+            if balance["held"] == "0" {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: a hold outlived its response by a second: {balance}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    app.state.settler.flush().await;
+    let usage = app.list("/api/credits/usage?limit=100", &gus).await;
+    assert_eq!(usage.len(), 30, "every stream is billed once");
+    assert!(usage.iter().all(|u| u["status"] == "completed"));
     app.assert_ledger_consistent().await;
 }

@@ -152,3 +152,73 @@ async fn a_paused_mysql_delays_settlements_but_loses_none() {
     assert_eq!(usage.len(), 11);
     app.assert_ledger_consistent().await;
 }
+
+/// A client that hangs up while its stream's settlement is still on its way into Redis (here:
+/// Redis pauses writes just as the stream ends) must not leave the request unsettled: the
+/// settlement is queued before anything waits, and the response's end waits for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hang_up_while_the_settlement_is_being_recorded_loses_nothing() {
+    use futures_util::StreamExt;
+    let redis = PrivateRedis::start();
+    let app = spawn_app_with(Options {
+        redis_url: Some(format!("redis://127.0.0.1:{}", redis.port)),
+        ..Options::default()
+    })
+    .await;
+    let user = token("hangup");
+    app.grant("hangup", "100").await;
+    let body = serde_json::json!({
+        "model": "mock-slow",
+        "messages": [{"role": "user", "content": "a few slow words"}],
+        "max_tokens": 6,
+        "stream": true
+    });
+    let response = app.chat(&user, &body).await;
+    assert_eq!(response.status(), 200);
+    let mut stream = response.bytes_stream();
+    let first = stream.next().await.expect("a first chunk").expect("chunk");
+    assert!(!first.is_empty());
+
+    // Writes to Redis stall for 1.5 s from now: the stream ends (about 300 ms on) while its
+    // settlement cannot be recorded yet.
+    let client = redis::Client::open(format!("redis://127.0.0.1:{}", redis.port)).expect("url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(1500)
+        .arg("WRITE")
+        .query_async(&mut conn)
+        .await
+        .expect("CLIENT PAUSE");
+    let paused_until = Instant::now() + Duration::from_millis(1500);
+    let mut received = first.to_vec();
+    let give_up = Instant::now() + Duration::from_millis(800);
+    while !String::from_utf8_lossy(&received).contains("[DONE]") && Instant::now() < give_up {
+        match tokio::time::timeout_at(give_up.into(), stream.next()).await {
+            Ok(Some(Ok(chunk))) => received.extend_from_slice(&chunk),
+            _ => break,
+        }
+    }
+    // The client hangs up, as an SDK does once it has `[DONE]` (or here, as it gives up).
+    drop(stream);
+
+    let deadline = paused_until + Duration::from_secs(1);
+    loop {
+        let balance = app.balance(&user).await;
+        if balance["held"] == "0" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the hold outlived its response by over a second after Redis resumed: {balance}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    app.state.settler.flush().await;
+    let usage = app.list("/api/credits/usage", &user).await;
+    assert_eq!(usage.len(), 1, "the stream is billed once: {usage:?}");
+    app.assert_ledger_consistent().await;
+}

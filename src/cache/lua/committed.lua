@@ -1,12 +1,21 @@
 -- The request's settlement is in the ledger: drop the pending entry and its journal record,
--- and absorb the ledger's balance after it if that is newer than the cached snapshot.
--- KEYS[1] bucket hash, KEYS[2] pending, KEYS[3] journal
+-- and absorb the ledger's balance after it if that is newer than the cached snapshot. A hold
+-- the request still has (its settlement never reached the cache: a Redis error or timeout at
+-- the time) goes too: the ledger's balance now carries the charge, so the hold would count it
+-- twice and stay until its deadline.
+-- KEYS[1] bucket hash, KEYS[2] pending, KEYS[3] journal, KEYS[4] holds
 -- ARGV[1] request id, ARGV[2] balance, ARGV[3] rev
 -- Returns 1 when a journal record was dropped (its index entry can go too), else 0.
 local cost = redis.call('HGET', KEYS[2], ARGV[1])
 if cost then
   redis.call('HDEL', KEYS[2], ARGV[1])
   redis.call('HINCRBY', KEYS[1], 'pend', string.format('%d', -tonumber(cost)))
+end
+local hold = redis.call('HGET', KEYS[4], ARGV[1])
+if hold then
+  redis.call('HDEL', KEYS[4], ARGV[1])
+  local amount = tonumber(string.match(hold, '^(%-?%d+)|')) or 0
+  redis.call('HINCRBY', KEYS[1], 'held', string.format('%d', -amount))
 end
 local journaled = redis.call('HDEL', KEYS[3], ARGV[1])
 local cur = redis.call('HMGET', KEYS[1], 'bal', 'rev')
