@@ -43,6 +43,7 @@
 //!   error shape before any output (streaming requests too).
 //! - `-cached`: report half the prompt tokens (rounded down) as cached, in chat
 //!   (`prompt_tokens_details.cached_tokens`) and responses (`input_tokens_details.cached_tokens`).
+//! - `-late`: wait 500 ms before answering (before the headers of a stream or JSON answer).
 //! - `-midfail`: send 3 frames (stream events, or for a JSON answer its first half) and then abort
 //!   the connection: the body stream returns an error, so the client sees a broken transfer.
 //!
@@ -72,6 +73,7 @@ const DEFAULT_REPLY_WORDS: usize = 16;
 /// Keeps a huge `max_tokens` (which reservation tests like to send) from allocating a huge reply.
 const MAX_REPLY_WORDS: usize = 4096;
 const SLOW_DELAY: Duration = Duration::from_millis(50);
+const LATE_DELAY: Duration = Duration::from_millis(500);
 const MIDFAIL_AFTER_FRAMES: usize = 3;
 const EMBEDDING_DIMENSIONS: usize = 8;
 /// Fixed so that two runs of the same request give byte-identical answers.
@@ -249,6 +251,7 @@ struct Knobs {
     error429: bool,
     cached: bool,
     midfail: bool,
+    late: bool,
 }
 
 impl Knobs {
@@ -260,6 +263,7 @@ impl Knobs {
             error429: model.contains("-error429"),
             cached: model.contains("-cached"),
             midfail: model.contains("-midfail"),
+            late: model.contains("-late"),
         }
     }
 }
@@ -327,13 +331,14 @@ impl Call {
 type Endpoint = fn(&Call) -> Result<Response, ApiError>;
 
 async fn handle(state: MockState, request: Request, endpoint: Endpoint) -> Response {
-    match accept(&state, request)
-        .await
-        .and_then(|call| endpoint(&call))
-    {
-        Ok(response) => response,
-        Err(error) => error.into_response(),
+    let call = match accept(&state, request).await {
+        Ok(call) => call,
+        Err(error) => return error.into_response(),
+    };
+    if call.knobs.late {
+        tokio::time::sleep(LATE_DELAY).await;
     }
+    endpoint(&call).unwrap_or_else(IntoResponse::into_response)
 }
 
 /// Reads, records and validates a request; applies the error knobs before any output.

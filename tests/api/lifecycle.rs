@@ -444,3 +444,122 @@ async fn streams_cut_at_the_end_of_the_grace_period_are_billed() {
     let problems = ledger.verify().await.expect("verify");
     assert!(problems.is_empty(), "{problems:?}");
 }
+
+/// I4: a `kill -9` while requests flow loses none whose answer was delivered. On the embedded
+/// default the answer waits for the SQLite commit; with Redis for its journal record, which the
+/// surviving instance writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_kill_loses_no_request_whose_answer_was_delivered() {
+    let app = spawn_app_with(Options {
+        extra: "recovery_interval_ms = 200\norphan_after_secs = 1".into(),
+        ..Options::default()
+    })
+    .await;
+    let user = token("killed");
+    app.grant("killed", "1000").await;
+    let (mut child, base) = spawn_binary(&app).await;
+    // The first request waits for the tokenizer to load.
+    let warm_up = reqwest::Client::new()
+        .post(format!("{base}/v1/chat/completions"))
+        .bearer_auth(&user)
+        .json(&chat_body("mock-1", "warm up"))
+        .send()
+        .await
+        .expect("warm-up request");
+    assert_eq!(warm_up.status(), 200);
+
+    // Eight clients send requests back to back, each noting the requests it got whole.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for worker in 0..8 {
+        let (base, user, stop) = (base.clone(), user.clone(), stop.clone());
+        workers.push(tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let mut delivered = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let mut body = chat_body("mock-1", "deliver me");
+                if worker % 2 == 1 {
+                    body["stream"] = json!(true);
+                }
+                let Ok(response) = client
+                    .post(format!("{base}/v1/chat/completions"))
+                    .bearer_auth(&user)
+                    .json(&body)
+                    .send()
+                    .await
+                else {
+                    break;
+                };
+                let id = response.headers()["x-request-id"]
+                    .to_str()
+                    .expect("id")
+                    .to_owned();
+                let status = response.status();
+                let Ok(bytes) = response.bytes().await else {
+                    break;
+                };
+                assert_eq!(status, 200, "{}", String::from_utf8_lossy(&bytes));
+                let whole = if worker % 2 == 1 {
+                    String::from_utf8_lossy(&bytes).contains("data: [DONE]")
+                } else {
+                    serde_json::from_slice::<Value>(&bytes).is_ok()
+                };
+                if whole {
+                    delivered.push(id);
+                }
+            }
+            delivered
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    child.start_kill().expect("kill -9");
+    child.wait().await.expect("reaped");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut delivered = Vec::new();
+    for worker in workers {
+        delivered.extend(worker.await.expect("worker"));
+    }
+    assert!(
+        delivered.len() > 20,
+        "too little traffic: {}",
+        delivered.len()
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut settled = HashSet::new();
+        let mut cursor = None::<String>;
+        // Page through every usage record.
+        loop {
+            let path = match &cursor {
+                Some(c) => format!("/api/credits/usage?limit=100&cursor={c}"),
+                None => "/api/credits/usage?limit=100".to_owned(),
+            };
+            let page: Value = app.get(&path, &user).await.json().await.expect("page");
+            let data = page["data"].as_array().expect("data");
+            settled.extend(
+                data.iter()
+                    .map(|u| u["request_id"].as_str().expect("id").to_owned()),
+            );
+            match page["next_cursor"].as_str() {
+                Some(next) => cursor = Some(next.to_owned()),
+                None => break,
+            }
+        }
+        let missing: Vec<&String> = delivered
+            .iter()
+            .filter(|id| !settled.contains(*id))
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {} delivered answers are not in the ledger: {missing:?}",
+            missing.len(),
+            delivered.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    app.assert_ledger_consistent().await;
+}

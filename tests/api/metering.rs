@@ -242,3 +242,50 @@ async fn signup_grant_is_given_once() {
     .await;
     let _ = app;
 }
+
+/// A client that gives up before a non-streamed answer arrives does not stop the upstream's
+/// (billed) work: by default the call finishes and its reported usage is billed.
+#[tokio::test]
+async fn a_client_that_gives_up_before_the_answer_is_billed_what_the_upstream_reports() {
+    let app = spawn_app().await;
+    let gail = token("gail");
+    app.grant("gail", "10").await;
+    // Once the tokenizer is loaded, the request reaches the upstream well within the timeout.
+    assert_eq!(
+        app.chat(&gail, &chat_body("mock-1", "warm up"))
+            .await
+            .status(),
+        200
+    );
+    let gave_up = app
+        .client
+        .post(app.url("/v1/chat/completions"))
+        .bearer_auth(&gail)
+        .json(&chat_body("mock-late", "answer me slowly"))
+        .timeout(std::time::Duration::from_millis(100))
+        .send()
+        .await;
+    assert!(gave_up.is_err(), "the client gave up before the answer");
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let usage = loop {
+        let usage: Vec<Value> = app
+            .list("/api/credits/usage", &gail)
+            .await
+            .into_iter()
+            .filter(|u| u["model"] == "mock-late")
+            .collect();
+        if !usage.is_empty() {
+            break usage;
+        }
+        assert!(std::time::Instant::now() < deadline, "never billed");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(usage.len(), 1);
+    assert_eq!(usage[0]["source"], "reported");
+    assert_eq!(usage[0]["status"], "completed");
+    assert_eq!(usage[0]["completion_tokens"], 16);
+    let balance = app.settled_balance(&gail).await;
+    assert_eq!(balance["held"], "0");
+    app.assert_ledger_consistent().await;
+}

@@ -70,41 +70,6 @@ async fn three_instances_racing_one_balance_never_overspend() {
     third.stop().await;
 }
 
-/// Starts the real binary on the test's config (JSON logs) and returns it with its base URL.
-async fn spawn_binary(app: &TestApp) -> (tokio::process::Child, String) {
-    let text = std::fs::read_to_string(&app.config_path).expect("config");
-    let text = text.replacen("[server]\n", "[server]\nlog_format = \"json\"\n", 1);
-    let path = app.dir.path().join("child.toml");
-    std::fs::write(&path, text).expect("child config");
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .arg("--config")
-        .arg(&path)
-        .arg("serve")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn tollgate");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
-    let address = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Some(line) = lines.next_line().await.expect("read log") {
-            if let Ok(log) = serde_json::from_str::<Value>(&line)
-                && log["fields"]["message"] == "tollgate listening"
-            {
-                return log["fields"]["address"].as_str().map(str::to_owned);
-            }
-        }
-        None
-    })
-    .await
-    .expect("the gateway started in time")
-    .expect("the gateway logged its address");
-    // Keep draining its logs so it never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    (child, format!("http://{address}"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn killing_an_instance_loses_no_finished_request_and_leaves_no_hold() {
     let app = spawn_app_with(Options {
