@@ -119,6 +119,7 @@ pub async fn grant(
             description: body.description,
             reference: body.reference,
             expires_at_ms,
+            draw_first_from: Vec::new(),
         },
     )
     .await?;

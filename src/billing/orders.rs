@@ -198,6 +198,7 @@ impl CreditMove {
             description: self.description.clone(),
             reference: Some(self.reference.clone()),
             expires_at_ms: self.expires_at_ms,
+            draw_first_from: Vec::new(),
         }
     }
 }
