@@ -556,7 +556,14 @@ impl Payments {
     pub async fn apply_moves(&self, order_id: Option<&str>) -> Result<usize, PaymentError> {
         let moves = self.store().pending_moves(order_id, 500).await?;
         for credit in &moves {
-            let outcome = self.ledger.grant(&credit.grant_request()).await?;
+            // A claw-back draws from its order's own grants first, so it needs the order.
+            let order = if credit.amount.is_negative() {
+                self.store().order(&credit.order_id).await?
+            } else {
+                None
+            };
+            let request = credit.grant_request(order.as_ref());
+            let outcome = self.ledger.grant(&request).await?;
             // The move stays pending until the cache has the new balance too: a retry then
             // replays the grant (a no-op returning the current balance) and updates the cache.
             self.cache
