@@ -478,6 +478,21 @@ impl Payments {
         }
         let Some(order) = found else {
             return Ok(match action {
+                // The payment's own event, which creates the order, has not arrived yet:
+                // providers do not deliver events in order. Answered 409 and not recorded, so
+                // the provider's retry applies it once the payment is in (recorded as ignored,
+                // the payment would later be credited and never clawed back).
+                Action::Refunded { .. }
+                | Action::DisputeOpened { .. }
+                | Action::DisputeClosed { .. }
+                    if lookup.order_id.is_none() && lookup.order_may_follow =>
+                {
+                    return Err(PaymentError::Retry(
+                        "no order is paid by this payment yet; its payment event may still \
+                         be on its way"
+                            .into(),
+                    ));
+                }
                 // Not an order of ours: another integration's payment on the same account.
                 Action::Refunded { .. }
                 | Action::DisputeOpened { .. }

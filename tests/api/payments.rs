@@ -437,6 +437,68 @@ async fn a_refund_before_the_payment_is_retried_and_then_applied() {
 }
 
 #[tokio::test]
+async fn a_payment_link_refund_before_its_payment_is_retried_until_the_payment_arrives() {
+    let shop = shop().await;
+    let user = "link-buyer-1";
+    // A Payment Link's session: Tollgate did not start it, so its order is created when the
+    // paid event arrives; its charge names only the PaymentIntent.
+    let mut session = checkout_session_object(
+        "cs_link_1",
+        "",
+        user,
+        "starter",
+        999,
+        "usd",
+        "paid",
+        "pi_link_1",
+    );
+    session["client_reference_id"] = Value::Null;
+    session["payment_link"] = json!("plink_1");
+    let charge = charge_object("ch_link_1", "pi_link_1", 999, 999, "usd", json!({}));
+
+    // Delivered before the payment: 409, and nothing is recorded or changed.
+    let (status, body) = shop
+        .event("evt_link_refund", "charge.refunded", charge.clone())
+        .await;
+    assert_eq!(status, 409, "the provider must deliver it again: {body}");
+    assert_eq!(body["error"]["code"], "conflict", "{body}");
+    assert_eq!(shop.balance_of(user).await, Decimal::ZERO);
+    assert!(
+        shop.app
+            .list("/api/payment/orders", &token(user))
+            .await
+            .is_empty()
+    );
+    let events = shop.app.get("/admin/payments/events", ADMIN_TOKEN).await;
+    let events: Value = events.json().await.expect("events json");
+    assert_eq!(events["data"], json!([]), "nothing recorded: {events}");
+    assert_eq!(shop.app.row_counts().await[1], 0, "no ledger entry");
+
+    // The payment arrives and is credited.
+    let (status, body) = shop
+        .event("evt_link_paid", "checkout.session.completed", session)
+        .await;
+    assert_eq!((status, body["outcome"].as_str()), (200, Some("processed")));
+    assert_eq!(shop.balance_of(user).await, dec("1000"));
+
+    // Stripe's retry of the refund now claws the credits back; a replay is a duplicate.
+    let (status, body) = shop
+        .event("evt_link_refund", "charge.refunded", charge.clone())
+        .await;
+    assert_eq!((status, body["outcome"].as_str()), (200, Some("processed")));
+    assert_eq!(shop.balance_of(user).await, Decimal::ZERO);
+    let orders = shop.app.list("/api/payment/orders", &token(user)).await;
+    assert_eq!(orders.len(), 1, "{orders:?}");
+    assert_eq!(orders[0]["status"], "refunded");
+    let (status, body) = shop
+        .event("evt_link_refund", "charge.refunded", charge)
+        .await;
+    assert_eq!((status, body["outcome"].as_str()), (200, Some("duplicate")));
+    assert_eq!(shop.balance_of(user).await, Decimal::ZERO);
+    shop.app.assert_ledger_consistent().await;
+}
+
+#[tokio::test]
 async fn a_won_dispute_gives_the_credits_back_and_a_lost_one_keeps_them_taken() {
     let shop = shop().await;
     let user = "buyer-7";
