@@ -278,6 +278,7 @@ async fn run(database: String, prefix: String) {
                             description: "benchmark".into(),
                             reference: Some("bench-grant".into()),
                             expires_at_ms: None,
+                            draw_first_from: Vec::new(),
                         })
                         .await
                         .expect("grant");

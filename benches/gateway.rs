@@ -129,6 +129,7 @@ async fn main() {
             description: "benchmark".into(),
             reference: None,
             expires_at_ms: None,
+            draw_first_from: Vec::new(),
         })
         .await
         .expect("grant");

@@ -215,6 +215,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         let ms = i64::try_from(lifetime.as_millis()).unwrap_or(i64::MAX);
                         crate::ledger::now_ms().saturating_add(ms)
                     }),
+                    draw_first_from: Vec::new(),
                 },
             )
             .await?;

@@ -14,6 +14,9 @@ use crate::ledger::{
 pub enum AdminError {
     #[error("{0}")]
     Invalid(String),
+    /// The amount itself is the problem (answered naming the `amount` field).
+    #[error("{0}")]
+    InvalidAmount(String),
     #[error(transparent)]
     Ledger(#[from] LedgerError),
 }
@@ -22,7 +25,7 @@ pub enum AdminError {
 pub async fn grant(ledger: &dyn Ledger, request: GrantRequest) -> Result<GrantOutcome, AdminError> {
     match request.entry_type {
         EntryType::Bonus | EntryType::Purchase if !request.amount.is_positive() => {
-            return Err(AdminError::Invalid(format!(
+            return Err(AdminError::InvalidAmount(format!(
                 "a {} must add a positive amount",
                 request.entry_type.as_str()
             )));
@@ -33,11 +36,22 @@ pub async fn grant(ledger: &dyn Ledger, request: GrantRequest) -> Result<GrantOu
             ));
         }
         _ if request.amount == Credits::ZERO => {
-            return Err(AdminError::Invalid("amount must not be zero".into()));
+            return Err(AdminError::InvalidAmount("amount must not be zero".into()));
         }
         _ => {}
     }
-    let outcome = ledger.grant(&request).await?;
+    let outcome = ledger.grant(&request).await.map_err(|error| match error {
+        // A grant's only arithmetic is this amount on the account's balance and debt, and the
+        // ledger checks it before writing anything: an overflow is a bad amount, not a fault.
+        LedgerError::Overflow(_) => AdminError::InvalidAmount(format!(
+            "amount {} cannot be applied to account {}: its balance or debt would pass the \
+             ledger's limit of ±{} credits",
+            request.amount,
+            request.account,
+            Credits::from_micros(i64::MAX)
+        )),
+        error => error.into(),
+    })?;
     ledger.bump_cache_epoch().await?;
     Ok(outcome)
 }

@@ -17,6 +17,11 @@ impl From<AdminError> for ApiError {
     fn from(error: AdminError) -> Self {
         match error {
             AdminError::Invalid(message) => ApiError::bad_request(message),
+            AdminError::InvalidAmount(message) => ApiError::BadRequest {
+                message,
+                param: Some("amount"),
+                code: None,
+            },
             AdminError::Ledger(e) => ApiError::from(e),
         }
     }
@@ -29,7 +34,8 @@ fn account_id(raw: &str) -> Result<AccountId, ApiError> {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GrantBody {
-    amount: Credits,
+    /// Credits as a decimal string; parsed by the handler, so a bad one names its field.
+    amount: String,
     #[serde(rename = "type", default = "default_grant_type")]
     entry_type: String,
     #[serde(default)]
@@ -96,6 +102,11 @@ pub async fn grant(
     ApiJson(body): ApiJson<GrantBody>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let account = account_id(&account)?;
+    let amount: Credits = body.amount.parse().map_err(|e| ApiError::BadRequest {
+        message: format!("amount: {e}"),
+        param: Some("amount"),
+        code: None,
+    })?;
     let expires_at_ms = expiry(&body)?;
     let entry_type = match EntryType::parse(&body.entry_type) {
         Some(
@@ -115,10 +126,11 @@ pub async fn grant(
         GrantRequest {
             account: account.clone(),
             entry_type,
-            amount: body.amount,
+            amount,
             description: body.description,
             reference: body.reference,
             expires_at_ms,
+            draw_first_from: Vec::new(),
         },
     )
     .await?;

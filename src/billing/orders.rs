@@ -175,6 +175,19 @@ impl Order {
             self.provider_order_id.as_deref().unwrap_or(&self.id)
         )
     }
+
+    /// The ledger entries, as `(type, reference)`, whose grants the order's payment created:
+    /// its purchase and, with a bonus coupon, its bonus (see [`pay`]).
+    pub fn granting_entries(&self) -> Vec<(EntryType, String)> {
+        let key = self.payment_key();
+        let bonus = bonus_reference(&key);
+        vec![(EntryType::Purchase, key), (EntryType::Bonus, bonus)]
+    }
+}
+
+/// The reference of the bonus credits a coupon added to the payment `payment_key`.
+fn bonus_reference(payment_key: &str) -> String {
+    format!("{payment_key}:bonus")
 }
 
 /// One credit change caused by an order; applied to the ledger as a grant under `reference`.
@@ -190,7 +203,18 @@ pub struct CreditMove {
 }
 
 impl CreditMove {
-    pub fn grant_request(&self) -> GrantRequest {
+    /// The ledger grant that applies this move; `order` is the move's order, if it exists.
+    ///
+    /// A move that takes credits (a refund or an opened dispute) takes back what the order's
+    /// payment granted: it draws from the order's own grants first, and only what they no
+    /// longer hold (spent, expired) comes from the account's other credits in the usual order.
+    /// Drawn the usual way, refunding a never-expiring package would eat a newer package's
+    /// soon-expiring credits and leave the refunded ones in place.
+    pub fn grant_request(&self, order: Option<&Order>) -> GrantRequest {
+        let draw_first_from = match order {
+            Some(order) if self.amount.is_negative() => order.granting_entries(),
+            _ => Vec::new(),
+        };
         GrantRequest {
             account: self.account.clone(),
             entry_type: self.entry_type,
@@ -198,6 +222,7 @@ impl CreditMove {
             description: self.description.clone(),
             reference: Some(self.reference.clone()),
             expires_at_ms: self.expires_at_ms,
+            draw_first_from,
         }
     }
 }
@@ -322,7 +347,7 @@ pub fn pay(order: &Order, facts: &PaymentFacts, settings: &InvoiceSettings, now_
     }];
     if order.bonus_credits.is_positive() {
         moves.push(CreditMove {
-            reference: format!("{key}:bonus"),
+            reference: bonus_reference(&key),
             order_id: order.id.clone(),
             account: order.account.clone(),
             entry_type: EntryType::Bonus,
@@ -474,6 +499,11 @@ pub fn dispute_closed(order: &Order, dispute_id: &str, won: bool, now_ms: i64) -
             OrderStatus::Paid
         };
         if order.dispute_credits.is_positive() {
+            // The credits come back as a new grant carrying the purchase's own expiry: winning
+            // a dispute restores what the buyer had, it neither extends nor shortens the
+            // credits' life. If that expiry passed while the dispute was open, the returned
+            // credits are already expired: they count until the next sweep takes them out
+            // (an `expiry` entry), as they would have lapsed had the dispute never been opened.
             moves.push(CreditMove {
                 reference: format!("{}:dispute:{dispute_id}:won", order.provider.as_str()),
                 order_id: order.id.clone(),
@@ -818,6 +848,56 @@ mod tests {
         let won = step(dispute_closed(&full, "dp_1", true, 7));
         assert!(won.moves.is_empty());
         assert_eq!(won.order.status, OrderStatus::Refunded);
+    }
+
+    #[test]
+    fn claw_backs_draw_from_the_grants_the_payment_created_first() {
+        let mut with_bonus = order();
+        with_bonus.bonus_credits = Credits::from_micros(5_000_000);
+        with_bonus.coupon_code = Some("MORE".into());
+        let paid = step(pay(
+            &with_bonus,
+            &facts(999),
+            &InvoiceSettings::default(),
+            1_000,
+        ));
+        // The entries named are exactly those the payment's moves write.
+        let granted: Vec<(EntryType, String)> = paid
+            .moves
+            .iter()
+            .map(|m| (m.entry_type, m.reference.clone()))
+            .collect();
+        assert_eq!(paid.order.granting_entries(), granted);
+        let refund = step(refund(&paid.order, 999, "usd", 2_000));
+        let request = refund.moves[0].grant_request(Some(&paid.order));
+        assert_eq!(request.draw_first_from, granted);
+        // Without its order (a move left by a crash for an order since lost), or for a move
+        // that gives credits, the usual order applies.
+        assert!(
+            refund.moves[0]
+                .grant_request(None)
+                .draw_first_from
+                .is_empty()
+        );
+        assert!(
+            paid.moves[0]
+                .grant_request(Some(&paid.order))
+                .draw_first_from
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_won_dispute_gives_the_credits_back_with_the_purchase_expiry_even_if_passed() {
+        let mut order = paid();
+        let expires = order.grant_expires_at_ms;
+        assert_eq!(expires, Some(1_000 + 30 * DAY_MS));
+        order = step(dispute_opened(&order, "dp_1", 999, "usd", 5)).order;
+        for now in [10, 1_000 + 31 * DAY_MS] {
+            let won = step(dispute_closed(&order, "dp_1", true, now));
+            assert_eq!(won.moves[0].expires_at_ms, expires);
+            assert_eq!(won.moves[0].amount, order.total_credits());
+        }
     }
 
     #[test]

@@ -478,6 +478,21 @@ impl Payments {
         }
         let Some(order) = found else {
             return Ok(match action {
+                // The payment's own event, which creates the order, has not arrived yet:
+                // providers do not deliver events in order. Answered 409 and not recorded, so
+                // the provider's retry applies it once the payment is in (recorded as ignored,
+                // the payment would later be credited and never clawed back).
+                Action::Refunded { .. }
+                | Action::DisputeOpened { .. }
+                | Action::DisputeClosed { .. }
+                    if lookup.order_id.is_none() && lookup.order_may_follow =>
+                {
+                    return Err(PaymentError::Retry(
+                        "no order is paid by this payment yet; its payment event may still \
+                         be on its way"
+                            .into(),
+                    ));
+                }
                 // Not an order of ours: another integration's payment on the same account.
                 Action::Refunded { .. }
                 | Action::DisputeOpened { .. }
@@ -556,7 +571,14 @@ impl Payments {
     pub async fn apply_moves(&self, order_id: Option<&str>) -> Result<usize, PaymentError> {
         let moves = self.store().pending_moves(order_id, 500).await?;
         for credit in &moves {
-            let outcome = self.ledger.grant(&credit.grant_request()).await?;
+            // A claw-back draws from its order's own grants first, so it needs the order.
+            let order = if credit.amount.is_negative() {
+                self.store().order(&credit.order_id).await?
+            } else {
+                None
+            };
+            let request = credit.grant_request(order.as_ref());
+            let outcome = self.ledger.grant(&request).await?;
             // The move stays pending until the cache has the new balance too: a retry then
             // replays the grant (a no-op returning the current balance) and updates the cache.
             self.cache

@@ -36,6 +36,10 @@ pub struct OrderLookup {
     pub order_id: Option<String>,
     pub provider_order_id: Option<String>,
     pub payment_ref: Option<String>,
+    /// The payment may be one whose order is created only when its paid event arrives (a
+    /// checkout Tollgate did not start): a refund or dispute that finds no order may then have
+    /// overtaken that event, and must wait for it instead of being dismissed as not Tollgate's.
+    pub order_may_follow: bool,
 }
 
 /// One provider event as recorded (`payment_events`).

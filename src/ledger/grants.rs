@@ -3,7 +3,10 @@
 //! Every credit arrives as a grant (a purchase, bonus, positive adjustment or refund) with an
 //! optional expiry. Debits (usage, negative adjustments) draw from live grants, the
 //! soonest-expiring first, then the oldest; what no grant covers becomes the account's debt,
-//! which the next grant pays off first. So for every account, at all times:
+//! which the next grant pays off first. A debit that takes particular credits back (a refund or
+//! a dispute taking back what its order bought) names the grants it draws from first, and only
+//! what they no longer hold is drawn in the usual order ([`plan_debit_from`]). So for every
+//! account, at all times:
 //! `balance = Σ remaining of grants not yet swept − debt`, with `debt > 0` only when no live
 //! grant has anything left. These functions only plan; the ledger adapters apply the plan inside
 //! the transaction that holds the account's lock.
@@ -68,6 +71,44 @@ pub fn plan_debit(grants: &mut [GrantRow], amount: i64, now_ms: i64) -> DebitPla
     plan
 }
 
+/// Plans a debit like [`plan_debit`], but draws from the grants whose ids are in `first`
+/// before any other, in that order: a refund takes back the credits its own purchase granted,
+/// not credits that happen to expire sooner. A named grant that is expired, used up or not
+/// among `grants` is passed over; what the named grants do not cover is drawn in the usual
+/// order. Each grant appears at most once in the plan.
+pub fn plan_debit_from(
+    grants: &mut [GrantRow],
+    first: &[i64],
+    amount: i64,
+    now_ms: i64,
+) -> DebitPlan {
+    let mut left = amount.max(0);
+    let mut draws = Vec::new();
+    for id in first {
+        if left == 0 {
+            break;
+        }
+        let Some(grant) = grants.iter_mut().find(|g| g.id == *id) else {
+            continue;
+        };
+        if grant.remaining <= 0 || !grant.is_live(now_ms) {
+            continue;
+        }
+        let take = grant.remaining.min(left);
+        grant.remaining -= take;
+        left -= take;
+        draws.push((grant.id, take));
+    }
+    // A named grant left with credits means the debit is covered (`left == 0`), so the usual
+    // pass below takes nothing from it again.
+    let rest = plan_debit(grants, left, now_ms);
+    draws.extend(rest.draws);
+    DebitPlan {
+        draws,
+        uncovered: rest.uncovered,
+    }
+}
+
 /// A new grant of `amount` (> 0) pays off `debt` first. Returns `(debt paid, grant remaining)`.
 pub fn plan_credit(debt: i64, amount: i64) -> (i64, i64) {
     let paid = debt.clamp(0, amount.max(0));
@@ -119,6 +160,54 @@ mod tests {
         let plan = plan_debit(&mut grants, 2, 100);
         assert_eq!(plan.draws, [(2, 2)]);
         assert_eq!(grants[0].remaining, 3);
+    }
+
+    #[test]
+    fn a_named_grant_is_drawn_first_and_the_rest_in_the_usual_order() {
+        // Grant 1 expires soonest; grant 3 (never expiring) is the one named.
+        let mut grants = vec![
+            grant(1, 5, Some(100), 0),
+            grant(2, 5, Some(200), 0),
+            grant(3, 4, None, 0),
+        ];
+        drawing_order(&mut grants);
+        let plan = plan_debit_from(&mut grants, &[3], 3, 50);
+        assert_eq!(plan.draws, [(3, 3)]);
+        assert_eq!(plan.uncovered, 0);
+        // It holds 1 more: that, then the soonest-expiring, then the next; the rest is debt.
+        let plan = plan_debit_from(&mut grants, &[3], 13, 50);
+        assert_eq!(plan.draws, [(3, 1), (1, 5), (2, 5)]);
+        assert_eq!(plan.uncovered, 2);
+        let left: Vec<i64> = grants.iter().map(|g| g.remaining).collect();
+        assert_eq!(left, [0, 0, 0]);
+    }
+
+    #[test]
+    fn named_grants_go_in_the_order_given_and_expired_unknown_or_empty_ones_are_passed_over() {
+        let mut grants = vec![
+            grant(1, 5, Some(100), 0),
+            grant(2, 5, None, 0),
+            grant(3, 5, None, 1),
+            grant(4, 5, Some(10), 0),
+            grant(5, 0, None, 0),
+        ];
+        drawing_order(&mut grants);
+        // Grant 4 has expired at 50, 5 is empty and 9 is not the account's.
+        let plan = plan_debit_from(&mut grants, &[4, 9, 5, 3, 2], 12, 50);
+        assert_eq!(plan.draws, [(3, 5), (2, 5), (1, 2)]);
+        assert_eq!(plan.uncovered, 0);
+        assert_eq!(
+            grants.iter().find(|g| g.id == 4).map(|g| g.remaining),
+            Some(5)
+        );
+        // Naming nothing is the usual order.
+        let mut a = vec![grant(1, 5, Some(100), 0), grant(2, 5, None, 0)];
+        let mut b = a.clone();
+        assert_eq!(
+            plan_debit_from(&mut a, &[], 7, 50),
+            plan_debit(&mut b, 7, 50)
+        );
+        assert_eq!(a, b);
     }
 
     #[test]

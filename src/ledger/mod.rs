@@ -113,6 +113,11 @@ pub struct GrantRequest {
     pub reference: Option<String>,
     /// When a positive grant's remainder expires (Unix ms); `None` never expires.
     pub expires_at_ms: Option<i64>,
+    /// For a debit: the ledger entries, as `(type, reference)`, whose grants it draws from
+    /// before any other, in this order (a refund names the purchase it refunds). What those
+    /// grants no longer hold is drawn in the usual order ([`grants::plan_debit_from`]). Empty
+    /// for the usual order; ignored by credits.
+    pub draw_first_from: Vec<(EntryType, String)>,
 }
 
 /// One credit grant (see [`grants`]): where credits came from and what is left of them.
@@ -330,7 +335,8 @@ pub trait Ledger: Send + Sync + 'static {
     /// The account's grants, oldest first (swept ones included).
     async fn grants(&self, account: &AccountId) -> Result<Vec<GrantRecord>, LedgerError>;
 
-    /// Which grants a debit entry drew from: `(grant id, amount)`, in drawing order.
+    /// Which grants a debit entry drew from: `(grant id, amount)`, listed in the usual drawing
+    /// order (also for a debit that drew a named grant first).
     async fn draws(&self, transaction_id: i64) -> Result<Vec<(i64, Credits)>, LedgerError>;
 
     /// Sweeps grants whose expiry is at or before `now_ms`: each unswept remainder leaves the

@@ -32,7 +32,7 @@ use sqlx::{
     Connection, Executor, MySql, MySqlConnection, MySqlPool, QueryBuilder, Row, SqlSafeStr,
 };
 
-use super::grants::{GrantRow, drawing_order, plan_credit, plan_debit};
+use super::grants::{GrantRow, drawing_order, plan_credit, plan_debit, plan_debit_from};
 use super::verify::Checks;
 use super::{
     AccountRecord, ApiKeyRecord, Bucket, EntryType, GrantOutcome, GrantRecord, GrantRequest,
@@ -482,10 +482,37 @@ async fn insert_draws(
     Ok(())
 }
 
+/// The ids of the grants that the account's entries `keys` (`(type, reference)`, unique per
+/// account) created, in the order of `keys`; an entry that does not exist or created no grant
+/// is left out. A grant's creating entry never changes, so this needs no lock of its own: the
+/// caller has locked the live grants it draws from.
+async fn grants_created_by(
+    conn: &mut MySqlConnection,
+    account: &AccountId,
+    keys: &[(EntryType, String)],
+) -> Result<Vec<i64>, LedgerError> {
+    let mut ids = Vec::with_capacity(keys.len());
+    for (entry_type, reference) in keys {
+        let id: Option<i64> = sqlx::query_scalar(
+            "SELECT g.id FROM credit_transactions t \
+             JOIN credit_grants g ON g.transaction_id = t.id \
+             WHERE t.account_id = ? AND t.`type` = ? AND t.reference = ?",
+        )
+        .bind(account.as_str())
+        .bind(entry_type.as_str())
+        .bind(reference)
+        .fetch_optional(&mut *conn)
+        .await?;
+        ids.extend(id);
+    }
+    Ok(ids)
+}
+
 /// Appends one ledger entry and moves the account's balance from `before` and its debt from
 /// `debt`, both read under the account's row lock, and applies the entry to the account's
 /// grants: a credit becomes a new grant (which pays the debt off first), a debit draws from the
-/// live grants and what they do not cover becomes debt.
+/// live grants (those created by the entries `draw_first` names first) and what they do not
+/// cover becomes debt.
 #[allow(clippy::too_many_arguments)]
 async fn append_entry(
     conn: &mut MySqlConnection,
@@ -497,6 +524,7 @@ async fn append_entry(
     description: &str,
     reference: Option<&str>,
     expires_at_ms: Option<i64>,
+    draw_first: &[(EntryType, String)],
 ) -> Result<(LedgerEntry, Snapshot), LedgerError> {
     let after = before
         .balance
@@ -521,7 +549,8 @@ async fn append_entry(
             .await?
             .remove(account)
             .unwrap_or_default();
-        let plan = plan_debit(&mut grants, taken, now);
+        let first = grants_created_by(conn, account, draw_first).await?;
+        let plan = plan_debit_from(&mut grants, &first, taken, now);
         new_debt = debt
             .checked_add(plan.uncovered)
             .ok_or_else(|| overflow(account))?;
@@ -863,6 +892,7 @@ impl MySqlLedger {
                 "signup grant",
                 Some("signup"),
                 None,
+                &[],
             )
             .await?;
             snapshot = after;
@@ -907,6 +937,7 @@ impl MySqlLedger {
             &grant.description,
             grant.reference.as_deref(),
             grant.expires_at_ms,
+            &grant.draw_first_from,
         )
         .await?;
         tx.commit().await?;

@@ -15,7 +15,7 @@ use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlSafeStr, SqliteConnection, SqlitePool};
 
-use super::grants::{GrantRow, drawing_order, plan_credit, plan_debit};
+use super::grants::{GrantRow, drawing_order, plan_credit, plan_debit, plan_debit_from};
 use super::verify::Checks;
 use super::{
     AccountRecord, ApiKeyRecord, Bucket, EntryType, GrantOutcome, GrantRecord, GrantRequest,
@@ -259,6 +259,31 @@ async fn live_grants(
     Ok(grants)
 }
 
+/// The ids of the grants that the account's entries `keys` (`(type, reference)`, unique per
+/// account) created, in the order of `keys`; an entry that does not exist or created no grant
+/// is left out.
+async fn grants_created_by(
+    conn: &mut SqliteConnection,
+    account: &AccountId,
+    keys: &[(EntryType, String)],
+) -> Result<Vec<i64>, LedgerError> {
+    let mut ids = Vec::with_capacity(keys.len());
+    for (entry_type, reference) in keys {
+        let id: Option<i64> = sqlx::query_scalar(
+            "SELECT g.id FROM credit_transactions t \
+             JOIN credit_grants g ON g.transaction_id = t.id \
+             WHERE t.account_id = ? AND t.type = ? AND t.reference = ?",
+        )
+        .bind(account.as_str())
+        .bind(entry_type.as_str())
+        .bind(reference)
+        .fetch_optional(&mut *conn)
+        .await?;
+        ids.extend(id);
+    }
+    Ok(ids)
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn insert_entry(
     conn: &mut SqliteConnection,
@@ -324,7 +349,9 @@ async fn write_remaining(
 
 /// Appends one ledger entry and moves the account's balance, inside the caller's transaction,
 /// and applies it to the account's grants: a credit becomes a new grant (which pays the debt
-/// off first), a debit draws from the live grants and what they do not cover becomes debt.
+/// off first), a debit draws from the live grants (those created by the entries `draw_first`
+/// names first) and what they do not cover becomes debt.
+#[allow(clippy::too_many_arguments)]
 async fn append_entry(
     conn: &mut SqliteConnection,
     account: &AccountId,
@@ -333,6 +360,7 @@ async fn append_entry(
     description: &str,
     reference: Option<&str>,
     expires_at_ms: Option<i64>,
+    draw_first: &[(EntryType, String)],
 ) -> Result<(LedgerEntry, Snapshot), LedgerError> {
     let before = read_state(conn, account).await?;
     let now = now_ms();
@@ -364,7 +392,8 @@ async fn append_entry(
             .checked_neg()
             .ok_or_else(|| overflow(account))?;
         let mut grants = live_grants(conn, account).await?;
-        let plan = plan_debit(&mut grants, taken, now);
+        let first = grants_created_by(conn, account, draw_first).await?;
+        let plan = plan_debit_from(&mut grants, &first, taken, now);
         after.debt = after
             .debt
             .checked_add(plan.uncovered)
@@ -591,6 +620,7 @@ impl Ledger for SqliteLedger {
                 "signup grant",
                 Some("signup"),
                 None,
+                &[],
             )
             .await?;
         }
@@ -674,6 +704,7 @@ impl Ledger for SqliteLedger {
             &grant.description,
             grant.reference.as_deref(),
             grant.expires_at_ms,
+            &grant.draw_first_from,
         )
         .await?;
         tx.commit().await?;

@@ -345,6 +345,91 @@ async fn bad_key_requests_are_400_and_create_nothing() {
     assert_eq!(admin_account(&app, "a").await["api_keys"], json!([]));
 }
 
+/// The largest balance the ledger holds: `i64::MAX` micro-credits.
+const MAX_CREDITS: &str = "9223372036854.775807";
+
+#[tokio::test]
+async fn a_grant_that_would_overflow_the_ledger_is_400_naming_the_amount_and_writes_nothing() {
+    let app = spawn_app().await;
+    app.grant("big", "1000").await;
+    // The most a balance (or a debt) can hold, on an empty account, is still a valid grant.
+    for (account, amount, kind) in [
+        ("full", MAX_CREDITS.to_owned(), "bonus"),
+        ("deep", format!("-{MAX_CREDITS}"), "adjustment"),
+    ] {
+        let response = app
+            .post(
+                &format!("/admin/accounts/{account}/credits"),
+                ADMIN_TOKEN,
+                &json!({"amount": amount, "type": kind}),
+            )
+            .await;
+        assert_eq!(response.status(), 201);
+    }
+    let counts = app.row_counts().await;
+
+    for (account, amount, kind) in [
+        // Past the most a balance holds, on top of what the account has.
+        ("big", MAX_CREDITS, "bonus"),
+        ("big", "9223372036853.775808", "purchase"),
+        // Anything at all on a full balance.
+        ("full", "0.000001", "bonus"),
+        // A debit whose size cannot be negated, and one that pushes the debt past the limit.
+        ("big", "-9223372036854.775808", "adjustment"),
+        ("deep", "-0.000001", "refund"),
+        // Not even a number of micro-credits the ledger can store.
+        ("big", "9223372036854.775808", "bonus"),
+        ("big", "-9223372036855", "adjustment"),
+    ] {
+        let body = json!({"amount": amount, "type": kind, "reference": format!("ovf-{amount}")});
+        let response = app
+            .post(
+                &format!("/admin/accounts/{account}/credits"),
+                ADMIN_TOKEN,
+                &body,
+            )
+            .await;
+        let error = openai_error(response, 400).await;
+        assert_eq!(error["type"], "invalid_request_error", "{body}: {error}");
+        assert_eq!(error["param"], "amount", "{body}: {error}");
+        assert!(
+            error["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(amount)),
+            "{body}: {error}"
+        );
+    }
+    assert_eq!(app.row_counts().await, counts, "no ledger entry");
+    assert_eq!(app.balance(&token("big")).await["balance"], "1000");
+    // (From the ledger: the Redis cache holds balances only up to ±2^53 micro-credits.)
+    for (account, expected) in [
+        ("full", MAX_CREDITS.to_owned()),
+        ("deep", format!("-{MAX_CREDITS}")),
+    ] {
+        let record = app
+            .ledger
+            .account(&AccountId::parse(account).expect("id"))
+            .await
+            .expect("ledger")
+            .expect("account");
+        assert_eq!(record.balance.to_string(), expected);
+    }
+    app.assert_ledger_consistent().await;
+
+    // The CLI refuses it too: a clear message, a non-zero exit, nothing written.
+    let output = cli(&app, &["credits", "grant", "big", MAX_CREDITS]).await;
+    assert!(!output.status.success(), "{}", stdout(&output));
+    let message = stderr(&output);
+    assert!(
+        message.contains("amount") && message.contains(MAX_CREDITS),
+        "{message}"
+    );
+    assert!(!message.contains("internal"), "{message}");
+    assert_eq!(app.row_counts().await, counts, "no ledger entry");
+    assert_eq!(app.balance(&token("big")).await["balance"], "1000");
+    app.assert_ledger_consistent().await;
+}
+
 // ---- CLI against the running gateway's database ---------------------------------------------
 
 #[tokio::test]

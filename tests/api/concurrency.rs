@@ -150,6 +150,7 @@ async fn racing_grants_with_one_reference_apply_once() {
                         description: "order 42".into(),
                         reference: Some("order-42".into()),
                         expires_at_ms: None,
+                        draw_first_from: Vec::new(),
                     })
                     .await
             })

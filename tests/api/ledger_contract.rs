@@ -306,6 +306,7 @@ fn grant(id: &str, entry_type: EntryType, amount: i64, reference: Option<&str>) 
         description: format!("{} of {amount}", entry_type.as_str()),
         reference: reference.map(str::to_owned),
         expires_at_ms: None,
+        draw_first_from: Vec::new(),
     }
 }
 
@@ -1388,7 +1389,14 @@ contract!(
 );
 
 contract!(negative_adjustments_draw_like_usage, |fx| {
-    let purchase = add_grant(fx, &expiring("na", EntryType::Purchase, 100, None)).await;
+    let purchase = add_grant(
+        fx,
+        &GrantRequest {
+            reference: Some("order-1".into()),
+            ..expiring("na", EntryType::Purchase, 100, None)
+        },
+    )
+    .await;
     let bonus = add_grant(
         fx,
         &expiring("na", EntryType::Bonus, 40, Some(now_ms() + HOUR_MS)),
@@ -1413,18 +1421,111 @@ contract!(negative_adjustments_draw_like_usage, |fx| {
         .expect("replay");
     assert_eq!(remainders(fx, "na").await, [(80, 0), (0, 0)]);
 
-    // A negative refund beyond the grants leaves debt, which the next grant pays.
-    let refund = fx
+    // A refund does not draw like usage: it takes back the purchase it names first, though
+    // another grant expires sooner.
+    let soon = add_grant(
+        fx,
+        &expiring("na", EntryType::Bonus, 10, Some(now_ms() + HOUR_MS)),
+    )
+    .await;
+    let refund = |amount: i64, reference: &str| GrantRequest {
+        draw_first_from: vec![(EntryType::Purchase, "order-1".into())],
+        ..grant("na", EntryType::Refund, amount, Some(reference))
+    };
+    let first = fx
         .ledger
-        .grant(&grant("na", EntryType::Refund, -100, None))
+        .grant(&refund(-60, "order-1:refund:1"))
         .await
         .expect("refund");
-    assert_eq!(draws_of(fx, refund.entry.id).await, [(purchase.id, 80)]);
-    assert_eq!(refund.snapshot.balance.micros(), -20);
+    assert_eq!(draws_of(fx, first.entry.id).await, [(purchase.id, 60)]);
+    assert_eq!(remainders(fx, "na").await, [(20, 0), (0, 0), (10, 0)]);
+    assert_consistent(fx).await;
+    // What the purchase no longer holds is drawn in the usual order; what no grant covers is
+    // debt, which the next grant pays.
+    let second = fx
+        .ledger
+        .grant(&refund(-40, "order-1:refund:2"))
+        .await
+        .expect("refund");
+    assert_eq!(
+        draws_of(fx, second.entry.id).await,
+        [(soon.id, 10), (purchase.id, 20)]
+    );
+    assert_eq!(second.snapshot.balance.micros(), -10);
     assert_consistent(fx).await;
     let next = add_grant(fx, &expiring("na", EntryType::Purchase, 50, None)).await;
-    assert_eq!((next.debt_paid.micros(), next.remaining.micros()), (20, 30));
-    assert_eq!(balance(fx, "na").await, 30);
+    assert_eq!((next.debt_paid.micros(), next.remaining.micros()), (10, 40));
+    assert_eq!(balance(fx, "na").await, 40);
+    assert_consistent(fx).await;
+});
+
+contract!(a_debit_draws_from_the_grants_it_names_first, |fx| {
+    let now = now_ms();
+    let named =
+        |reference: &str, entry_type: EntryType, amount: i64, expires: Option<i64>| GrantRequest {
+            reference: Some(reference.into()),
+            ..expiring("nf", entry_type, amount, expires)
+        };
+    let bought = add_grant(fx, &named("pay-1", EntryType::Purchase, 100, None)).await;
+    let bonus = add_grant(fx, &named("pay-1:bonus", EntryType::Bonus, 20, None)).await;
+    let lapsed = add_grant(fx, &named("pay-2", EntryType::Purchase, 30, Some(now - 1))).await;
+    let soon = add_grant(
+        fx,
+        &expiring("nf", EntryType::Bonus, 40, Some(now + HOUR_MS)),
+    )
+    .await;
+    // The same reference on another account names nothing here.
+    add_grant(
+        fx,
+        &GrantRequest {
+            reference: Some("pay-3".into()),
+            ..expiring("nf-other", EntryType::Purchase, 50, None)
+        },
+    )
+    .await;
+
+    // Named in order: the bonus, then the purchase. An expired grant, an entry of another
+    // type, another account's entry and an unknown reference are passed over.
+    let take = |amount: i64, reference: &str| GrantRequest {
+        draw_first_from: vec![
+            (EntryType::Purchase, "pay-2".into()),
+            (EntryType::Purchase, "pay-1:bonus".into()),
+            (EntryType::Purchase, "pay-3".into()),
+            (EntryType::Bonus, "pay-1:bonus".into()),
+            (EntryType::Purchase, "nowhere".into()),
+            (EntryType::Purchase, "pay-1".into()),
+        ],
+        ..grant("nf", EntryType::Adjustment, amount, Some(reference))
+    };
+    let taken = fx.ledger.grant(&take(-50, "take-1")).await.expect("take");
+    // (`draws` lists them in the usual drawing order: the older grant first.)
+    assert_eq!(
+        draws_of(fx, taken.entry.id).await,
+        [(bought.id, 30), (bonus.id, 20)]
+    );
+    // Replayed: nothing drawn twice.
+    let replay = fx.ledger.grant(&take(-50, "take-1")).await.expect("replay");
+    assert!(!replay.applied);
+    assert_eq!(
+        remainders(fx, "nf").await,
+        [(70, 0), (0, 0), (30, 0), (40, 0)]
+    );
+    assert_consistent(fx).await;
+
+    // Beyond the named grants: the live ones in the usual order (never the expired one),
+    // then debt.
+    let all = fx.ledger.grant(&take(-120, "take-2")).await.expect("take");
+    assert_eq!(
+        draws_of(fx, all.entry.id).await,
+        [(soon.id, 40), (bought.id, 70)]
+    );
+    assert_eq!(all.snapshot.balance.micros(), 30 - 10);
+    assert_eq!(
+        remainders(fx, "nf").await,
+        [(0, 0), (0, 0), (30, 0), (0, 0)]
+    );
+    assert_eq!(lapsed.remaining.micros(), 30);
+    assert_eq!(balance(fx, "nf-other").await, 50);
     assert_consistent(fx).await;
 });
 

@@ -437,6 +437,68 @@ async fn a_refund_before_the_payment_is_retried_and_then_applied() {
 }
 
 #[tokio::test]
+async fn a_payment_link_refund_before_its_payment_is_retried_until_the_payment_arrives() {
+    let shop = shop().await;
+    let user = "link-buyer-1";
+    // A Payment Link's session: Tollgate did not start it, so its order is created when the
+    // paid event arrives; its charge names only the PaymentIntent.
+    let mut session = checkout_session_object(
+        "cs_link_1",
+        "",
+        user,
+        "starter",
+        999,
+        "usd",
+        "paid",
+        "pi_link_1",
+    );
+    session["client_reference_id"] = Value::Null;
+    session["payment_link"] = json!("plink_1");
+    let charge = charge_object("ch_link_1", "pi_link_1", 999, 999, "usd", json!({}));
+
+    // Delivered before the payment: 409, and nothing is recorded or changed.
+    let (status, body) = shop
+        .event("evt_link_refund", "charge.refunded", charge.clone())
+        .await;
+    assert_eq!(status, 409, "the provider must deliver it again: {body}");
+    assert_eq!(body["error"]["code"], "conflict", "{body}");
+    assert_eq!(shop.balance_of(user).await, Decimal::ZERO);
+    assert!(
+        shop.app
+            .list("/api/payment/orders", &token(user))
+            .await
+            .is_empty()
+    );
+    let events = shop.app.get("/admin/payments/events", ADMIN_TOKEN).await;
+    let events: Value = events.json().await.expect("events json");
+    assert_eq!(events["data"], json!([]), "nothing recorded: {events}");
+    assert_eq!(shop.app.row_counts().await[1], 0, "no ledger entry");
+
+    // The payment arrives and is credited.
+    let (status, body) = shop
+        .event("evt_link_paid", "checkout.session.completed", session)
+        .await;
+    assert_eq!((status, body["outcome"].as_str()), (200, Some("processed")));
+    assert_eq!(shop.balance_of(user).await, dec("1000"));
+
+    // Stripe's retry of the refund now claws the credits back; a replay is a duplicate.
+    let (status, body) = shop
+        .event("evt_link_refund", "charge.refunded", charge.clone())
+        .await;
+    assert_eq!((status, body["outcome"].as_str()), (200, Some("processed")));
+    assert_eq!(shop.balance_of(user).await, Decimal::ZERO);
+    let orders = shop.app.list("/api/payment/orders", &token(user)).await;
+    assert_eq!(orders.len(), 1, "{orders:?}");
+    assert_eq!(orders[0]["status"], "refunded");
+    let (status, body) = shop
+        .event("evt_link_refund", "charge.refunded", charge)
+        .await;
+    assert_eq!((status, body["outcome"].as_str()), (200, Some("duplicate")));
+    assert_eq!(shop.balance_of(user).await, Decimal::ZERO);
+    shop.app.assert_ledger_consistent().await;
+}
+
+#[tokio::test]
 async fn a_won_dispute_gives_the_credits_back_and_a_lost_one_keeps_them_taken() {
     let shop = shop().await;
     let user = "buyer-7";
@@ -495,6 +557,170 @@ async fn a_won_dispute_gives_the_credits_back_and_a_lost_one_keeps_them_taken() 
     let lost_view = shop.order(user, &lost_order).await;
     assert_eq!(lost_view["status"], "charged_back");
     assert_eq!(lost_view["dispute_status"], "lost");
+    shop.app.assert_ledger_consistent().await;
+}
+
+/// The account's grants as the admin API shows them, oldest first.
+async fn grants_of(app: &TestApp, account: &str) -> Vec<Value> {
+    let response = app
+        .get(&format!("/admin/accounts/{account}"), ADMIN_TOKEN)
+        .await;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.expect("account json");
+    body["grants"].as_array().cloned().unwrap_or_default()
+}
+
+/// `(source, amount, remaining)` of each grant, oldest first.
+fn remainders(grants: &[Value]) -> Vec<(String, Decimal, Decimal)> {
+    grants
+        .iter()
+        .map(|g| {
+            (
+                g["source"].as_str().expect("source").to_owned(),
+                credits(&g["amount"]),
+                credits(&g["remaining"]),
+            )
+        })
+        .collect()
+}
+
+fn row(source: &str, amount: &str, remaining: &str) -> (String, Decimal, Decimal) {
+    (source.to_owned(), dec(amount), dec(remaining))
+}
+
+#[tokio::test]
+async fn a_refund_takes_back_its_own_purchase_before_credits_that_expire_sooner() {
+    let shop = shop().await;
+    let user = "own-grant-1";
+    // Starter never expires; Yearly expires in 365 days, so usage would draw it first.
+    let (_, starter) = shop.pay(user, "starter", 999).await;
+    shop.pay(user, "yearly", 9999).await;
+    assert_eq!(shop.balance_of(user).await, dec("16000"));
+
+    // A third of Starter refunded, then all of it: both come out of Starter's own grant.
+    let (status, _) = shop.charge_refunded("evt_own_r1", &starter, 333).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        remainders(&grants_of(&shop.app, user).await),
+        [
+            row("purchase", "1000", "666.666667"),
+            row("purchase", "15000", "15000")
+        ]
+    );
+    let (status, _) = shop.charge_refunded("evt_own_r2", &starter, 999).await;
+    assert_eq!(status, 200);
+    assert_eq!(shop.balance_of(user).await, dec("15000"));
+    assert_eq!(
+        remainders(&grants_of(&shop.app, user).await),
+        [
+            row("purchase", "1000", "0"),
+            row("purchase", "15000", "15000")
+        ]
+    );
+    shop.app.assert_ledger_consistent().await;
+
+    // Starter partly spent before Yearly arrived: the refund takes what Starter still holds,
+    // then the rest in the usual drawing order (Yearly), and nothing becomes debt.
+    let user = "own-grant-2";
+    let (_, starter) = shop.pay(user, "starter", 999).await;
+    let response = shop
+        .app
+        .post(
+            &format!("/admin/accounts/{user}/credits"),
+            ADMIN_TOKEN,
+            &json!({"amount": "-400", "type": "adjustment", "description": "spent"}),
+        )
+        .await;
+    assert_eq!(response.status(), 201);
+    shop.pay(user, "yearly", 9999).await;
+    let (status, _) = shop.charge_refunded("evt_own_r3", &starter, 999).await;
+    assert_eq!(status, 200);
+    assert_eq!(shop.balance_of(user).await, dec("14600"));
+    assert_eq!(
+        remainders(&grants_of(&shop.app, user).await),
+        [
+            row("purchase", "1000", "0"),
+            row("purchase", "15000", "14600")
+        ]
+    );
+    shop.app.assert_ledger_consistent().await;
+}
+
+#[tokio::test]
+async fn a_dispute_takes_back_its_own_purchase_and_a_won_one_returns_it_with_its_expiry() {
+    let shop = shop().await;
+    let user = "own-grant-3";
+    let (starter_order, starter) = shop.pay(user, "starter", 999).await;
+    let (_, yearly) = shop.pay(user, "yearly", 9999).await;
+    let dispute = |session: &StripeSession, id: &str, amount: i64, status: &str| {
+        dispute_object(
+            id,
+            &format!("ch_{}", session.id),
+            &format!("pi_{}", session.id),
+            amount,
+            "usd",
+            status,
+        )
+    };
+
+    // Starter disputed, then lost: its own grant pays, Yearly is untouched.
+    let (status, _) = shop
+        .event(
+            "evt_own_d1",
+            "charge.dispute.created",
+            dispute(&starter, "dp_own_s", 999, "needs_response"),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (status, _) = shop
+        .event(
+            "evt_own_d2",
+            "charge.dispute.closed",
+            dispute(&starter, "dp_own_s", 999, "lost"),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        shop.order(user, &starter_order).await["status"],
+        "charged_back"
+    );
+    assert_eq!(shop.balance_of(user).await, dec("15000"));
+    assert_eq!(
+        remainders(&grants_of(&shop.app, user).await),
+        [
+            row("purchase", "1000", "0"),
+            row("purchase", "15000", "15000")
+        ]
+    );
+    shop.app.assert_ledger_consistent().await;
+
+    // Yearly disputed and won: its credits come back as a new grant that expires when the
+    // Yearly purchase does (a dispute neither shortens nor extends the credits' life).
+    shop.event(
+        "evt_own_d3",
+        "charge.dispute.created",
+        dispute(&yearly, "dp_own_y", 9999, "needs_response"),
+    )
+    .await;
+    assert_eq!(shop.balance_of(user).await, Decimal::ZERO);
+    shop.event(
+        "evt_own_d4",
+        "charge.dispute.closed",
+        dispute(&yearly, "dp_own_y", 9999, "won"),
+    )
+    .await;
+    assert_eq!(shop.balance_of(user).await, dec("15000"));
+    let grants = grants_of(&shop.app, user).await;
+    assert_eq!(
+        remainders(&grants),
+        [
+            row("purchase", "1000", "0"),
+            row("purchase", "15000", "0"),
+            row("adjustment", "15000", "15000")
+        ]
+    );
+    assert!(grants[1]["expires_at"].is_string(), "{grants:?}");
+    assert_eq!(grants[2]["expires_at"], grants[1]["expires_at"]);
     shop.app.assert_ledger_consistent().await;
 }
 

@@ -485,9 +485,163 @@ async fn lemonsqueezy_wrong_amounts_and_unknown_packages_are_kept_for_review_and
     app.assert_ledger_consistent().await;
 }
 
+#[tokio::test]
+async fn a_lemonsqueezy_refund_before_its_order_is_retried_until_the_payment_arrives() {
+    let (app, _lemon) = lemon_shop().await;
+    let user = "ls-early-refund";
+    // A shared checkout link: the order is created when `order_created` arrives.
+    let custom = json!({"account_id": user, "package_id": "starter"});
+    let refund = lemonsqueezy_order_event(
+        "order_refunded",
+        "8001",
+        "refunded",
+        999,
+        999,
+        "USD",
+        custom.clone(),
+    );
+
+    // Delivered before the payment: 409, and nothing is recorded or changed.
+    let (status, body) = lemonsqueezy_event(&app, &refund).await;
+    assert_eq!(status, 409, "the provider must deliver it again: {body}");
+    assert_eq!(body["error"]["code"], "conflict", "{body}");
+    assert_eq!(balance_of(&app, user).await, Decimal::ZERO);
+    assert!(
+        app.list("/api/payment/orders", &token(user))
+            .await
+            .is_empty()
+    );
+    assert!(events(&app, "").await.is_empty(), "nothing recorded");
+    assert_eq!(app.row_counts().await[1], 0, "no ledger entry");
+
+    // The payment arrives and is credited.
+    let (status, body) = lemonsqueezy_event(&app, &ls_paid("8001", 999, custom)).await;
+    assert_eq!(
+        (status, body["outcome"].as_str()),
+        (200, Some("processed")),
+        "{body}"
+    );
+    assert_eq!(balance_of(&app, user).await, dec("1000"));
+
+    // The refund delivered again now claws the credits back; once more is a duplicate.
+    let (status, body) = lemonsqueezy_event(&app, &refund).await;
+    assert_eq!(
+        (status, body["outcome"].as_str()),
+        (200, Some("processed")),
+        "{body}"
+    );
+    assert_eq!(balance_of(&app, user).await, Decimal::ZERO);
+    let orders = app.list("/api/payment/orders", &token(user)).await;
+    assert_eq!(orders.len(), 1, "{orders:?}");
+    assert_eq!(orders[0]["status"], "refunded");
+    let (status, body) = lemonsqueezy_event(&app, &refund).await;
+    assert_eq!(
+        (status, body["outcome"].as_str()),
+        (200, Some("duplicate")),
+        "{body}"
+    );
+
+    // A refund of an order that names no Tollgate account or package is not Tollgate's: it is
+    // acknowledged and ignored, not retried.
+    let foreign = lemonsqueezy_order_event(
+        "order_refunded",
+        "8002",
+        "refunded",
+        999,
+        999,
+        "USD",
+        json!({}),
+    );
+    let (status, body) = lemonsqueezy_event(&app, &foreign).await;
+    assert_eq!(
+        (status, body["outcome"].as_str()),
+        (200, Some("ignored")),
+        "{body}"
+    );
+    assert_eq!(balance_of(&app, user).await, Decimal::ZERO);
+    app.assert_ledger_consistent().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Polar
 // ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_polar_refund_before_its_order_is_paid_is_retried_until_the_payment_arrives() {
+    let app = app_with(&polar_table(POLAR_SECRET, "polar")).await;
+    let user = "polar-early-refund";
+    let metadata = json!({"account_id": user, "package_id": "starter"});
+    let refund = polar_order_event(
+        "order.refunded",
+        "po_early",
+        "refunded",
+        999,
+        999,
+        "usd",
+        metadata.clone(),
+    );
+    let now = now_unix();
+
+    // Delivered before `order.paid`: 409, and nothing is recorded or changed.
+    let (status, body) = polar_event(&app, POLAR_SECRET, true, "msg_early_r", now, &refund).await;
+    assert_eq!(status, 409, "the provider must deliver it again: {body}");
+    assert_eq!(body["error"]["code"], "conflict", "{body}");
+    assert_eq!(balance_of(&app, user).await, Decimal::ZERO);
+    assert!(
+        app.list("/api/payment/orders", &token(user))
+            .await
+            .is_empty()
+    );
+    assert!(events(&app, "").await.is_empty(), "nothing recorded");
+    assert_eq!(app.row_counts().await[1], 0, "no ledger entry");
+
+    // The payment arrives and is credited.
+    let paid = polar_paid("po_early", 999, metadata);
+    let (status, body) = polar_event(&app, POLAR_SECRET, true, "msg_early_p", now, &paid).await;
+    assert_eq!(
+        (status, body["outcome"].as_str()),
+        (200, Some("processed")),
+        "{body}"
+    );
+    assert_eq!(balance_of(&app, user).await, dec("1000"));
+
+    // Polar's retry of the refund (same webhook-id) now claws back; a replay is a duplicate.
+    let (status, body) = polar_event(&app, POLAR_SECRET, true, "msg_early_r", now, &refund).await;
+    assert_eq!(
+        (status, body["outcome"].as_str()),
+        (200, Some("processed")),
+        "{body}"
+    );
+    assert_eq!(balance_of(&app, user).await, Decimal::ZERO);
+    let orders = app.list("/api/payment/orders", &token(user)).await;
+    assert_eq!(orders.len(), 1, "{orders:?}");
+    assert_eq!(orders[0]["status"], "refunded");
+    let (status, body) = polar_event(&app, POLAR_SECRET, true, "msg_early_r", now, &refund).await;
+    assert_eq!(
+        (status, body["outcome"].as_str()),
+        (200, Some("duplicate")),
+        "{body}"
+    );
+
+    // A refund naming no Tollgate account or package is not Tollgate's: ignored.
+    let foreign = polar_order_event(
+        "order.refunded",
+        "po_foreign",
+        "refunded",
+        999,
+        999,
+        "usd",
+        json!({}),
+    );
+    let (status, body) = polar_event(&app, POLAR_SECRET, true, "msg_foreign", now, &foreign).await;
+    assert_eq!(
+        (status, body["outcome"].as_str()),
+        (200, Some("ignored")),
+        "{body}"
+    );
+    assert_eq!(balance_of(&app, user).await, Decimal::ZERO);
+    app.assert_ledger_consistent().await;
+}
 
 fn polar_paid(polar_order_id: &str, net_amount: i64, metadata: Value) -> String {
     polar_order_event(

@@ -26,6 +26,9 @@ pub fn parse(body: &[u8]) -> Result<ParsedEvent, Malformed> {
         order_id: metadata(&event, &["meta", "custom_data"], "order_id"),
         provider_order_id: Some(order_id.clone()),
         payment_ref: None,
+        // Every order event carries the checkout's custom data: one naming an account and a
+        // package is a payment that creates its order on arrival.
+        order_may_follow: claim(&event).names_a_purchase(),
     };
     let mut event_id = format!("{event_type}:{order_id}");
     let action = match event_type.as_str() {
@@ -111,6 +114,26 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn a_refund_naming_an_account_and_a_package_may_precede_its_order() {
+        let refund = |custom: Value| {
+            let body = json!({"meta": {"event_name": "order_refunded", "custom_data": custom},
+                              "data": {"id": "42", "attributes": {"refunded_amount": 999, "currency": "USD", "total": 999}}});
+            match parse(body.to_string().as_bytes()) {
+                Ok(ParsedEvent {
+                    action: Action::Refunded { lookup, .. },
+                    ..
+                }) => lookup.order_may_follow,
+                other => panic!("{other:?}"),
+            }
+        };
+        assert!(refund(
+            json!({"account_id": "bob", "package_id": "starter"})
+        ));
+        assert!(!refund(json!({"account_id": "bob"})));
+        assert!(!refund(json!({})));
     }
 
     #[test]

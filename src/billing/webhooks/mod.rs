@@ -21,6 +21,13 @@ pub struct Claim {
     pub package_id: Option<String>,
 }
 
+impl Claim {
+    /// It names who buys what: a paid event with this claim creates its order on arrival.
+    pub fn names_a_purchase(&self) -> bool {
+        self.account_id.is_some() && self.package_id.is_some()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     /// Money arrived.

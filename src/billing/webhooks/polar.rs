@@ -19,17 +19,21 @@ pub fn parse(body: &[u8], event_id: &str) -> Result<ParsedEvent, Malformed> {
     let action = match event_type.as_str() {
         "order.paid" | "order.refunded" => {
             let order_id = required_str(data, &["id"])?;
+            let claim = Claim {
+                account_id: metadata(data, &["metadata"], "account_id"),
+                package_id: metadata(data, &["metadata"], "package_id"),
+            };
             let lookup = OrderLookup {
                 order_id: metadata(data, &["metadata"], "order_id"),
                 provider_order_id: Some(order_id.clone()),
                 payment_ref: None,
+                // Paid and refunded events carry the order's metadata alike, and Polar orders
+                // are always created on arrival.
+                order_may_follow: claim.names_a_purchase(),
             };
             if event_type == "order.paid" {
                 Action::Paid {
-                    claim: Claim {
-                        account_id: metadata(data, &["metadata"], "account_id"),
-                        package_id: metadata(data, &["metadata"], "package_id"),
-                    },
+                    claim,
                     facts: facts(&order_id, data)?,
                     lookup,
                 }

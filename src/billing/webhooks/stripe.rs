@@ -78,6 +78,7 @@ fn session_lookup(session: &Value) -> Result<OrderLookup, Malformed> {
         order_id,
         provider_order_id: Some(required_str(session, &["id"])?),
         payment_ref: id_or_object(session, "payment_intent"),
+        order_may_follow: false,
     })
 }
 
@@ -116,10 +117,15 @@ fn session_paid(session: &Value, completed: bool) -> Result<Action, Malformed> {
 
 /// A charge's or dispute's order: by metadata if present, else by its PaymentIntent.
 fn charge_lookup(object: &Value) -> OrderLookup {
+    let payment_ref = id_or_object(object, "payment_intent").filter(|id| !id.is_empty());
     OrderLookup {
         order_id: metadata(object, &["metadata"], "order_id"),
         provider_order_id: None,
-        payment_ref: id_or_object(object, "payment_intent"),
+        // Charges and disputes do not carry the Checkout Session's metadata, so nothing here
+        // tells a Payment Link's payment (its order is created when the session event
+        // arrives) from another integration's: any PaymentIntent's may yet be Tollgate's.
+        order_may_follow: payment_ref.is_some(),
+        payment_ref,
     }
 }
 
@@ -182,6 +188,30 @@ mod tests {
             "{:?}",
             parsed.action
         );
+    }
+
+    #[test]
+    fn a_refund_of_a_payment_intent_may_precede_its_order() {
+        let refund = |payment_intent: Value| {
+            let body = event(
+                "charge.refunded",
+                json!({"id": "ch_1", "amount_refunded": 999, "currency": "usd",
+                       "payment_intent": payment_intent, "metadata": {}}),
+            );
+            match parse(&body) {
+                Ok(ParsedEvent {
+                    action: Action::Refunded { lookup, .. },
+                    ..
+                }) => lookup,
+                other => panic!("{other:?}"),
+            }
+        };
+        let lookup = refund(json!("pi_1"));
+        assert!(lookup.order_may_follow);
+        assert_eq!(lookup.payment_ref.as_deref(), Some("pi_1"));
+        // A charge made without a PaymentIntent never came from a Checkout Session.
+        assert!(!refund(Value::Null).order_may_follow);
+        assert!(!refund(json!("")).order_may_follow);
     }
 
     #[test]
