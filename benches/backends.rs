@@ -87,6 +87,7 @@ fn settlement(account: &AccountId, cost_micros: i64) -> Settlement {
         },
         source: UsageSource::Reported,
         cost: Credits::from_micros(cost_micros),
+        uncharged: Credits::ZERO,
         hold: Credits::from_micros(HOLD_MICROS),
         stream: false,
         status: "completed".into(),

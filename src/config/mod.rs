@@ -186,6 +186,10 @@ pub struct MeteringConfig {
     /// Longest an upstream call runs on after its client hung up (`finish` policy); then it is
     /// cancelled and billed for what it produced.
     pub disconnect_finish_secs: u64,
+    /// A request with input the gateway cannot size from its body (images, audio, files,
+    /// `previous_response_id`, …): `reserve` holds the model's whole `max_input_tokens` for its
+    /// prompt; `reject` answers 400.
+    pub on_unsized_input: UnsizedInputPolicy,
 }
 
 impl Default for MeteringConfig {
@@ -203,8 +207,16 @@ impl Default for MeteringConfig {
             expiry_sweep_secs: 60,
             on_client_disconnect: DisconnectPolicy::Finish,
             disconnect_finish_secs: 120,
+            on_unsized_input: UnsizedInputPolicy::Reserve,
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum UnsizedInputPolicy {
+    Reserve,
+    Reject,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]

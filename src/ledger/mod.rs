@@ -181,10 +181,16 @@ pub struct Settlement {
     pub upstream: String,
     pub usage: TokenUsage,
     pub source: UsageSource,
+    /// What is charged: the usage's price, but never more than the hold (I1).
     pub cost: Credits,
+    /// What the usage's price exceeded the hold by (the upstream ignored the cap it was sent):
+    /// recorded, never charged.
+    #[serde(default)]
+    pub uncharged: Credits,
     pub hold: Credits,
     pub stream: bool,
-    /// `completed`, `client_disconnected`, `upstream_failed`, `upstream_timeout`.
+    /// `completed`, `client_disconnected`, `upstream_failed`, `upstream_timeout`,
+    /// `cut_at_shutdown`.
     pub status: String,
     pub started_at_ms: i64,
     pub finished_at_ms: i64,
@@ -214,6 +220,8 @@ pub struct UsageRecord {
     pub completion_tokens: i64,
     pub cached_tokens: i64,
     pub cost: Credits,
+    /// Priced but not charged: what the usage exceeded the hold by.
+    pub uncharged: Credits,
     pub hold: Credits,
     pub source: String,
     pub stream: bool,

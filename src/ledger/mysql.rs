@@ -68,6 +68,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "statements",
         include_str!("../../migrations/mysql/0005_statements.sql"),
     ),
+    (
+        6,
+        "settlement bounds",
+        include_str!("../../migrations/mysql/0006_settlement_bounds.sql"),
+    ),
 ];
 
 fn migrator() -> Migrator {
@@ -770,8 +775,8 @@ async fn insert_usage_records(
     for chunk in applied.chunks(CHUNK) {
         let mut insert = QueryBuilder::<MySql>::new(
             "INSERT INTO usage_records (request_id, account_id, api_key_id, endpoint, model, \
-             upstream, prompt_tokens, completion_tokens, cached_tokens, cost, hold, source, \
-             stream, status, started_at, finished_at, settled_at, transaction_id) ",
+             upstream, prompt_tokens, completion_tokens, cached_tokens, cost, uncharged, hold, \
+             source, stream, status, started_at, finished_at, settled_at, transaction_id) ",
         );
         insert.push_values(chunk, |mut row, s| {
             row.push_bind(s.request_id.as_str())
@@ -784,6 +789,7 @@ async fn insert_usage_records(
                 .push_bind(to_i64(s.usage.completion_tokens))
                 .push_bind(to_i64(s.usage.cached_tokens))
                 .push_bind(s.cost.micros())
+                .push_bind(s.uncharged.micros())
                 .push_bind(s.hold.micros())
                 .push_bind(s.source.as_str())
                 .push_bind(s.stream)
@@ -1334,7 +1340,7 @@ impl Ledger for MySqlLedger {
     ) -> Result<Vec<UsageRecord>, LedgerError> {
         let rows = sqlx::query(
             "SELECT id, request_id, api_key_id, endpoint, model, upstream, prompt_tokens, \
-             completion_tokens, cached_tokens, cost, hold, source, stream, status, settled_at \
+             completion_tokens, cached_tokens, cost, uncharged, hold, source, stream, status, settled_at \
              FROM usage_records WHERE account_id = ? AND id < ? ORDER BY id DESC LIMIT ?",
         )
         .bind(account.as_str())
@@ -1355,6 +1361,7 @@ impl Ledger for MySqlLedger {
                     completion_tokens: row.try_get("completion_tokens")?,
                     cached_tokens: row.try_get("cached_tokens")?,
                     cost: credits(row, "cost")?,
+                    uncharged: credits(row, "uncharged")?,
                     hold: credits(row, "hold")?,
                     source: row.try_get("source")?,
                     stream: row.try_get("stream")?,

@@ -59,6 +59,12 @@ const MIGRATIONS: &[(i64, &str, &str, bool)] = &[
         include_str!("../../migrations/sqlite/0005_statements.sql"),
         false,
     ),
+    (
+        6,
+        "settlement bounds",
+        include_str!("../../migrations/sqlite/0006_settlement_bounds.sql"),
+        false,
+    ),
 ];
 
 fn migrator() -> Migrator {
@@ -730,9 +736,9 @@ impl Ledger for SqliteLedger {
             }
             let inserted = sqlx::query(
                 "INSERT INTO usage_records (request_id, account_id, api_key_id, endpoint, model, upstream, \
-                 prompt_tokens, completion_tokens, cached_tokens, cost, hold, source, stream, status, \
-                 started_at, finished_at, settled_at) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (request_id) DO NOTHING",
+                 prompt_tokens, completion_tokens, cached_tokens, cost, uncharged, hold, source, stream, \
+                 status, started_at, finished_at, settled_at) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (request_id) DO NOTHING",
             )
             .bind(s.request_id.as_str())
             .bind(s.account.as_str())
@@ -744,6 +750,7 @@ impl Ledger for SqliteLedger {
             .bind(i64::try_from(s.usage.completion_tokens).unwrap_or(i64::MAX))
             .bind(i64::try_from(s.usage.cached_tokens).unwrap_or(i64::MAX))
             .bind(s.cost.micros())
+            .bind(s.uncharged.micros())
             .bind(s.hold.micros())
             .bind(s.source.as_str())
             .bind(s.stream)
@@ -931,7 +938,7 @@ impl Ledger for SqliteLedger {
     ) -> Result<Vec<UsageRecord>, LedgerError> {
         let rows = sqlx::query(
             "SELECT rowid, request_id, api_key_id, endpoint, model, upstream, prompt_tokens, completion_tokens, \
-             cached_tokens, cost, hold, source, stream, status, settled_at \
+             cached_tokens, cost, uncharged, hold, source, stream, status, settled_at \
              FROM usage_records WHERE account_id = ? AND rowid < ? ORDER BY rowid DESC LIMIT ?",
         )
         .bind(account.as_str())
@@ -952,6 +959,7 @@ impl Ledger for SqliteLedger {
                     completion_tokens: row.try_get("completion_tokens")?,
                     cached_tokens: row.try_get("cached_tokens")?,
                     cost: credits(row, "cost")?,
+                    uncharged: credits(row, "uncharged")?,
                     hold: credits(row, "hold")?,
                     source: row.try_get("source")?,
                     stream: row.try_get("stream")?,

@@ -19,11 +19,11 @@ use async_trait::async_trait;
 use rust_decimal::Decimal;
 
 use crate::cache::{HoldSpec, ReserveError, SharedCache, SnapshotSource};
-use crate::config::{InsufficientPolicy, MeteringConfig};
+use crate::config::{InsufficientPolicy, MeteringConfig, UnsizedInputPolicy};
 use crate::domain::{AccountId, Credits, RequestId, TokenUsage};
 use crate::http::error::ApiError;
 use crate::ledger::{Bucket, LedgerError, Settlement, SharedLedger, Snapshot, UsageSource, now_ms};
-use pricing::PricingHandle;
+use pricing::{PriceTable, PricingHandle};
 use settler::{Durable, Job, SettlerHandle};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::{TaskTracker, task_tracker::TaskTrackerToken};
@@ -47,9 +47,15 @@ pub struct CostRequest<'a> {
     /// The key's id, when the key has a spending limit.
     pub limited_key: Option<&'a str>,
     pub model: &'a str,
+    /// The tokenizer's count of the prompt.
     pub prompt_tokens: u64,
-    /// `max_tokens` and friends, if the request set one.
-    pub max_output_tokens: Option<u64>,
+    /// Set (to the offending field) when some input cannot be sized from the body: the prompt
+    /// is then reserved at the model's `max_input_tokens`.
+    pub unsized_input: Option<&'static str>,
+    /// The output cap per choice the request set (`max_tokens` and friends), if any.
+    pub output_cap: Option<u64>,
+    /// Choices the upstream generates (`n`, `best_of`), each up to the output cap.
+    pub choices: u64,
     /// Embeddings produce no output tokens.
     pub produces_output: bool,
 }
@@ -57,8 +63,9 @@ pub struct CostRequest<'a> {
 /// The result of a successful reservation.
 pub struct Reserved {
     pub hold: Hold,
-    /// Set when the `cap_max_tokens` policy lowered the request's output cap.
-    pub capped_max_tokens: Option<u64>,
+    /// The output cap per choice the hold paid for, which must be sent upstream so the upstream
+    /// cannot produce more (`None` for requests without output).
+    pub output_per_choice: Option<u64>,
 }
 
 /// Credits held for one request in flight. Dropping it unused releases the credits.
@@ -68,6 +75,9 @@ pub struct Hold {
     pub limited_key: Option<String>,
     pub amount: Credits,
     pub started_at_ms: i64,
+    /// The prices the hold was computed with; the request is charged with the same ones, so a
+    /// reload while it runs cannot make it cost more than it holds.
+    pub prices: Arc<PriceTable>,
     settler: Option<SettlerHandle>,
     /// Counts this request as in flight until the hold ends (settled or released).
     _in_flight: TaskTrackerToken,
@@ -193,23 +203,46 @@ impl Meter {
     }
 
     /// Holds the request's maximum cost against the key's limit and the account's balance.
+    ///
+    /// The maximum is the padded prompt (or the model's whole `max_input_tokens` when some input
+    /// cannot be sized) plus the output cap per choice times the choices. The cap is the
+    /// request's own, else the model's `max_output_tokens`; it is returned so the caller sends it
+    /// upstream, which makes the hold a true bound of what the upstream may produce (I1).
     pub async fn reserve(
         &self,
         request: CostRequest<'_>,
         request_id: RequestId,
     ) -> Result<Reserved, ApiError> {
         let table = self.inner.pricing.current();
-        let prompt = self.padded_prompt(request.prompt_tokens);
-        let output_cap = if request.produces_output {
-            Some(
-                request
-                    .max_output_tokens
-                    .unwrap_or(table.price_for(request.model).max_output_tokens),
-            )
-        } else {
-            Some(0)
+        let price = table.price_for(request.model);
+        let prompt = match request.unsized_input {
+            Some(field) if self.inner.config.on_unsized_input == UnsizedInputPolicy::Reject => {
+                return Err(ApiError::BadRequest {
+                    message: format!(
+                        "This gateway cannot size the input in `{field}` (images, audio, files, \
+                         earlier responses, conversations, stored prompts or hosted tools) before \
+                         the call, so it cannot bound its cost and does not accept it"
+                    ),
+                    param: Some(field),
+                    code: Some("unsupported_input"),
+                });
+            }
+            Some(_) => self
+                .padded_prompt(request.prompt_tokens)
+                .max(price.max_input_tokens),
+            None => self.padded_prompt(request.prompt_tokens),
         };
-        let estimate = table.estimate(request.model, prompt, output_cap);
+        let choices = request.choices.max(1);
+        let per_choice = if request.produces_output {
+            request.output_cap.unwrap_or(price.max_output_tokens)
+        } else {
+            0
+        };
+        let estimate = table.estimate(
+            request.model,
+            prompt,
+            Some(per_choice.saturating_mul(choices)),
+        );
         let floor = Credits::from_micros(-self.inner.config.overdraft.micros());
         let account_bucket = Bucket::Account(request.account.clone());
         let key_bucket = request.limited_key.map(|k| Bucket::KeyLimit(k.to_owned()));
@@ -229,33 +262,35 @@ impl Meter {
                 floor,
             )
             .await;
-        let (amount, capped) = match attempt {
-            Ok(()) => (estimate, None),
+        let (amount, per_choice) = match attempt {
+            Ok(()) => (estimate, per_choice),
             Err(HoldFailure::Insufficient {
                 available,
                 key_limited,
             }) if self.inner.config.on_insufficient == InsufficientPolicy::CapMaxTokens
                 && request.produces_output =>
             {
-                let price = table.price_for(request.model);
                 let prompt_cost = table.estimate(request.model, prompt, Some(0));
                 let spendable = available.checked_sub(floor).unwrap_or(Credits::ZERO);
                 let left = spendable.checked_sub(prompt_cost).unwrap_or(Credits::ZERO);
                 let per_token = price.completion_per_1k / Decimal::from(1000);
-                let tokens = if per_token.is_zero() {
-                    output_cap.unwrap_or(0)
+                let affordable: u64 = if per_token.is_zero() {
+                    per_choice.saturating_mul(choices)
                 } else {
                     (left.to_decimal() / per_token)
                         .floor()
                         .try_into()
                         .unwrap_or(0u64)
                 };
-                if tokens == 0 {
+                // Every choice gets the same cap, so the total stays within what is affordable.
+                let capped = (affordable / choices).min(per_choice);
+                if capped == 0 {
                     return Err(self
                         .insufficient(request.account, available, estimate, key_limited)
                         .await);
                 }
-                let capped_estimate = table.estimate(request.model, prompt, Some(tokens));
+                let capped_estimate =
+                    table.estimate(request.model, prompt, Some(capped.saturating_mul(choices)));
                 match self
                     .try_hold(
                         &account_bucket,
@@ -265,7 +300,7 @@ impl Meter {
                     )
                     .await
                 {
-                    Ok(()) => (capped_estimate, Some(tokens)),
+                    Ok(()) => (capped_estimate, capped),
                     Err(HoldFailure::Insufficient {
                         available,
                         key_limited,
@@ -294,10 +329,11 @@ impl Meter {
                 limited_key: request.limited_key.map(str::to_owned),
                 amount,
                 started_at_ms: now_ms(),
+                prices: table,
                 settler: Some(self.inner.settler.clone()),
                 _in_flight: self.inner.in_flight.token(),
             },
-            capped_max_tokens: capped,
+            output_per_choice: request.produces_output.then_some(per_choice),
         })
     }
 
@@ -359,17 +395,22 @@ impl Meter {
     }
 
     fn settlement(&self, hold: &mut Hold, finished: Finished) -> Settlement {
-        let cost = self
-            .inner
-            .pricing
-            .current()
-            .cost(&finished.model, &finished.usage);
-        if cost > hold.amount {
-            tracing::warn!(
+        let full = hold.prices.cost(&finished.model, &finished.usage);
+        // The hold bounds the charge (I1): the cap it paid for went upstream, so more means the
+        // upstream ignored it or counted far more prompt than the estimate. The excess is
+        // recorded with the usage (and `ledger verify` lists it), never taken from the balance.
+        let cost = full.min(hold.amount);
+        let uncharged = full.checked_sub(cost).unwrap_or(Credits::ZERO);
+        if uncharged.is_positive() {
+            tracing::error!(
                 request_id = %hold.request_id,
-                cost = %cost,
+                account = %hold.account,
+                model = %finished.model,
+                upstream = %finished.upstream,
+                cost = %full,
                 hold = %hold.amount,
-                "request cost more than its hold; charged in full"
+                uncharged = %uncharged,
+                "upstream usage exceeds the request's hold; charged the hold, the rest is recorded as uncharged"
             );
         }
         // Settling consumes the hold: it must not also be released on drop.
@@ -384,6 +425,7 @@ impl Meter {
             usage: finished.usage,
             source: finished.source,
             cost,
+            uncharged,
             hold: hold.amount,
             stream: finished.stream,
             status: finished.status.to_owned(),

@@ -25,11 +25,20 @@ use crate::domain::{Credits, MICROS_PER_CREDIT, TokenUsage};
 
 /// Output cap used for estimates when neither the request nor the model entry sets one.
 pub const DEFAULT_MAX_OUTPUT_TOKENS: u64 = 4096;
+/// Input reserved for a request whose input cannot be sized from its body (images, files,
+/// earlier responses) when the model entry sets no `max_input_tokens`.
+pub const DEFAULT_MAX_INPUT_TOKENS: u64 = 128_000;
 
 /// Charged instead of overflowing: no account can afford it, so the reservation fails cleanly.
 const SATURATED: Credits = Credits::from_micros(i64::MAX);
 
-const TOP_LEVEL_KEYS: &[&str] = &["rounding", "default_max_output_tokens", "default", "models"];
+const TOP_LEVEL_KEYS: &[&str] = &[
+    "rounding",
+    "default_max_output_tokens",
+    "default_max_input_tokens",
+    "default",
+    "models",
+];
 const DEFAULT_KEYS: &[&str] = &["prompt_per_1k", "completion_per_1k", "cached_prompt_per_1k"];
 const MODEL_KEYS: &[&str] = &[
     "match",
@@ -37,6 +46,7 @@ const MODEL_KEYS: &[&str] = &[
     "completion_per_1k",
     "cached_prompt_per_1k",
     "max_output_tokens",
+    "max_input_tokens",
 ];
 
 /// How a request's exact cost becomes a ledger amount. Both rules round up, so nobody is
@@ -58,8 +68,11 @@ pub struct ModelPrice {
     pub completion_per_1k: Decimal,
     /// Price of prompt tokens served from the upstream's cache; `None` means the prompt price.
     pub cached_prompt_per_1k: Option<Decimal>,
-    /// Output cap assumed when estimating a request that sets no `max_tokens`.
+    /// Output cap per choice sent upstream (and reserved) when a request sets no `max_tokens`.
     pub max_output_tokens: u64,
+    /// The model's context window: the input reserved for a request whose input the gateway
+    /// cannot size from its body.
+    pub max_input_tokens: u64,
 }
 
 impl ModelPrice {
@@ -144,6 +157,7 @@ impl PriceTable {
                 completion_per_1k: Decimal::ONE,
                 cached_prompt_per_1k: None,
                 max_output_tokens: DEFAULT_MAX_OUTPUT_TOKENS,
+                max_input_tokens: DEFAULT_MAX_INPUT_TOKENS,
             },
             models: Vec::new(),
             globs: GlobSet::empty(),
@@ -293,16 +307,22 @@ impl Parser<'_> {
             None => DEFAULT_MAX_OUTPUT_TOKENS,
             Some(value) => self.tokens(value, "default_max_output_tokens")?,
         };
+        let default_input = match root.get("default_max_input_tokens") {
+            None => DEFAULT_MAX_INPUT_TOKENS,
+            Some(value) => self.tokens(value, "default_max_input_tokens")?,
+        };
+        let limits = (default_cap, default_input);
 
         let default = match root.get("default") {
             None => ModelPrice {
                 max_output_tokens: default_cap,
+                max_input_tokens: default_input,
                 ..PriceTable::builtin_default().default
             },
             Some(value) => {
                 let table = self.table(value, "default")?;
                 self.check_keys(table, DEFAULT_KEYS, "default.")?;
-                self.price(value.span(), table, "default.", default_cap)?
+                self.price(value.span(), table, "default.", limits)?
             }
         };
 
@@ -343,10 +363,14 @@ impl Parser<'_> {
                     )
                 })?;
                 globs.add(glob);
-                let mut price = self.price(item.span(), table, &format!("{path}."), default_cap)?;
+                let mut price = self.price(item.span(), table, &format!("{path}."), limits)?;
                 if let Some(cap) = table.get("max_output_tokens") {
                     price.max_output_tokens =
                         self.tokens(cap, &format!("{path}.max_output_tokens"))?;
+                }
+                if let Some(window) = table.get("max_input_tokens") {
+                    price.max_input_tokens =
+                        self.tokens(window, &format!("{path}.max_input_tokens"))?;
                 }
                 models.push(ModelEntry {
                     pattern: pattern.to_owned(),
@@ -378,7 +402,7 @@ impl Parser<'_> {
         table_span: Range<usize>,
         table: &DeTable<'_>,
         prefix: &str,
-        max_output_tokens: u64,
+        (max_output_tokens, max_input_tokens): (u64, u64),
     ) -> Result<ModelPrice, PricingError> {
         let required = |key: &str| -> Result<Decimal, PricingError> {
             let field = format!("{prefix}{key}");
@@ -402,6 +426,7 @@ impl Parser<'_> {
             completion_per_1k,
             cached_prompt_per_1k,
             max_output_tokens,
+            max_input_tokens,
         })
     }
 
@@ -936,7 +961,8 @@ mod tests {
                 "prompt_per_1k": "2.5",
                 "completion_per_1k": "10",
                 "cached_prompt_per_1k": "1.25",
-                "max_output_tokens": 16384
+                "max_output_tokens": 16384,
+                "max_input_tokens": 128000
             })
         );
     }

@@ -13,7 +13,9 @@
 //! # Reply and usage rules (what the mock "reports"; not tiktoken)
 //! - Reply: the words of `"Mock reply to: " + <last user message>` repeated or truncated to exactly
 //!   N words, N = `max_completion_tokens` / `max_tokens` (chat), `max_tokens` (completions),
-//!   `max_output_tokens` (responses), else 16; capped at 4096. Words are joined by one space, and
+//!   `max_output_tokens` (responses), else 16; capped at 4096. `n` (chat, completions) and
+//!   `best_of` (completions) are honoured: `n` choices with the same words, and usage counts
+//!   every generated choice (`max(n, best_of)` of them). Words are joined by one space, and
 //!   each word is one streamed delta (every delta after the first starts with its space).
 //! - Completion / output tokens = number of reply words.
 //! - Chat prompt tokens = for every message, 3 + the whitespace-separated words of its content (a
@@ -24,7 +26,7 @@
 //! - `cached_tokens` is 0 unless the `-cached` knob is on. Embeddings are 8 numbers per input, a
 //!   pure function of that input (`k / 65536`, exact in f32), also as base64 f32 little-endian when
 //!   `encoding_format` is `"base64"`. `id`s derive from a hash of the request body; `created` is a
-//!   fixed timestamp (2026-01-01); `n` is ignored (always one choice); `finish_reason` is `"stop"`.
+//!   fixed timestamp (2026-01-01); `finish_reason` is `"stop"`.
 //!
 //! # Streams
 //! `content-type: text/event-stream`, one `data: {json}\n\n` event per body frame (the stream
@@ -43,6 +45,10 @@
 //!   error shape before any output (streaming requests too).
 //! - `-cached`: report half the prompt tokens (rounded down) as cached, in chat
 //!   (`prompt_tokens_details.cached_tokens`) and responses (`input_tokens_details.cached_tokens`).
+//! - `-verbose`: with no output cap in the request, answer 4096 words instead of 16 (as a real
+//!   model may run to its own limit).
+//! - `-overreport`: report 1000 more completion tokens than the reply has (an upstream whose
+//!   usage exceeds every cap the gateway sent).
 //! - `-late`: wait 500 ms before answering (before the headers of a stream or JSON answer).
 //! - `-midfail`: send 3 frames (stream events, or for a JSON answer its first half) and then abort
 //!   the connection: the body stream returns an error, so the client sees a broken transfer.
@@ -252,6 +258,8 @@ struct Knobs {
     cached: bool,
     midfail: bool,
     late: bool,
+    verbose: bool,
+    overreport: bool,
 }
 
 impl Knobs {
@@ -264,6 +272,8 @@ impl Knobs {
             cached: model.contains("-cached"),
             midfail: model.contains("-midfail"),
             late: model.contains("-late"),
+            verbose: model.contains("-verbose"),
+            overreport: model.contains("-overreport"),
         }
     }
 }
@@ -324,7 +334,27 @@ impl Call {
                 }
             }
         }
-        Ok(DEFAULT_REPLY_WORDS)
+        Ok(if self.knobs.verbose {
+            MAX_REPLY_WORDS
+        } else {
+            DEFAULT_REPLY_WORDS
+        })
+    }
+
+    /// `(choices returned, choices generated)`: `n`, and `max(n, best_of)` where the endpoint
+    /// takes `best_of` (the upstream bills every generated choice).
+    fn choices(&self, best_of: bool) -> Result<(usize, usize), ApiError> {
+        let count = |key: &'static str| match self.body.get(key) {
+            None | Some(Value::Null) => Ok(1),
+            Some(value) => value
+                .as_u64()
+                .filter(|n| (1..=128).contains(n))
+                .map(|n| n as usize)
+                .ok_or_else(|| ApiError::invalid_value(key, "an integer from 1 to 128")),
+        };
+        let n = count("n")?;
+        let generated = if best_of { count("best_of")?.max(n) } else { n };
+        Ok((n, generated))
     }
 }
 
@@ -456,10 +486,12 @@ struct Counts {
 }
 
 impl Counts {
-    fn new(prompt: u64, completion: usize, knobs: Knobs) -> Self {
+    /// `completion` words in each of `generated` choices.
+    fn new(prompt: u64, completion: usize, generated: usize, knobs: Knobs) -> Self {
+        let extra = if knobs.overreport { 1000 } else { 0 };
         Self {
             prompt,
-            completion: completion as u64,
+            completion: (completion * generated) as u64 + extra,
             cached: if knobs.cached { prompt / 2 } else { 0 },
         }
     }
@@ -560,26 +592,32 @@ fn chat_completions(call: &Call) -> Result<Response, ApiError> {
         .map(|message| content_text(message.get("content")))
         .unwrap_or_default();
     let words = reply_words(&last_user, len);
-    let counts = Counts::new(prompt_tokens, words.len(), call.knobs);
+    let (n, generated) = call.choices(false)?;
+    let counts = Counts::new(prompt_tokens, words.len(), generated, call.knobs);
     let id = format!("chatcmpl-mock{}", call.id);
 
     if !stream {
+        let choices: Vec<Value> = (0..n)
+            .map(|index| {
+                json!({
+                    "index": index,
+                    "message": {
+                        "role": "assistant",
+                        "content": words.join(" "),
+                        "refusal": null,
+                        "annotations": [],
+                    },
+                    "logprobs": null,
+                    "finish_reason": "stop",
+                })
+            })
+            .collect();
         let mut body = json!({
             "id": id,
             "object": "chat.completion",
             "created": CREATED,
             "model": call.model,
-            "choices": [{
-                "index": 0,
-                "message": {
-                    "role": "assistant",
-                    "content": words.join(" "),
-                    "refusal": null,
-                    "annotations": [],
-                },
-                "logprobs": null,
-                "finish_reason": "stop",
-            }],
+            "choices": choices,
             "service_tier": "default",
             "system_fingerprint": "fp_mock",
         });
@@ -605,16 +643,23 @@ fn chat_completions(call: &Call) -> Result<Response, ApiError> {
         }
         sse_data(&chunk)
     };
-    let choice = |delta: Value, finish_reason: Value| json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish_reason}]);
-    let mut frames = vec![chunk(
-        choice(json!({"role": "assistant", "content": ""}), Value::Null),
-        None,
-    )];
-    frames.extend(
-        word_deltas(&words)
-            .map(|delta| chunk(choice(json!({"content": delta}), Value::Null), None)),
-    );
-    frames.push(chunk(choice(json!({}), json!("stop")), None));
+    let choice = |index: usize, delta: Value, finish_reason: Value| json!([{"index": index, "delta": delta, "logprobs": null, "finish_reason": finish_reason}]);
+    let mut frames = Vec::new();
+    for index in 0..n {
+        frames.push(chunk(
+            choice(
+                index,
+                json!({"role": "assistant", "content": ""}),
+                Value::Null,
+            ),
+            None,
+        ));
+        frames.extend(
+            word_deltas(&words)
+                .map(|delta| chunk(choice(index, json!({"content": delta}), Value::Null), None)),
+        );
+        frames.push(chunk(choice(index, json!({}), json!("stop")), None));
+    }
     if include_usage {
         frames.push(chunk(json!([]), Some(counts.chat())));
     }
@@ -680,9 +725,11 @@ fn completions(call: &Call) -> Result<Response, ApiError> {
         })
         .unwrap_or_default();
     let words = reply_words(last_text, len);
+    let (n, generated) = call.choices(true)?;
     let counts = Counts::new(
         prompt.iter().map(Piece::tokens).sum(),
         words.len(),
+        generated,
         call.knobs,
     );
     let id = format!("cmpl-mock{}", call.id);
@@ -696,10 +743,14 @@ fn completions(call: &Call) -> Result<Response, ApiError> {
             "choices": choices,
         })
     };
-    let choice = |text: &str, finish_reason: Value| json!([{"text": text, "index": 0, "logprobs": null, "finish_reason": finish_reason}]);
+    let choice = |index: usize, text: &str, finish_reason: Value| json!({"text": text, "index": index, "logprobs": null, "finish_reason": finish_reason});
 
     if !stream {
-        let mut body = body(choice(&words.join(" "), json!("stop")));
+        let text = words.join(" ");
+        let choices: Vec<Value> = (0..n)
+            .map(|index| choice(index, &text, json!("stop")))
+            .collect();
+        let mut body = body(Value::Array(choices));
         if !call.knobs.no_usage {
             body["usage"] = counts.completions();
         }
@@ -714,10 +765,14 @@ fn completions(call: &Call) -> Result<Response, ApiError> {
         }
         sse_data(&chunk)
     };
-    let mut frames: Vec<Bytes> = word_deltas(&words)
-        .map(|delta| chunk(choice(&delta, Value::Null), None))
-        .collect();
-    frames.push(chunk(choice("", json!("stop")), None));
+    let mut frames: Vec<Bytes> = Vec::new();
+    for index in 0..n {
+        frames.extend(
+            word_deltas(&words)
+                .map(|delta| chunk(json!([choice(index, &delta, Value::Null)]), None)),
+        );
+        frames.push(chunk(json!([choice(index, "", json!("stop"))]), None));
+    }
     if include_usage {
         frames.push(chunk(json!([]), Some(counts.completions())));
     }
@@ -815,7 +870,7 @@ fn responses(call: &Call) -> Result<Response, ApiError> {
     };
     let words = reply_words(&last_user, len);
     let text = words.join(" ");
-    let counts = Counts::new(instructions + input_tokens, words.len(), call.knobs);
+    let counts = Counts::new(instructions + input_tokens, words.len(), 1, call.knobs);
     let usage = if call.knobs.no_usage {
         Value::Null
     } else {

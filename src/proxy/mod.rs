@@ -4,6 +4,7 @@
 //! `stream_options.include_usage`, or lowering the output cap under the `cap_max_tokens`
 //! policy); the caller's credential never goes upstream.
 
+pub mod bounds;
 pub mod mock;
 pub mod sse;
 pub mod stream;
@@ -148,6 +149,7 @@ async fn forward(
             });
         }
     };
+    bounds::check_model_name(&model)?;
     if !caller.may_use(&model) {
         return Err(ApiError::Forbidden(format!(
             "This API key may not use the model `{model}`"
@@ -161,6 +163,8 @@ async fn forward(
         endpoint != Endpoint::Embeddings && object.get("stream") == Some(&Value::Bool(true));
 
     let prompt_tokens = tokens::count_prompt(endpoint, &model, &request);
+    let choices = bounds::generated_choices(endpoint, &request)?;
+    let output_cap = bounds::requested_cap(endpoint, &request)?;
     let limited_key = caller
         .key
         .as_ref()
@@ -174,21 +178,22 @@ async fn forward(
                 limited_key,
                 model: &model,
                 prompt_tokens,
-                max_output_tokens: max_output_tokens(endpoint, &request),
+                unsized_input: bounds::unsized_input(endpoint, &request),
+                output_cap,
+                choices,
                 produces_output: endpoint != Endpoint::Embeddings,
             },
             request_id.clone(),
         )
         .await?;
 
-    let mut rewritten = false;
     let object = request
         .as_object_mut()
         .ok_or_else(|| ApiError::internal("request is not an object"))?;
-    if let Some(cap) = reserved.capped_max_tokens {
-        set_max_output_tokens(endpoint, object, cap);
-        rewritten = true;
-    }
+    // The upstream gets the cap the hold paid for, so it cannot produce more (I1).
+    let mut rewritten = reserved
+        .output_per_choice
+        .is_some_and(|cap| enforce_output_cap(endpoint, object, cap));
     let strip_usage_chunk = stream
         && matches!(endpoint, Endpoint::ChatCompletions | Endpoint::Completions)
         && inject_include_usage(object);
@@ -364,38 +369,28 @@ fn passthrough_parts(parts: http::response::Parts) -> http::response::Parts {
     out
 }
 
-/// The output cap the request sets, under whichever name its endpoint uses.
-fn max_output_tokens(endpoint: Endpoint, request: &Value) -> Option<u64> {
-    let names: &[&str] = match endpoint {
-        Endpoint::ChatCompletions => &["max_completion_tokens", "max_tokens"],
-        Endpoint::Completions => &["max_tokens"],
-        Endpoint::Responses => &["max_output_tokens"],
-        Endpoint::Embeddings => &[],
-    };
-    let per_choice = names
-        .iter()
-        .find_map(|name| request.get(name).and_then(Value::as_u64))?;
-    // `n` choices each produce up to the cap.
-    let choices = request.get("n").and_then(Value::as_u64).unwrap_or(1).max(1);
-    Some(per_choice.saturating_mul(choices))
-}
-
-fn set_max_output_tokens(endpoint: Endpoint, object: &mut Map<String, Value>, cap: u64) {
-    let choices = object.get("n").and_then(Value::as_u64).unwrap_or(1).max(1);
-    let per_choice = (cap / choices).max(1);
-    let name = match endpoint {
-        Endpoint::ChatCompletions
-            if object.contains_key("max_tokens")
-                && !object.contains_key("max_completion_tokens") =>
+/// Makes every output-cap field the request set equal `cap` (per choice), or sets the
+/// endpoint's preferred field when it set none; returns whether the body changed.
+fn enforce_output_cap(endpoint: Endpoint, object: &mut Map<String, Value>, cap: u64) -> bool {
+    let fields = bounds::cap_fields(endpoint);
+    let mut changed = false;
+    let mut present = false;
+    for &name in fields {
+        if let Some(value) = object.get_mut(name)
+            && !value.is_null()
         {
-            "max_tokens"
+            present = true;
+            if value.as_u64() != Some(cap) {
+                *value = Value::from(cap);
+                changed = true;
+            }
         }
-        Endpoint::ChatCompletions => "max_completion_tokens",
-        Endpoint::Completions => "max_tokens",
-        Endpoint::Responses => "max_output_tokens",
-        Endpoint::Embeddings => return,
-    };
-    object.insert(name.to_owned(), Value::from(per_choice));
+    }
+    if !present && let Some(&preferred) = fields.first() {
+        object.insert(preferred.to_owned(), Value::from(cap));
+        changed = true;
+    }
+    changed
 }
 
 /// Asks the upstream to report usage on a stream; returns true if the client had not asked
@@ -443,25 +438,33 @@ mod tests {
     }
 
     #[test]
-    fn output_cap_reads_each_endpoints_field_times_n() {
-        assert_eq!(
-            max_output_tokens(Endpoint::ChatCompletions, &json!({"max_tokens": 10})),
-            Some(10)
+    fn the_cap_the_hold_paid_for_replaces_or_joins_the_requests_own() {
+        let mut none = json!({"model": "m"});
+        assert!(enforce_output_cap(
+            Endpoint::ChatCompletions,
+            none.as_object_mut().expect("object"),
+            256
+        ));
+        assert_eq!(none["max_completion_tokens"], 256);
+        let mut same = json!({"max_tokens": 7});
+        assert!(!enforce_output_cap(
+            Endpoint::ChatCompletions,
+            same.as_object_mut().expect("object"),
+            7
+        ));
+        let mut both = json!({"max_tokens": 10, "max_completion_tokens": 9});
+        assert!(enforce_output_cap(
+            Endpoint::ChatCompletions,
+            both.as_object_mut().expect("object"),
+            3
+        ));
+        assert_eq!(both, json!({"max_tokens": 3, "max_completion_tokens": 3}));
+        let mut responses = json!({"input": "hi"});
+        enforce_output_cap(
+            Endpoint::Responses,
+            responses.as_object_mut().expect("object"),
+            5,
         );
-        assert_eq!(
-            max_output_tokens(
-                Endpoint::ChatCompletions,
-                &json!({"max_completion_tokens": 7, "max_tokens": 10, "n": 2})
-            ),
-            Some(14)
-        );
-        assert_eq!(
-            max_output_tokens(Endpoint::Responses, &json!({"max_output_tokens": 5})),
-            Some(5)
-        );
-        assert_eq!(
-            max_output_tokens(Endpoint::Embeddings, &json!({"max_tokens": 5})),
-            None
-        );
+        assert_eq!(responses["max_output_tokens"], 5);
     }
 }

@@ -79,6 +79,7 @@ fn settlement(request_id: &RequestId, account: &AccountId) -> Settlement {
         },
         source: UsageSource::Reported,
         cost: Credits::from_micros(30_000),
+        uncharged: Credits::ZERO,
         hold: Credits::from_micros(50_000),
         stream: false,
         status: "completed".into(),

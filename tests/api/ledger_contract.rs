@@ -326,6 +326,7 @@ fn settlement(request_id: &str, id: &str, cost: i64, key: Option<&str>) -> Settl
         },
         source: UsageSource::Reported,
         cost: micros(cost),
+        uncharged: Credits::ZERO,
         hold: micros(cost + 5),
         stream: true,
         status: "completed".into(),

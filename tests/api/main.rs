@@ -14,6 +14,7 @@ mod billing;
 mod concurrency;
 mod coupons;
 mod grants_and_pricing;
+mod hold_bounds;
 mod ledger_contract;
 mod lifecycle;
 mod metering;

@@ -24,6 +24,8 @@ mod concurrency;
 mod coupons;
 #[path = "../api/grants_and_pricing.rs"]
 mod grants_and_pricing;
+#[path = "../api/hold_bounds.rs"]
+mod hold_bounds;
 #[path = "../api/lifecycle.rs"]
 mod lifecycle;
 #[path = "../api/metering.rs"]
