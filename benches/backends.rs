@@ -319,7 +319,7 @@ async fn run(database: String, prefix: String) {
     }
 
     let started = Instant::now();
-    let problems = ledger.verify().await.expect("verify");
+    let problems = ledger.verify(Credits::ZERO).await.expect("verify");
     assert!(problems.is_empty(), "ledger inconsistent: {problems:?}");
     let grant = i128::from(Credits::from_whole(GRANT).expect("amount").micros());
     for account in everyone.iter() {

@@ -319,10 +319,11 @@ pub trait Ledger: Send + Sync + 'static {
     async fn bump_cache_epoch(&self) -> Result<i64, LedgerError>;
 
     /// Checks every account: entries sum to the balance, each entry's before/after chain,
-    /// every charged usage record has its entry, each key's spend matches its usage; and the
+    /// every charged usage record has its entry, each key's spend matches its usage; the
     /// grants: `Σ remaining of unswept grants − debt = balance` with `debt ≥ 0`, and every
-    /// grant's `remaining = amount − debt_paid − Σ its draws ≥ 0`. Empty means consistent.
-    async fn verify(&self) -> Result<Vec<VerifyProblem>, LedgerError>;
+    /// grant's `remaining = amount − debt_paid − Σ its draws ≥ 0`; and no debit took a balance
+    /// below `-overdraft` without a documented cause (see `verify.rs`). Empty means consistent.
+    async fn verify(&self, overdraft: Credits) -> Result<Vec<VerifyProblem>, LedgerError>;
 
     /// Whether the database answers (for `/readyz`).
     async fn ping(&self) -> Result<(), LedgerError>;

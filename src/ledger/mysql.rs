@@ -1390,7 +1390,7 @@ impl Ledger for MySqlLedger {
         .await
     }
 
-    async fn verify(&self) -> Result<Vec<VerifyProblem>, LedgerError> {
+    async fn verify(&self, overdraft: Credits) -> Result<Vec<VerifyProblem>, LedgerError> {
         // One consistent snapshot for every read, so settlements committing meanwhile cannot
         // make balances, entries and grants disagree. (The session default is READ COMMITTED;
         // this applies to the next transaction only.)
@@ -1401,7 +1401,7 @@ impl Ledger for MySqlLedger {
             .begin_with("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
             .await?;
 
-        let mut checks = Checks::read::<MySql>(&mut tx).await?;
+        let mut checks = Checks::read::<MySql>(&mut tx, overdraft).await?;
         // SUM over BIGINT is DECIMAL on the server; it travels as text and is parsed exactly.
         {
             let mut rows = sqlx::query(

@@ -1003,11 +1003,11 @@ impl Ledger for SqliteLedger {
         Ok(epoch)
     }
 
-    async fn verify(&self) -> Result<Vec<VerifyProblem>, LedgerError> {
+    async fn verify(&self, overdraft: Credits) -> Result<Vec<VerifyProblem>, LedgerError> {
         // One read transaction: in WAL mode every read below sees the snapshot the first one
         // took, so settlements committing meanwhile cannot make the tables disagree.
         let mut tx = self.pool.begin().await?;
-        let mut checks = Checks::read::<sqlx::Sqlite>(&mut tx).await?;
+        let mut checks = Checks::read::<sqlx::Sqlite>(&mut tx, overdraft).await?;
         {
             let mut rows = sqlx::query("SELECT grant_id, amount FROM grant_draws").fetch(&mut *tx);
             while let Some(row) = rows.try_next().await? {

@@ -4,6 +4,7 @@ use std::time::{Duration, Instant};
 
 use rust_decimal::Decimal;
 use serde_json::{Value, json};
+use tollgate::domain::Credits;
 
 use crate::helpers::*;
 
@@ -225,4 +226,55 @@ async fn ledger_verify_exits_1_and_names_the_account_when_a_balance_is_tampered_
     let report = String::from_utf8_lossy(&output.stdout);
     assert!(report.contains("account tampered:"), "{report}");
     assert!(!report.contains("account honest:"), "{report}");
+}
+
+#[tokio::test]
+async fn ledger_verify_reports_usage_that_took_a_balance_below_the_overdraft() {
+    let app = spawn_app().await;
+    let user = token("forged");
+    app.grant("forged", "1").await;
+    assert_eq!(
+        app.chat(&user, &chat_body("mock-1", "hello"))
+            .await
+            .status(),
+        200
+    );
+    app.settled_balance(&user).await;
+    app.assert_ledger_consistent().await;
+
+    // The request now looks as if it cost 2 credits more, within its hold, and every total
+    // agrees: only the balance floor can tell that no reservation would have allowed it.
+    app.execute_sql(
+        "UPDATE credit_transactions SET amount = amount - 2000000, \
+         balance_after = balance_after - 2000000 WHERE account_id = 'forged' AND type = 'usage'",
+    )
+    .await;
+    app.execute_sql(
+        "UPDATE usage_records SET cost = cost + 2000000, hold = hold + 2000000 \
+         WHERE account_id = 'forged'",
+    )
+    .await;
+    app.execute_sql(
+        "UPDATE accounts SET balance = balance - 2000000, debt = debt + 2000000 \
+         WHERE id = 'forged'",
+    )
+    .await;
+
+    let mut command = app.tollgate_cli();
+    command.args(["ledger", "verify"]);
+    let output = tokio::task::spawn_blocking(move || command.output())
+        .await
+        .expect("join")
+        .expect("run");
+    assert_eq!(output.status.code(), Some(1));
+    let report = String::from_utf8_lossy(&output.stdout);
+    assert!(report.contains("account forged: entry"), "{report}");
+    assert!(report.contains("(usage) left the balance at -"), "{report}");
+    assert!(report.contains("1 problem(s) found"), "{report}");
+    // With an overdraft of 2 credits a reservation could have allowed it.
+    let allowed = Credits::from_whole(2).expect("amount");
+    assert!(
+        app.ledger.verify(allowed).await.expect("verify").is_empty(),
+        "an overdraft of 2 allows it"
+    );
 }

@@ -366,7 +366,13 @@ async fn balance(fx: &Fixture, id: &str) -> i64 {
 }
 
 async fn assert_consistent(fx: &Fixture) {
-    let problems = fx.ledger.verify().await.expect("verify");
+    assert_consistent_within(fx, 0).await;
+}
+
+/// Consistent with a balance floor of `-overdraft` micro-credits: for scenarios that run into
+/// debt through the ledger on purpose, as a gateway with that overdraft could have let them.
+async fn assert_consistent_within(fx: &Fixture, overdraft: i64) {
+    let problems = fx.ledger.verify(micros(overdraft)).await.expect("verify");
     assert!(problems.is_empty(), "ledger problems: {problems:?}");
 }
 
@@ -1038,7 +1044,7 @@ contract!(
             "victim",
         )
         .await;
-        let problems = fx.ledger.verify().await.expect("verify");
+        let problems = fx.ledger.verify(Credits::ZERO).await.expect("verify");
         assert!(!problems.is_empty());
         assert!(
             problems.iter().all(|p| p.account == "victim"),
@@ -1330,13 +1336,15 @@ contract!(usage_draws_soonest_expiring_first_then_oldest, |fx| {
 contract!(
     uncovered_usage_becomes_debt_that_the_next_grant_pays,
     |fx| {
+        // Charges run into debt (as with `cost <= hold`) up to 50 below zero.
+        const OVERDRAWN: i64 = 50;
         let first = add_grant(fx, &expiring("debt", EntryType::Purchase, 100, None)).await;
         let usage = charge(fx, "debt-1", "debt", 150).await;
         // The grant covers 100; the other 50 is debt.
         assert_eq!(draws_of(fx, usage.id).await, [(first.id, 100)]);
         assert_eq!(balance(fx, "debt").await, -50);
         assert_eq!(remainders(fx, "debt").await, [(0, 0)]);
-        assert_consistent(fx).await;
+        assert_consistent_within(fx, OVERDRAWN).await;
 
         // A grant smaller than the debt goes wholly to it.
         let small = add_grant(fx, &expiring("debt", EntryType::Purchase, 30, None)).await;
@@ -1345,7 +1353,7 @@ contract!(
             (30, 0)
         );
         assert_eq!(balance(fx, "debt").await, -20);
-        assert_consistent(fx).await;
+        assert_consistent_within(fx, OVERDRAWN).await;
 
         // The next one pays the rest first and keeps the remainder.
         let big = add_grant(
@@ -1362,13 +1370,13 @@ contract!(
         let clean = add_grant(fx, &expiring("debt", EntryType::Purchase, 5, None)).await;
         assert_eq!((clean.debt_paid.micros(), clean.remaining.micros()), (0, 5));
         assert_eq!(balance(fx, "debt").await, 55);
-        assert_consistent(fx).await;
+        assert_consistent_within(fx, OVERDRAWN).await;
 
         // No grant at all: the whole cost is debt, and the entry draws nothing.
         let bare = charge(fx, "debt-3", "debt-bare", 7).await;
         assert!(draws_of(fx, bare.id).await.is_empty());
         assert_eq!(balance(fx, "debt-bare").await, -7);
-        assert_consistent(fx).await;
+        assert_consistent_within(fx, OVERDRAWN).await;
 
         // A negative cost is refused, and the batch changes nothing.
         let refused = fx
@@ -1383,7 +1391,7 @@ contract!(
             "{refused:?}"
         );
         assert_eq!(balance(fx, "debt").await, 55);
-        assert_consistent(fx).await;
+        assert_consistent_within(fx, OVERDRAWN).await;
     }
 );
 
@@ -1466,6 +1474,66 @@ contract!(
         assert_eq!((next.debt_paid.micros(), next.remaining.micros()), (25, 5));
         assert_eq!(balance(fx, "lx").await, 5);
         assert_consistent(fx).await;
+    }
+);
+
+contract!(
+    verify_flags_a_debit_below_the_overdraft_without_a_cause,
+    |fx| {
+        // Charged 30 against 10 within its hold: no reservation with overdraft 0 allows that.
+        add_grant(fx, &expiring("over", EntryType::Purchase, 10, None)).await;
+        let overspent = charge(fx, "over-1", "over", 30).await;
+        let problems = fx.ledger.verify(Credits::ZERO).await.expect("verify");
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].account, "over");
+        assert!(
+            problems[0]
+                .problem
+                .contains(&format!("entry {} (usage)", overspent.id)),
+            "{problems:?}"
+        );
+        // An overdraft of 20 allows it.
+        assert_consistent_within(fx, 20).await;
+
+        // A cost above its hold is the documented exception.
+        add_grant(fx, &expiring("above", EntryType::Purchase, 10, None)).await;
+        let mut above = settlement("above-1", "above", 30, None);
+        above.hold = micros(5);
+        fx.ledger.settle_batch(&[above]).await.expect("settle");
+        // So is a refund that landed while the request ran.
+        add_grant(fx, &expiring("refunded", EntryType::Purchase, 10, None)).await;
+        fx.ledger
+            .grant(&grant("refunded", EntryType::Refund, -8, None))
+            .await
+            .expect("refund");
+        charge(fx, "refunded-1", "refunded", 5).await;
+        assert_eq!(balance(fx, "refunded").await, -3);
+        assert_consistent_within(fx, 20).await;
+
+        // Usage that ran into debt while lapsed credits propped the balance up looks fine until
+        // the sweep takes them: then the expiry entry has no cause.
+        let lapsed_at = now_ms() - 10_000;
+        add_grant(
+            fx,
+            &expiring("propped", EntryType::Bonus, 100, Some(lapsed_at)),
+        )
+        .await;
+        add_grant(fx, &expiring("propped", EntryType::Purchase, 5, None)).await;
+        charge(fx, "propped-1", "propped", 60).await;
+        assert_eq!(balance(fx, "propped").await, 45);
+        assert_consistent_within(fx, 20).await;
+        fx.ledger.expire_grants(now_ms()).await.expect("sweep");
+        let expiry = expiry_entries(&entries_of(fx, "propped").await)[0].clone();
+        assert_eq!(expiry.balance_after.micros(), -55);
+        let problems = fx.ledger.verify(micros(20)).await.expect("verify");
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].account, "propped");
+        assert!(
+            problems[0]
+                .problem
+                .contains(&format!("entry {} (expiry)", expiry.id)),
+            "{problems:?}"
+        );
     }
 );
 
@@ -1592,7 +1660,7 @@ contract!(
             "tampered",
         )
         .await;
-        let problems = fx.ledger.verify().await.expect("verify");
+        let problems = fx.ledger.verify(Credits::ZERO).await.expect("verify");
         assert!(!problems.is_empty());
         assert!(
             problems.iter().all(|p| p.account == "tampered"),
@@ -1617,7 +1685,7 @@ contract!(
             "tampered",
         )
         .await;
-        let problems = fx.ledger.verify().await.expect("verify");
+        let problems = fx.ledger.verify(Credits::ZERO).await.expect("verify");
         assert!(!problems.is_empty());
         assert!(
             problems.iter().all(|p| p.account == "tampered"),
@@ -1721,7 +1789,8 @@ contract!(v1 migrating_a_database_from_before_grants_keeps_every_balance, |fx| {
     assert_eq!(migrated.created_at_ms, 1003);
     assert!(grants_of(fx, "old-poor").await.is_empty());
     assert!(grants_of(fx, "old-zero").await.is_empty());
-    assert_consistent(fx).await;
+    // `old-poor` was charged 200 below zero before grants (under an overdraft).
+    assert_consistent_within(fx, 200).await;
 
     // The migrated ledger works on: usage draws from the migrated grant (new entry ids follow
     // the old ones), a grant pays the old debt, and `expiry` entries are allowed.
@@ -1749,7 +1818,7 @@ contract!(v1 migrating_a_database_from_before_grants_keeps_every_balance, |fx| {
         .expect("key")
         .expect("exists");
     assert_eq!(key.spent.micros(), 1_200_000);
-    assert_consistent(fx).await;
+    assert_consistent_within(fx, 200).await;
     // No row points at a missing one (SQLite rebuilt the entries table with foreign keys off).
     if matches!(fx.raw, Raw::Sqlite(_)) {
         assert_eq!(fx.raw_rows("PRAGMA foreign_key_check").await, 0);
