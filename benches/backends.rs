@@ -32,7 +32,8 @@ use tollgate::cache::{BalanceCache, HoldSpec, SnapshotSource};
 use tollgate::domain::{AccountId, Credits, RequestId, TokenUsage};
 use tollgate::ledger::mysql::MySqlLedger;
 use tollgate::ledger::{
-    Bucket, EntryType, GrantRequest, Ledger, LedgerError, Settlement, Snapshot, UsageSource, now_ms,
+    Bucket, EntryType, GrantRequest, InFlight, Ledger, LedgerError, Settlement, Snapshot,
+    UsageSource, now_ms,
 };
 
 const MYSQL_SERVER: &str = "mysql://root@127.0.0.1:3306";
@@ -141,11 +142,8 @@ struct FixedSource;
 
 #[async_trait]
 impl SnapshotSource for FixedSource {
-    async fn load(&self, _bucket: &Bucket) -> Result<Snapshot, LedgerError> {
-        Ok(Snapshot {
-            balance: Credits::from_micros(1 << 50),
-            rev: 1,
-        })
+    async fn load(&self, _bucket: &Bucket, _in_flight: InFlight) -> Result<Snapshot, LedgerError> {
+        Ok(Snapshot::plain(Credits::from_micros(1 << 50), 1))
     }
 }
 

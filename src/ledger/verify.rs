@@ -12,7 +12,8 @@
 //!   reservation was checked against a balance that those then lowered;
 //! - an expiry entry may end below only if a refund, negative adjustment or usage above its hold
 //!   landed on the account between the grant's expiry and the entry. Otherwise it exposes debt
-//!   that usage ran up while the lapsed credits still propped the balance up.
+//!   that usage ran up while the lapsed credits still propped the balance up: the overspend
+//!   that [`super::grants`] rules out.
 
 use std::collections::{BTreeMap, HashMap};
 
