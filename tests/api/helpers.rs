@@ -449,7 +449,6 @@ impl TestApp {
     }
 
     /// Another gateway instance on the same ledger, cache and upstream.
-    #[allow(dead_code, reason = "used by the production test binary only")]
     pub async fn spawn_sibling(&self) -> Gateway {
         Gateway::start(&self.config).await
     }
