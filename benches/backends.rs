@@ -32,7 +32,8 @@ use tollgate::cache::{BalanceCache, HoldSpec, SnapshotSource};
 use tollgate::domain::{AccountId, Credits, RequestId, TokenUsage};
 use tollgate::ledger::mysql::MySqlLedger;
 use tollgate::ledger::{
-    Bucket, EntryType, GrantRequest, Ledger, LedgerError, Settlement, Snapshot, UsageSource, now_ms,
+    Bucket, EntryType, GrantRequest, InFlight, Ledger, LedgerError, Settlement, Snapshot,
+    UsageSource, now_ms,
 };
 
 const MYSQL_SERVER: &str = "mysql://root@127.0.0.1:3306";
@@ -142,11 +143,8 @@ struct FixedSource;
 
 #[async_trait]
 impl SnapshotSource for FixedSource {
-    async fn load(&self, _bucket: &Bucket) -> Result<Snapshot, LedgerError> {
-        Ok(Snapshot {
-            balance: Credits::from_micros(1 << 50),
-            rev: 1,
-        })
+    async fn load(&self, _bucket: &Bucket, _in_flight: InFlight) -> Result<Snapshot, LedgerError> {
+        Ok(Snapshot::plain(Credits::from_micros(1 << 50), 1))
     }
 }
 
@@ -321,7 +319,7 @@ async fn run(database: String, prefix: String) {
     }
 
     let started = Instant::now();
-    let problems = ledger.verify().await.expect("verify");
+    let problems = ledger.verify(Credits::ZERO).await.expect("verify");
     assert!(problems.is_empty(), "ledger inconsistent: {problems:?}");
     let grant = i128::from(Credits::from_whole(GRANT).expect("amount").micros());
     for account in everyone.iter() {

@@ -178,7 +178,7 @@ async fn main() {
     );
 
     state.settler.flush().await;
-    let problems = state.ledger.verify().await.expect("verify");
+    let problems = state.ledger.verify(Credits::ZERO).await.expect("verify");
     assert!(
         problems.is_empty(),
         "ledger inconsistent after the run: {problems:?}"

@@ -163,7 +163,11 @@ async fn main() {
         elapsed.as_millis()
     );
 
-    let problems = state.ledger.verify().await.expect("verify");
+    let problems = state
+        .ledger
+        .verify(tollgate::domain::Credits::ZERO)
+        .await
+        .expect("verify");
     assert!(
         problems.is_empty(),
         "ledger inconsistent after the run: {problems:?}"

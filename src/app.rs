@@ -369,9 +369,14 @@ fn spawn_recovery(
     })
 }
 
-/// Takes expired grant remainders out of the ledger and updates the cached balances.
+/// Takes expired grant remainders out of the ledger and updates the cached balances, keeping
+/// back what the cache holds or has pending for requests that started before they lapsed.
 pub async fn sweep_expired_grants(ledger: &dyn Ledger, cache: &dyn crate::cache::BalanceCache) {
-    match ledger.expire_grants(crate::ledger::now_ms()).await {
+    let in_flight = crate::cache::InFlightHolds(cache);
+    match ledger
+        .expire_grants(crate::ledger::now_ms(), &in_flight)
+        .await
+    {
         Ok(changed) => {
             for (account, snapshot) in &changed {
                 if let Err(error) = cache

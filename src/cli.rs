@@ -281,7 +281,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Ledger(LedgerCommand::Verify) => {
             let ledger = app::open_ledger(&config).await?;
-            let problems = ledger.verify().await?;
+            let problems = ledger.verify(config.metering.overdraft).await?;
             if problems.is_empty() {
                 println!("ledger consistent");
             } else {

@@ -4,6 +4,11 @@
 //! Ledger loads happen outside the lock; snapshots carry the ledger's revision so a slow load
 //! can never overwrite a newer balance. Holds and pending settlements die with the process, so
 //! there is no owner to track here.
+//!
+//! A reservation reads the clock under the entry's lock and compares it (and the entry's fence)
+//! with the snapshot's next expiry there: the expiry sweep raises the fence under the same lock
+//! when it reads what to keep back, so a hold is either in that figure or taken against a
+//! snapshot that no longer counts the lapsed grant (see [`crate::ledger::grants`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,7 +20,11 @@ use super::{
     BalanceCache, BalanceView, CacheError, HoldSpec, Orphan, ReserveError, SnapshotSource,
 };
 use crate::domain::Credits;
-use crate::ledger::{Bucket, LedgerError, Snapshot, now_ms};
+use crate::ledger::{Bucket, InFlight, LedgerError, Snapshot, now_ms};
+
+/// Loads per reservation before giving up (each retry only follows a grant lapsing, or a sweep's
+/// fence, between a load and the reservation).
+const MAX_LOADS: usize = 3;
 
 #[derive(Debug, Clone)]
 struct Pending {
@@ -35,6 +44,9 @@ struct Entry {
     pending_total: i128,
     /// The invalidation generation this snapshot was loaded in; older means stale.
     generation: u64,
+    /// The latest cutoff (Unix ms) of an expiry sweep that read this bucket's holds: grants
+    /// lapsed by then may be swept, so a snapshot counting one as live is stale.
+    fence: i64,
 }
 
 impl Entry {
@@ -46,6 +58,7 @@ impl Entry {
             pending: HashMap::new(),
             pending_total: 0,
             generation,
+            fence: 0,
         }
     }
 
@@ -54,7 +67,21 @@ impl Entry {
     }
 
     fn available(&self) -> i128 {
-        self.balance() - self.held
+        self.balance() - self.held - i128::from(self.snapshot.lapsed.micros())
+    }
+
+    /// Whether every grant the snapshot counts as live still is, at `now_ms` and at the fence.
+    fn unexpired(&self, now_ms: i64) -> bool {
+        self.snapshot
+            .next_expiry_ms
+            .is_none_or(|at| now_ms.max(self.fence) < at)
+    }
+
+    /// Raises the fence to `at_ms` and returns what is held or pending (see
+    /// [`BalanceCache::in_flight`]).
+    fn fence(&mut self, at_ms: i64) -> Credits {
+        self.fence = self.fence.max(at_ms);
+        clamp(self.held + self.pending_total)
     }
 
     fn absorb(&mut self, snapshot: Snapshot) {
@@ -93,21 +120,28 @@ impl LocalCache {
         Self::default()
     }
 
-    /// Makes sure the bucket has a fresh snapshot, loading it from the ledger if not.
+    /// Makes sure the bucket has a fresh snapshot, loading it from the ledger if not (missing,
+    /// invalidated, or counting a grant that has lapsed since).
     async fn refresh(
         &self,
         bucket: &Bucket,
         source: &dyn SnapshotSource,
     ) -> Result<(), CacheError> {
         let generation = self.generation.load(Ordering::Acquire);
+        let now = now_ms();
         let fresh = self
             .entries
             .get(bucket)
-            .is_some_and(|entry| entry.generation >= generation);
+            .is_some_and(|entry| entry.generation >= generation && entry.unexpired(now));
         if fresh {
             return Ok(());
         }
-        let snapshot = source.load(bucket).await?;
+        // The reload sweeps what lapsed by `now`, keeping back what is in flight here.
+        let amount = match self.entries.get_mut(bucket) {
+            Some(mut entry) => entry.fence(now),
+            None => Credits::ZERO,
+        };
+        let snapshot = source.load(bucket, InFlight { at_ms: now, amount }).await?;
         self.entries
             .entry(bucket.clone())
             .and_modify(|entry| {
@@ -131,23 +165,30 @@ impl BalanceCache for LocalCache {
         floor: Credits,
         source: &dyn SnapshotSource,
     ) -> Result<(), ReserveError> {
-        self.refresh(bucket, source).await?;
-        let mut entry = self.entries.get_mut(bucket).ok_or_else(vanished)?;
-        if entry.holds.contains_key(&hold.request_id) {
+        for _ in 0..=MAX_LOADS {
+            self.refresh(bucket, source).await?;
+            let mut entry = self.entries.get_mut(bucket).ok_or_else(vanished)?;
+            if entry.holds.contains_key(&hold.request_id) {
+                return Ok(());
+            }
+            // Again under the lock, on a clock read under it (see the module docs).
+            if !entry.unexpired(now_ms()) {
+                continue;
+            }
+            let amount = i128::from(hold.amount.micros());
+            let available = entry.available();
+            if available - amount < i128::from(floor.micros()) {
+                return Err(ReserveError::Insufficient {
+                    available: clamp(available),
+                });
+            }
+            entry
+                .holds
+                .insert(hold.request_id.clone(), (amount, hold.deadline_ms));
+            entry.held += amount;
             return Ok(());
         }
-        let amount = i128::from(hold.amount.micros());
-        let available = entry.available();
-        if available - amount < i128::from(floor.micros()) {
-            return Err(ReserveError::Insufficient {
-                available: clamp(available),
-            });
-        }
-        entry
-            .holds
-            .insert(hold.request_id.clone(), (amount, hold.deadline_ms));
-        entry.held += amount;
-        Ok(())
+        Err(CacheError::Unavailable("the balance kept lapsing after every load".into()).into())
     }
 
     async fn settle(
@@ -227,6 +268,14 @@ impl BalanceCache for LocalCache {
         })
     }
 
+    async fn in_flight(&self, bucket: &Bucket, at_ms: i64) -> Result<Credits, CacheError> {
+        // No entry: nothing is held here, and a reservation must load (and sweep) first.
+        Ok(self
+            .entries
+            .get_mut(bucket)
+            .map_or(Credits::ZERO, |mut entry| entry.fence(at_ms)))
+    }
+
     async fn reap_holds(&self, now_ms: i64) -> Result<usize, CacheError> {
         let mut reaped = 0;
         for mut entry in self.entries.iter_mut() {
@@ -288,11 +337,64 @@ mod tests {
 
     #[async_trait]
     impl SnapshotSource for FixedSource {
-        async fn load(&self, _bucket: &Bucket) -> Result<Snapshot, LedgerError> {
-            Ok(Snapshot {
-                balance: Credits::from_micros(self.balance.load(Ordering::SeqCst)),
-                rev: self.rev.load(Ordering::SeqCst),
-            })
+        async fn load(
+            &self,
+            _bucket: &Bucket,
+            _in_flight: InFlight,
+        ) -> Result<Snapshot, LedgerError> {
+            Ok(Snapshot::plain(
+                Credits::from_micros(self.balance.load(Ordering::SeqCst)),
+                self.rev.load(Ordering::SeqCst),
+            ))
+        }
+    }
+
+    /// A ledger stand-in that answers each load with the next of its snapshots (the last one
+    /// again once the others are used) and records what each load was told is in flight.
+    struct ScriptedSource {
+        snapshots: std::sync::Mutex<Vec<Snapshot>>,
+        told: std::sync::Mutex<Vec<InFlight>>,
+    }
+
+    impl ScriptedSource {
+        fn new(snapshots: Vec<Snapshot>) -> Self {
+            ScriptedSource {
+                snapshots: std::sync::Mutex::new(snapshots),
+                told: std::sync::Mutex::new(Vec::new()),
+            }
+        }
+
+        /// What each load so far was told is in flight.
+        fn told(&self) -> Vec<Credits> {
+            let told = self.told.lock().expect("lock");
+            told.iter().map(|in_flight| in_flight.amount).collect()
+        }
+    }
+
+    #[async_trait]
+    impl SnapshotSource for ScriptedSource {
+        async fn load(
+            &self,
+            _bucket: &Bucket,
+            in_flight: InFlight,
+        ) -> Result<Snapshot, LedgerError> {
+            self.told.lock().expect("lock").push(in_flight);
+            let mut snapshots = self.snapshots.lock().expect("lock");
+            let next = if snapshots.len() > 1 {
+                snapshots.remove(0)
+            } else {
+                snapshots[0]
+            };
+            Ok(next)
+        }
+    }
+
+    fn expiring(balance: i64, rev: i64, next_expiry_ms: Option<i64>, lapsed: i64) -> Snapshot {
+        Snapshot {
+            balance: credits(balance),
+            rev,
+            next_expiry_ms,
+            lapsed: credits(lapsed),
         }
     }
 
@@ -382,10 +484,7 @@ mod tests {
             (credits(7), Credits::ZERO, credits(7))
         );
         // The ledger writes it: the pending cost moves into the snapshot, once.
-        let written = Snapshot {
-            balance: credits(7),
-            rev: 2,
-        };
+        let written = Snapshot::plain(credits(7), 2);
         cache
             .committed(&bucket(), "a", written)
             .await
@@ -400,13 +499,7 @@ mod tests {
         );
         // A stale snapshot never overwrites a newer one.
         cache
-            .apply(
-                &bucket(),
-                Snapshot {
-                    balance: credits(100),
-                    rev: 1,
-                },
-            )
+            .apply(&bucket(), Snapshot::plain(credits(100), 1))
             .await
             .expect("apply");
         assert_eq!(
@@ -497,6 +590,95 @@ mod tests {
         assert_eq!(
             (orphans[0].request_id.as_str(), orphans[0].record.as_str()),
             ("long", "record")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_counting_a_lapsed_grant_is_reloaded_and_lapsed_credits_are_unavailable() {
+        let cache = LocalCache::new();
+        // The first load raced the grant's lapse: it still counts the grant as live, so no
+        // reservation may use it. The reload reports 4 of the 10 as lapsed, not swept yet.
+        let source = ScriptedSource::new(vec![
+            expiring(10, 1, Some(now_ms() - 1), 0),
+            expiring(10, 1, None, 4),
+        ]);
+        let err = cache
+            .reserve(&bucket(), &hold("a", credits(7)), Credits::ZERO, &source)
+            .await
+            .expect_err("lapsed credits are not available");
+        assert!(
+            matches!(err, ReserveError::Insufficient { available } if available == credits(6)),
+            "{err:?}"
+        );
+        assert_eq!(source.told().len(), 2);
+        cache
+            .reserve(&bucket(), &hold("a", credits(6)), Credits::ZERO, &source)
+            .await
+            .expect("fits");
+        let view = cache.view(&bucket(), &source).await.expect("view");
+        assert_eq!(
+            (view.balance, view.held, view.available),
+            (credits(10), credits(6), Credits::ZERO)
+        );
+        assert_eq!(source.told().len(), 2, "a fresh snapshot is not reloaded");
+    }
+
+    #[tokio::test]
+    async fn a_sweeps_fence_makes_later_reservations_reload_keeping_what_is_in_flight() {
+        let cache = LocalCache::new();
+        let lapses_at = now_ms() + 3_600_000;
+        let source = ScriptedSource::new(vec![
+            expiring(10, 1, Some(lapses_at), 0),
+            // After the sweep that kept 4 of the lapsed grant for the requests in flight.
+            expiring(6, 2, None, 4),
+        ]);
+        cache
+            .reserve(&bucket(), &hold("a", credits(4)), Credits::ZERO, &source)
+            .await
+            .expect("fits");
+        cache
+            .reserve(&bucket(), &hold("p", credits(1)), Credits::ZERO, &source)
+            .await
+            .expect("fits");
+        cache
+            .settle(&bucket(), "p", credits(1), None)
+            .await
+            .expect("settle");
+        // The sweep reads what is held (4) or pending (1) and fences the bucket at the lapse,
+        // even though this clock has not reached it.
+        assert_eq!(
+            cache
+                .in_flight(&bucket(), lapses_at)
+                .await
+                .expect("in flight"),
+            credits(5)
+        );
+        let other = Bucket::Account(AccountId::parse("nobody").expect("valid"));
+        assert_eq!(
+            cache.in_flight(&other, lapses_at).await.expect("in flight"),
+            Credits::ZERO
+        );
+        // So the next reservation reloads, telling the ledger what is in flight, and the kept
+        // credits stay unavailable: 6 - 1 pending - 4 held - 4 lapsed.
+        let err = cache
+            .reserve(&bucket(), &hold("b", credits(1)), Credits::ZERO, &source)
+            .await
+            .expect_err("nothing available");
+        assert!(
+            matches!(err, ReserveError::Insufficient { available } if available == credits(-3)),
+            "{err:?}"
+        );
+        assert_eq!(source.told(), [Credits::ZERO, credits(5)]);
+        // Once the request that reserved before the lapse is gone, the rest is available.
+        cache.release(&bucket(), "a").await.expect("release");
+        cache
+            .reserve(&bucket(), &hold("b", credits(1)), Credits::ZERO, &source)
+            .await
+            .expect("fits");
+        let view = cache.view(&bucket(), &source).await.expect("view");
+        assert_eq!(
+            (view.balance, view.held, view.available),
+            (credits(5), credits(1), Credits::ZERO)
         );
     }
 }

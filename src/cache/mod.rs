@@ -4,7 +4,14 @@
 //! balance (with its revision) plus the holds of requests in flight and the settlements that are
 //! finished but not yet in the ledger. Holds and pending settlements are keyed by request id, so
 //! every operation on them is idempotent. A reservation succeeds only if, atomically,
-//! `balance - pending - held - amount >= floor` (I1).
+//! `balance - lapsed - pending - held - amount >= floor` (I1).
+//!
+//! Expired credits stop counting the moment they lapse (see [`crate::ledger::grants`]): a
+//! snapshot is stale once its `next_expiry_ms` has passed, by the caller's clock or by a fence a
+//! sweep raised ([`BalanceCache::in_flight`]), and is then reloaded before any reservation or
+//! view uses it; the reload sweeps the lapsed grants first, keeping back what the bucket holds
+//! or has pending. The `lapsed` part of a snapshot (kept for requests that started before their
+//! grant lapsed) is never available.
 //!
 //! A pending settlement carries its serialized [`Settlement`](crate::ledger::Settlement), so in
 //! a shared cache (Redis) a sibling instance can write it to the ledger if its owner dies (I4).
@@ -17,8 +24,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serde::Serialize;
 
-use crate::domain::Credits;
-use crate::ledger::{Bucket, LedgerError, Snapshot};
+use crate::domain::{AccountId, Credits};
+use crate::ledger::{Bucket, InFlight, KeepBack, LedgerError, Snapshot};
 
 pub type SharedCache = Arc<dyn BalanceCache>;
 
@@ -53,10 +60,14 @@ pub enum ReserveError {
     Cache(#[from] CacheError),
 }
 
-/// Where the cache loads a bucket's snapshot from on a miss or after an invalidation.
+/// Where the cache loads a bucket's snapshot from on a miss, after an invalidation, or once a
+/// grant it counts has lapsed.
 #[async_trait]
 pub trait SnapshotSource: Send + Sync {
-    async fn load(&self, bucket: &Bucket) -> Result<Snapshot, LedgerError>;
+    /// `in_flight` is what the bucket held or had pending when the cache fenced it: an
+    /// account's lapsed grants are swept first, keeping that much back
+    /// ([`crate::ledger::Ledger::reload`]).
+    async fn load(&self, bucket: &Bucket, in_flight: InFlight) -> Result<Snapshot, LedgerError>;
 }
 
 /// One request's hold.
@@ -86,7 +97,8 @@ pub struct BalanceView {
     pub balance: Credits,
     /// Reserved by requests in flight.
     pub held: Credits,
-    /// `balance - held`.
+    /// `balance - held`, less credits of lapsed grants that are not swept yet (kept for
+    /// requests that started before they lapsed).
     pub available: Credits,
 }
 
@@ -136,6 +148,11 @@ pub trait BalanceCache: Send + Sync + 'static {
         source: &dyn SnapshotSource,
     ) -> Result<BalanceView, CacheError>;
 
+    /// For the expiry sweep, in one atomic step: raises the bucket's fence to `at_ms`, so that
+    /// no later reservation or view trusts a snapshot counting a grant lapsed by then as live,
+    /// and returns what the bucket holds or has pending (what the sweep keeps back).
+    async fn in_flight(&self, bucket: &Bucket, at_ms: i64) -> Result<Credits, CacheError>;
+
     /// Releases holds whose deadline has passed or whose owner is gone; returns how many.
     async fn reap_holds(&self, now_ms: i64) -> Result<usize, CacheError>;
 
@@ -152,5 +169,25 @@ pub trait BalanceCache: Send + Sync + 'static {
     /// Whether the cache answers (for `/readyz`).
     async fn ping(&self) -> Result<(), CacheError> {
         Ok(())
+    }
+}
+
+/// The expiry sweep's [`KeepBack`]: what the cache holds or has pending per account, fenced.
+pub struct InFlightHolds<'a>(pub &'a dyn BalanceCache);
+
+#[async_trait]
+impl KeepBack for InFlightHolds<'_> {
+    async fn keep_back(&self, account: &AccountId, at_ms: i64) -> Option<Credits> {
+        match self
+            .0
+            .in_flight(&Bucket::Account(account.clone()), at_ms)
+            .await
+        {
+            Ok(amount) => Some(amount),
+            Err(error) => {
+                tracing::warn!(%error, %account, "cannot read holds; expiry sweep skips the account");
+                None
+            }
+        }
     }
 }

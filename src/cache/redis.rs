@@ -11,14 +11,16 @@
 //!
 //! | key | type | content |
 //! |---|---|---|
-//! | `{P:a:<account>}`, `{P:k:<key id>}` | hash | `bal`, `rev`, `gen`, `held`, `pend` |
+//! | `{P:a:<account>}`, `{P:k:<key id>}` | hash | `bal`, `rev`, `nexp`, `lapsed`, `fence`, `gen`, `held`, `pend` |
 //! | `{…}:holds` | hash | request id → `amount\|deadline ms\|token\|owner` |
 //! | `{…}:pending` | hash | request id → cost (settled, not yet in the ledger) |
 //! | `{…}:journal` | hash | request id → serialized settlement, for a sibling to write |
 //!
-//! `bal` and `rev` are the ledger snapshot (micro-credits and revision), `gen` the invalidation
-//! generation it was loaded in, `held` and `pend` the sums of the two hashes. The global keys
-//! are each used alone, never inside a bucket's script:
+//! `bal`, `rev`, `nexp` and `lapsed` are the ledger snapshot (micro-credits, revision, next grant
+//! expiry in ms or empty, lapsed micro-credits not swept yet), always replaced together; `fence`
+//! the latest cutoff of an expiry sweep that read the bucket's holds; `gen` the invalidation
+//! generation the snapshot was loaded in; `held` and `pend` the sums of the two hashes. The
+//! global keys are each used alone, never inside a bucket's script:
 //!
 //! | key | type | content |
 //! |---|---|---|
@@ -35,9 +37,9 @@
 //!
 //! Every change to a bucket is one Lua script (`src/cache/lua/`, sent by hash with the
 //! EVALSHA→EVAL fallback of [`Script`]) over that bucket's keys only. Redis runs a script to the
-//! end before any other command, so the check `balance - pending - held - amount >= floor` and
-//! the hold that follows are one step however many instances race; Rust never reads a value to
-//! decide a write. Amounts are integer micro-credits: Lua's numbers are doubles, exact to 2^53
+//! end before any other command, so the check `balance - lapsed - pending - held - amount >=
+//! floor` and the hold that follows are one step however many instances race; Rust never reads
+//! a value to decide a write. Amounts are integer micro-credits: Lua's numbers are doubles, exact to 2^53
 //! (9 × 10^9 credits), so the adapter saturates every amount at ±2^53 before sending it and the
 //! scripts write numbers back with `string.format('%d')` (never `tostring`, which rounds to 14
 //! digits).
@@ -53,9 +55,14 @@
 //! # Staleness and misses
 //!
 //! The generation is read first (it lives in another slot) and passed to the reserve and view
-//! scripts, which answer "load" when the bucket has no snapshot or one from an older
-//! generation; the adapter then loads the snapshot from the ledger and installs it with a script
-//! that keeps the newer revision, and tries again. A flushed or restarted Redis therefore costs a
+//! scripts, which answer "load" when the bucket has no snapshot, one from an older generation,
+//! or one counting a grant that has lapsed (`nexp` reached by the caller's clock, also passed
+//! in, or by `fence`); the adapter then fences the bucket and reads what it holds or has pending
+//! (`fence.lua`), loads the snapshot from the ledger (which sweeps the lapsed grants first,
+//! keeping that much back: see [`crate::ledger::grants`]), installs it with a script that keeps
+//! the newer revision, and tries again. The fence matters because a reserve script may run
+//! later than its caller read the clock: once a sweep has read the holds, no reservation,
+//! whatever clock it carries, may count the grants that sweep takes. A flushed or restarted Redis therefore costs a
 //! reload per bucket. (Holds and pending settlements flushed with it are gone: requests in flight
 //! then settle into the ledger all the same, but their cost is not counted against the balance
 //! until the ledger has it.)
@@ -105,7 +112,7 @@ use super::{
     BalanceCache, BalanceView, CacheError, HoldSpec, Orphan, ReserveError, SnapshotSource,
 };
 use crate::domain::{AccountId, Credits};
-use crate::ledger::{Bucket, Snapshot, now_ms};
+use crate::ledger::{Bucket, InFlight, Snapshot, now_ms};
 
 /// Largest magnitude Lua (doubles) holds exactly; amounts beyond it are saturated.
 pub const MAX_EXACT_MICROS: i64 = 1 << 53;
@@ -120,7 +127,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// The longest one Redis call may take, reconnecting included.
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
-/// Loads per reserve or view before giving up (each retry only follows a concurrent flush).
+/// Loads per reserve or view before giving up (each retry only follows a concurrent flush, or a
+/// grant lapsing or a sweep's fence between the load and the script).
 const MAX_LOADS: usize = 3;
 /// Index entries examined per `orphans` call; the recovery loop comes back for the rest.
 const ORPHAN_BATCH: usize = 1000;
@@ -133,6 +141,7 @@ const REAP_CONCURRENCY: usize = 16;
 
 struct Scripts {
     reserve: Script,
+    fence: Script,
     abandon: Script,
     load: Script,
     settle: Script,
@@ -150,6 +159,7 @@ struct Scripts {
 
 static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     reserve: Script::new(include_str!("lua/reserve.lua")),
+    fence: Script::new(include_str!("lua/fence.lua")),
     abandon: Script::new(include_str!("lua/abandon.lua")),
     load: Script::new(include_str!("lua/load.lua")),
     settle: Script::new(include_str!("lua/settle.lua")),
@@ -283,6 +293,18 @@ fn parse_index_member(member: &str) -> Option<(&str, String)> {
 /// Saturates micro-credits to what Lua represents exactly.
 fn exact(micros: i64) -> i64 {
     micros.clamp(-MAX_EXACT_MICROS, MAX_EXACT_MICROS)
+}
+
+/// A snapshot's fields as the scripts take them: balance, rev, next expiry ('' for none), lapsed.
+fn snapshot_args(snapshot: &Snapshot) -> [String; 4] {
+    [
+        exact(snapshot.balance.micros()).to_string(),
+        snapshot.rev.to_string(),
+        snapshot
+            .next_expiry_ms
+            .map_or_else(String::new, |at| at.to_string()),
+        exact(snapshot.lapsed.micros()).to_string(),
+    ]
 }
 
 fn clamp(micros: i128) -> Credits {
@@ -492,6 +514,18 @@ impl RedisCache {
         Ok(generation.unwrap_or(0))
     }
 
+    /// Fences the bucket at `at_ms` and returns what it holds or has pending (`fence.lua`).
+    async fn fence(&self, keys: &BucketKeys, at_ms: i64) -> Result<Credits, CacheError> {
+        let amount: i64 = eval(
+            &self.conn,
+            &SCRIPTS.fence,
+            &[&keys.base, &keys.holds, &keys.pending],
+            &[&at_ms.to_string()],
+        )
+        .await?;
+        Ok(Credits::from_micros(amount))
+    }
+
     /// Loads the bucket's snapshot from the ledger and installs it (the newer revision wins).
     async fn load(
         &self,
@@ -500,15 +534,24 @@ impl RedisCache {
         generation: i64,
         source: &dyn SnapshotSource,
     ) -> Result<(), CacheError> {
-        let snapshot = source.load(bucket).await?;
+        // Only an account has grants to sweep; a key's limit needs no fence.
+        let at_ms = now_ms();
+        let amount = match bucket {
+            Bucket::Account(_) => self.fence(keys, at_ms).await?,
+            Bucket::KeyLimit(_) => Credits::ZERO,
+        };
+        let snapshot = source.load(bucket, InFlight { at_ms, amount }).await?;
+        let [balance, rev, next_expiry, lapsed] = snapshot_args(&snapshot);
         eval::<i64>(
             &self.conn,
             &SCRIPTS.load,
             &[&keys.base, &keys.holds, &keys.pending],
             &[
-                &exact(snapshot.balance.micros()).to_string(),
-                &snapshot.rev.to_string(),
+                &balance,
+                &rev,
                 &generation.to_string(),
+                &next_expiry,
+                &lapsed,
             ],
         )
         .await
@@ -748,6 +791,7 @@ impl BalanceCache for RedisCache {
                     &self.instance,
                     &generation_arg,
                     &reserving.token.to_string(),
+                    &now_ms().to_string(),
                 ],
             )
             .await
@@ -825,15 +869,12 @@ impl BalanceCache for RedisCache {
         snapshot: Snapshot,
     ) -> Result<(), CacheError> {
         let keys = self.keys.bucket(bucket);
+        let [balance, rev, next_expiry, lapsed] = snapshot_args(&snapshot);
         let journaled: i64 = eval(
             &self.conn,
             &SCRIPTS.committed,
             &[&keys.base, &keys.pending, &keys.journal, &keys.holds],
-            &[
-                request_id,
-                &exact(snapshot.balance.micros()).to_string(),
-                &snapshot.rev.to_string(),
-            ],
+            &[request_id, &balance, &rev, &next_expiry, &lapsed],
         )
         .await?;
         if journaled > 0 {
@@ -847,14 +888,12 @@ impl BalanceCache for RedisCache {
 
     async fn apply(&self, bucket: &Bucket, snapshot: Snapshot) -> Result<(), CacheError> {
         let keys = self.keys.bucket(bucket);
+        let [balance, rev, next_expiry, lapsed] = snapshot_args(&snapshot);
         eval::<i64>(
             &self.conn,
             &SCRIPTS.apply,
             &[&keys.base],
-            &[
-                &exact(snapshot.balance.micros()).to_string(),
-                &snapshot.rev.to_string(),
-            ],
+            &[&balance, &rev, &next_expiry, &lapsed],
         )
         .await
         .map(drop)
@@ -880,14 +919,21 @@ impl BalanceCache for RedisCache {
         let generation = self.generation().await?;
         let generation_arg = generation.to_string();
         for _ in 0..=MAX_LOADS {
-            let reply: Vec<i64> =
-                eval(&self.conn, &SCRIPTS.view, &[&keys.base], &[&generation_arg]).await?;
+            let reply: Vec<i64> = eval(
+                &self.conn,
+                &SCRIPTS.view,
+                &[&keys.base],
+                &[&generation_arg, &now_ms().to_string()],
+            )
+            .await?;
             match reply.as_slice() {
-                [1, balance, held] => {
+                [1, balance, held, lapsed] => {
                     return Ok(BalanceView {
                         balance: Credits::from_micros(*balance),
                         held: Credits::from_micros(*held),
-                        available: clamp(i128::from(*balance) - i128::from(*held)),
+                        available: clamp(
+                            i128::from(*balance) - i128::from(*held) - i128::from(*lapsed),
+                        ),
                     });
                 }
                 [0] => self.load(bucket, &keys, generation, source).await?,
@@ -895,6 +941,10 @@ impl BalanceCache for RedisCache {
             }
         }
         Err(unavailable("the bucket vanished after every load"))
+    }
+
+    async fn in_flight(&self, bucket: &Bucket, at_ms: i64) -> Result<Credits, CacheError> {
+        self.fence(&self.keys.bucket(bucket), at_ms).await
     }
 
     async fn reap_holds(&self, now_ms: i64) -> Result<usize, CacheError> {
@@ -1009,12 +1059,65 @@ mod tests {
 
     #[async_trait]
     impl SnapshotSource for FixedSource {
-        async fn load(&self, _bucket: &Bucket) -> Result<Snapshot, LedgerError> {
+        async fn load(
+            &self,
+            _bucket: &Bucket,
+            _in_flight: InFlight,
+        ) -> Result<Snapshot, LedgerError> {
             self.loads.fetch_add(1, Ordering::SeqCst);
-            Ok(Snapshot {
-                balance: Credits::from_micros(self.balance.load(Ordering::SeqCst)),
-                rev: self.rev.load(Ordering::SeqCst),
-            })
+            Ok(Snapshot::plain(
+                Credits::from_micros(self.balance.load(Ordering::SeqCst)),
+                self.rev.load(Ordering::SeqCst),
+            ))
+        }
+    }
+
+    /// A ledger stand-in that answers each load with the next of its snapshots (the last one
+    /// again once the others are used) and records what each load was told is in flight.
+    struct ScriptedSource {
+        snapshots: std::sync::Mutex<Vec<Snapshot>>,
+        told: std::sync::Mutex<Vec<InFlight>>,
+    }
+
+    impl ScriptedSource {
+        fn new(snapshots: Vec<Snapshot>) -> Self {
+            ScriptedSource {
+                snapshots: std::sync::Mutex::new(snapshots),
+                told: std::sync::Mutex::new(Vec::new()),
+            }
+        }
+
+        /// What each load so far was told is in flight.
+        fn told(&self) -> Vec<Credits> {
+            let told = self.told.lock().expect("lock");
+            told.iter().map(|in_flight| in_flight.amount).collect()
+        }
+    }
+
+    #[async_trait]
+    impl SnapshotSource for ScriptedSource {
+        async fn load(
+            &self,
+            _bucket: &Bucket,
+            in_flight: InFlight,
+        ) -> Result<Snapshot, LedgerError> {
+            self.told.lock().expect("lock").push(in_flight);
+            let mut snapshots = self.snapshots.lock().expect("lock");
+            let next = if snapshots.len() > 1 {
+                snapshots.remove(0)
+            } else {
+                snapshots[0]
+            };
+            Ok(next)
+        }
+    }
+
+    fn expiring(balance: i64, rev: i64, next_expiry_ms: Option<i64>, lapsed: i64) -> Snapshot {
+        Snapshot {
+            balance: credits(balance),
+            rev,
+            next_expiry_ms,
+            lapsed: credits(lapsed),
         }
     }
 
@@ -1188,10 +1291,7 @@ mod tests {
             (credits(7), Credits::ZERO, credits(7))
         );
         // The ledger writes it: the pending cost moves into the snapshot, once.
-        let written = Snapshot {
-            balance: credits(7),
-            rev: 2,
-        };
+        let written = Snapshot::plain(credits(7), 2);
         cache
             .committed(&bucket(), "a", written)
             .await
@@ -1206,13 +1306,7 @@ mod tests {
         );
         // A stale snapshot never overwrites a newer one; a newer one does.
         cache
-            .apply(
-                &bucket(),
-                Snapshot {
-                    balance: credits(100),
-                    rev: 1,
-                },
-            )
+            .apply(&bucket(), Snapshot::plain(credits(100), 1))
             .await
             .expect("apply");
         assert_eq!(
@@ -1220,13 +1314,7 @@ mod tests {
             credits(7)
         );
         cache
-            .apply(
-                &bucket(),
-                Snapshot {
-                    balance: credits(9),
-                    rev: 3,
-                },
-            )
+            .apply(&bucket(), Snapshot::plain(credits(9), 3))
             .await
             .expect("apply");
         assert_eq!(
@@ -1486,10 +1574,7 @@ mod tests {
                 .len(),
             1
         );
-        let written = Snapshot {
-            balance: credits(9),
-            rev: 2,
-        };
+        let written = Snapshot::plain(credits(9), 2);
         cache
             .committed(&bucket(), "req|1", written)
             .await
@@ -1594,6 +1679,99 @@ mod tests {
     }
 
     /// The hold of `request_id` as stored: `amount|deadline|token|owner`.
+    #[tokio::test]
+    async fn a_snapshot_counting_a_lapsed_grant_is_reloaded_and_lapsed_credits_are_unavailable() {
+        let space = Space::new();
+        let cache = space.cache("gw1").await;
+        // The first load raced the grant's lapse: it still counts the grant as live, so no
+        // reservation may use it. The reload reports 4 of the 10 as lapsed, not swept yet.
+        let source = ScriptedSource::new(vec![
+            expiring(10, 1, Some(now_ms() - 1), 0),
+            expiring(10, 1, None, 4),
+        ]);
+        let err = cache
+            .reserve(&bucket(), &hold("a", credits(7)), Credits::ZERO, &source)
+            .await
+            .expect_err("lapsed credits are not available");
+        assert!(
+            matches!(err, ReserveError::Insufficient { available } if available == credits(6)),
+            "{err:?}"
+        );
+        assert_eq!(source.told().len(), 2);
+        cache
+            .reserve(&bucket(), &hold("a", credits(6)), Credits::ZERO, &source)
+            .await
+            .expect("fits");
+        let view = cache.view(&bucket(), &source).await.expect("view");
+        assert_eq!(
+            (view.balance, view.held, view.available),
+            (credits(10), credits(6), Credits::ZERO)
+        );
+        assert_eq!(source.told().len(), 2, "a fresh snapshot is not reloaded");
+        space.flush().await;
+    }
+
+    #[tokio::test]
+    async fn a_sweeps_fence_makes_later_reservations_reload_keeping_what_is_in_flight() {
+        let space = Space::new();
+        let cache = space.cache("gw1").await;
+        let lapses_at = now_ms() + 3_600_000;
+        let source = ScriptedSource::new(vec![
+            expiring(10, 1, Some(lapses_at), 0),
+            // After the sweep that kept 4 of the lapsed grant for the requests in flight.
+            expiring(6, 2, None, 4),
+        ]);
+        cache
+            .reserve(&bucket(), &hold("a", credits(4)), Credits::ZERO, &source)
+            .await
+            .expect("fits");
+        cache
+            .reserve(&bucket(), &hold("p", credits(1)), Credits::ZERO, &source)
+            .await
+            .expect("fits");
+        cache
+            .settle(&bucket(), "p", credits(1), None)
+            .await
+            .expect("settle");
+        // The sweep reads what is held (4) or pending (1) and fences the bucket at the lapse,
+        // even though this clock has not reached it.
+        assert_eq!(
+            cache
+                .in_flight(&bucket(), lapses_at)
+                .await
+                .expect("in flight"),
+            credits(5)
+        );
+        let other = Bucket::Account(AccountId::parse("nobody").expect("valid"));
+        assert_eq!(
+            cache.in_flight(&other, lapses_at).await.expect("in flight"),
+            Credits::ZERO
+        );
+        // So the next reservation reloads, telling the ledger what is in flight, and the kept
+        // credits stay unavailable: 6 - 1 pending - 4 held - 4 lapsed.
+        let err = cache
+            .reserve(&bucket(), &hold("b", credits(1)), Credits::ZERO, &source)
+            .await
+            .expect_err("nothing available");
+        assert!(
+            matches!(err, ReserveError::Insufficient { available } if available == credits(-3)),
+            "{err:?}"
+        );
+        assert_eq!(source.told(), [Credits::ZERO, credits(5)]);
+        // Once the request that reserved before the lapse is gone, the rest is available.
+        cache.release(&bucket(), "a").await.expect("release");
+        cache
+            .reserve(&bucket(), &hold("b", credits(1)), Credits::ZERO, &source)
+            .await
+            .expect("fits");
+        let view = cache.view(&bucket(), &source).await.expect("view");
+        assert_eq!(
+            (view.balance, view.held, view.available),
+            (credits(5), credits(1), Credits::ZERO)
+        );
+        space.flush().await;
+    }
+
     async fn stored_hold(space: &Space, cache: &RedisCache, request_id: &str) -> Option<String> {
         let mut conn = space.conn().await;
         command("HGET")

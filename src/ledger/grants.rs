@@ -10,6 +10,34 @@
 //! `balance = Σ remaining of grants not yet swept − debt`, with `debt > 0` only when no live
 //! grant has anything left. These functions only plan; the ledger adapters apply the plan inside
 //! the transaction that holds the account's lock.
+//!
+//! # Between a grant's lapse and its sweep (DESIGN.md I1)
+//!
+//! A grant lapses at its `expires_at`; a sweep (the periodic one, or the one a cache reload
+//! runs) later takes its remainder out of the balance. Three rules keep the balance at or above
+//! `−overdraft` in between:
+//!
+//! 1. **No reservation counts a lapsed grant.** Every account snapshot carries the soonest
+//!    expiry of the grants it counts as live ([`ExpiryOutlook::next_expiry_ms`]) and the lapsed,
+//!    unswept part of its balance ([`ExpiryOutlook::lapsed`]). A balance cache reloads a snapshot
+//!    whose next expiry has passed (the reload sweeps first) and never lets a reservation use the
+//!    lapsed part: `available = balance − lapsed − pending − held`.
+//! 2. **A request draws from what it reserved against.** A settlement draws from the grants that
+//!    were live when its request started (`started_at`, taken before its reservation), so a
+//!    request that reserved before a lapse may still draw from that grant's unswept remainder.
+//! 3. **The sweep keeps that remainder for them.** It keeps back, in the lapsed grants, what the
+//!    cache holds or has pending for the account ([`plan_expiry`]'s `keep`). The cache reads that
+//!    figure and raises a fence in one atomic step: no reservation after it trusts a snapshot
+//!    that counts those grants as live, so every request that may still draw from them is in the
+//!    figure. What is kept stays unswept (and in `lapsed`, so still unavailable); a later sweep
+//!    takes whatever those requests did not use.
+//!
+//! Why that is enough: write the balance as `O + L − D` (remainders of live grants, of lapsed
+//! unswept grants, and debt). Requests that reserved before the lapse were checked against
+//! `O + L − D`; they draw from `L` first (it expires soonest), and the sweep left in `L` what they
+//! hold (or all of `L`), so the rest of their cost fits in `O − D + overdraft`. Every reservation
+//! after the lapse was checked against `O − D` less everything held or pending, theirs included,
+//! so it fits there too. Only a cost above its hold can go further (README, "Overdraft bound").
 
 /// A grant's state as a debit sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,15 +79,16 @@ pub fn drawing_order(grants: &mut [GrantRow]) {
 }
 
 /// Plans a debit of `amount` (> 0) against `grants`, updating their `remaining` in place.
-/// Grants must already be in [`drawing_order`]; expired ones (at `now_ms`) are skipped.
-pub fn plan_debit(grants: &mut [GrantRow], amount: i64, now_ms: i64) -> DebitPlan {
+/// Grants must already be in [`drawing_order`]; those lapsed at `live_at_ms` are skipped. That is
+/// now for a debit made now, and its request's start for a usage charge (see the module docs).
+pub fn plan_debit(grants: &mut [GrantRow], amount: i64, live_at_ms: i64) -> DebitPlan {
     let mut left = amount.max(0);
     let mut plan = DebitPlan::default();
     for grant in grants.iter_mut() {
         if left == 0 {
             break;
         }
-        if grant.remaining <= 0 || !grant.is_live(now_ms) {
+        if grant.remaining <= 0 || !grant.is_live(live_at_ms) {
             continue;
         }
         let take = grant.remaining.min(left);
@@ -113,6 +142,103 @@ pub fn plan_debit_from(
 pub fn plan_credit(debt: i64, amount: i64) -> (i64, i64) {
     let paid = debt.clamp(0, amount.max(0));
     (paid, amount - paid)
+}
+
+/// What a snapshot taken at some instant says about an account's expiring credits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ExpiryOutlook {
+    /// The soonest expiry among the unswept grants with something left that had not lapsed
+    /// yet; `None` if none of them expires. Until then nothing else lapses.
+    pub next_expiry_ms: Option<i64>,
+    /// Micro-credits left in unswept grants that had lapsed: part of the balance, drawn only by
+    /// requests that started before they lapsed, never available to a new reservation.
+    pub lapsed: i64,
+}
+
+/// The outlook at `at_ms` of an account whose unswept grants are `grants` (any order).
+pub fn outlook(grants: &[GrantRow], at_ms: i64) -> ExpiryOutlook {
+    let mut outlook = ExpiryOutlook::default();
+    for grant in grants.iter().filter(|g| g.remaining > 0) {
+        match grant.expires_at_ms {
+            Some(at) if at <= at_ms => {
+                outlook.lapsed = outlook.lapsed.saturating_add(grant.remaining);
+            }
+            Some(at) => {
+                outlook.next_expiry_ms = Some(outlook.next_expiry_ms.map_or(at, |n| n.min(at)));
+            }
+            None => {}
+        }
+    }
+    outlook
+}
+
+/// What the sweep does to one lapsed grant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExpiryStep {
+    pub grant: i64,
+    /// Micro-credits that leave the balance now (an `expiry` entry when > 0).
+    pub take: i64,
+    /// Micro-credits kept in the grant for requests that reserved before it lapsed. Zero means
+    /// the grant is swept for good; otherwise it stays unswept with `remaining = keep`.
+    pub keep: i64,
+}
+
+/// Plans the sweep of `due` (unswept grants that have lapsed, in [`drawing_order`]), keeping
+/// back `keep` micro-credits for the requests in flight (see the module docs).
+///
+/// What is kept goes to the latest-expiring grants first: a grant that lapsed later was live for
+/// every request that any earlier one was live for, so whichever of those requests settles can
+/// draw from it.
+pub fn plan_expiry(due: &[GrantRow], keep: i64) -> Vec<ExpiryStep> {
+    let mut left = keep.max(0);
+    let mut steps: Vec<ExpiryStep> = due
+        .iter()
+        .rev()
+        .map(|grant| {
+            let remaining = grant.remaining.max(0);
+            let kept = remaining.min(left);
+            left -= kept;
+            ExpiryStep {
+                grant: grant.id,
+                take: remaining - kept,
+                keep: kept,
+            }
+        })
+        .collect();
+    steps.reverse();
+    steps
+}
+
+/// The description and reference of the `expiry` entry that sweeps `grant` (keeping `keep` in
+/// it), the same in both adapters. The reference is unique per grant and sweep:
+/// `grant:<id>` for the sweep that ends the grant, and while part of it is kept,
+/// `grant:<id>:<remaining before>` (its remaining only shrinks, so no two sweeps share one).
+pub fn expiry_entry_text(
+    grant: &GrantRow,
+    source: &str,
+    amount: crate::domain::Credits,
+    keep: i64,
+) -> (String, String) {
+    let left = crate::domain::Credits::from_micros(grant.remaining);
+    if keep == 0 {
+        (
+            format!(
+                "grant {} ({source} of {amount} credits) expired with {left} credits left",
+                grant.id
+            ),
+            format!("grant:{}", grant.id),
+        )
+    } else {
+        (
+            format!(
+                "grant {} ({source} of {amount} credits) expired with {left} credits left; \
+                 {} of them stay for requests that started before it expired",
+                grant.id,
+                crate::domain::Credits::from_micros(keep),
+            ),
+            format!("grant:{}:{}", grant.id, grant.remaining),
+        )
+    }
 }
 
 #[cfg(test)]
@@ -208,6 +334,98 @@ mod tests {
             plan_debit(&mut b, 7, 50)
         );
         assert_eq!(a, b);
+    }
+
+    #[test]
+    fn a_settlement_draws_from_grants_live_when_its_request_started() {
+        // The request started at 90, before grant 1 lapsed at 100, and settles at 150.
+        let mut grants = vec![grant(1, 3, Some(100), 0), grant(2, 4, None, 0)];
+        let plan = plan_debit(&mut grants, 5, 90);
+        assert_eq!(plan.draws, [(1, 3), (2, 2)]);
+        // One that started at 100 or later no longer can.
+        let mut grants = vec![grant(1, 3, Some(100), 0), grant(2, 4, None, 0)];
+        let plan = plan_debit(&mut grants, 5, 100);
+        assert_eq!((plan.draws, plan.uncovered), (vec![(2, 4)], 1));
+    }
+
+    #[test]
+    fn the_outlook_splits_lapsed_credits_from_the_next_expiry() {
+        let grants = [
+            grant(1, 3, Some(100), 0),
+            grant(2, 4, Some(50), 0),
+            grant(3, 0, Some(120), 0),
+            grant(4, 5, Some(300), 0),
+            grant(5, 6, Some(200), 0),
+            grant(6, 7, None, 0),
+        ];
+        assert_eq!(
+            outlook(&grants, 100),
+            ExpiryOutlook {
+                next_expiry_ms: Some(200),
+                lapsed: 7,
+            },
+            "lapsed at or before 100: grants 1 and 2; the used-up grant 3 does not count"
+        );
+        assert_eq!(
+            outlook(&grants, 49),
+            ExpiryOutlook {
+                next_expiry_ms: Some(50),
+                lapsed: 0,
+            }
+        );
+        assert_eq!(
+            outlook(&grants, 1_000),
+            ExpiryOutlook {
+                next_expiry_ms: None,
+                lapsed: 18,
+            },
+            "the never-expiring grant 6 never lapses"
+        );
+        assert_eq!(outlook(&[], 0), ExpiryOutlook::default());
+    }
+
+    #[test]
+    fn the_sweep_takes_everything_when_nothing_is_in_flight() {
+        let due = [grant(1, 3, Some(50), 0), grant(2, 0, Some(60), 0)];
+        assert_eq!(
+            plan_expiry(&due, 0),
+            [
+                ExpiryStep {
+                    grant: 1,
+                    take: 3,
+                    keep: 0,
+                },
+                ExpiryStep {
+                    grant: 2,
+                    take: 0,
+                    keep: 0,
+                },
+            ]
+        );
+        assert_eq!(plan_expiry(&due, -5), plan_expiry(&due, 0));
+    }
+
+    #[test]
+    fn the_sweep_keeps_what_is_in_flight_in_the_latest_expiring_grants() {
+        let due = [
+            grant(1, 10, Some(50), 0),
+            grant(2, 4, Some(60), 0),
+            grant(3, 3, Some(70), 0),
+        ];
+        let steps = plan_expiry(&due, 5);
+        let by_grant: Vec<(i64, i64, i64)> =
+            steps.iter().map(|s| (s.grant, s.take, s.keep)).collect();
+        assert_eq!(by_grant, [(1, 10, 0), (2, 2, 2), (3, 0, 3)]);
+        // Each grant's remainder is either taken or kept, never both more than it has.
+        for (step, grant) in steps.iter().zip(&due) {
+            assert_eq!(step.take + step.keep, grant.remaining);
+        }
+        // More in flight than lapsed: everything is kept and nothing leaves yet.
+        let all: Vec<(i64, i64)> = plan_expiry(&due, 100)
+            .iter()
+            .map(|s| (s.take, s.keep))
+            .collect();
+        assert_eq!(all, [(0, 10), (0, 4), (0, 3)]);
     }
 
     #[test]

@@ -31,11 +31,76 @@ pub enum LedgerError {
     Corrupt(String),
 }
 
-/// A balance (or a key's remaining spend) with the revision it was read at.
+/// A balance (or a key's remaining spend) with the revision it was read at, and what it says
+/// about expiring credits (see [`grants`], "Between a grant's lapse and its sweep").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Snapshot {
     pub balance: Credits,
     pub rev: i64,
+    /// When the next grant counted as live lapses (Unix ms); a cache must reload the snapshot
+    /// from then on. `None`: nothing counted as live expires.
+    pub next_expiry_ms: Option<i64>,
+    /// The part of `balance` left in lapsed grants not swept yet: kept for requests that started
+    /// before they lapsed, so never available to a new reservation.
+    pub lapsed: Credits,
+}
+
+impl Snapshot {
+    /// A bucket without expiring credits (an API key's remaining spend).
+    pub fn plain(balance: Credits, rev: i64) -> Snapshot {
+        Snapshot {
+            balance,
+            rev,
+            next_expiry_ms: None,
+            lapsed: Credits::ZERO,
+        }
+    }
+
+    /// An account's snapshot, with the outlook at `at_ms` of its unswept `grants`.
+    pub(crate) fn of_account(
+        balance: Credits,
+        rev: i64,
+        grants: &[grants::GrantRow],
+        at_ms: i64,
+    ) -> Snapshot {
+        let outlook = grants::outlook(grants, at_ms);
+        Snapshot {
+            balance,
+            rev,
+            next_expiry_ms: outlook.next_expiry_ms,
+            lapsed: Credits::from_micros(outlook.lapsed),
+        }
+    }
+}
+
+/// What a balance cache knew of an account's requests in flight when it asked for a reload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InFlight {
+    /// The cache's fence (see [`KeepBack`]): grants lapsed at or before it may be swept.
+    pub at_ms: i64,
+    /// What the account held or had pending then: kept back from its lapsed grants.
+    pub amount: Credits,
+}
+
+/// Tells the expiry sweep what to keep back from an account's lapsed grants: what requests
+/// that reserved before they lapsed may still draw from them (see [`grants`]).
+#[async_trait]
+pub trait KeepBack: Send + Sync {
+    /// What `account` holds or has pending, read together with a fence at `at_ms`: from then on
+    /// no reservation trusts a snapshot that counts a grant lapsed by `at_ms` as live. `None`
+    /// when that cannot be known now; the sweep then leaves the account for its next run.
+    async fn keep_back(&self, account: &AccountId, at_ms: i64) -> Option<Credits>;
+}
+
+/// Nothing in flight anywhere: the sweep takes every lapsed remainder (tools and tests that run
+/// without a gateway).
+pub struct NothingInFlight;
+
+#[async_trait]
+impl KeepBack for NothingInFlight {
+    async fn keep_back(&self, _account: &AccountId, _at_ms: i64) -> Option<Credits> {
+        Some(Credits::ZERO)
+    }
 }
 
 /// What a reservation is made against.
@@ -332,10 +397,11 @@ pub trait Ledger: Send + Sync + 'static {
     async fn bump_cache_epoch(&self) -> Result<i64, LedgerError>;
 
     /// Checks every account: entries sum to the balance, each entry's before/after chain,
-    /// every charged usage record has its entry, each key's spend matches its usage; and the
+    /// every charged usage record has its entry, each key's spend matches its usage; the
     /// grants: `Σ remaining of unswept grants − debt = balance` with `debt ≥ 0`, and every
-    /// grant's `remaining = amount − debt_paid − Σ its draws ≥ 0`. Empty means consistent.
-    async fn verify(&self) -> Result<Vec<VerifyProblem>, LedgerError>;
+    /// grant's `remaining = amount − debt_paid − Σ its draws ≥ 0`; and no debit took a balance
+    /// below `-overdraft` without a documented cause (see `verify.rs`). Empty means consistent.
+    async fn verify(&self, overdraft: Credits) -> Result<Vec<VerifyProblem>, LedgerError>;
 
     /// Whether the database answers (for `/readyz`).
     async fn ping(&self) -> Result<(), LedgerError>;
@@ -347,11 +413,62 @@ pub trait Ledger: Send + Sync + 'static {
     /// order (also for a debit that drew a named grant first).
     async fn draws(&self, transaction_id: i64) -> Result<Vec<(i64, Credits)>, LedgerError>;
 
-    /// Sweeps grants whose expiry is at or before `now_ms`: each unswept remainder leaves the
-    /// balance as one `expiry` entry (reference `grant:<id>`) drawn from that grant, and the
-    /// grant is marked swept (`expired_at = now_ms`). Idempotent and safe to run on several
-    /// instances at once. Returns the accounts whose balance changed, with their new snapshots.
-    async fn expire_grants(&self, now_ms: i64) -> Result<Vec<(AccountId, Snapshot)>, LedgerError>;
+    /// The accounts with unswept grants whose expiry is at or before `now_ms`.
+    async fn accounts_due(&self, now_ms: i64) -> Result<Vec<AccountId>, LedgerError>;
+
+    /// Sweeps the account's unswept grants whose expiry is at or before `now_ms`, keeping back
+    /// `keep` in them for the requests in flight ([`grants::plan_expiry`]). What is taken from a
+    /// grant leaves the balance as one `expiry` entry drawn from it (reference `grant:<id>`, or
+    /// `grant:<id>:<remaining before>` while part of it is kept); a grant with nothing kept is
+    /// marked swept (`expired_at = now_ms`). Idempotent and safe to run on several instances at
+    /// once. Returns the account's snapshot (outlook at `now_ms`) and whether its balance moved.
+    async fn expire_account(
+        &self,
+        account: &AccountId,
+        now_ms: i64,
+        keep: Credits,
+    ) -> Result<(Snapshot, bool), LedgerError>;
+
+    /// Sweeps every account with grants due at `now_ms` ([`Ledger::expire_account`]), keeping
+    /// back what `keep` says is in flight. Returns the accounts whose balance changed, with
+    /// their new snapshots.
+    async fn expire_grants(
+        &self,
+        now_ms: i64,
+        keep: &dyn KeepBack,
+    ) -> Result<Vec<(AccountId, Snapshot)>, LedgerError> {
+        let mut changed = Vec::new();
+        for account in self.accounts_due(now_ms).await? {
+            // Read (and fenced) before the sweep's transaction, which it must not wait inside.
+            let Some(kept) = keep.keep_back(&account, now_ms).await else {
+                continue;
+            };
+            let (snapshot, moved) = self.expire_account(&account, now_ms, kept).await?;
+            if moved {
+                changed.push((account, snapshot));
+            }
+        }
+        Ok(changed)
+    }
+
+    /// A balance cache's reload: the bucket's snapshot, after sweeping what an account has
+    /// lapsed by `in_flight.at_ms` beyond what is kept for its requests in flight. Nothing is
+    /// written when nothing needs sweeping (the common case: a miss or an invalidation).
+    async fn reload(
+        &self,
+        bucket: &Bucket,
+        signup_grant: Credits,
+        in_flight: InFlight,
+    ) -> Result<Snapshot, LedgerError> {
+        let snapshot = self.snapshot(bucket, signup_grant).await?;
+        match bucket {
+            Bucket::Account(account) if snapshot.lapsed > in_flight.amount => Ok(self
+                .expire_account(account, in_flight.at_ms, in_flight.amount)
+                .await?
+                .0),
+            _ => Ok(snapshot),
+        }
+    }
 
     /// Orders, payment events and invoices, kept in the same database.
     fn payments(&self) -> &dyn crate::billing::store::PaymentStore;

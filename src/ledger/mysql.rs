@@ -32,7 +32,10 @@ use sqlx::{
     Connection, Executor, MySql, MySqlConnection, MySqlPool, QueryBuilder, Row, SqlSafeStr,
 };
 
-use super::grants::{GrantRow, drawing_order, plan_credit, plan_debit, plan_debit_from};
+use super::grants::{
+    GrantRow, drawing_order, expiry_entry_text, plan_credit, plan_debit, plan_debit_from,
+    plan_expiry,
+};
 use super::verify::Checks;
 use super::{
     AccountRecord, ApiKeyRecord, Bucket, EntryType, GrantOutcome, GrantRecord, GrantRequest,
@@ -279,11 +282,49 @@ fn key_from_row(row: &MySqlRow) -> Result<ApiKeyRecord, LedgerError> {
     })
 }
 
+/// The balance and revision of an `accounts` row; the outlook is added once the transaction's
+/// writes are planned ([`with_outlook`]).
 fn snapshot_from_row(row: &MySqlRow) -> Result<Snapshot, LedgerError> {
-    Ok(Snapshot {
-        balance: credits(row, "balance")?,
-        rev: row.try_get("rev")?,
+    Ok(Snapshot::plain(
+        credits(row, "balance")?,
+        row.try_get("rev")?,
+    ))
+}
+
+fn grant_row(row: &MySqlRow) -> Result<GrantRow, sqlx::Error> {
+    Ok(GrantRow {
+        id: row.try_get("id")?,
+        remaining: row.try_get("remaining")?,
+        expires_at_ms: row.try_get("expires_at")?,
+        created_at_ms: row.try_get("created_at")?,
     })
+}
+
+/// `snapshot` with the outlook at `at_ms` of the account's unswept grants, read inside the
+/// caller's transaction, which holds the account's lock (so they cannot change under it) and
+/// sees its own writes.
+async fn with_outlook(
+    conn: &mut MySqlConnection,
+    account: &AccountId,
+    snapshot: Snapshot,
+    at_ms: i64,
+) -> Result<Snapshot, LedgerError> {
+    let grants = sqlx::query(
+        "SELECT id, remaining, expires_at, created_at FROM credit_grants \
+         WHERE account_id = ? AND expired_at IS NULL AND remaining > 0",
+    )
+    .bind(account.as_str())
+    .fetch_all(&mut *conn)
+    .await?
+    .iter()
+    .map(grant_row)
+    .collect::<Result<Vec<_>, _>>()?;
+    Ok(Snapshot::of_account(
+        snapshot.balance,
+        snapshot.rev,
+        &grants,
+        at_ms,
+    ))
 }
 
 fn next_rev(rev: i64, account: &AccountId) -> Result<i64, LedgerError> {
@@ -385,13 +426,9 @@ async fn lock_accounts(
         insert.build().execute(&mut *conn).await?;
         for account in chunk {
             let account = (*account).clone();
-            locked.balances.insert(
-                account.clone(),
-                Snapshot {
-                    balance: Credits::ZERO,
-                    rev: 0,
-                },
-            );
+            locked
+                .balances
+                .insert(account.clone(), Snapshot::plain(Credits::ZERO, 0));
             locked.debts.insert(account.clone(), 0);
             locked.created.insert(account);
         }
@@ -430,12 +467,7 @@ async fn lock_live_grants(
             grants
                 .entry(parse_account(&account)?)
                 .or_default()
-                .push(GrantRow {
-                    id: row.try_get("id")?,
-                    remaining: row.try_get("remaining")?,
-                    expires_at_ms: row.try_get("expires_at")?,
-                    created_at_ms: row.try_get("created_at")?,
-                });
+                .push(grant_row(&row)?);
         }
     }
     for account_grants in grants.values_mut() {
@@ -619,13 +651,8 @@ async fn append_entry(
         reference: reference.map(str::to_owned),
         created_at_ms: now,
     };
-    Ok((
-        entry,
-        Snapshot {
-            balance: after,
-            rev,
-        },
-    ))
+    let snapshot = with_outlook(conn, account, Snapshot::plain(after, rev), now).await?;
+    Ok((entry, snapshot))
 }
 
 fn grant_from_row(row: &MySqlRow) -> Result<GrantRecord, LedgerError> {
@@ -653,9 +680,11 @@ struct KeySpend {
 impl KeySpend {
     /// The remaining spend, if the key has a limit (as the SQLite adapter reports it).
     fn limit_snapshot(&self) -> Option<Snapshot> {
-        self.limit.map(|limit| Snapshot {
-            balance: Credits::from_micros(limit.saturating_sub(self.spent)),
-            rev: self.rev,
+        self.limit.map(|limit| {
+            Snapshot::plain(
+                Credits::from_micros(limit.saturating_sub(self.spent)),
+                self.rev,
+            )
         })
     }
 }
@@ -861,21 +890,42 @@ async fn read_key_limit(
         .ok_or_else(|| LedgerError::Corrupt(format!("api key {key_id} vanished")))?;
     let limit: Option<i64> = row.try_get("spend_limit")?;
     let spent: i64 = row.try_get("spent")?;
-    Ok(Snapshot {
-        balance: Credits::from_micros(limit.unwrap_or(i64::MAX).saturating_sub(spent)),
-        rev: row.try_get("rev")?,
-    })
+    Ok(Snapshot::plain(
+        Credits::from_micros(limit.unwrap_or(i64::MAX).saturating_sub(spent)),
+        row.try_get("rev")?,
+    ))
 }
 
+/// The account's snapshot, with the outlook of its unswept grants now.
 async fn read_account(
     executor: impl Executor<'_, Database = MySql>,
     account: &AccountId,
 ) -> Result<Option<Snapshot>, LedgerError> {
-    let row = sqlx::query("SELECT balance, rev FROM accounts WHERE id = ?")
-        .bind(account.as_str())
-        .fetch_optional(executor)
-        .await?;
-    row.as_ref().map(snapshot_from_row).transpose()
+    // One statement, so the balance and the grants come from the same committed state.
+    let rows = sqlx::query(
+        "SELECT a.balance, a.rev, g.id, g.remaining, g.expires_at, g.created_at FROM accounts a \
+         LEFT JOIN credit_grants g \
+         ON g.account_id = a.id AND g.expired_at IS NULL AND g.remaining > 0 WHERE a.id = ?",
+    )
+    .bind(account.as_str())
+    .fetch_all(executor)
+    .await?;
+    let Some(first) = rows.first() else {
+        return Ok(None);
+    };
+    let mut grants = Vec::with_capacity(rows.len());
+    for row in &rows {
+        if row.try_get::<Option<i64>, _>("id")?.is_some() {
+            grants.push(grant_row(row)?);
+        }
+    }
+    let snapshot = snapshot_from_row(first)?;
+    Ok(Some(Snapshot::of_account(
+        snapshot.balance,
+        snapshot.rev,
+        &grants,
+        now_ms(),
+    )))
 }
 
 impl MySqlLedger {
@@ -886,7 +936,7 @@ impl MySqlLedger {
     ) -> Result<Snapshot, LedgerError> {
         let mut tx = self.pool.begin().await?;
         let locked = lock_account(&mut tx, account).await?;
-        let mut snapshot = locked.get(account)?;
+        let mut snapshot = with_outlook(&mut tx, account, locked.get(account)?, now_ms()).await?;
         if locked.created.contains(account) && signup_grant.is_positive() {
             let (_, after) = append_entry(
                 &mut tx,
@@ -925,11 +975,12 @@ impl MySqlLedger {
             .await?;
             if let Some(row) = existing {
                 let entry = entry_from_row(&row)?;
+                let snapshot = with_outlook(&mut tx, &grant.account, before, now_ms()).await?;
                 tx.commit().await?;
                 return Ok(GrantOutcome {
                     entry,
                     applied: false,
-                    snapshot: before,
+                    snapshot,
                 });
             }
         }
@@ -972,14 +1023,9 @@ impl MySqlLedger {
                 !settled.contains(id) && seen.insert(id)
             })
             .collect();
-        // The grants the batch's charges draw from, locked after the accounts.
-        let charged: BTreeSet<&AccountId> = batch
-            .iter()
-            .zip(&applied_flags)
-            .filter(|(s, applied)| **applied && s.cost != Credits::ZERO)
-            .map(|(s, _)| &s.account)
-            .collect();
-        let mut grants = lock_live_grants(&mut tx, &charged).await?;
+        // The grants the batch's charges draw from, locked after the accounts; every account's
+        // are read, since each outcome reports the account's expiry outlook.
+        let mut grants = lock_live_grants(&mut tx, &accounts).await?;
         let mut key_spend = lock_keys(&mut tx, &keys).await?;
 
         // Plan the whole batch in Rust first: which settlements apply, each entry's
@@ -1019,10 +1065,11 @@ impl MySqlLedger {
                 .micros()
                 .checked_neg()
                 .ok_or_else(|| overflow(&s.account))?;
+            // From the grants live when the request started: it reserved against them.
             let plan = plan_debit(
                 grants.entry(s.account.clone()).or_default(),
                 s.cost.micros(),
-                now,
+                s.started_at_ms.min(now),
             );
             let debt = locked
                 .debts
@@ -1106,10 +1153,16 @@ impl MySqlLedger {
             .iter()
             .zip(applied_flags)
             .map(|(s, applied)| {
+                let account = locked.get(&s.account)?;
                 Ok(SettleOutcome {
                     request_id: s.request_id.clone(),
                     applied,
-                    account: locked.get(&s.account)?,
+                    account: Snapshot::of_account(
+                        account.balance,
+                        account.rev,
+                        grants.get(&s.account).map_or(&[], Vec::as_slice),
+                        now,
+                    ),
                     key_limit: s
                         .api_key_id
                         .as_deref()
@@ -1120,51 +1173,59 @@ impl MySqlLedger {
             .collect()
     }
 
-    /// Sweeps one account's due grants in one transaction; `Some` if its balance moved.
+    /// Sweeps one account's due grants in one transaction (see [`Ledger::expire_account`]).
     async fn expire_account_once(
         &self,
         account: &AccountId,
         now: i64,
-    ) -> Result<Option<Snapshot>, LedgerError> {
+        keep: Credits,
+    ) -> Result<(Snapshot, bool), LedgerError> {
         let mut tx = self.pool.begin().await?;
         let locked = lock_account(&mut tx, account).await?;
-        // Read under the account's lock: a sweep that committed meanwhile has set `expired_at`,
-        // and one still running waits for this transaction.
-        let due = sqlx::query(
-            "SELECT id, source, amount, remaining FROM credit_grants \
+        // Read under the account's lock: a sweep that committed meanwhile has set `expired_at`
+        // or taken its part, and one still running waits for this transaction.
+        let rows = sqlx::query(
+            "SELECT id, source, amount, remaining, expires_at, created_at FROM credit_grants \
              WHERE account_id = ? AND expired_at IS NULL AND expires_at <= ? \
-             ORDER BY expires_at, id FOR UPDATE",
+             ORDER BY id FOR UPDATE",
         )
         .bind(account.as_str())
         .bind(now)
         .fetch_all(&mut *tx)
         .await?;
+        let mut due = Vec::with_capacity(rows.len());
+        let mut origin = HashMap::with_capacity(rows.len());
+        for row in &rows {
+            let grant = grant_row(row)?;
+            origin.insert(
+                grant.id,
+                (row.try_get::<String, _>("source")?, credits(row, "amount")?),
+            );
+            due.push(grant);
+        }
+        drawing_order(&mut due);
         let mut snapshot = locked.get(account)?;
         let clock = now_ms();
         let mut moved = false;
-        for row in &due {
-            let id: i64 = row.try_get("id")?;
-            let remaining: i64 = row.try_get("remaining")?;
-            if remaining > 0 {
-                let source: String = row.try_get("source")?;
-                let amount = credits(row, "amount")?;
+        for (step, grant) in plan_expiry(&due, keep.micros()).iter().zip(&due) {
+            if step.take > 0 {
+                let (source, amount) = origin
+                    .get(&grant.id)
+                    .ok_or_else(|| LedgerError::Corrupt(format!("grant {} vanished", grant.id)))?;
                 let before = snapshot.balance;
                 let after = before
-                    .checked_sub(Credits::from_micros(remaining))
+                    .checked_sub(Credits::from_micros(step.take))
                     .ok_or_else(|| overflow(account))?;
-                let description = format!(
-                    "grant {id} ({source} of {amount} credits) expired with {} credits left",
-                    Credits::from_micros(remaining)
-                );
-                // The reference is the grant: a second expiry entry for it hits the unique key.
-                let reference = format!("grant:{id}");
+                // The reference names the grant and this sweep of it: a racing sweeper's entry
+                // for the same sweep hits the unique key.
+                let (description, reference) = expiry_entry_text(grant, source, *amount, step.keep);
                 let inserted = sqlx::query(
                     "INSERT INTO credit_transactions \
                      (account_id, `type`, amount, balance_before, balance_after, description, \
                      reference, created_at) VALUES (?, 'expiry', ?, ?, ?, ?, ?, ?)",
                 )
                 .bind(account.as_str())
-                .bind(-remaining)
+                .bind(-step.take)
                 .bind(before.micros())
                 .bind(after.micros())
                 .bind(&description)
@@ -1174,15 +1235,23 @@ impl MySqlLedger {
                 .await?;
                 let entry_id = i64::try_from(inserted.last_insert_id())
                     .map_err(|_| LedgerError::Corrupt("ledger entry id out of range".into()))?;
-                insert_draws(&mut tx, entry_id, &[(id, remaining)]).await?;
+                insert_draws(&mut tx, entry_id, &[(grant.id, step.take)]).await?;
                 snapshot.balance = after;
                 moved = true;
             }
-            sqlx::query("UPDATE credit_grants SET remaining = 0, expired_at = ? WHERE id = ?")
-                .bind(now)
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
+            if step.keep == 0 {
+                sqlx::query("UPDATE credit_grants SET remaining = 0, expired_at = ? WHERE id = ?")
+                    .bind(now)
+                    .bind(grant.id)
+                    .execute(&mut *tx)
+                    .await?;
+            } else if step.take > 0 {
+                sqlx::query("UPDATE credit_grants SET remaining = ? WHERE id = ?")
+                    .bind(step.keep)
+                    .bind(grant.id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
         }
         if moved {
             snapshot.rev = next_rev(snapshot.rev, account)?;
@@ -1194,8 +1263,11 @@ impl MySqlLedger {
                 .execute(&mut *tx)
                 .await?;
         }
+        // The outlook from the later of the sweep's cutoff and now: a grant that lapsed in
+        // between is reported lapsed (unavailable) rather than live.
+        let snapshot = with_outlook(&mut tx, account, snapshot, now.max(clock)).await?;
         tx.commit().await?;
-        Ok(moved.then_some(snapshot))
+        Ok((snapshot, moved))
     }
 
     async fn create_api_key_once(&self, key: &ApiKeyRecord) -> Result<(), LedgerError> {
@@ -1428,7 +1500,7 @@ impl Ledger for MySqlLedger {
         .await
     }
 
-    async fn verify(&self) -> Result<Vec<VerifyProblem>, LedgerError> {
+    async fn verify(&self, overdraft: Credits) -> Result<Vec<VerifyProblem>, LedgerError> {
         // One consistent snapshot for every read, so settlements committing meanwhile cannot
         // make balances, entries and grants disagree. (The session default is READ COMMITTED;
         // this applies to the next transaction only.)
@@ -1439,7 +1511,7 @@ impl Ledger for MySqlLedger {
             .begin_with("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
             .await?;
 
-        let mut checks = Checks::read::<MySql>(&mut tx).await?;
+        let mut checks = Checks::read::<MySql>(&mut tx, overdraft).await?;
         // SUM over BIGINT is DECIMAL on the server; it travels as text and is parsed exactly.
         {
             let mut rows = sqlx::query(
@@ -1547,7 +1619,7 @@ impl Ledger for MySqlLedger {
         self
     }
 
-    async fn expire_grants(&self, now: i64) -> Result<Vec<(AccountId, Snapshot)>, LedgerError> {
+    async fn accounts_due(&self, now: i64) -> Result<Vec<AccountId>, LedgerError> {
         let accounts: Vec<String> = sqlx::query_scalar(
             "SELECT DISTINCT account_id FROM credit_grants \
              WHERE expired_at IS NULL AND expires_at <= ? ORDER BY account_id",
@@ -1555,20 +1627,21 @@ impl Ledger for MySqlLedger {
         .bind(now)
         .fetch_all(&self.pool)
         .await?;
-        let mut changed = Vec::new();
-        for raw in accounts {
-            let account = parse_account(&raw)?;
-            // A racing sweeper's expiry entry for the same grant hits the unique key; the re-run
-            // then finds the grant swept and does nothing.
-            let moved = retrying("expire_grants", Retry::LockConflictsAndDuplicates, || {
-                self.expire_account_once(&account, now)
-            })
-            .await?;
-            if let Some(snapshot) = moved {
-                changed.push((account, snapshot));
-            }
-        }
-        Ok(changed)
+        accounts.iter().map(|raw| parse_account(raw)).collect()
+    }
+
+    async fn expire_account(
+        &self,
+        account: &AccountId,
+        now: i64,
+        keep: Credits,
+    ) -> Result<(Snapshot, bool), LedgerError> {
+        // A racing sweeper's expiry entry for the same grant hits the unique key; the re-run
+        // then finds the grant swept and does nothing.
+        retrying("expire_grants", Retry::LockConflictsAndDuplicates, || {
+            self.expire_account_once(account, now, keep)
+        })
+        .await
     }
 }
 

@@ -15,7 +15,10 @@ use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlSafeStr, SqliteConnection, SqlitePool};
 
-use super::grants::{GrantRow, drawing_order, plan_credit, plan_debit, plan_debit_from};
+use super::grants::{
+    GrantRow, drawing_order, expiry_entry_text, plan_credit, plan_debit, plan_debit_from,
+    plan_expiry,
+};
 use super::verify::Checks;
 use super::{
     AccountRecord, ApiKeyRecord, Bucket, EntryType, GrantOutcome, GrantRecord, GrantRequest,
@@ -174,21 +177,40 @@ async fn insert_account(
     Ok(done.rows_affected() == 1)
 }
 
+/// The account's snapshot, with the outlook of its unswept grants now.
 async fn read_account(
     conn: &mut SqliteConnection,
     account: &AccountId,
 ) -> Result<Option<Snapshot>, LedgerError> {
-    let row = sqlx::query("SELECT balance, rev FROM accounts WHERE id = ?")
-        .bind(account.as_str())
-        .fetch_optional(&mut *conn)
-        .await?;
-    row.map(|row| {
-        Ok(Snapshot {
-            balance: credits(&row, "balance")?,
-            rev: row.try_get("rev")?,
-        })
-    })
-    .transpose()
+    // One statement, so the balance and the grants come from the same state of the database.
+    let rows = sqlx::query(
+        "SELECT a.balance, a.rev, g.id, g.remaining, g.expires_at, g.created_at FROM accounts a \
+         LEFT JOIN credit_grants g \
+         ON g.account_id = a.id AND g.expired_at IS NULL AND g.remaining > 0 WHERE a.id = ?",
+    )
+    .bind(account.as_str())
+    .fetch_all(&mut *conn)
+    .await?;
+    let Some(first) = rows.first() else {
+        return Ok(None);
+    };
+    let mut grants = Vec::with_capacity(rows.len());
+    for row in &rows {
+        if let Some(id) = row.try_get::<Option<i64>, _>("id")? {
+            grants.push(GrantRow {
+                id,
+                remaining: row.try_get("remaining")?,
+                expires_at_ms: row.try_get("expires_at")?,
+                created_at_ms: row.try_get("created_at")?,
+            });
+        }
+    }
+    Ok(Some(Snapshot::of_account(
+        credits(first, "balance")?,
+        first.try_get("rev")?,
+        &grants,
+        now_ms(),
+    )))
 }
 
 /// An account as a write transaction sees it: balance, revision and debt.
@@ -209,12 +231,27 @@ async fn read_state(
         .await?
         .ok_or_else(|| LedgerError::Corrupt(format!("account {account} vanished")))?;
     Ok(AccountState {
-        snapshot: Snapshot {
-            balance: credits(&row, "balance")?,
-            rev: row.try_get("rev")?,
-        },
+        // Its outlook is filled in once the transaction's writes are planned.
+        snapshot: Snapshot::plain(credits(&row, "balance")?, row.try_get("rev")?),
         debt: row.try_get("debt")?,
     })
+}
+
+/// `state`'s snapshot with the outlook at `at_ms` of the account's unswept grants as the
+/// transaction has left them.
+async fn with_outlook(
+    conn: &mut SqliteConnection,
+    account: &AccountId,
+    state: &AccountState,
+    at_ms: i64,
+) -> Result<Snapshot, LedgerError> {
+    let grants = live_grants(conn, account).await?;
+    Ok(Snapshot::of_account(
+        state.snapshot.balance,
+        state.snapshot.rev,
+        &grants,
+        at_ms,
+    ))
 }
 
 async fn write_account(
@@ -371,18 +408,18 @@ async fn append_entry(
     let before = read_state(conn, account).await?;
     let now = now_ms();
     let mut after = AccountState {
-        snapshot: Snapshot {
-            balance: before
+        snapshot: Snapshot::plain(
+            before
                 .snapshot
                 .balance
                 .checked_add(amount)
                 .ok_or_else(|| overflow(account))?,
-            rev: before
+            before
                 .snapshot
                 .rev
                 .checked_add(1)
                 .ok_or_else(|| overflow(account))?,
-        },
+        ),
         debt: before.debt,
     };
     // Planned before anything is written, so an overflow changes nothing.
@@ -451,7 +488,8 @@ async fn append_entry(
         reference: reference.map(str::to_owned),
         created_at_ms: now,
     };
-    Ok((entry, after.snapshot))
+    let snapshot = with_outlook(conn, account, &after, now).await?;
+    Ok((entry, snapshot))
 }
 
 fn grant_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<GrantRecord, LedgerError> {
@@ -478,9 +516,11 @@ struct KeySpend {
 
 impl KeySpend {
     fn limit_snapshot(&self) -> Option<Snapshot> {
-        self.limit.map(|limit| Snapshot {
-            balance: Credits::from_micros(limit.saturating_sub(self.spent)),
-            rev: self.rev,
+        self.limit.map(|limit| {
+            Snapshot::plain(
+                Credits::from_micros(limit.saturating_sub(self.spent)),
+                self.rev,
+            )
         })
     }
 }
@@ -512,50 +552,58 @@ struct Touched {
 }
 
 impl SqliteLedger {
-    /// Sweeps one account's due grants in one transaction; `Some` if its balance moved.
-    async fn expire_account(
+    /// Sweeps one account's due grants in one transaction (see [`Ledger::expire_account`]).
+    async fn sweep(
         &self,
         account: &AccountId,
         now: i64,
-    ) -> Result<Option<Snapshot>, LedgerError> {
+        keep: Credits,
+    ) -> Result<(Snapshot, bool), LedgerError> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        // Read under the write lock: a sweep that ran meanwhile has set `expired_at`.
-        let due = sqlx::query(
-            "SELECT id, source, amount, remaining FROM credit_grants \
-             WHERE account_id = ? AND expired_at IS NULL AND expires_at <= ? \
-             ORDER BY expires_at, id",
+        // Read under the write lock: a sweep that ran meanwhile has set `expired_at` or taken
+        // its part.
+        let rows = sqlx::query(
+            "SELECT id, source, amount, remaining, expires_at, created_at FROM credit_grants \
+             WHERE account_id = ? AND expired_at IS NULL AND expires_at <= ?",
         )
         .bind(account.as_str())
         .bind(now)
         .fetch_all(&mut *tx)
         .await?;
-        if due.is_empty() {
-            tx.commit().await?;
-            return Ok(None);
+        let mut due = Vec::with_capacity(rows.len());
+        let mut origin = BTreeMap::new();
+        for row in &rows {
+            let id: i64 = row.try_get("id")?;
+            due.push(GrantRow {
+                id,
+                remaining: row.try_get("remaining")?,
+                expires_at_ms: row.try_get("expires_at")?,
+                created_at_ms: row.try_get("created_at")?,
+            });
+            origin.insert(
+                id,
+                (row.try_get::<String, _>("source")?, credits(row, "amount")?),
+            );
         }
+        drawing_order(&mut due);
         let mut state = read_state(&mut tx, account).await?;
         let clock = now_ms();
         let mut moved = false;
-        for row in &due {
-            let id: i64 = row.try_get("id")?;
-            let remaining: i64 = row.try_get("remaining")?;
-            if remaining > 0 {
-                let source: String = row.try_get("source")?;
-                let amount = credits(row, "amount")?;
+        for (step, grant) in plan_expiry(&due, keep.micros()).iter().zip(&due) {
+            if step.take > 0 {
+                let (source, amount) = origin
+                    .get(&grant.id)
+                    .ok_or_else(|| LedgerError::Corrupt(format!("grant {} vanished", grant.id)))?;
                 let before = state.snapshot.balance;
                 let after = before
-                    .checked_sub(Credits::from_micros(remaining))
+                    .checked_sub(Credits::from_micros(step.take))
                     .ok_or_else(|| overflow(account))?;
-                let description = format!(
-                    "grant {id} ({source} of {amount} credits) expired with {} credits left",
-                    Credits::from_micros(remaining)
-                );
-                let reference = format!("grant:{id}");
+                let (description, reference) = expiry_entry_text(grant, source, *amount, step.keep);
                 let entry_id = insert_entry(
                     &mut tx,
                     account,
                     EntryType::Expiry,
-                    -remaining,
+                    -step.take,
                     before,
                     after,
                     &description,
@@ -563,15 +611,23 @@ impl SqliteLedger {
                     clock,
                 )
                 .await?;
-                insert_draws(&mut tx, entry_id, &[(id, remaining)]).await?;
+                insert_draws(&mut tx, entry_id, &[(grant.id, step.take)]).await?;
                 state.snapshot.balance = after;
                 moved = true;
             }
-            sqlx::query("UPDATE credit_grants SET remaining = 0, expired_at = ? WHERE id = ?")
-                .bind(now)
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
+            if step.keep == 0 {
+                sqlx::query("UPDATE credit_grants SET remaining = 0, expired_at = ? WHERE id = ?")
+                    .bind(now)
+                    .bind(grant.id)
+                    .execute(&mut *tx)
+                    .await?;
+            } else if step.take > 0 {
+                sqlx::query("UPDATE credit_grants SET remaining = ? WHERE id = ?")
+                    .bind(step.keep)
+                    .bind(grant.id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
         }
         if moved {
             state.snapshot.rev = state
@@ -581,8 +637,11 @@ impl SqliteLedger {
                 .ok_or_else(|| overflow(account))?;
             write_account(&mut tx, account, state, clock).await?;
         }
+        // The outlook from the later of the sweep's cutoff and now: a grant that lapsed in
+        // between is reported lapsed (unavailable) rather than live.
+        let snapshot = with_outlook(&mut tx, account, &state, now.max(clock)).await?;
         tx.commit().await?;
-        Ok(moved.then_some(state.snapshot))
+        Ok((snapshot, moved))
     }
 }
 
@@ -668,10 +727,10 @@ impl Ledger for SqliteLedger {
                     .ok_or_else(|| LedgerError::Corrupt(format!("api key {key_id} vanished")))?;
                 let limit: Option<i64> = row.try_get("spend_limit")?;
                 let spent: i64 = row.try_get("spent")?;
-                Ok(Snapshot {
-                    balance: Credits::from_micros(limit.unwrap_or(i64::MAX).saturating_sub(spent)),
-                    rev: row.try_get("rev")?,
-                })
+                Ok(Snapshot::plain(
+                    Credits::from_micros(limit.unwrap_or(i64::MAX).saturating_sub(spent)),
+                    row.try_get("rev")?,
+                ))
             }
         }
     }
@@ -802,7 +861,8 @@ impl Ledger for SqliteLedger {
             let after = before
                 .checked_sub(s.cost)
                 .ok_or_else(|| overflow(&s.account))?;
-            let plan = plan_debit(grants, s.cost.micros(), now);
+            // From the grants live when the request started: it reserved against them.
+            let plan = plan_debit(grants, s.cost.micros(), s.started_at_ms.min(now));
             account.state.debt = account
                 .state
                 .debt
@@ -861,9 +921,15 @@ impl Ledger for SqliteLedger {
                 .checked_add(1)
                 .ok_or_else(|| overflow(account))?;
             write_account(&mut tx, account, t.state, now).await?;
-            if let Some(grants) = &t.grants {
-                write_remaining(&mut tx, grants, &t.drawn).await?;
-            }
+            let grants = match t.grants.take() {
+                Some(grants) => {
+                    write_remaining(&mut tx, &grants, &t.drawn).await?;
+                    grants
+                }
+                None => live_grants(&mut tx, account).await?,
+            };
+            t.state.snapshot =
+                Snapshot::of_account(t.state.snapshot.balance, t.state.snapshot.rev, &grants, now);
         }
         for (key, spend) in &mut keys {
             if let Some(spend) = spend
@@ -887,10 +953,7 @@ impl Ledger for SqliteLedger {
                 Some(t) => t.state.snapshot,
                 None => read_account(&mut tx, &s.account)
                     .await?
-                    .unwrap_or(Snapshot {
-                        balance: Credits::ZERO,
-                        rev: 0,
-                    }),
+                    .unwrap_or(Snapshot::plain(Credits::ZERO, 0)),
             };
             let key_limit = match &s.api_key_id {
                 Some(key) => {
@@ -1042,11 +1105,11 @@ impl Ledger for SqliteLedger {
         Ok(epoch)
     }
 
-    async fn verify(&self) -> Result<Vec<VerifyProblem>, LedgerError> {
+    async fn verify(&self, overdraft: Credits) -> Result<Vec<VerifyProblem>, LedgerError> {
         // One read transaction: in WAL mode every read below sees the snapshot the first one
         // took, so settlements committing meanwhile cannot make the tables disagree.
         let mut tx = self.pool.begin().await?;
-        let mut checks = Checks::read::<sqlx::Sqlite>(&mut tx).await?;
+        let mut checks = Checks::read::<sqlx::Sqlite>(&mut tx, overdraft).await?;
         {
             let mut rows = sqlx::query("SELECT grant_id, amount FROM grant_draws").fetch(&mut *tx);
             while let Some(row) = rows.try_next().await? {
@@ -1131,7 +1194,7 @@ impl Ledger for SqliteLedger {
         self
     }
 
-    async fn expire_grants(&self, now: i64) -> Result<Vec<(AccountId, Snapshot)>, LedgerError> {
+    async fn accounts_due(&self, now: i64) -> Result<Vec<AccountId>, LedgerError> {
         let accounts: Vec<String> = sqlx::query_scalar(
             "SELECT DISTINCT account_id FROM credit_grants \
              WHERE expired_at IS NULL AND expires_at <= ? ORDER BY account_id",
@@ -1139,15 +1202,22 @@ impl Ledger for SqliteLedger {
         .bind(now)
         .fetch_all(&self.pool)
         .await?;
-        let mut changed = Vec::new();
-        for raw in accounts {
-            let account = AccountId::parse(&raw)
-                .map_err(|_| LedgerError::Corrupt(format!("account id `{raw}`")))?;
-            if let Some(snapshot) = self.expire_account(&account, now).await? {
-                changed.push((account, snapshot));
-            }
-        }
-        Ok(changed)
+        accounts
+            .iter()
+            .map(|raw| {
+                AccountId::parse(raw)
+                    .map_err(|_| LedgerError::Corrupt(format!("account id `{raw}`")))
+            })
+            .collect()
+    }
+
+    async fn expire_account(
+        &self,
+        account: &AccountId,
+        now: i64,
+        keep: Credits,
+    ) -> Result<(Snapshot, bool), LedgerError> {
+        self.sweep(account, now, keep).await
     }
 }
 

@@ -2,7 +2,18 @@
 //!
 //! Each adapter reads its rows inside one read transaction and feeds them to [`Checks`];
 //! [`Checks::finish`] then reports, account by account (in account id order), every mismatch
-//! between balances, debts, ledger entries, grants and grant draws.
+//! between balances, debts, ledger entries, grants and grant draws, and every debit that took a
+//! balance below `-overdraft` without a documented cause:
+//!
+//! - a refund or negative adjustment (disputes are refunds) may create debt by itself;
+//! - a usage entry may end below only if its request cost more than its hold (README,
+//!   "Overdraft bound"), or if, while it ran (from its record's `started_at` to its entry), a
+//!   refund, negative adjustment, expiry or usage above its hold landed on the account: the
+//!   reservation was checked against a balance that those then lowered;
+//! - an expiry entry may end below only if a refund, negative adjustment or usage above its hold
+//!   landed on the account between the grant's expiry and the entry. Otherwise it exposes debt
+//!   that usage ran up while the lapsed credits still propped the balance up: the overspend
+//!   that [`super::grants`] rules out.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -10,16 +21,20 @@ use futures_util::{TryStream, TryStreamExt};
 use sqlx::{ColumnIndex, Database, Decode, Executor, IntoArguments, Row, Type};
 
 use super::VerifyProblem;
+use crate::domain::Credits;
 
 /// Every account with its balance and debt, for [`Checks::accounts`].
 const ACCOUNTS: &str = "SELECT id, balance, debt FROM accounts";
-/// Every ledger entry in id order (per account, each account's own entry order), for
-/// [`Checks::entries`].
-const ENTRIES: &str = "SELECT id, account_id, amount, balance_before, balance_after \
-     FROM credit_transactions ORDER BY id";
+/// Every ledger entry in id order (per account, each account's own entry order), with its
+/// usage record's start, cost and hold for a usage entry, for [`Checks::entries`].
+const ENTRIES: &str = "SELECT t.id, t.account_id, t.`type`, t.amount, t.balance_before, \
+     t.balance_after, t.reference, t.created_at, u.started_at, u.cost, u.hold \
+     FROM credit_transactions t \
+     LEFT JOIN usage_records u ON t.`type` = 'usage' AND u.request_id = t.reference \
+     ORDER BY t.id";
 /// Every grant in id order, for [`Checks::grants`].
-const GRANTS: &str = "SELECT id, account_id, amount, debt_paid, remaining, expired_at \
-     FROM credit_grants ORDER BY id";
+const GRANTS: &str = "SELECT id, account_id, amount, debt_paid, remaining, expires_at, \
+     expired_at FROM credit_grants ORDER BY id";
 
 /// The column reads the checks need, for the rows of any sqlx driver.
 pub(crate) trait Columns {
@@ -63,7 +78,51 @@ struct AccountCheck {
     sum: i128,
     /// Σ remaining of the account's unswept grants.
     live_remaining: i128,
+    /// Debits that may explain a balance below `-overdraft`: `(created_at, what)`.
+    causes: Vec<(i64, Cause)>,
+    /// Debits that left the balance below `-overdraft`, each to be explained by a cause.
+    below: Vec<Below>,
     problems: Vec<String>,
+}
+
+/// A debit that can lower a balance below what reservations were checked against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cause {
+    /// A refund or a negative adjustment.
+    Taken,
+    /// An expiry entry.
+    Expiry,
+    /// A usage entry whose request cost more than its hold.
+    AboveHold,
+}
+
+/// A debit entry as the overdraft check sees it (see the module docs).
+#[derive(Debug, Clone)]
+pub(crate) struct Debit {
+    pub entry_id: i64,
+    pub entry_type: String,
+    pub balance_after: i64,
+    pub created_at: i64,
+    /// A usage entry's record: its request's `started_at`, and whether it cost more than its
+    /// hold. `None` for other entries, or a usage entry without a record (reported elsewhere).
+    pub usage: Option<(i64, bool)>,
+    /// The grant an expiry entry swept (from its reference `grant:<id>[:…]`).
+    pub grant: Option<i64>,
+}
+
+/// A debit that left the balance below `-overdraft`.
+struct Below {
+    entry_id: i64,
+    entry_type: String,
+    balance_after: i64,
+    created_at: i64,
+    /// Usage: its request's start; expiry: the grant it swept.
+    since: Since,
+}
+
+enum Since {
+    Started(i64),
+    GrantExpired(Option<i64>),
 }
 
 /// One grant row, checked in [`Checks::finish`] once every draw is known.
@@ -82,11 +141,25 @@ pub(crate) struct Checks {
     accounts: BTreeMap<String, AccountCheck>,
     drawn: HashMap<i64, i128>,
     grants: Vec<GrantCheck>,
+    /// Each grant's expiry, for the expiry entries that end below `-overdraft`.
+    expiries: HashMap<i64, i64>,
+    /// Micro-credits a balance may be reserved below zero (`metering.overdraft`).
+    overdraft: i64,
 }
 
 impl Checks {
+    /// With no overdraft.
+    #[cfg(test)]
     pub(crate) fn new() -> Self {
         Self::default()
+    }
+
+    /// Checks against a balance floor of `-overdraft` (micro-credits, ≥ 0).
+    pub(crate) fn with_overdraft(overdraft: i64) -> Self {
+        Checks {
+            overdraft: overdraft.max(0),
+            ..Self::default()
+        }
     }
 
     /// One row of `accounts`.
@@ -123,6 +196,36 @@ impl Checks {
         check.sum += i128::from(amount);
     }
 
+    /// A debit entry (amount < 0), for the overdraft check; per account in entry order.
+    pub(crate) fn debit(&mut self, account: String, debit: Debit) {
+        let floor = -i128::from(self.overdraft);
+        let check = self.accounts.entry(account).or_default();
+        let cause = match (debit.entry_type.as_str(), debit.usage) {
+            ("usage", Some((_, true))) => Some(Cause::AboveHold),
+            ("usage", _) => None,
+            ("expiry", _) => Some(Cause::Expiry),
+            _ => Some(Cause::Taken),
+        };
+        if let Some(cause) = cause {
+            check.causes.push((debit.created_at, cause));
+        }
+        if i128::from(debit.balance_after) >= floor || cause == Some(Cause::Taken) {
+            return;
+        }
+        let since = match debit.entry_type.as_str() {
+            // Without a record (reported as such elsewhere): only its own moment counts.
+            "usage" => Since::Started(debit.usage.map_or(debit.created_at, |(at, _)| at)),
+            _ => Since::GrantExpired(debit.grant),
+        };
+        check.below.push(Below {
+            entry_id: debit.entry_id,
+            entry_type: debit.entry_type,
+            balance_after: debit.balance_after,
+            created_at: debit.created_at,
+            since,
+        });
+    }
+
     /// A draw (or the sum of several draws) on a grant; may come before or after the grant.
     pub(crate) fn draw(&mut self, grant_id: i64, amount: i128) {
         *self.drawn.entry(grant_id).or_default() += amount;
@@ -148,16 +251,24 @@ impl Checks {
         });
     }
 
+    /// One grant's expiry time (grants without one need none).
+    pub(crate) fn grant_expiry(&mut self, grant_id: i64, expires_at: i64) {
+        self.expiries.insert(grant_id, expires_at);
+    }
+
     /// Reads [`ACCOUNTS`], [`ENTRIES`] and [`GRANTS`] on `conn`, inside the caller's read
     /// transaction; the caller then feeds the grant draws with [`Checks::draw`].
-    pub(crate) async fn read<DB>(conn: &mut DB::Connection) -> Result<Self, sqlx::Error>
+    pub(crate) async fn read<DB>(
+        conn: &mut DB::Connection,
+        overdraft: Credits,
+    ) -> Result<Self, sqlx::Error>
     where
         DB: Database,
         DB::Row: Columns,
         for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
         DB::Arguments: IntoArguments<DB>,
     {
-        let mut checks = Self::new();
+        let mut checks = Self::with_overdraft(overdraft.micros());
         checks
             .accounts(sqlx::query::<DB>(ACCOUNTS).fetch(&mut *conn))
             .await?;
@@ -189,13 +300,44 @@ impl Checks {
         S::Ok: Columns,
     {
         while let Some(row) = rows.try_next().await? {
+            let account = row.text("account_id")?;
+            let entry_id = row.int("id")?;
+            let amount = row.int("amount")?;
+            let balance_after = row.int("balance_after")?;
             self.entry(
-                row.text("account_id")?,
-                row.int("id")?,
-                row.int("amount")?,
+                account.clone(),
+                entry_id,
+                amount,
                 row.int("balance_before")?,
-                row.int("balance_after")?,
+                balance_after,
             );
+            if amount < 0 {
+                let usage = match (
+                    row.optional_int("started_at")?,
+                    row.optional_int("cost")?,
+                    row.optional_int("hold")?,
+                ) {
+                    (Some(started_at), Some(cost), Some(hold)) => Some((started_at, cost > hold)),
+                    _ => None,
+                };
+                let grant = row
+                    .optional_text("reference")?
+                    .as_deref()
+                    .and_then(|r| r.strip_prefix("grant:"))
+                    .and_then(|r| r.split(':').next())
+                    .and_then(|id| id.parse().ok());
+                self.debit(
+                    account,
+                    Debit {
+                        entry_id,
+                        entry_type: row.text("type")?,
+                        balance_after,
+                        created_at: row.int("created_at")?,
+                        usage,
+                        grant,
+                    },
+                );
+            }
         }
         Ok(())
     }
@@ -207,23 +349,37 @@ impl Checks {
         S::Ok: Columns,
     {
         while let Some(row) = rows.try_next().await? {
+            let grant_id = row.int("id")?;
             self.grant(
                 row.text("account_id")?,
-                row.int("id")?,
+                grant_id,
                 row.int("amount")?,
                 row.int("debt_paid")?,
                 row.int("remaining")?,
                 row.optional_int("expired_at")?,
             );
+            if let Some(expires_at) = row.optional_int("expires_at")? {
+                self.grant_expiry(grant_id, expires_at);
+            }
         }
         Ok(())
     }
 
     /// Every problem found, by account id; per account: a missing account, then the entries'
-    /// problems, then the grants', then the account's totals.
+    /// problems, then the grants', then the debits below `-overdraft`, then the account's totals.
     pub(crate) fn finish(mut self) -> Vec<VerifyProblem> {
         for grant in std::mem::take(&mut self.grants) {
             self.check_grant(grant);
+        }
+        for check in self.accounts.values_mut() {
+            for below in std::mem::take(&mut check.below) {
+                if let Some(problem) = unexplained(&below, &check.causes, &self.expiries) {
+                    check.problems.push(format!(
+                        "{problem}, below the overdraft floor of {}",
+                        -i128::from(self.overdraft)
+                    ));
+                }
+            }
         }
         let mut problems = Vec::new();
         for (account, check) in self.accounts {
@@ -285,6 +441,47 @@ impl Checks {
             check.live_remaining += i128::from(remaining);
         }
     }
+}
+
+/// Why `below` is a problem, or `None` when a cause in its window explains it (module docs).
+fn unexplained(
+    below: &Below,
+    causes: &[(i64, Cause)],
+    expiries: &HashMap<i64, i64>,
+) -> Option<String> {
+    let Below {
+        entry_id,
+        entry_type,
+        balance_after,
+        created_at,
+        since,
+    } = below;
+    let (from, explains): (i64, fn(Cause) -> bool) = match since {
+        Since::Started(at) => (*at, |_| true),
+        Since::GrantExpired(grant) => (
+            grant
+                .and_then(|id| expiries.get(&id).copied())
+                .unwrap_or(i64::MIN),
+            |cause| cause != Cause::Expiry,
+        ),
+    };
+    let explained = causes
+        .iter()
+        .any(|(at, cause)| (from..=*created_at).contains(at) && explains(*cause));
+    (!explained).then(|| {
+        let unexplained = match since {
+            Since::Started(_) => {
+                "no refund, adjustment, expiry or cost above its hold while its request ran"
+            }
+            Since::GrantExpired(_) => {
+                "no refund, adjustment or cost above its hold since its grant expired"
+            }
+        };
+        format!(
+            "entry {entry_id} ({entry_type}) left the balance at {balance_after} with \
+             {unexplained} to explain it"
+        )
+    })
 }
 
 #[cfg(test)]
@@ -415,6 +612,132 @@ mod tests {
                 ),
                 ("ghost".into(), "grant 11: remaining -1 is negative".into()),
             ]
+        );
+    }
+
+    fn debit(
+        id: i64,
+        entry_type: &str,
+        after: i64,
+        at: i64,
+        usage: Option<(i64, bool)>,
+        grant: Option<i64>,
+    ) -> Debit {
+        Debit {
+            entry_id: id,
+            entry_type: entry_type.into(),
+            balance_after: after,
+            created_at: at,
+            usage,
+            grant,
+        }
+    }
+
+    /// Overdraft problems only (the entries fed here do not chain; those problems are ignored).
+    fn below(checks: Checks) -> Vec<String> {
+        problems(checks)
+            .into_iter()
+            .map(|(_, problem)| problem)
+            .filter(|problem| problem.contains("overdraft"))
+            .collect()
+    }
+
+    #[test]
+    fn usage_below_the_overdraft_needs_a_cause_while_its_request_ran() {
+        let mut checks = Checks::with_overdraft(10);
+        // At the floor is fine; below it is not.
+        checks.debit(
+            "acct".into(),
+            debit(1, "usage", -10, 100, Some((90, false)), None),
+        );
+        checks.debit(
+            "acct".into(),
+            debit(2, "usage", -11, 200, Some((190, false)), None),
+        );
+        assert_eq!(
+            below(checks),
+            [
+                "entry 2 (usage) left the balance at -11 with no refund, adjustment, expiry or cost \
+              above its hold while its request ran to explain it, below the overdraft floor of -10"
+            ]
+        );
+
+        // A refund before the request started explains nothing; one while it ran does, as does
+        // an expiry, or a request (this one or another) that cost more than its hold.
+        for (cause, explained) in [
+            (debit(1, "refund", 0, 149, None, None), false),
+            (debit(1, "refund", -20, 150, None, None), true),
+            (debit(1, "adjustment", 5, 170, None, None), true),
+            (debit(1, "expiry", 5, 200, None, Some(7)), true),
+            (debit(1, "usage", 5, 160, Some((100, true)), None), true),
+            (debit(1, "usage", 5, 160, Some((100, false)), None), false),
+        ] {
+            let mut checks = Checks::new();
+            checks.debit("acct".into(), cause.clone());
+            checks.debit(
+                "acct".into(),
+                debit(2, "usage", -1, 200, Some((150, false)), None),
+            );
+            assert_eq!(below(checks).is_empty(), explained, "{cause:?}");
+        }
+        let mut checks = Checks::new();
+        checks.debit(
+            "acct".into(),
+            debit(2, "usage", -1, 200, Some((150, true)), None),
+        );
+        assert!(below(checks).is_empty(), "its own cost above its hold");
+    }
+
+    #[test]
+    fn refunds_and_adjustments_may_go_below_the_overdraft() {
+        let mut checks = Checks::new();
+        checks.debit("acct".into(), debit(1, "refund", -50, 100, None, None));
+        checks.debit("acct".into(), debit(2, "adjustment", -60, 110, None, None));
+        assert!(below(checks).is_empty());
+    }
+
+    #[test]
+    fn an_expiry_below_the_overdraft_needs_a_cause_since_its_grant_expired() {
+        let expired = |cause: Option<Debit>| {
+            let mut checks = Checks::new();
+            checks.grant_expiry(7, 1_000);
+            if let Some(cause) = cause {
+                checks.debit("acct".into(), cause);
+            }
+            checks.debit("acct".into(), debit(9, "expiry", -5, 2_000, None, Some(7)));
+            below(checks)
+        };
+        assert_eq!(
+            expired(None),
+            [
+                "entry 9 (expiry) left the balance at -5 with no refund, adjustment or cost above \
+              its hold since its grant expired to explain it, below the overdraft floor of 0"
+            ]
+        );
+        // Usage within its hold that ran into debt while the lapsed grant propped the balance up
+        // is what this catches; another expiry explains nothing either.
+        assert_eq!(
+            expired(Some(debit(
+                1,
+                "usage",
+                3,
+                1_500,
+                Some((1_400, false)),
+                None
+            )))
+            .len(),
+            1
+        );
+        assert_eq!(
+            expired(Some(debit(1, "expiry", 3, 1_500, None, Some(6)))).len(),
+            1
+        );
+        // A refund, or a cost above its hold, after the grant expired explains it; before, not.
+        assert!(expired(Some(debit(1, "refund", 3, 1_000, None, None))).is_empty());
+        assert!(expired(Some(debit(1, "usage", 3, 1_500, Some((900, true)), None))).is_empty());
+        assert_eq!(
+            expired(Some(debit(1, "refund", 3, 999, None, None))).len(),
+            1
         );
     }
 }

@@ -22,7 +22,9 @@ use crate::cache::{HoldSpec, ReserveError, SharedCache, SnapshotSource};
 use crate::config::{InsufficientPolicy, MeteringConfig, UnsizedInputPolicy};
 use crate::domain::{AccountId, Credits, RequestId, TokenUsage};
 use crate::http::error::ApiError;
-use crate::ledger::{Bucket, LedgerError, Settlement, SharedLedger, Snapshot, UsageSource, now_ms};
+use crate::ledger::{
+    Bucket, InFlight, LedgerError, Settlement, SharedLedger, Snapshot, UsageSource, now_ms,
+};
 use pricing::{PriceTable, PricingHandle};
 use settler::{Durable, Job, SettlerHandle};
 use tokio_util::sync::CancellationToken;
@@ -36,8 +38,10 @@ pub struct LedgerSource {
 
 #[async_trait]
 impl SnapshotSource for LedgerSource {
-    async fn load(&self, bucket: &Bucket) -> Result<Snapshot, LedgerError> {
-        self.ledger.snapshot(bucket, self.signup_grant).await
+    async fn load(&self, bucket: &Bucket, in_flight: InFlight) -> Result<Snapshot, LedgerError> {
+        self.ledger
+            .reload(bucket, self.signup_grant, in_flight)
+            .await
     }
 }
 
@@ -213,6 +217,9 @@ impl Meter {
         request: CostRequest<'_>,
         request_id: RequestId,
     ) -> Result<Reserved, ApiError> {
+        // Before the reservation: a settlement may draw from grants live at this instant, and
+        // the hold is only taken against grants still live then (ledger::grants).
+        let started_at_ms = now_ms();
         let table = self.inner.pricing.current();
         let price = table.price_for(request.model);
         let prompt = match request.unsized_input {
@@ -328,7 +335,7 @@ impl Meter {
                 account: request.account.clone(),
                 limited_key: request.limited_key.map(str::to_owned),
                 amount,
-                started_at_ms: now_ms(),
+                started_at_ms,
                 prices: table,
                 settler: Some(self.inner.settler.clone()),
                 _in_flight: self.inner.in_flight.token(),

@@ -90,7 +90,12 @@ fn settlement(request_id: &RequestId, account: &AccountId) -> Settlement {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_replayed_settlement_changes_nothing() {
-    let app = spawn_app().await;
+    // The account has no credits: with an overdraft of 1 its reservations could have been taken.
+    let app = spawn_app_with(Options {
+        extra: "overdraft = \"1\"".into(),
+        ..Options::default()
+    })
+    .await;
     let account = AccountId::parse("replay").expect("valid");
     let request_id = RequestId::new();
     let first = app

@@ -2,8 +2,10 @@
 
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
 use rust_decimal::Decimal;
 use serde_json::{Value, json};
+use tollgate::domain::{AccountId, Credits};
 
 use crate::helpers::*;
 
@@ -95,6 +97,169 @@ async fn expiring_credits_are_spent_first_and_swept_when_they_expire() {
     let expiries: Vec<&Value> = entries.iter().filter(|e| e["type"] == "expiry").collect();
     assert_eq!(expiries.len(), 1, "{entries:?}");
     assert_eq!(credits(&expiries[0]["amount"]), cost - Decimal::from(10));
+    app.assert_ledger_consistent().await;
+}
+
+/// A gateway whose periodic expiry sweep runs once at start-up and then not for an hour: only
+/// the lapse itself can stop expired credits from being spent.
+async fn spawn_app_without_periodic_sweeps() -> TestApp {
+    spawn_app_with(Options {
+        extra: "expiry_sweep_secs = 3600".into(),
+        ..Options::default()
+    })
+    .await
+}
+
+/// When the account's only grant lapses (Unix ms).
+async fn lapse_of_only_grant(app: &TestApp, account: &str) -> i64 {
+    let grants = app
+        .ledger
+        .grants(&AccountId::parse(account).expect("account id"))
+        .await
+        .expect("grants");
+    assert_eq!(grants.len(), 1);
+    grants[0].expires_at_ms.expect("an expiring grant")
+}
+
+/// Polls the clock (no fixed sleep) until `at_ms` has passed.
+async fn wait_until(at_ms: i64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tollgate::ledger::now_ms() <= at_ms {
+        assert!(Instant::now() < deadline, "{at_ms} never came");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// No ledger entry of the account ever left its balance below zero (the default overdraft).
+async fn assert_never_below_zero(app: &TestApp, bearer: &str) -> Vec<Value> {
+    let entries = app
+        .list("/api/credits/transactions?limit=100", bearer)
+        .await;
+    for entry in &entries {
+        assert!(
+            credits(&entry["balance_after"]) >= Decimal::ZERO,
+            "below -overdraft: {entry}"
+        );
+    }
+    entries
+}
+
+#[tokio::test]
+async fn requests_after_a_grant_lapses_are_refused_before_any_sweep() {
+    let app = spawn_app_without_periodic_sweeps().await;
+    // On the production backends a second instance serves every other request: the lapse must
+    // stop both.
+    let mut sibling = match crate::BACKEND {
+        Backend::Production => Some(app.spawn_sibling().await),
+        Backend::Embedded => None,
+    };
+    let bases: Vec<String> = std::iter::once(app.base.clone())
+        .chain(sibling.iter().map(|s| s.base.clone()))
+        .collect();
+    let user = token("lapsing");
+    admin_grant(
+        &app,
+        "lapsing",
+        json!({"amount": "1", "type": "bonus", "expires_in": "2s"}),
+    )
+    .await;
+    let lapses_at = lapse_of_only_grant(&app, "lapsing").await;
+    let chat = |base: &str, i: usize| {
+        app.client
+            .post(format!("{base}/v1/chat/completions"))
+            .bearer_auth(&user)
+            .json(&chat_body("mock-1", &format!("request {i}")))
+            .send()
+    };
+    for (i, base) in bases.iter().enumerate() {
+        assert_eq!(chat(base, i).await.expect("sent").status(), 200);
+    }
+    let before = app.settled_balance(&user).await;
+    assert!(credits(&before["available"]) > Decimal::ZERO);
+
+    wait_until(lapses_at).await;
+    // Twenty requests after the lapse, each instance in turn (the sibling first): every one
+    // is refused, though no periodic sweep has run.
+    for i in 0..20 {
+        let base = &bases[(i + 1) % bases.len()];
+        let response = chat(base, i).await.expect("sent");
+        let error = openai_error(response, 402).await;
+        assert_eq!(
+            error["code"], "insufficient_credits",
+            "request {i}: {error}"
+        );
+    }
+    let balance = app.settled_balance(&user).await;
+    assert_eq!(
+        (balance["balance"].as_str(), balance["available"].as_str()),
+        (Some("0"), Some("0")),
+        "{balance}"
+    );
+    let entries = assert_never_below_zero(&app, &user).await;
+    let usage = entries.iter().filter(|e| e["type"] == "usage").count();
+    assert_eq!(usage, bases.len(), "only the requests before the lapse ran");
+    app.assert_ledger_consistent().await;
+    if let Some(sibling) = &mut sibling {
+        sibling.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn a_request_running_when_its_grant_lapses_settles_within_the_overdraft() {
+    let app = spawn_app_without_periodic_sweeps().await;
+    let user = token("streaming-lapse");
+    admin_grant(
+        &app,
+        "streaming-lapse",
+        json!({"amount": "1", "type": "bonus", "expires_in": "2s"}),
+    )
+    .await;
+    let lapses_at = lapse_of_only_grant(&app, "streaming-lapse").await;
+    // A slow stream (a frame every 50 ms, 80 of them) reserves before the lapse and ends after.
+    let body = json!({
+        "model": "mock-slow",
+        "messages": [{"role": "user", "content": "a long answer, please"}],
+        "max_tokens": 80,
+        "stream": true,
+    });
+    let response = app.chat(&user, &body).await;
+    assert_eq!(response.status(), 200);
+    let mut stream = response.bytes_stream();
+    stream.next().await.expect("a first frame").expect("bytes");
+
+    wait_until(lapses_at).await;
+    let running = app.balance(&user).await;
+    assert_ne!(running["held"], "0", "the stream still runs: {running}");
+    // Both sweeps run while the stream still holds its credits: the one a reload runs (the
+    // view above) and the periodic one. Neither takes what the stream may still use, and no
+    // new request gets the lapsed credits.
+    tollgate::app::sweep_expired_grants(&*app.state.ledger, &*app.state.cache).await;
+    assert_eq!(
+        app.chat(&user, &chat_body("mock-1", "after the lapse"))
+            .await
+            .status(),
+        402
+    );
+    while let Some(chunk) = stream.next().await {
+        chunk.expect("the stream ends cleanly");
+    }
+    app.settled_balance(&user).await;
+    // What the stream did not use leaves at the next sweep.
+    tollgate::app::sweep_expired_grants(&*app.state.ledger, &*app.state.cache).await;
+    let balance = app.settled_balance(&user).await;
+    assert_eq!(balance["balance"], "0", "{balance}");
+
+    let entries = assert_never_below_zero(&app, &user).await;
+    let total = |kind: &str| -> Decimal {
+        entries
+            .iter()
+            .filter(|e| e["type"] == kind)
+            .map(|e| credits(&e["amount"]))
+            .sum()
+    };
+    let cost = -total("usage");
+    assert!(cost > Decimal::ZERO, "{entries:?}");
+    assert_eq!(total("expiry"), cost - Decimal::ONE, "{entries:?}");
     app.assert_ledger_consistent().await;
 }
 
@@ -225,4 +390,55 @@ async fn ledger_verify_exits_1_and_names_the_account_when_a_balance_is_tampered_
     let report = String::from_utf8_lossy(&output.stdout);
     assert!(report.contains("account tampered:"), "{report}");
     assert!(!report.contains("account honest:"), "{report}");
+}
+
+#[tokio::test]
+async fn ledger_verify_reports_usage_that_took_a_balance_below_the_overdraft() {
+    let app = spawn_app().await;
+    let user = token("forged");
+    app.grant("forged", "1").await;
+    assert_eq!(
+        app.chat(&user, &chat_body("mock-1", "hello"))
+            .await
+            .status(),
+        200
+    );
+    app.settled_balance(&user).await;
+    app.assert_ledger_consistent().await;
+
+    // The request now looks as if it cost 2 credits more, within its hold, and every total
+    // agrees: only the balance floor can tell that no reservation would have allowed it.
+    app.execute_sql(
+        "UPDATE credit_transactions SET amount = amount - 2000000, \
+         balance_after = balance_after - 2000000 WHERE account_id = 'forged' AND type = 'usage'",
+    )
+    .await;
+    app.execute_sql(
+        "UPDATE usage_records SET cost = cost + 2000000, hold = hold + 2000000 \
+         WHERE account_id = 'forged'",
+    )
+    .await;
+    app.execute_sql(
+        "UPDATE accounts SET balance = balance - 2000000, debt = debt + 2000000 \
+         WHERE id = 'forged'",
+    )
+    .await;
+
+    let mut command = app.tollgate_cli();
+    command.args(["ledger", "verify"]);
+    let output = tokio::task::spawn_blocking(move || command.output())
+        .await
+        .expect("join")
+        .expect("run");
+    assert_eq!(output.status.code(), Some(1));
+    let report = String::from_utf8_lossy(&output.stdout);
+    assert!(report.contains("account forged: entry"), "{report}");
+    assert!(report.contains("(usage) left the balance at -"), "{report}");
+    assert!(report.contains("1 problem(s) found"), "{report}");
+    // With an overdraft of 2 credits a reservation could have allowed it.
+    let allowed = Credits::from_whole(2).expect("amount");
+    assert!(
+        app.ledger.verify(allowed).await.expect("verify").is_empty(),
+        "an overdraft of 2 allows it"
+    );
 }

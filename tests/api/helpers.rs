@@ -380,7 +380,11 @@ impl TestApp {
     /// I3: every account's entries add up to its balance, every charge has its entry.
     pub async fn assert_ledger_consistent(&self) {
         self.state.settler.flush().await;
-        let problems = self.ledger.verify().await.expect("verify runs");
+        let problems = self
+            .ledger
+            .verify(self.config.metering.overdraft)
+            .await
+            .expect("verify runs");
         assert!(problems.is_empty(), "ledger inconsistent: {problems:?}");
     }
 
@@ -449,7 +453,6 @@ impl TestApp {
     }
 
     /// Another gateway instance on the same ledger, cache and upstream.
-    #[allow(dead_code, reason = "used by the production test binary only")]
     pub async fn spawn_sibling(&self) -> Gateway {
         Gateway::start(&self.config).await
     }

@@ -122,7 +122,10 @@ async fn graceful_shutdown_writes_every_settlement() {
         .await
         .expect("entries");
     assert_eq!(entries.len(), 21);
-    let problems = ledger.verify().await.expect("verify");
+    let problems = ledger
+        .verify(app.config.metering.overdraft)
+        .await
+        .expect("verify");
     assert!(problems.is_empty(), "{problems:?}");
 }
 
@@ -441,7 +444,10 @@ async fn streams_cut_at_the_end_of_the_grace_period_are_billed() {
             "billed for what it delivered: {record:?} (delivered {delivered:?})"
         );
     }
-    let problems = ledger.verify().await.expect("verify");
+    let problems = ledger
+        .verify(app.config.metering.overdraft)
+        .await
+        .expect("verify");
     assert!(problems.is_empty(), "{problems:?}");
 }
 

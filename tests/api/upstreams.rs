@@ -192,7 +192,7 @@ async fn graceful_shutdown_lets_an_open_stream_finish_and_bills_it() {
     assert_eq!(usage[0].status, "completed");
     assert_eq!(usage[0].completion_tokens, 10);
     assert!(
-        tollgate::ledger::Ledger::verify(&*ledger)
+        tollgate::ledger::Ledger::verify(&*ledger, app.config.metering.overdraft)
             .await
             .expect("verify")
             .is_empty()

@@ -4,7 +4,8 @@
 -- the time) goes too: the ledger's balance now carries the charge, so the hold would count it
 -- twice and stay until its deadline.
 -- KEYS[1] bucket hash, KEYS[2] pending, KEYS[3] journal, KEYS[4] holds
--- ARGV[1] request id, ARGV[2] balance, ARGV[3] rev
+-- ARGV[1] request id, ARGV[2] balance, ARGV[3] rev, ARGV[4] next expiry ms ('' for none),
+-- ARGV[5] lapsed
 -- Returns 1 when a journal record was dropped (its index entry can go too), else 0.
 local cost = redis.call('HGET', KEYS[2], ARGV[1])
 if cost then
@@ -20,6 +21,6 @@ end
 local journaled = redis.call('HDEL', KEYS[3], ARGV[1])
 local cur = redis.call('HMGET', KEYS[1], 'bal', 'rev')
 if cur[1] and tonumber(ARGV[3]) > tonumber(cur[2]) then
-  redis.call('HSET', KEYS[1], 'bal', ARGV[2], 'rev', ARGV[3])
+  redis.call('HSET', KEYS[1], 'bal', ARGV[2], 'rev', ARGV[3], 'nexp', ARGV[4], 'lapsed', ARGV[5])
 end
 return journaled

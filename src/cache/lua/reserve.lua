@@ -1,12 +1,18 @@
 -- Hold ARGV[2] micro-credits for request ARGV[1] if the bucket can cover it.
 -- KEYS[1] bucket hash, KEYS[2] holds
 -- ARGV[1] request id, ARGV[2] amount, ARGV[3] floor, ARGV[4] deadline ms, ARGV[5] owner,
--- ARGV[6] invalidation generation read by the caller, ARGV[7] token of this call
+-- ARGV[6] invalidation generation read by the caller, ARGV[7] token of this call,
+-- ARGV[8] the caller's clock (ms; grant expiries are written in gateway time)
 -- A hold is `amount|deadline|token|owner` (owner last: it may contain `|`).
--- Returns {0} when the snapshot is missing or older than the generation (load, then retry),
--- {1} when held (or already held by this request), {2, available} when it does not fit.
-local b = redis.call('HMGET', KEYS[1], 'bal', 'gen', 'held', 'pend')
+-- Returns {0} when the snapshot is missing, older than the generation, or counts a grant that
+-- has lapsed by the caller's clock or by an expiry sweep's fence (load, then retry), {1} when
+-- held (or already held by this request), {2, available} when it does not fit.
+local b = redis.call('HMGET', KEYS[1], 'bal', 'gen', 'held', 'pend', 'nexp', 'lapsed', 'fence')
 if not b[1] or tonumber(b[2] or '-1') < tonumber(ARGV[6]) then
+  return {0}
+end
+local nexp = tonumber(b[5])
+if nexp and math.max(tonumber(ARGV[8]), tonumber(b[7]) or 0) >= nexp then
   return {0}
 end
 -- Idempotent per request: a retried reservation holds once. The hold now answers to this
@@ -21,7 +27,9 @@ if existing then
   end
   return {1}
 end
-local available = tonumber(b[1]) - tonumber(b[4] or '0') - tonumber(b[3] or '0')
+-- Lapsed credits not swept yet are kept for requests that started before they lapsed.
+local available = tonumber(b[1]) - tonumber(b[6] or '0') - tonumber(b[4] or '0')
+  - tonumber(b[3] or '0')
 if available - tonumber(ARGV[2]) < tonumber(ARGV[3]) then
   return {2, available}
 end
