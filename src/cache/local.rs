@@ -216,6 +216,24 @@ impl BalanceCache for LocalCache {
         Ok(())
     }
 
+    async fn renew(
+        &self,
+        bucket: &Bucket,
+        request_id: &str,
+        deadline_ms: i64,
+    ) -> Result<bool, CacheError> {
+        let Some(mut entry) = self.entries.get_mut(bucket) else {
+            return Ok(false);
+        };
+        Ok(match entry.holds.get_mut(request_id) {
+            Some((_, deadline)) => {
+                *deadline = deadline_ms;
+                true
+            }
+            None => false,
+        })
+    }
+
     async fn release(&self, bucket: &Bucket, request_id: &str) -> Result<(), CacheError> {
         if let Some(mut entry) = self.entries.get_mut(bucket) {
             entry.drop_hold(request_id);

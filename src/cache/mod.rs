@@ -123,6 +123,16 @@ pub trait BalanceCache: Send + Sync + 'static {
         record: Option<&str>,
     ) -> Result<(), CacheError>;
 
+    /// The request is still running: its hold's deadline moves to `deadline_ms`. Returns false
+    /// when the hold is gone (expired, or released by a sibling that took this instance for
+    /// dead): the request is no longer covered.
+    async fn renew(
+        &self,
+        bucket: &Bucket,
+        request_id: &str,
+        deadline_ms: i64,
+    ) -> Result<bool, CacheError>;
+
     /// The request is abandoned without charge: its hold (if still there) is dropped.
     async fn release(&self, bucket: &Bucket, request_id: &str) -> Result<(), CacheError>;
 

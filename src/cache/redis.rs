@@ -146,6 +146,7 @@ struct Scripts {
     load: Script,
     settle: Script,
     release: Script,
+    renew: Script,
     committed: Script,
     apply: Script,
     view: Script,
@@ -164,6 +165,7 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
     load: Script::new(include_str!("lua/load.lua")),
     settle: Script::new(include_str!("lua/settle.lua")),
     release: Script::new(include_str!("lua/release.lua")),
+    renew: Script::new(include_str!("lua/renew.lua")),
     committed: Script::new(include_str!("lua/committed.lua")),
     apply: Script::new(include_str!("lua/apply.lua")),
     view: Script::new(include_str!("lua/view.lua")),
@@ -848,6 +850,23 @@ impl BalanceCache for RedisCache {
         )
         .await
         .map(drop)
+    }
+
+    async fn renew(
+        &self,
+        bucket: &Bucket,
+        request_id: &str,
+        deadline_ms: i64,
+    ) -> Result<bool, CacheError> {
+        let keys = self.keys.bucket(bucket);
+        let renewed: i64 = eval(
+            &self.conn,
+            &SCRIPTS.renew,
+            &[&keys.holds],
+            &[request_id, &deadline_ms.to_string()],
+        )
+        .await?;
+        Ok(renewed == 1)
     }
 
     async fn release(&self, bucket: &Bucket, request_id: &str) -> Result<(), CacheError> {

@@ -168,8 +168,9 @@ pub struct MeteringConfig {
     /// queued while the previous one was being written; there is no wait to fill it.
     pub settle_batch_max: usize,
     pub pricing_poll_ms: u64,
-    /// Longest a hold may live; after it, any instance may release it. Must exceed the longest
-    /// request (a stream) the gateway serves.
+    /// How long a hold lives without renewal; after it, any instance may release it. Running
+    /// streams renew their holds (every third of this, at most every 2 s), so it need not
+    /// exceed the longest stream.
     pub hold_ttl_secs: u64,
     /// How often each instance releases expired holds and writes settlements orphaned by a
     /// crashed instance.

@@ -14,6 +14,7 @@ pub mod pricing_sync;
 pub mod settler;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use rust_decimal::Decimal;
@@ -178,6 +179,29 @@ impl Meter {
     /// settle.
     pub fn cut(&self) {
         self.inner.cut.cancel();
+    }
+
+    /// How often a running stream renews its hold: a third of the hold's lifetime, at most 2 s
+    /// (so a hold a sibling released is noticed quickly), at least 100 ms.
+    pub fn renew_every(&self) -> Duration {
+        let third = Duration::from_secs(self.inner.config.hold_ttl_secs) / 3;
+        third.clamp(Duration::from_millis(100), Duration::from_secs(2))
+    }
+
+    /// Pushes the hold's deadline a whole hold lifetime out, for a request that is still
+    /// running (a long stream), on every bucket it holds.
+    pub async fn renew(&self, hold: &Hold) -> Result<(), RenewError> {
+        let ttl_ms = self.inner.config.hold_ttl_secs.saturating_mul(1000);
+        let deadline = now_ms().saturating_add(i64::try_from(ttl_ms).unwrap_or(i64::MAX));
+        let id = hold.request_id.as_str();
+        for bucket in buckets(&hold.account, hold.limited_key.as_deref()) {
+            match self.inner.cache.renew(&bucket, id, deadline).await {
+                Ok(true) => {}
+                Ok(false) => return Err(RenewError::Lost),
+                Err(error) => return Err(RenewError::Unreachable(error)),
+            }
+        }
+        Ok(())
     }
 
     /// Waits until every hold has ended (settled or released).
@@ -453,6 +477,23 @@ impl Meter {
     }
 }
 
+/// Why a hold could not be renewed.
+#[derive(Debug, thiserror::Error)]
+pub enum RenewError {
+    /// The hold is gone: it expired, or a sibling released it taking this instance for dead.
+    /// The request is no longer covered and must stop.
+    #[error("the request's hold is gone")]
+    Lost,
+    /// The cache did not answer; the hold stands until its deadline.
+    #[error("cannot renew the hold: {0}")]
+    Unreachable(crate::cache::CacheError),
+}
+
+/// How long a request may go without renewing its hold before it must stop: less than the
+/// silence after which siblings release an instance's holds (`INSTANCE_DEAD_AFTER_MS`, 10 s),
+/// so an instance cut off from the cache never serves a request its siblings think is over.
+pub const RENEWAL_GRACE: Duration = Duration::from_secs(7);
+
 enum HoldFailure {
     Insufficient {
         available: Credits,
@@ -470,5 +511,18 @@ impl HoldFailure {
             },
             ReserveError::Cache(e) => HoldFailure::Other(ApiError::from(e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RENEWAL_GRACE;
+    use crate::cache::redis::INSTANCE_DEAD_AFTER_MS;
+
+    #[test]
+    fn a_stream_stops_before_siblings_would_release_its_hold() {
+        let grace_ms = i64::try_from(RENEWAL_GRACE.as_millis()).unwrap_or(i64::MAX);
+        // A renewal attempt every 2 s must still fall inside the silence siblings allow.
+        assert!(grace_ms + 2_000 < INSTANCE_DEAD_AFTER_MS);
     }
 }

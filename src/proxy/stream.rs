@@ -22,7 +22,7 @@ use crate::config::DisconnectPolicy;
 use crate::domain::TokenUsage;
 use crate::ledger::UsageSource;
 use crate::metering::settler::Durable;
-use crate::metering::{Finished, Hold, Meter};
+use crate::metering::{Finished, Hold, Meter, RENEWAL_GRACE, RenewError};
 
 /// Everything needed to settle a request once its output is known.
 pub struct Billing {
@@ -100,6 +100,10 @@ struct Metered {
     tail: BytesMut,
     /// Resolves when the gateway shuts down and cuts the requests still running.
     cut: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// Ticks when the hold is due for renewal.
+    renew: tokio::time::Interval,
+    /// When the hold was last renewed (or taken).
+    renewed_at: tokio::time::Instant,
 }
 
 impl Drop for Metered {
@@ -184,6 +188,9 @@ pub fn metered_body(
 ) -> Body {
     let observer = SseObserver::new(billing.endpoint, strip_usage_chunk);
     let cut = Box::pin(billing.meter.cut_signal());
+    let every = billing.meter.renew_every();
+    let mut renew = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let state = Metered {
         upstream,
         observer,
@@ -193,6 +200,8 @@ pub fn metered_body(
         status: "client_disconnected",
         tail: BytesMut::new(),
         cut,
+        renew,
+        renewed_at: tokio::time::Instant::now(),
     };
     Body::from_stream(frames(state))
 }
@@ -202,6 +211,7 @@ enum Next {
     Frame(Option<Result<http_body::Frame<Bytes>, axum::Error>>),
     Idle,
     Cut,
+    Renew,
 }
 
 fn frames(state: Metered) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send {
@@ -218,6 +228,7 @@ fn frames(state: Metered) -> impl Stream<Item = Result<Bytes, std::io::Error>> +
                     frame.map_or(Next::Idle, Next::Frame)
                 }
                 () = &mut state.cut => Next::Cut,
+                _ = state.renew.tick() => Next::Renew,
             };
             match next {
                 Next::Frame(Some(Ok(frame))) => {
@@ -260,6 +271,17 @@ fn frames(state: Metered) -> impl Stream<Item = Result<Bytes, std::io::Error>> +
                         None,
                     ));
                 }
+                Next::Renew => {
+                    if renew_hold(&mut state).await {
+                        continue;
+                    }
+                    state.status = "hold_lost";
+                    settle_now(&mut state).await;
+                    return Some((
+                        Err(std::io::Error::other("the request's credit hold was lost")),
+                        None,
+                    ));
+                }
                 Next::Cut => {
                     tracing::warn!("gateway shutting down: stream cut");
                     state.status = "cut_at_shutdown";
@@ -269,6 +291,32 @@ fn frames(state: Metered) -> impl Stream<Item = Result<Bytes, std::io::Error>> +
             }
         }
     })
+}
+
+/// Renews the stream's hold; false when the stream must stop because its hold is no longer
+/// covered: gone, or unrenewable for so long that siblings may have released it.
+async fn renew_hold(state: &mut Metered) -> bool {
+    let Some(billing) = &state.billing else {
+        return true;
+    };
+    match billing.meter.renew(&billing.hold).await {
+        Ok(()) => {
+            state.renewed_at = tokio::time::Instant::now();
+            true
+        }
+        Err(RenewError::Lost) => {
+            tracing::error!(request_id = %billing.hold.request_id, "a running stream's hold is gone; cutting it");
+            false
+        }
+        Err(error) if state.renewed_at.elapsed() >= RENEWAL_GRACE => {
+            tracing::error!(%error, request_id = %billing.hold.request_id, "a running stream's hold could not be renewed in time; cutting it");
+            false
+        }
+        Err(error) => {
+            tracing::warn!(%error, request_id = %billing.hold.request_id, "cannot renew a running stream's hold; retrying");
+            true
+        }
+    }
 }
 
 /// Settles with the final summary and waits until the settlement is durable, so the response

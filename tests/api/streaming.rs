@@ -335,3 +335,43 @@ async fn a_client_that_hangs_up_after_done_is_settled_at_once() {
     assert!(usage.iter().all(|u| u["status"] == "completed"));
     app.assert_ledger_consistent().await;
 }
+
+/// A stream that outlives `hold_ttl_secs` renews its hold: the recovery task, which releases
+/// expired holds, never frees credits a running request still stands on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_longer_than_the_hold_lifetime_keeps_its_hold() {
+    let app = spawn_app_with(Options {
+        extra: "hold_ttl_secs = 1\nrecovery_interval_ms = 100".into(),
+        ..Options::default()
+    })
+    .await;
+    let ivy = token("ivy");
+    app.grant("ivy", "10").await;
+    // 60 words at 50 ms each: three times the hold's lifetime.
+    let response = app.chat(&ivy, &stream_body("mock-slow", 60)).await;
+    assert_eq!(response.status(), 200);
+    let mut body = response.bytes_stream();
+    let started = Instant::now();
+    let mut received = Vec::new();
+    let mut checked_late = false;
+    while let Some(chunk) = body.next().await {
+        received.extend_from_slice(&chunk.expect("an uncut stream"));
+        if !checked_late && started.elapsed() > Duration::from_millis(2000) {
+            let balance = app.balance(&ivy).await;
+            assert_ne!(
+                balance["held"], "0",
+                "the hold of a running stream was released: {balance}"
+            );
+            checked_late = true;
+        }
+    }
+    assert!(checked_late, "the stream ended too early to check");
+    assert!(String::from_utf8_lossy(&received).contains("data: [DONE]"));
+    let balance = app.settled_balance(&ivy).await;
+    assert_eq!(balance["held"], "0");
+    let usage = app.list("/api/credits/usage", &ivy).await;
+    assert_eq!(usage.len(), 1);
+    assert_eq!(usage[0]["status"], "completed");
+    assert_eq!(usage[0]["completion_tokens"], 60);
+    app.assert_ledger_consistent().await;
+}

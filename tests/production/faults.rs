@@ -222,3 +222,63 @@ async fn a_hang_up_while_the_settlement_is_being_recorded_loses_nothing() {
     assert_eq!(usage.len(), 1, "the stream is billed once: {usage:?}");
     app.assert_ledger_consistent().await;
 }
+
+/// A stream whose hold disappears (a sibling released it, taking this instance for dead) is no
+/// longer covered: it is cut at its next renewal and billed for what it delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stream_whose_hold_is_gone_is_cut_and_billed_for_what_it_delivered() {
+    use futures_util::StreamExt;
+    let app = spawn_app_with(Options {
+        extra: "hold_ttl_secs = 3".into(),
+        ..Options::default()
+    })
+    .await;
+    let user = token("lost");
+    app.grant("lost", "10").await;
+    let body = serde_json::json!({
+        "model": "mock-slow",
+        "messages": [{"role": "user", "content": "a long slow answer"}],
+        "max_tokens": 200,
+        "stream": true
+    });
+    let response = app.chat(&user, &body).await;
+    assert_eq!(response.status(), 200);
+    let mut stream = response.bytes_stream();
+    stream.next().await.expect("first chunk").expect("chunk");
+
+    // What a sibling's reaper does to a silent instance's holds.
+    let holds = format!("{{{}:a:lost}}:holds", app.config.cache.key_prefix);
+    let client = redis::Client::open(REDIS_URL).expect("url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let removed: i64 = redis::cmd("DEL")
+        .arg(&holds)
+        .query_async(&mut conn)
+        .await
+        .expect("DEL");
+    assert_eq!(removed, 1, "the stream's hold was in {holds}");
+    let lost_at = Instant::now();
+
+    let mut broken = false;
+    while let Some(chunk) = stream.next().await {
+        if chunk.is_err() {
+            broken = true;
+            break;
+        }
+    }
+    assert!(broken, "the stream ran on without a hold");
+    assert!(
+        lost_at.elapsed() < Duration::from_secs(3),
+        "cut only after {:?}",
+        lost_at.elapsed()
+    );
+    app.state.settler.flush().await;
+    let usage = app.list("/api/credits/usage", &user).await;
+    assert_eq!(usage.len(), 1);
+    assert_eq!(usage[0]["status"], "hold_lost");
+    let completion = usage[0]["completion_tokens"].as_u64().expect("tokens");
+    assert!((1..200).contains(&completion), "{completion}");
+    app.assert_ledger_consistent().await;
+}

@@ -1,0 +1,14 @@
+-- A request still running pushes its hold's deadline out, if the hold is still there.
+-- KEYS[1] holds; ARGV[1] request id, ARGV[2] new deadline ms
+-- Returns 1 when renewed, 0 when the hold is gone (released by a sibling that took this
+-- instance for dead, or expired): the request is no longer covered and must stop.
+local hold = redis.call('HGET', KEYS[1], ARGV[1])
+if not hold then
+  return 0
+end
+local amount, _, token, owner = string.match(hold, '^(%-?%d+)|(%-?%d+)|([^|]*)|(.*)$')
+if not amount then
+  return 0
+end
+redis.call('HSET', KEYS[1], ARGV[1], amount .. '|' .. ARGV[2] .. '|' .. token .. '|' .. owner)
+return 1
