@@ -221,7 +221,9 @@ impl BalanceCache for LocalCache {
         bucket: &Bucket,
         request_id: &str,
         deadline_ms: i64,
+        _progress: Option<&str>,
     ) -> Result<bool, CacheError> {
+        // No sibling could write a progress record of this process's requests.
         let Some(mut entry) = self.entries.get_mut(bucket) else {
             return Ok(false);
         };

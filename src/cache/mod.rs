@@ -126,11 +126,16 @@ pub trait BalanceCache: Send + Sync + 'static {
     /// The request is still running: its hold's deadline moves to `deadline_ms`. Returns false
     /// when the hold is gone (expired, or released by a sibling that took this instance for
     /// dead): the request is no longer covered.
+    ///
+    /// `progress` is the serialized settlement of what the request has delivered so far. A
+    /// shared cache keeps it with the hold, and a sibling that reaps the hold (this instance
+    /// died) turns it into a pending settlement instead of releasing it.
     async fn renew(
         &self,
         bucket: &Bucket,
         request_id: &str,
         deadline_ms: i64,
+        progress: Option<&str>,
     ) -> Result<bool, CacheError>;
 
     /// The request is abandoned without charge: its hold (if still there) is dropped.

@@ -224,6 +224,8 @@ struct BucketKeys {
     holds: String,
     pending: String,
     journal: String,
+    /// Running requests' progress records (see [`BalanceCache::renew`]).
+    progress: String,
 }
 
 impl BucketKeys {
@@ -234,6 +236,7 @@ impl BucketKeys {
             holds: format!("{base}:holds"),
             pending: format!("{base}:pending"),
             journal: format!("{base}:journal"),
+            progress: format!("{base}:progress"),
             base,
         }
     }
@@ -591,13 +594,14 @@ impl RedisCache {
         // Read before the script: a reservation that starts after this point changes `last`.
         let before = self.reserving(&base);
         let keys = BucketKeys::from_base(base);
-        let (released, remaining): (usize, usize) = eval(
+        let (released, remaining, progressed): (usize, usize, Vec<String>) = eval(
             &self.conn,
             &SCRIPTS.reap,
-            &[&keys.base, &keys.holds],
+            &[&keys.base, &keys.holds, &keys.progress],
             &[&now_ms.to_string(), &self.instance, "0"],
         )
         .await?;
+        let released = released + self.settle_progress(&keys, &progressed).await?;
         if remaining > 0 || before.is_some_and(|r| r.in_flight > 0) {
             return Ok(released);
         }
@@ -622,14 +626,62 @@ impl RedisCache {
         owner: &str,
     ) -> Result<usize, CacheError> {
         let keys = BucketKeys::from_base(base);
-        let (released, _): (usize, usize) = eval(
+        let (released, _, progressed): (usize, usize, Vec<String>) = eval(
             &self.conn,
             &SCRIPTS.reap,
-            &[&keys.base, &keys.holds],
+            &[&keys.base, &keys.holds, &keys.progress],
             &[&now_ms.to_string(), owner, "1"],
         )
         .await?;
-        Ok(released)
+        Ok(released + self.settle_progress(&keys, &progressed).await?)
+    }
+
+    /// Turns reaped holds that carry a progress record into pending settlements of that record
+    /// (journaled, so the recovery pass writes them): a stream of a dead instance is billed for
+    /// what it had delivered at its last renewal. Returns how many holds it ended.
+    async fn settle_progress(
+        &self,
+        keys: &BucketKeys,
+        request_ids: &[String],
+    ) -> Result<usize, CacheError> {
+        let mut ended = 0;
+        for request_id in request_ids {
+            let record: Option<String> = query(
+                &self.conn,
+                command("HGET").arg(&keys.progress).arg(request_id),
+            )
+            .await?;
+            let Some(record) = record else {
+                continue;
+            };
+            let cost = match serde_json::from_str::<crate::ledger::Settlement>(&record) {
+                Ok(settlement) => settlement.cost,
+                Err(error) => {
+                    tracing::error!(%error, request_id, "unreadable progress record; releasing the hold");
+                    eval::<i64>(
+                        &self.conn,
+                        &SCRIPTS.release,
+                        &[&keys.base, &keys.holds, &keys.progress],
+                        &[request_id],
+                    )
+                    .await?;
+                    ended += 1;
+                    continue;
+                }
+            };
+            let bucket = self
+                .keys
+                .parse_bucket(&keys.base)
+                .ok_or_else(|| unavailable(format_args!("`{}` names no bucket", keys.base)))?;
+            self.settle(&bucket, request_id, cost, Some(&record))
+                .await?;
+            tracing::warn!(
+                request_id,
+                "a stream of a silent instance is billed for what it had delivered"
+            );
+            ended += 1;
+        }
+        Ok(ended)
     }
 
     /// Releases every hold of a dead instance, then forgets the instance.
@@ -845,7 +897,13 @@ impl BalanceCache for RedisCache {
         eval::<i64>(
             &self.conn,
             &SCRIPTS.settle,
-            &[&keys.base, &keys.holds, &keys.pending, &keys.journal],
+            &[
+                &keys.base,
+                &keys.holds,
+                &keys.pending,
+                &keys.journal,
+                &keys.progress,
+            ],
             &args,
         )
         .await
@@ -857,13 +915,17 @@ impl BalanceCache for RedisCache {
         bucket: &Bucket,
         request_id: &str,
         deadline_ms: i64,
+        progress: Option<&str>,
     ) -> Result<bool, CacheError> {
         let keys = self.keys.bucket(bucket);
+        let deadline = deadline_ms.to_string();
+        let mut args = vec![request_id, deadline.as_str()];
+        args.extend(progress);
         let renewed: i64 = eval(
             &self.conn,
             &SCRIPTS.renew,
-            &[&keys.holds],
-            &[request_id, &deadline_ms.to_string()],
+            &[&keys.holds, &keys.progress],
+            &args,
         )
         .await?;
         Ok(renewed == 1)
@@ -874,7 +936,7 @@ impl BalanceCache for RedisCache {
         eval::<i64>(
             &self.conn,
             &SCRIPTS.release,
-            &[&keys.base, &keys.holds],
+            &[&keys.base, &keys.holds, &keys.progress],
             &[request_id],
         )
         .await
@@ -892,7 +954,13 @@ impl BalanceCache for RedisCache {
         let journaled: i64 = eval(
             &self.conn,
             &SCRIPTS.committed,
-            &[&keys.base, &keys.pending, &keys.journal, &keys.holds],
+            &[
+                &keys.base,
+                &keys.pending,
+                &keys.journal,
+                &keys.holds,
+                &keys.progress,
+            ],
             &[request_id, &balance, &rev, &next_expiry, &lapsed],
         )
         .await?;

@@ -189,13 +189,30 @@ impl Meter {
     }
 
     /// Pushes the hold's deadline a whole hold lifetime out, for a request that is still
-    /// running (a long stream), on every bucket it holds.
-    pub async fn renew(&self, hold: &Hold) -> Result<(), RenewError> {
+    /// running (a long stream), on every bucket it holds. `progress` is what the request has
+    /// delivered so far: if this instance dies, a sibling bills the request for it.
+    pub async fn renew(&self, hold: &Hold, progress: Option<Finished>) -> Result<(), RenewError> {
         let ttl_ms = self.inner.config.hold_ttl_secs.saturating_mul(1000);
         let deadline = now_ms().saturating_add(i64::try_from(ttl_ms).unwrap_or(i64::MAX));
         let id = hold.request_id.as_str();
+        let record = progress
+            .map(|finished| serde_json::to_string(&Self::priced(hold, finished)))
+            .transpose()
+            .map_err(|e| {
+                RenewError::Unreachable(crate::cache::CacheError::Unavailable(e.to_string()))
+            })?;
         for bucket in buckets(&hold.account, hold.limited_key.as_deref()) {
-            match self.inner.cache.renew(&bucket, id, deadline).await {
+            // The progress record lives with the account's hold.
+            let progress = match bucket {
+                Bucket::Account(_) => record.as_deref(),
+                Bucket::KeyLimit(_) => None,
+            };
+            match self
+                .inner
+                .cache
+                .renew(&bucket, id, deadline, progress)
+                .await
+            {
                 Ok(true) => {}
                 Ok(false) => return Err(RenewError::Lost),
                 Err(error) => return Err(RenewError::Unreachable(error)),
@@ -425,27 +442,11 @@ impl Meter {
         }
     }
 
-    fn settlement(&self, hold: &mut Hold, finished: Finished) -> Settlement {
+    /// What `finished` is charged under the prices its hold was taken with: its price, but
+    /// never more than the hold (I1); any excess is `uncharged`.
+    fn priced(hold: &Hold, finished: Finished) -> Settlement {
         let full = hold.prices.cost(&finished.model, &finished.usage);
-        // The hold bounds the charge (I1): the cap it paid for went upstream, so more means the
-        // upstream ignored it or counted far more prompt than the estimate. The excess is
-        // recorded with the usage (and `ledger verify` lists it), never taken from the balance.
         let cost = full.min(hold.amount);
-        let uncharged = full.checked_sub(cost).unwrap_or(Credits::ZERO);
-        if uncharged.is_positive() {
-            tracing::error!(
-                request_id = %hold.request_id,
-                account = %hold.account,
-                model = %finished.model,
-                upstream = %finished.upstream,
-                cost = %full,
-                hold = %hold.amount,
-                uncharged = %uncharged,
-                "upstream usage exceeds the request's hold; charged the hold, the rest is recorded as uncharged"
-            );
-        }
-        // Settling consumes the hold: it must not also be released on drop.
-        hold.settler = None;
         Settlement {
             request_id: hold.request_id.clone(),
             account: hold.account.clone(),
@@ -456,13 +457,40 @@ impl Meter {
             usage: finished.usage,
             source: finished.source,
             cost,
-            uncharged,
+            uncharged: full.checked_sub(cost).unwrap_or(Credits::ZERO),
             hold: hold.amount,
             stream: finished.stream,
             status: finished.status.to_owned(),
             started_at_ms: hold.started_at_ms,
             finished_at_ms: now_ms(),
         }
+    }
+
+    fn settlement(&self, hold: &mut Hold, finished: Finished) -> Settlement {
+        let settlement = Self::priced(hold, finished);
+        // The cap the hold paid for went upstream, so usage above the hold means the upstream
+        // ignored it or counted far more prompt than the estimate. The excess is recorded with
+        // the usage, never taken from the balance.
+        if settlement.uncharged.is_positive() {
+            tracing::error!(
+                request_id = %hold.request_id,
+                account = %hold.account,
+                model = %settlement.model,
+                upstream = %settlement.upstream,
+                charged = %settlement.cost,
+                uncharged = %settlement.uncharged,
+                "upstream usage exceeds the request's hold; charged the hold, the rest is recorded as uncharged"
+            );
+        }
+        // Settling consumes the hold: it must not also be released on drop.
+        hold.settler = None;
+        settlement
+    }
+
+    /// Whether renewals should carry the request's progress: only a shared cache can hand it
+    /// to a sibling if this instance dies.
+    pub fn keeps_progress(&self) -> bool {
+        self.inner.cache.journal_outlives_process()
     }
 
     /// Charges the exact cost of a finished request. The settlement is queued before this

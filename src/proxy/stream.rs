@@ -299,7 +299,19 @@ async fn renew_hold(state: &mut Metered) -> bool {
     let Some(billing) = &state.billing else {
         return true;
     };
-    match billing.meter.renew(&billing.hold).await {
+    // What this stream has delivered so far, billed by a sibling if this instance dies.
+    let progress = if billing.meter.keeps_progress() {
+        let summary = state.observer.summary();
+        billing.charge(
+            summary.usage,
+            &summary.output_text,
+            summary.saw_output,
+            "instance_lost",
+        )
+    } else {
+        None
+    };
+    match billing.meter.renew(&billing.hold, progress).await {
         Ok(()) => {
             state.renewed_at = tokio::time::Instant::now();
             true

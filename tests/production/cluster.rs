@@ -71,7 +71,7 @@ async fn three_instances_racing_one_balance_never_overspend() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn killing_an_instance_loses_no_finished_request_and_leaves_no_hold() {
+async fn killing_an_instance_loses_no_finished_request_and_bills_its_open_streams() {
     let app = spawn_app_with(Options {
         extra: "recovery_interval_ms = 200\norphan_after_secs = 1".into(),
         ..Options::default()
@@ -101,7 +101,8 @@ async fn killing_an_instance_loses_no_finished_request_and_leaves_no_hold() {
         );
         response.bytes().await.expect("body");
     }
-    // Fifty streams open through the instance when it dies.
+    // Fifty streams open through the instance when it dies. Each is read on its own task,
+    // counting the words its client received.
     let stream_body = json!({"model": "mock-slow", "messages": [{"role": "user", "content": "go"}], "max_tokens": 200, "stream": true});
     let mut streams = Vec::new();
     for _ in 0..50 {
@@ -113,45 +114,75 @@ async fn killing_an_instance_loses_no_finished_request_and_leaves_no_hold() {
             .await
             .expect("sent");
         assert_eq!(response.status(), 200);
+        let id = response.headers()["x-request-id"]
+            .to_str()
+            .expect("id")
+            .to_owned();
         let mut body = response.bytes_stream();
-        body.next().await.expect("first chunk").expect("chunk");
-        streams.push(body);
+        let first = body.next().await.expect("first chunk").expect("chunk");
+        streams.push((
+            id,
+            tokio::spawn(async move {
+                let mut received = first.to_vec();
+                while let Some(Ok(chunk)) = body.next().await {
+                    received.extend_from_slice(&chunk);
+                }
+                sse_json(&received)
+                    .iter()
+                    .filter(|c| c["choices"][0]["delta"]["content"].is_string())
+                    .count()
+            }),
+        ));
     }
     assert_ne!(
         app.balance(&user).await["held"],
         "0",
         "the streams hold credits"
     );
+    // Past the first renewal of every stream (every 2 s), which records its progress.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     child.start_kill().expect("kill -9");
     child.wait().await.expect("reaped");
-    drop(streams);
+    let mut open = Vec::new();
+    for (id, reader) in streams {
+        open.push((id, reader.await.expect("reader")));
+    }
 
-    // The surviving instance releases the dead one's holds and writes what it left behind.
+    // The surviving instance writes what the dead one left behind: the finished requests, and
+    // each open stream billed for what it had delivered by its last renewal.
     let deadline = Instant::now() + Duration::from_secs(40);
     loop {
         let balance = app.balance(&user).await;
+        // 70 requests in all: one page holds them.
         let usage = app.list("/api/credits/usage?limit=100", &user).await;
-        let billed = finished
-            .iter()
-            .filter(|id| usage.iter().any(|u| u["request_id"] == id.as_str()))
-            .count();
-        if balance["held"] == "0" && billed == finished.len() {
-            for id in &finished {
-                assert_eq!(
-                    usage
-                        .iter()
-                        .filter(|u| u["request_id"] == id.as_str())
-                        .count(),
-                    1,
-                    "{id} billed twice"
+        let billed = |id: &str| usage.iter().filter(|u| u["request_id"] == id).count();
+        let finished_billed = finished.iter().filter(|id| billed(id) > 0).count();
+        let open_billed = open.iter().filter(|(id, _)| billed(id) > 0).count();
+        if balance["held"] == "0" && finished_billed == finished.len() && open_billed == open.len()
+        {
+            for id in finished.iter().chain(open.iter().map(|(id, _)| id)) {
+                assert_eq!(billed(id), 1, "{id} billed twice");
+            }
+            for (id, delivered) in &open {
+                let record = usage
+                    .iter()
+                    .find(|u| u["request_id"] == id.as_str())
+                    .expect("billed");
+                assert_eq!(record["status"], "instance_lost", "{record}");
+                let completion = record["completion_tokens"].as_u64().expect("tokens");
+                assert!(
+                    completion >= 1 && completion as usize <= *delivered,
+                    "billed {completion} tokens of a stream that delivered {delivered}: {record}"
                 );
             }
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "not recovered: {balance}, {billed} of {} billed",
-            finished.len()
+            "not recovered: {balance}, {finished_billed} of {} finished and {open_billed} of {} \
+             open requests billed",
+            finished.len(),
+            open.len()
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }

@@ -3,10 +3,12 @@
 -- the request still has (its settlement never reached the cache: a Redis error or timeout at
 -- the time) goes too: the ledger's balance now carries the charge, so the hold would count it
 -- twice and stay until its deadline.
--- KEYS[1] bucket hash, KEYS[2] pending, KEYS[3] journal, KEYS[4] holds
+-- KEYS[1] bucket hash, KEYS[2] pending, KEYS[3] journal, KEYS[4] holds, KEYS[5] progress
 -- ARGV[1] request id, ARGV[2] balance, ARGV[3] rev, ARGV[4] next expiry ms ('' for none),
 -- ARGV[5] lapsed
 -- Returns 1 when a journal record was dropped (its index entry can go too), else 0.
+-- The request has ended: its progress record is not needed any more.
+redis.call('HDEL', KEYS[5], ARGV[1])
 local cost = redis.call('HGET', KEYS[2], ARGV[1])
 if cost then
   redis.call('HDEL', KEYS[2], ARGV[1])
