@@ -153,11 +153,20 @@ async fn finish_after_disconnect(
 ) {
     let deadline = tokio::time::Instant::now() + bound;
     let mut cut = Box::pin(billing.meter.cut_signal());
+    let every = billing.meter.renew_every();
+    let mut renew = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     while !observer.completed() {
         let frame = tokio::select! {
             frame = tokio::time::timeout(idle_timeout, upstream.frame()) => frame,
             () = tokio::time::sleep_until(deadline) => break,
             () = &mut cut => break,
+            _ = renew.tick() => {
+                // The hold must outlive the drain; once it is gone, stop and bill what came.
+                if let Err(RenewError::Lost) = billing.meter.renew(&billing.hold, None).await {
+                    break;
+                }
+                continue;
+            }
         };
         match frame {
             Ok(Some(Ok(frame))) => {
