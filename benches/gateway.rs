@@ -1,11 +1,17 @@
-//! Added latency of the gateway over calling the fake upstream directly.
+//! Added latency and throughput of the gateway over calling the fake upstream directly.
 //!
 //! Starts the mock OpenAI upstream and a gateway (temp SQLite ledger) on loopback ports, then
-//! sends the same non-streaming chat request at a fixed rate (open loop: a request is started
-//! every interval whether or not earlier ones finished) first straight to the upstream, then
-//! through the gateway, and prints p50/p99/max of each and the difference.
+//! sends the same chat request (non-streaming, or streaming with `STREAM=1`):
+//! - at a fixed rate (open loop: a request is started every interval whether or not earlier
+//!   ones finished), first straight to the upstream, then through the gateway, and prints
+//!   p50/p99/max of each and the difference;
+//! - from `CONCURRENCY` clients back to back for `SECONDS` (closed loop), and prints requests
+//!   per second, direct and through the gateway.
+//!
+//! Every request through the gateway waits for its settlement to be committed to SQLite before
+//! its response ends (group commit).
 //! Run: `cargo bench --bench gateway` (options: `RATE` per second, default 200; `REQUESTS`,
-//! default 2000).
+//! default 2000; `STREAM`, 0 or 1; `CONCURRENCY`, default 32; `SECONDS`, default 5).
 
 mod support;
 
@@ -21,14 +27,70 @@ use tollgate::ledger::{EntryType, GrantRequest};
 
 const JWT_SECRET: &str = "benchmark-secret-of-at-least-32-bytes!!";
 
+fn body(stream: bool) -> serde_json::Value {
+    json!({"model": "mock-1", "messages": [{"role": "user", "content": "benchmark this request please"}], "max_tokens": 16, "stream": stream})
+}
+
+/// One request, read to its end.
+async fn one(client: &reqwest::Client, url: &str, bearer: &str, body: &serde_json::Value) {
+    let response = client
+        .post(url)
+        .bearer_auth(bearer)
+        .json(body)
+        .send()
+        .await
+        .expect("sent");
+    assert!(
+        response.status().is_success(),
+        "status {}",
+        response.status()
+    );
+    response.bytes().await.expect("body");
+}
+
+/// Requests per second from `concurrency` clients sending back to back for `seconds`.
+async fn throughput(
+    client: &reqwest::Client,
+    url: &str,
+    bearer: &str,
+    body: &serde_json::Value,
+    concurrency: u64,
+    seconds: u64,
+) -> u64 {
+    let until = Instant::now() + Duration::from_secs(seconds);
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (client, url, bearer, body) = (
+                client.clone(),
+                url.to_owned(),
+                bearer.to_owned(),
+                body.clone(),
+            );
+            tokio::spawn(async move {
+                let mut done = 0u64;
+                while Instant::now() < until {
+                    one(&client, &url, &bearer, &body).await;
+                    done += 1;
+                }
+                done
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for task in tasks {
+        total += task.await.expect("task");
+    }
+    total / seconds.max(1)
+}
+
 async fn run(
     client: &reqwest::Client,
     url: &str,
     bearer: &str,
+    body: &serde_json::Value,
     rate: u64,
     count: u64,
 ) -> Vec<Duration> {
-    let body = json!({"model": "mock-1", "messages": [{"role": "user", "content": "benchmark this request please"}], "max_tokens": 16});
     let mut ticker = tokio::time::interval(Duration::from_nanos(1_000_000_000 / rate));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut tasks = Vec::with_capacity(count as usize);
@@ -42,19 +104,7 @@ async fn run(
         );
         tasks.push(tokio::spawn(async move {
             let start = Instant::now();
-            let response = client
-                .post(&url)
-                .bearer_auth(&bearer)
-                .json(&body)
-                .send()
-                .await
-                .expect("sent");
-            assert!(
-                response.status().is_success(),
-                "status {}",
-                response.status()
-            );
-            response.bytes().await.expect("body");
+            one(&client, &url, &bearer, &body).await;
             start.elapsed()
         }));
     }
@@ -87,6 +137,10 @@ fn report(name: &str, latencies: &[Duration]) -> (Duration, Duration) {
 async fn main() {
     let rate = env_or("RATE", 200).max(1);
     let count = env_or("REQUESTS", 2000).max(10);
+    let stream = env_or("STREAM", 0) == 1;
+    let concurrency = env_or("CONCURRENCY", 32).max(1);
+    let seconds = env_or("SECONDS", 5).max(1);
+    let body = body(stream);
 
     let upstream = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -149,33 +203,26 @@ async fn main() {
 
     let client = reqwest::Client::new();
     // Warm both paths (connection pools, tokenizer) before measuring.
-    run(
-        &client,
-        &format!("{upstream_url}/chat/completions"),
-        "x",
-        100,
-        50,
-    )
-    .await;
-    run(&client, &gateway_url, &token, 100, 50).await;
+    let direct_url = format!("{upstream_url}/chat/completions");
+    run(&client, &direct_url, "x", &body, 100, 50).await;
+    run(&client, &gateway_url, &token, &body, 100, 50).await;
 
-    println!("fixed rate {rate} req/s, {count} requests each, non-streaming chat, loopback");
-    let direct = run(
-        &client,
-        &format!("{upstream_url}/chat/completions"),
-        "x",
-        rate,
-        count,
-    )
-    .await;
+    let kind = if stream { "streaming" } else { "non-streaming" };
+    println!("fixed rate {rate} req/s, {count} requests each, {kind} chat, loopback");
+    let direct = run(&client, &direct_url, "x", &body, rate, count).await;
     let (d50, d99) = report("direct", &direct);
-    let through = run(&client, &gateway_url, &token, rate, count).await;
+    let through = run(&client, &gateway_url, &token, &body, rate, count).await;
     let (g50, g99) = report("gateway", &through);
     println!(
         "added      p50={:>6} us  p99={:>6} us",
         us(g50) - us(d50),
         us(g99) - us(d99)
     );
+    println!("closed loop, {concurrency} clients, {seconds} s each");
+    let direct = throughput(&client, &direct_url, "x", &body, concurrency, seconds).await;
+    println!("direct     {direct:>6} req/s");
+    let through = throughput(&client, &gateway_url, &token, &body, concurrency, seconds).await;
+    println!("gateway    {through:>6} req/s");
 
     state.settler.flush().await;
     let problems = state.ledger.verify(Credits::ZERO).await.expect("verify");
