@@ -17,7 +17,7 @@ use tollgate::ledger::mysql::MySqlLedger;
 use tollgate::ledger::sqlite::SqliteLedger;
 use tollgate::ledger::{
     ApiKeyRecord, Bucket, EntryType, GrantRecord, GrantRequest, InFlight, Ledger, LedgerEntry,
-    LedgerError, NothingInFlight, Page, Settlement, UsageSource, now_ms,
+    LedgerError, NothingInFlight, Page, SetAside, Settlement, UsageSource, now_ms,
 };
 
 const DEFAULT_MYSQL_URL: &str = "mysql://root@127.0.0.1:3306/test";
@@ -1814,6 +1814,128 @@ contract!(
                 .contains(&format!("entry {} (expiry)", expiry.id)),
             "{problems:?}"
         );
+    }
+);
+
+contract!(
+    settlements_set_aside_are_kept_verified_and_resolved_once,
+    |fx| {
+        // A record no usage row could hold (a model name over 64 KiB) is kept whole.
+        let mut big = settlement("refused-1", "sa", 30, None);
+        big.model = "m".repeat(70 * 1024);
+        let first = SetAside::new(&big, "data too long for column `model`", 1_000);
+        fx.ledger.set_aside(&first).await.expect("set aside");
+        // Idempotent: a second instance (or a recovery pass) setting it aside keeps the first row.
+        fx.ledger
+            .set_aside(&SetAside::new(&big, "another error", 2_000))
+            .await
+            .expect("set aside again");
+        let second = SetAside::new(
+            &settlement("refused-2", "sb", -1, None),
+            "negative cost",
+            3_000,
+        );
+        fx.ledger.set_aside(&second).await.expect("set aside");
+
+        // Newest first, filtered by resolution.
+        let all = fx.ledger.set_aside_settlements(None).await.expect("list");
+        assert_eq!(all, [second.clone(), first.clone()]);
+        assert_eq!(
+            fx.ledger
+                .set_aside_settlements(Some(false))
+                .await
+                .expect("list"),
+            all
+        );
+        assert!(
+            fx.ledger
+                .set_aside_settlements(Some(true))
+                .await
+                .expect("list")
+                .is_empty()
+        );
+        let record: Settlement =
+            serde_json::from_str(&all[1].record).expect("the whole settlement");
+        assert_eq!(record.model.len(), 70 * 1024);
+        assert_eq!(record.cost, micros(30));
+        // Nothing was charged: the ledger does not even know the accounts.
+        assert!(
+            fx.ledger
+                .account(&account("sa"))
+                .await
+                .expect("read")
+                .is_none()
+        );
+
+        // Unresolved, each is a problem naming its request, account and error.
+        let problems = fx.ledger.verify(Credits::ZERO).await.expect("verify");
+        let found: Vec<(&str, &str)> = problems
+            .iter()
+            .map(|p| (p.account.as_str(), p.problem.as_str()))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                (
+                    "sa",
+                    "settlement refused-1 was set aside unresolved (nothing charged): data too long \
+                 for column `model`"
+                ),
+                (
+                    "sb",
+                    "settlement refused-2 was set aside unresolved (nothing charged): negative cost"
+                ),
+            ]
+        );
+
+        // Resolved once: a second resolution keeps the first.
+        let resolved = fx
+            .ledger
+            .resolve_set_aside("refused-1", "charged by hand", 5_000)
+            .await
+            .expect("resolve")
+            .expect("was set aside");
+        assert_eq!(
+            (resolved.resolved_at_ms, resolved.resolved_note.as_deref()),
+            (Some(5_000), Some("charged by hand"))
+        );
+        let again = fx
+            .ledger
+            .resolve_set_aside("refused-1", "something else", 6_000)
+            .await
+            .expect("resolve")
+            .expect("was set aside");
+        assert_eq!(again, resolved);
+        assert!(
+            fx.ledger
+                .resolve_set_aside("never-set-aside", "note", 6_000)
+                .await
+                .expect("resolve")
+                .is_none()
+        );
+        assert_eq!(
+            fx.ledger
+                .set_aside_settlements(Some(true))
+                .await
+                .expect("list"),
+            [resolved]
+        );
+        assert_eq!(
+            fx.ledger
+                .set_aside_settlements(Some(false))
+                .await
+                .expect("list"),
+            [second]
+        );
+        assert_eq!(
+            fx.ledger.verify(Credits::ZERO).await.expect("verify").len(),
+            1
+        );
+        fx.ledger
+            .resolve_set_aside("refused-2", "waived", 7_000)
+            .await
+            .expect("resolve");
+        assert_consistent(fx).await;
     }
 );
 
