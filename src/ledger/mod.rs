@@ -399,11 +399,11 @@ pub trait Ledger: Send + Sync + 'static {
     async fn bump_cache_epoch(&self) -> Result<i64, LedgerError>;
 
     /// Checks every account: entries sum to the balance, each entry's before/after chain,
-    /// every charged usage record has its entry, each key's spend matches its usage; the
-    /// grants: `Σ remaining of unswept grants − debt = balance` with `debt ≥ 0`, and every
-    /// grant's `remaining = amount − debt_paid − Σ its draws ≥ 0`; no debit took a balance
-    /// below `-overdraft` without a documented cause (see `verify.rs`); and no settlement set
-    /// aside is left unresolved ([`set_aside`]). Empty means consistent.
+    /// every charged usage record has its entry and costs no more than its hold, each key's
+    /// spend matches its usage; the grants: `Σ remaining of unswept grants − debt = balance`
+    /// with `debt ≥ 0`, and every grant's `remaining = amount − debt_paid − Σ its draws ≥ 0`;
+    /// no debit took a balance below `-overdraft` without a documented cause (see `verify.rs`);
+    /// and no settlement set aside is left unresolved ([`set_aside`]). Empty means consistent.
     async fn verify(&self, overdraft: Credits) -> Result<Vec<VerifyProblem>, LedgerError>;
 
     /// Keeps a settlement the ledger refused on its own for an admin ([`set_aside`]); nothing

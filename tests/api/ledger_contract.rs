@@ -1772,12 +1772,7 @@ contract!(
         // An overdraft of 20 allows it.
         assert_consistent_within(fx, 20).await;
 
-        // A cost above its hold is the documented exception.
-        add_grant(fx, &expiring("above", EntryType::Purchase, 10, None)).await;
-        let mut above = settlement("above-1", "above", 30, None);
-        above.hold = micros(5);
-        fx.ledger.settle_batch(&[above]).await.expect("settle");
-        // So is a refund that landed while the request ran.
+        // A refund that landed while the request ran is a documented cause.
         add_grant(fx, &expiring("refunded", EntryType::Purchase, 10, None)).await;
         fx.ledger
             .grant(&grant("refunded", EntryType::Refund, -8, None))
@@ -1816,6 +1811,44 @@ contract!(
         );
     }
 );
+
+contract!(verify_flags_usage_that_cost_more_than_its_hold, |fx| {
+    // The gateway charges at most the hold (the excess is recorded as `uncharged`): a record
+    // above it is a problem of its own, and excuses no balance below the overdraft floor.
+    add_grant(fx, &expiring("above", EntryType::Purchase, 100, None)).await;
+    let mut above = settlement("above-1", "above", 30, None);
+    above.hold = micros(5);
+    add_grant(fx, &expiring("under", EntryType::Purchase, 10, None)).await;
+    let mut under = settlement("under-1", "under", 30, None);
+    under.hold = micros(5);
+    fx.ledger
+        .settle_batch(&[above, under])
+        .await
+        .expect("settle");
+    let problems = fx.ledger.verify(Credits::ZERO).await.expect("verify");
+    let found: Vec<(&str, &str)> = problems
+        .iter()
+        .map(|p| (p.account.as_str(), p.problem.as_str()))
+        .collect();
+    assert_eq!(found.len(), 3, "{problems:?}");
+    assert_eq!(found[0].0, "above");
+    assert!(
+        found[0]
+            .1
+            .starts_with("usage record above-1 cost 30 but its hold was 5"),
+        "{problems:?}"
+    );
+    assert_eq!(found[1].0, "under");
+    assert!(
+        found[1].1.starts_with("usage record under-1 cost 30"),
+        "{problems:?}"
+    );
+    assert_eq!(found[2].0, "under");
+    assert!(
+        found[2].1.contains("(usage) left the balance at -20"),
+        "{problems:?}"
+    );
+});
 
 contract!(
     settlements_set_aside_are_kept_verified_and_resolved_once,
