@@ -447,7 +447,15 @@ fn router(state: AppState) -> Router {
             "/coupons",
             get(admin::routes::coupons).post(admin::routes::create_coupon),
         )
-        .route("/coupons/{code}", patch(admin::routes::update_coupon));
+        .route("/coupons/{code}", patch(admin::routes::update_coupon))
+        .route(
+            "/settlements/set-aside",
+            get(admin::routes::set_aside_settlements),
+        )
+        .route(
+            "/settlements/set-aside/{request_id}/resolve",
+            post(admin::routes::resolve_set_aside),
+        );
     Router::new()
         .route("/healthz", get(http::health::healthz))
         .route("/readyz", get(http::health::readyz))
