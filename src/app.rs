@@ -176,6 +176,7 @@ impl App {
             cache.clone(),
             SettlerConfig {
                 batch_max: config.metering.settle_batch_max,
+                set_aside_after: Duration::from_secs(config.metering.set_aside_after_secs),
             },
         );
         let meter = Meter::new(
@@ -322,8 +323,8 @@ const DRAIN_AFTER_CUT: Duration = Duration::from_secs(10);
 /// How long shutdown waits for the ledger to take the last settlements.
 const SETTLER_STOP: Duration = Duration::from_secs(30);
 
-/// Every `interval`: release expired holds, write settlements orphaned by a dead instance and
-/// apply order credit moves left pending;
+/// Every `interval`: release expired holds, write settlements orphaned by a dead instance (or
+/// set aside those the ledger refuses) and apply order credit moves left pending;
 /// every `sweep_every`: take expired grant remainders out of balances.
 fn spawn_recovery(
     ledger: SharedLedger,
@@ -347,9 +348,18 @@ fn spawn_recovery(
                 break;
             }
             match settler::recover(&*ledger, &*cache, orphan_age).await {
-                Ok((0, 0)) => {}
-                Ok((reaped, written)) => {
-                    tracing::info!(reaped, written, "recovered holds and settlements")
+                Ok(recovered) if recovered == settler::Recovered::default() => {}
+                Ok(settler::Recovered {
+                    reaped,
+                    written,
+                    set_aside,
+                }) => {
+                    tracing::info!(
+                        reaped,
+                        written,
+                        set_aside,
+                        "recovered holds and settlements"
+                    )
                 }
                 Err(error) => {
                     tracing::warn!(%error, "recovery pass failed; retrying next interval")
@@ -437,7 +447,15 @@ fn router(state: AppState) -> Router {
             "/coupons",
             get(admin::routes::coupons).post(admin::routes::create_coupon),
         )
-        .route("/coupons/{code}", patch(admin::routes::update_coupon));
+        .route("/coupons/{code}", patch(admin::routes::update_coupon))
+        .route(
+            "/settlements/set-aside",
+            get(admin::routes::set_aside_settlements),
+        )
+        .route(
+            "/settlements/set-aside/{request_id}/resolve",
+            post(admin::routes::resolve_set_aside),
+        );
     Router::new()
         .route("/healthz", get(http::health::healthz))
         .route("/readyz", get(http::health::readyz))

@@ -435,3 +435,85 @@ pub async fn update_coupon(
         .ok_or_else(|| ApiError::NotFound(format!("no coupon {code}")))?;
     Ok(Json(coupon_json(&coupon)))
 }
+
+/// The longest note an admin may leave on a resolved settlement (bytes).
+const MAX_NOTE_BYTES: usize = 4096;
+
+#[derive(Debug, Deserialize)]
+pub struct SetAsideQuery {
+    resolved: Option<String>,
+}
+
+fn set_aside_json(entry: &crate::ledger::SetAside) -> Value {
+    // The record is the settlement's JSON; shown as text only if it is not JSON at all.
+    let settlement = serde_json::from_str::<Value>(&entry.record)
+        .unwrap_or_else(|_| Value::String(entry.record.clone()));
+    json!({
+        "request_id": entry.request_id,
+        "account": entry.account,
+        "settlement": settlement,
+        "error": entry.error,
+        "set_aside_at": crate::http::rfc3339(entry.set_aside_at_ms),
+        "resolved": entry.resolved_at_ms.is_some(),
+        "resolved_at": entry.resolved_at_ms.map(crate::http::rfc3339),
+        "resolved_note": entry.resolved_note,
+    })
+}
+
+/// `GET /admin/settlements/set-aside[?resolved=true|false]`: the settlements the ledger refused
+/// on their own and the settler set aside uncharged, newest first.
+pub async fn set_aside_settlements(
+    State(state): State<AppState>,
+    Query(query): Query<SetAsideQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let resolved = match query.resolved.as_deref() {
+        None => None,
+        Some("true") => Some(true),
+        Some("false") => Some(false),
+        Some(_) => {
+            return Err(ApiError::BadRequest {
+                message: "resolved must be true or false".into(),
+                param: Some("resolved"),
+                code: None,
+            });
+        }
+    };
+    let entries = state.ledger.set_aside_settlements(resolved).await?;
+    let data: Vec<Value> = entries.iter().map(set_aside_json).collect();
+    Ok(Json(json!({"object": "list", "data": data})))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResolveBody {
+    /// What the admin did about it (charged it by hand, waived it, …).
+    note: String,
+}
+
+/// `POST /admin/settlements/set-aside/{request_id}/resolve` `{"note": "…"}`: marks a set-aside
+/// settlement dealt with, so `ledger verify` stops reporting it. Idempotent: resolving it again
+/// answers the first resolution unchanged.
+pub async fn resolve_set_aside(
+    State(state): State<AppState>,
+    Path(request_id): Path<String>,
+    ApiJson(body): ApiJson<ResolveBody>,
+) -> Result<Json<Value>, ApiError> {
+    let note = body.note.trim();
+    if note.is_empty() || note.len() > MAX_NOTE_BYTES {
+        return Err(ApiError::BadRequest {
+            message: format!("note must be 1 to {MAX_NOTE_BYTES} bytes saying what was done"),
+            param: Some("note"),
+            code: None,
+        });
+    }
+    match state
+        .ledger
+        .resolve_set_aside(&request_id, note, crate::ledger::now_ms())
+        .await?
+    {
+        Some(entry) => Ok(Json(set_aside_json(&entry))),
+        None => Err(ApiError::NotFound(format!(
+            "no settlement {request_id} was set aside"
+        ))),
+    }
+}

@@ -167,6 +167,10 @@ pub struct MeteringConfig {
     /// Largest number of settlements written in one ledger transaction. A batch is whatever
     /// queued while the previous one was being written; there is no wait to fill it.
     pub settle_batch_max: usize,
+    /// How long a settlement the ledger refuses on its own, while it answers, is retried before
+    /// it is set aside for an admin (`GET /admin/settlements/set-aside`). An outage sets
+    /// nothing aside: settlements wait for the ledger to come back.
+    pub set_aside_after_secs: u64,
     pub pricing_poll_ms: u64,
     /// How long a hold lives without renewal; after it, any instance may release it. Running
     /// streams renew their holds (every third of this, at most every 2 s), so it need not
@@ -201,6 +205,7 @@ impl Default for MeteringConfig {
             estimate_margin_percent: 10,
             on_insufficient: InsufficientPolicy::Reject,
             settle_batch_max: 512,
+            set_aside_after_secs: 30,
             pricing_poll_ms: 500,
             hold_ttl_secs: 3600,
             recovery_interval_ms: 2000,

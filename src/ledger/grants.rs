@@ -37,7 +37,8 @@
 //! `O + L − D`; they draw from `L` first (it expires soonest), and the sweep left in `L` what they
 //! hold (or all of `L`), so the rest of their cost fits in `O − D + overdraft`. Every reservation
 //! after the lapse was checked against `O − D` less everything held or pending, theirs included,
-//! so it fits there too. Only a cost above its hold can go further (README, "Overdraft bound").
+//! so it fits there too. No charge exceeds its hold (the excess is recorded as `uncharged`), so
+//! nothing goes further.
 
 /// A grant's state as a debit sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]

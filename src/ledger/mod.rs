@@ -7,6 +7,7 @@
 pub mod grants;
 pub mod mysql;
 mod payments;
+pub mod set_aside;
 pub mod sqlite;
 mod verify;
 
@@ -16,6 +17,7 @@ use async_trait::async_trait;
 use serde::Serialize;
 
 use crate::domain::{AccountId, Credits, RequestId, TokenUsage};
+pub use set_aside::SetAside;
 
 pub type SharedLedger = Arc<dyn Ledger>;
 
@@ -397,11 +399,33 @@ pub trait Ledger: Send + Sync + 'static {
     async fn bump_cache_epoch(&self) -> Result<i64, LedgerError>;
 
     /// Checks every account: entries sum to the balance, each entry's before/after chain,
-    /// every charged usage record has its entry, each key's spend matches its usage; the
-    /// grants: `Σ remaining of unswept grants − debt = balance` with `debt ≥ 0`, and every
-    /// grant's `remaining = amount − debt_paid − Σ its draws ≥ 0`; and no debit took a balance
-    /// below `-overdraft` without a documented cause (see `verify.rs`). Empty means consistent.
+    /// every charged usage record has its entry and costs no more than its hold, each key's
+    /// spend matches its usage; the grants: `Σ remaining of unswept grants − debt = balance`
+    /// with `debt ≥ 0`, and every grant's `remaining = amount − debt_paid − Σ its draws ≥ 0`;
+    /// no debit took a balance below `-overdraft` without a documented cause (see `verify.rs`);
+    /// and no settlement set aside is left unresolved ([`set_aside`]). Empty means consistent.
     async fn verify(&self, overdraft: Credits) -> Result<Vec<VerifyProblem>, LedgerError>;
+
+    /// Keeps a settlement the ledger refused on its own for an admin ([`set_aside`]); nothing
+    /// is charged. Idempotent by request id: a second call keeps the first row.
+    async fn set_aside(&self, entry: &SetAside) -> Result<(), LedgerError>;
+
+    /// The settlements set aside, newest first: all of them, or only the resolved
+    /// (`Some(true)`) or unresolved (`Some(false)`) ones.
+    async fn set_aside_settlements(
+        &self,
+        resolved: Option<bool>,
+    ) -> Result<Vec<SetAside>, LedgerError>;
+
+    /// Marks a settlement set aside as resolved at `now_ms` with an admin's `note`, and returns
+    /// it. Resolving it again keeps the first resolution. `None` when no settlement with that
+    /// request id was set aside.
+    async fn resolve_set_aside(
+        &self,
+        request_id: &str,
+        note: &str,
+        now_ms: i64,
+    ) -> Result<Option<SetAside>, LedgerError>;
 
     /// Whether the database answers (for `/readyz`).
     async fn ping(&self) -> Result<(), LedgerError>;

@@ -39,8 +39,8 @@ use super::grants::{
 use super::verify::Checks;
 use super::{
     AccountRecord, ApiKeyRecord, Bucket, EntryType, GrantOutcome, GrantRecord, GrantRequest,
-    Ledger, LedgerEntry, LedgerError, Page, SettleOutcome, Settlement, Snapshot, UsageRecord,
-    VerifyProblem, now_ms,
+    Ledger, LedgerEntry, LedgerError, Page, SetAside, SettleOutcome, Settlement, Snapshot,
+    UsageRecord, VerifyProblem, now_ms, set_aside,
 };
 use crate::domain::{AccountId, Credits};
 
@@ -75,6 +75,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         6,
         "settlement bounds",
         include_str!("../../migrations/mysql/0006_settlement_bounds.sql"),
+    ),
+    (
+        7,
+        "settlements set aside",
+        include_str!("../../migrations/mysql/0007_settlements_set_aside.sql"),
     ),
 ];
 
@@ -1530,6 +1535,7 @@ impl Ledger for MySqlLedger {
         }
         let mut problems = checks.finish();
         problems.extend(super::payments::verify::<MySql>(&mut tx).await?);
+        problems.extend(set_aside::verify::<MySql>(&mut tx).await?);
 
         let orphans = sqlx::query(
             "SELECT u.request_id, u.account_id FROM usage_records u \
@@ -1582,6 +1588,54 @@ impl Ledger for MySqlLedger {
         }
         tx.commit().await?;
         Ok(problems)
+    }
+
+    async fn set_aside(&self, entry: &SetAside) -> Result<(), LedgerError> {
+        sqlx::query(
+            "INSERT INTO settlements_set_aside (request_id, account_id, record, error, \
+             set_aside_at) VALUES (?, ?, ?, ?, ?) ON DUPLICATE KEY UPDATE request_id = request_id",
+        )
+        .bind(&entry.request_id)
+        .bind(&entry.account)
+        .bind(&entry.record)
+        .bind(&entry.error)
+        .bind(entry.set_aside_at_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn set_aside_settlements(
+        &self,
+        resolved: Option<bool>,
+    ) -> Result<Vec<SetAside>, LedgerError> {
+        sqlx::query(set_aside::list_sql(resolved))
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(set_aside::from_row)
+            .collect()
+    }
+
+    async fn resolve_set_aside(
+        &self,
+        request_id: &str,
+        note: &str,
+        now_ms: i64,
+    ) -> Result<Option<SetAside>, LedgerError> {
+        sqlx::query(set_aside::RESOLVE)
+            .bind(now_ms)
+            .bind(note)
+            .bind(request_id)
+            .execute(&self.pool)
+            .await?;
+        sqlx::query(set_aside::ONE)
+            .bind(request_id)
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(set_aside::from_row)
+            .transpose()
     }
 
     async fn ping(&self) -> Result<(), LedgerError> {

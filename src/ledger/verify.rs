@@ -2,18 +2,22 @@
 //!
 //! Each adapter reads its rows inside one read transaction and feeds them to [`Checks`];
 //! [`Checks::finish`] then reports, account by account (in account id order), every mismatch
-//! between balances, debts, ledger entries, grants and grant draws, and every debit that took a
-//! balance below `-overdraft` without a documented cause:
+//! between balances, debts, ledger entries, grants and grant draws, every usage record that
+//! cost more than its hold, and every debit that took a balance below `-overdraft` without a
+//! documented cause:
 //!
 //! - a refund or negative adjustment (disputes are refunds) may create debt by itself;
-//! - a usage entry may end below only if its request cost more than its hold (README,
-//!   "Overdraft bound"), or if, while it ran (from its record's `started_at` to its entry), a
-//!   refund, negative adjustment, expiry or usage above its hold landed on the account: the
-//!   reservation was checked against a balance that those then lowered;
-//! - an expiry entry may end below only if a refund, negative adjustment or usage above its hold
-//!   landed on the account between the grant's expiry and the entry. Otherwise it exposes debt
-//!   that usage ran up while the lapsed credits still propped the balance up: the overspend
-//!   that [`super::grants`] rules out.
+//! - a usage entry may end below only if, while it ran (from its record's `started_at` to its
+//!   entry), a refund, negative adjustment or expiry landed on the account: the reservation was
+//!   checked against a balance that those then lowered;
+//! - an expiry entry may end below only if a refund or negative adjustment landed on the account
+//!   between the grant's expiry and the entry. Otherwise it exposes debt that usage ran up while
+//!   the lapsed credits still propped the balance up: the overspend that [`super::grants`] rules
+//!   out.
+//!
+//! A cost above the hold explains nothing: the gateway charges at most a request's hold and
+//! records the excess as `uncharged` (DESIGN.md I1), so a usage record with `cost > hold` can
+//! only come from tampering or an old bug, and is a problem of its own.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -26,15 +30,18 @@ use crate::domain::Credits;
 /// Every account with its balance and debt, for [`Checks::accounts`].
 const ACCOUNTS: &str = "SELECT id, balance, debt FROM accounts";
 /// Every ledger entry in id order (per account, each account's own entry order), with its
-/// usage record's start, cost and hold for a usage entry, for [`Checks::entries`].
+/// usage record's start for a usage entry, for [`Checks::entries`].
 const ENTRIES: &str = "SELECT t.id, t.account_id, t.`type`, t.amount, t.balance_before, \
-     t.balance_after, t.reference, t.created_at, u.started_at, u.cost, u.hold \
+     t.balance_after, t.reference, t.created_at, u.started_at \
      FROM credit_transactions t \
      LEFT JOIN usage_records u ON t.`type` = 'usage' AND u.request_id = t.reference \
      ORDER BY t.id";
 /// Every grant in id order, for [`Checks::grants`].
 const GRANTS: &str = "SELECT id, account_id, amount, debt_paid, remaining, expires_at, \
      expired_at FROM credit_grants ORDER BY id";
+/// Every usage record that cost more than its hold, for [`Checks::above_hold`].
+const ABOVE_HOLD: &str = "SELECT request_id, account_id, cost, hold FROM usage_records \
+     WHERE cost > hold ORDER BY started_at, request_id";
 
 /// The column reads the checks need, for the rows of any sqlx driver.
 pub(crate) trait Columns {
@@ -92,8 +99,6 @@ enum Cause {
     Taken,
     /// An expiry entry.
     Expiry,
-    /// A usage entry whose request cost more than its hold.
-    AboveHold,
 }
 
 /// A debit entry as the overdraft check sees it (see the module docs).
@@ -103,9 +108,9 @@ pub(crate) struct Debit {
     pub entry_type: String,
     pub balance_after: i64,
     pub created_at: i64,
-    /// A usage entry's record: its request's `started_at`, and whether it cost more than its
-    /// hold. `None` for other entries, or a usage entry without a record (reported elsewhere).
-    pub usage: Option<(i64, bool)>,
+    /// A usage entry's record: its request's `started_at`. `None` for other entries, or a usage
+    /// entry without a record (reported elsewhere).
+    pub usage: Option<i64>,
     /// The grant an expiry entry swept (from its reference `grant:<id>[:…]`).
     pub grant: Option<i64>,
 }
@@ -200,10 +205,9 @@ impl Checks {
     pub(crate) fn debit(&mut self, account: String, debit: Debit) {
         let floor = -i128::from(self.overdraft);
         let check = self.accounts.entry(account).or_default();
-        let cause = match (debit.entry_type.as_str(), debit.usage) {
-            ("usage", Some((_, true))) => Some(Cause::AboveHold),
-            ("usage", _) => None,
-            ("expiry", _) => Some(Cause::Expiry),
+        let cause = match debit.entry_type.as_str() {
+            "usage" => None,
+            "expiry" => Some(Cause::Expiry),
             _ => Some(Cause::Taken),
         };
         if let Some(cause) = cause {
@@ -214,7 +218,7 @@ impl Checks {
         }
         let since = match debit.entry_type.as_str() {
             // Without a record (reported as such elsewhere): only its own moment counts.
-            "usage" => Since::Started(debit.usage.map_or(debit.created_at, |(at, _)| at)),
+            "usage" => Since::Started(debit.usage.unwrap_or(debit.created_at)),
             _ => Since::GrantExpired(debit.grant),
         };
         check.below.push(Below {
@@ -251,13 +255,25 @@ impl Checks {
         });
     }
 
+    /// A usage record that cost more than its hold: charged more than the gateway ever charges.
+    pub(crate) fn above_hold(&mut self, account: String, request_id: &str, cost: i64, hold: i64) {
+        self.accounts
+            .entry(account)
+            .or_default()
+            .problems
+            .push(format!(
+                "usage record {request_id} cost {cost} but its hold was {hold}: the gateway \
+                 charges at most the hold"
+            ));
+    }
+
     /// One grant's expiry time (grants without one need none).
     pub(crate) fn grant_expiry(&mut self, grant_id: i64, expires_at: i64) {
         self.expiries.insert(grant_id, expires_at);
     }
 
-    /// Reads [`ACCOUNTS`], [`ENTRIES`] and [`GRANTS`] on `conn`, inside the caller's read
-    /// transaction; the caller then feeds the grant draws with [`Checks::draw`].
+    /// Reads [`ACCOUNTS`], [`ENTRIES`], [`GRANTS`] and [`ABOVE_HOLD`] on `conn`, inside the
+    /// caller's read transaction; the caller then feeds the grant draws with [`Checks::draw`].
     pub(crate) async fn read<DB>(
         conn: &mut DB::Connection,
         overdraft: Credits,
@@ -277,6 +293,9 @@ impl Checks {
             .await?;
         checks
             .grants(sqlx::query::<DB>(GRANTS).fetch(&mut *conn))
+            .await?;
+        checks
+            .above_holds(sqlx::query::<DB>(ABOVE_HOLD).fetch(&mut *conn))
             .await?;
         Ok(checks)
     }
@@ -312,14 +331,7 @@ impl Checks {
                 balance_after,
             );
             if amount < 0 {
-                let usage = match (
-                    row.optional_int("started_at")?,
-                    row.optional_int("cost")?,
-                    row.optional_int("hold")?,
-                ) {
-                    (Some(started_at), Some(cost), Some(hold)) => Some((started_at, cost > hold)),
-                    _ => None,
-                };
+                let usage = row.optional_int("started_at")?;
                 let grant = row
                     .optional_text("reference")?
                     .as_deref()
@@ -338,6 +350,23 @@ impl Checks {
                     },
                 );
             }
+        }
+        Ok(())
+    }
+
+    /// Feeds the rows of [`ABOVE_HOLD`].
+    async fn above_holds<S>(&mut self, mut rows: S) -> Result<(), sqlx::Error>
+    where
+        S: TryStream<Error = sqlx::Error> + Unpin,
+        S::Ok: Columns,
+    {
+        while let Some(row) = rows.try_next().await? {
+            self.above_hold(
+                row.text("account_id")?,
+                &row.text("request_id")?,
+                row.int("cost")?,
+                row.int("hold")?,
+            );
         }
         Ok(())
     }
@@ -366,7 +395,8 @@ impl Checks {
     }
 
     /// Every problem found, by account id; per account: a missing account, then the entries'
-    /// problems, then the grants', then the debits below `-overdraft`, then the account's totals.
+    /// problems and the usage records above their hold, then the grants', then the debits below
+    /// `-overdraft`, then the account's totals.
     pub(crate) fn finish(mut self) -> Vec<VerifyProblem> {
         for grant in std::mem::take(&mut self.grants) {
             self.check_grant(grant);
@@ -470,12 +500,8 @@ fn unexplained(
         .any(|(at, cause)| (from..=*created_at).contains(at) && explains(*cause));
     (!explained).then(|| {
         let unexplained = match since {
-            Since::Started(_) => {
-                "no refund, adjustment, expiry or cost above its hold while its request ran"
-            }
-            Since::GrantExpired(_) => {
-                "no refund, adjustment or cost above its hold since its grant expired"
-            }
+            Since::Started(_) => "no refund, adjustment or expiry while its request ran",
+            Since::GrantExpired(_) => "no refund or adjustment since its grant expired",
         };
         format!(
             "entry {entry_id} ({entry_type}) left the balance at {balance_after} with \
@@ -620,7 +646,7 @@ mod tests {
         entry_type: &str,
         after: i64,
         at: i64,
-        usage: Option<(i64, bool)>,
+        usage: Option<i64>,
         grant: Option<i64>,
     ) -> Debit {
         Debit {
@@ -646,46 +672,60 @@ mod tests {
     fn usage_below_the_overdraft_needs_a_cause_while_its_request_ran() {
         let mut checks = Checks::with_overdraft(10);
         // At the floor is fine; below it is not.
-        checks.debit(
-            "acct".into(),
-            debit(1, "usage", -10, 100, Some((90, false)), None),
-        );
-        checks.debit(
-            "acct".into(),
-            debit(2, "usage", -11, 200, Some((190, false)), None),
-        );
+        checks.debit("acct".into(), debit(1, "usage", -10, 100, Some(90), None));
+        checks.debit("acct".into(), debit(2, "usage", -11, 200, Some(190), None));
         assert_eq!(
             below(checks),
             [
-                "entry 2 (usage) left the balance at -11 with no refund, adjustment, expiry or cost \
-              above its hold while its request ran to explain it, below the overdraft floor of -10"
+                "entry 2 (usage) left the balance at -11 with no refund, adjustment or expiry \
+              while its request ran to explain it, below the overdraft floor of -10"
             ]
         );
 
         // A refund before the request started explains nothing; one while it ran does, as does
-        // an expiry, or a request (this one or another) that cost more than its hold.
+        // an expiry. Other usage explains nothing: it was reserved too.
         for (cause, explained) in [
             (debit(1, "refund", 0, 149, None, None), false),
             (debit(1, "refund", -20, 150, None, None), true),
             (debit(1, "adjustment", 5, 170, None, None), true),
             (debit(1, "expiry", 5, 200, None, Some(7)), true),
-            (debit(1, "usage", 5, 160, Some((100, true)), None), true),
-            (debit(1, "usage", 5, 160, Some((100, false)), None), false),
+            (debit(1, "usage", 5, 160, Some(100), None), false),
         ] {
             let mut checks = Checks::new();
             checks.debit("acct".into(), cause.clone());
-            checks.debit(
-                "acct".into(),
-                debit(2, "usage", -1, 200, Some((150, false)), None),
-            );
+            checks.debit("acct".into(), debit(2, "usage", -1, 200, Some(150), None));
             assert_eq!(below(checks).is_empty(), explained, "{cause:?}");
         }
+    }
+
+    #[test]
+    fn usage_that_cost_more_than_its_hold_is_reported_and_explains_nothing() {
+        // The gateway charges at most the hold; a record above it is a problem of its own, and
+        // no longer excuses its entry (or another) for going below the overdraft floor.
         let mut checks = Checks::new();
-        checks.debit(
-            "acct".into(),
-            debit(2, "usage", -1, 200, Some((150, true)), None),
+        checks.above_hold("acct".into(), "req-1", 30, 5);
+        checks.debit("acct".into(), debit(2, "usage", -1, 200, Some(150), None));
+        assert_eq!(
+            problems(checks),
+            vec![
+                (
+                    "acct".into(),
+                    "entries or grants belong to an account that does not exist".into()
+                ),
+                (
+                    "acct".into(),
+                    "usage record req-1 cost 30 but its hold was 5: the gateway charges at most \
+                     the hold"
+                        .into()
+                ),
+                (
+                    "acct".into(),
+                    "entry 2 (usage) left the balance at -1 with no refund, adjustment or expiry \
+                     while its request ran to explain it, below the overdraft floor of 0"
+                        .into()
+                ),
+            ]
         );
-        assert!(below(checks).is_empty(), "its own cost above its hold");
     }
 
     #[test]
@@ -710,31 +750,22 @@ mod tests {
         assert_eq!(
             expired(None),
             [
-                "entry 9 (expiry) left the balance at -5 with no refund, adjustment or cost above \
-              its hold since its grant expired to explain it, below the overdraft floor of 0"
+                "entry 9 (expiry) left the balance at -5 with no refund or adjustment since its \
+              grant expired to explain it, below the overdraft floor of 0"
             ]
         );
         // Usage within its hold that ran into debt while the lapsed grant propped the balance up
         // is what this catches; another expiry explains nothing either.
         assert_eq!(
-            expired(Some(debit(
-                1,
-                "usage",
-                3,
-                1_500,
-                Some((1_400, false)),
-                None
-            )))
-            .len(),
+            expired(Some(debit(1, "usage", 3, 1_500, Some(1_400), None))).len(),
             1
         );
         assert_eq!(
             expired(Some(debit(1, "expiry", 3, 1_500, None, Some(6)))).len(),
             1
         );
-        // A refund, or a cost above its hold, after the grant expired explains it; before, not.
+        // A refund after the grant expired explains it; before, not.
         assert!(expired(Some(debit(1, "refund", 3, 1_000, None, None))).is_empty());
-        assert!(expired(Some(debit(1, "usage", 3, 1_500, Some((900, true)), None))).is_empty());
         assert_eq!(
             expired(Some(debit(1, "refund", 3, 999, None, None))).len(),
             1

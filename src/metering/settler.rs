@@ -14,19 +14,34 @@
 //! A settlement is *durable* once a crash of this process cannot lose it: when the cache's
 //! journal outlives the process (Redis) as soon as it is recorded there, otherwise (the
 //! in-process cache) once the ledger has committed it. The request waits for that before the
-//! last bytes of its response leave (DESIGN.md I4). A settlement the ledger refuses on its own
-//! (while others in its batch commit) is retried alone and then set aside for an admin, so it
-//! can never hold up the others. [`recover`] writes the settlements a crashed instance left in a
-//! shared cache.
+//! last bytes of its response leave (DESIGN.md I4). [`recover`] writes the settlements a crashed
+//! instance left in a shared cache.
+//!
+//! # A settlement the ledger refuses
+//!
+//! When the ledger refuses a batch but still answers ([`Ledger::ping`]), something in the batch
+//! is bad (a record it cannot store): each settlement is then written alone, so the good ones
+//! commit at once. One refused alone is retried apart from the batches, with backoff, for up to
+//! `metering.set_aside_after_secs` (see [`verdict`]); then it is *set aside*
+//! ([`crate::ledger::set_aside`]): kept in the ledger for an admin, uncharged, its waiter told
+//! and its pending charge dropped from the cache. So a bad settlement never holds up the others,
+//! nor shutdown: when the settler stops, what is still refused is set aside at once. While the
+//! ledger does not answer, nothing is set aside: writes wait for it as long as it takes.
+//! [`recover`] likewise sets aside an orphan the ledger refuses and goes on with the others.
 
 use std::time::Duration;
 
 use futures_util::future::join_all;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 use crate::cache::{BalanceCache, SharedCache};
-use crate::ledger::{Bucket, Ledger, SettleOutcome, Settlement, SharedLedger, now_ms};
+use crate::domain::{AccountId, Credits};
+use crate::ledger::{
+    Bucket, Ledger, LedgerError, SetAside, SettleOutcome, Settlement, SharedLedger, Snapshot,
+    now_ms,
+};
 
 /// Resolves once its settlement is durable (see the module docs). A settler that stopped
 /// resolves it too: the request must end either way.
@@ -72,15 +87,17 @@ impl SettlerHandle {
         rx
     }
 
-    /// Returns once every job sent before this call has been applied and written.
+    /// Returns once every job sent before this call has been applied and written (or, refused
+    /// by the ledger, set aside: up to `set_aside_after` later).
     pub async fn flush(&self) {
         let (tx, rx) = oneshot::channel();
         self.send(Job::Flush(tx));
         let _ = rx.await;
     }
 
-    /// Writes everything queued before this call, then stops the settler. Jobs sent later are
-    /// dropped (and logged), so call it only once nothing can settle any more.
+    /// Writes everything queued before this call (setting aside at once what the ledger
+    /// refuses), then stops the settler. Jobs sent later are dropped (and logged), so call it
+    /// only once nothing can settle any more.
     pub async fn stop(&self) {
         let (tx, rx) = oneshot::channel();
         self.send(Job::Stop(tx));
@@ -90,7 +107,14 @@ impl SettlerHandle {
 
 pub struct SettlerConfig {
     pub batch_max: usize,
+    /// How long a settlement the ledger refuses on its own, while it answers, is retried before
+    /// it is set aside.
+    pub set_aside_after: Duration,
 }
+
+/// The first pause before a write is tried again; it doubles up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(50);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 pub fn spawn(
     ledger: SharedLedger,
@@ -111,6 +135,10 @@ pub fn spawn(
         ledger,
         cache,
         batch_max,
+        set_aside_after: config.set_aside_after,
+        refused: Vec::new(),
+        next_seq: 0,
+        flushes: Vec::new(),
     };
     let task = tokio::spawn(async move {
         let committer = tokio::spawn(committer.run());
@@ -177,19 +205,96 @@ async fn mark_committed(
     }
 }
 
+/// Sets aside a settlement the ledger refuses on its own ([`crate::ledger::set_aside`]), and
+/// drops it from the cache: nothing was charged, so its buckets take the ledger's balance as it
+/// stands in place of its pending charge (and lose its hold, if the charge never reached the
+/// cache).
+async fn set_aside(
+    ledger: &dyn Ledger,
+    cache: &dyn BalanceCache,
+    settlement: &Settlement,
+    limited_key: Option<&str>,
+    error: &str,
+) -> Result<(), LedgerError> {
+    ledger
+        .set_aside(&SetAside::new(settlement, error, now_ms()))
+        .await?;
+    let id = settlement.request_id.as_str();
+    tracing::error!(
+        request_id = id,
+        account = %settlement.account,
+        error,
+        "the ledger refuses this settlement on its own: set aside uncharged for an admin \
+         (GET /admin/settlements/set-aside)"
+    );
+    let mut buckets = vec![(
+        Bucket::Account(settlement.account.clone()),
+        current_balance(ledger, &settlement.account).await,
+    )];
+    if let Some(key) = limited_key {
+        let bucket = Bucket::KeyLimit(key.to_owned());
+        let snapshot = ledger.snapshot(&bucket, Credits::ZERO).await;
+        buckets.push((bucket, snapshot));
+    }
+    for (bucket, snapshot) in buckets {
+        let dropped = match snapshot {
+            Ok(snapshot) => cache
+                .committed(&bucket, id, snapshot)
+                .await
+                .map_err(|e| e.to_string()),
+            Err(error) => Err(error.to_string()),
+        };
+        if let Err(error) = dropped {
+            tracing::warn!(%error, request_id = id, "cannot drop a set-aside settlement from the cache");
+        }
+    }
+    Ok(())
+}
+
+/// The account's balance as the ledger has it, without creating an account it does not have (a
+/// refused settlement may name one): such an account has nothing cached to correct either.
+async fn current_balance(
+    ledger: &dyn Ledger,
+    account: &AccountId,
+) -> Result<Snapshot, LedgerError> {
+    if ledger.account(account).await?.is_none() {
+        return Ok(Snapshot::plain(Credits::ZERO, 0));
+    }
+    // The account exists, so this only reads its snapshot (with its expiry outlook).
+    ledger
+        .snapshot(&Bucket::Account(account.clone()), Credits::ZERO)
+        .await
+}
+
+/// What one [`recover`] pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Recovered {
+    /// Holds released (expired, or of a dead instance).
+    pub reaped: usize,
+    /// Orphaned settlements written to the ledger.
+    pub written: usize,
+    /// Orphaned settlements the ledger refused on their own, set aside.
+    pub set_aside: usize,
+}
+
 /// Releases expired holds and writes pending settlements older than `orphan_age` (left by an
-/// instance that died before writing them). Safe to run on every instance at once: settlements
-/// are idempotent by request id.
+/// instance that died before writing them). An orphan the ledger refuses while it answers is set
+/// aside and the pass goes on; a ledger that does not answer ends the pass with an error (the
+/// next pass tries again). Safe to run on every instance at once: settlements are idempotent by
+/// request id, and so is setting one aside.
 pub async fn recover(
     ledger: &dyn Ledger,
     cache: &dyn BalanceCache,
     orphan_age: Duration,
-) -> Result<(usize, usize), String> {
+) -> Result<Recovered, String> {
     let now = now_ms();
     let reaped = cache.reap_holds(now).await.map_err(|e| e.to_string())?;
     let age = i64::try_from(orphan_age.as_millis()).unwrap_or(i64::MAX);
     let orphans = cache.orphans(now, age).await.map_err(|e| e.to_string())?;
-    let mut written = 0;
+    let mut recovered = Recovered {
+        reaped,
+        ..Recovered::default()
+    };
     for orphan in orphans {
         let settlement: Settlement = match serde_json::from_str(&orphan.record) {
             Ok(settlement) => settlement,
@@ -198,15 +303,30 @@ pub async fn recover(
                 continue;
             }
         };
-        let outcomes = ledger
-            .settle_batch(std::slice::from_ref(&settlement))
-            .await
-            .map_err(|e| e.to_string())?;
+        let outcomes = match ledger.settle_batch(std::slice::from_ref(&settlement)).await {
+            Ok(outcomes) => outcomes,
+            Err(error) => {
+                // A ledger that does not answer ends the pass: an outage, not a bad record.
+                ledger.ping().await.map_err(|_| error.to_string())?;
+                // The key's limit is unknown here (no outcome): its cached entry, if any, is
+                // corrected all the same.
+                let key = settlement.api_key_id.as_deref();
+                match set_aside(ledger, cache, &settlement, key, &error.to_string()).await {
+                    Ok(()) => recovered.set_aside += 1,
+                    Err(error) => tracing::error!(
+                        %error,
+                        request_id = orphan.request_id,
+                        "cannot set a refused settlement aside; it stays journaled for the next pass"
+                    ),
+                }
+                continue;
+            }
+        };
         if let Some(outcome) = outcomes.first() {
             let limited_key = outcome.key_limit.and(settlement.api_key_id.as_deref());
             mark_committed(cache, &settlement, limited_key, outcome).await;
             if outcome.applied {
-                written += 1;
+                recovered.written += 1;
                 tracing::warn!(
                     request_id = orphan.request_id,
                     "wrote a settlement left by another instance"
@@ -214,7 +334,39 @@ pub async fn recover(
             }
         }
     }
-    Ok((reaped, written))
+    Ok(recovered)
+}
+
+/// What becomes of a settlement the ledger has just refused when written alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// Try it again then.
+    RetryAt(Instant),
+    SetAside,
+}
+
+/// The ledger refused a settlement alone at `now`, and first did so at `since`. If the ledger
+/// does not answer (`answers` is false), that is an outage, not a bad settlement: it is retried
+/// after `backoff` however long that lasts. Otherwise it is retried (the last time exactly at
+/// `since + set_aside_after`, so the bound holds whatever the backoff) and set aside once that
+/// has passed, or at once when the settler is stopping and no later retry would come.
+fn verdict(
+    answers: bool,
+    stopping: bool,
+    since: Instant,
+    now: Instant,
+    backoff: Duration,
+    set_aside_after: Duration,
+) -> Verdict {
+    if !answers {
+        return Verdict::RetryAt(now + backoff);
+    }
+    let deadline = since + set_aside_after;
+    if stopping || now >= deadline {
+        Verdict::SetAside
+    } else {
+        Verdict::RetryAt((now + backoff).min(deadline))
+    }
 }
 
 /// A settlement on its way to the ledger.
@@ -229,6 +381,22 @@ struct Queued {
 enum Commit {
     Settle(Box<Queued>),
     Flush(oneshot::Sender<()>),
+    /// Write (or set aside) everything passed on before it, then end.
+    Stop(oneshot::Sender<()>),
+}
+
+/// A settlement the ledger refused when written alone, retried apart from the batches.
+struct Refused {
+    queued: Queued,
+    /// Its place among the refused settlements, for the flushes that wait for it.
+    seq: u64,
+    /// The ledger's last refusal (an outage's error is not kept: it says nothing of the record).
+    error: String,
+    /// When the ledger first refused it alone.
+    since: Instant,
+    retry_at: Instant,
+    /// The pause after the next refusal.
+    backoff: Duration,
 }
 
 /// Stage 1: applies jobs to the balance cache, as many at once as are queued.
@@ -259,7 +427,7 @@ impl Recorder {
                 if let Some(Job::Stop(done)) = rest.drain(..).next() {
                     // The committer writes everything passed on so far, then ends.
                     let (flushed, wait) = oneshot::channel();
-                    let _ = self.commits.send(Commit::Flush(flushed));
+                    let _ = self.commits.send(Commit::Stop(flushed));
                     drop(self.commits);
                     let _ = wait.await;
                     let _ = done.send(());
@@ -314,46 +482,231 @@ struct Committer {
     ledger: SharedLedger,
     cache: SharedCache,
     batch_max: usize,
+    set_aside_after: Duration,
+    /// Settlements the ledger refused alone, each until it is written or set aside.
+    refused: Vec<Refused>,
+    /// The `seq` of the next refused settlement.
+    next_seq: u64,
+    /// Flushes waiting for the refused settlements queued before them: each waits for those
+    /// whose `seq` is below its number.
+    flushes: Vec<(u64, oneshot::Sender<()>)>,
 }
 
 impl Committer {
     async fn run(mut self) {
         let mut incoming = Vec::with_capacity(self.batch_max);
-        while self.rx.recv_many(&mut incoming, self.batch_max).await > 0 {
+        loop {
+            // New work, or a refused settlement due again, whichever comes first (`recv_many`
+            // is cancel-safe: a timeout loses nothing).
+            let open = match self.refused.iter().map(|r| r.retry_at).min() {
+                Some(due) => {
+                    tokio::time::timeout_at(due, self.rx.recv_many(&mut incoming, self.batch_max))
+                        .await
+                        .map_or(true, |received| received > 0)
+                }
+                None => self.rx.recv_many(&mut incoming, self.batch_max).await > 0,
+            };
             let mut batch = Vec::with_capacity(incoming.len());
             let mut waiters = Vec::new();
+            let mut stop = None;
             for commit in incoming.drain(..) {
                 match commit {
                     Commit::Settle(queued) => batch.push(*queued),
                     // Everything before a flush is in this batch or an earlier one.
                     Commit::Flush(waiter) => waiters.push(waiter),
+                    Commit::Stop(done) => stop = Some(done),
                 }
             }
             self.write(batch).await;
-            for waiter in waiters {
-                let _ = waiter.send(());
+            let stopping = stop.is_some() || !open;
+            if stopping {
+                self.write_or_set_aside_refused().await;
+            } else {
+                self.retry_due(false).await;
+            }
+            let queued_before = self.next_seq;
+            self.flushes
+                .extend(waiters.into_iter().map(|waiter| (queued_before, waiter)));
+            self.answer_flushes();
+            if stopping {
+                if let Some(done) = stop {
+                    let _ = done.send(());
+                }
+                return;
             }
         }
     }
 
-    async fn write(&self, mut batch: Vec<Queued>) {
+    /// Writes a batch in one transaction. If the ledger refuses it while it answers, each of its
+    /// settlements is written alone, so the good ones commit now and only the refused ones wait
+    /// (apart, in `refused`). While the ledger does not answer, the whole batch is retried until
+    /// it does.
+    async fn write(&mut self, mut batch: Vec<Queued>) {
         if batch.is_empty() {
             return;
         }
         let settlements: Vec<Settlement> = batch.iter().map(|q| q.settlement.clone()).collect();
-        let mut backoff = Duration::from_millis(50);
+        let mut backoff = FIRST_BACKOFF;
         loop {
             match self.ledger.settle_batch(&settlements).await {
                 Ok(outcomes) => {
                     self.committed(&mut batch, &outcomes).await;
                     return;
                 }
+                Err(error) if self.ledger.ping().await.is_ok() => {
+                    if batch.len() == 1 {
+                        self.refuse(batch.remove(0), error.to_string());
+                    } else {
+                        tracing::warn!(%error, pending = batch.len(), "the ledger refused a batch; writing its settlements one by one");
+                        for queued in batch {
+                            self.write_alone(queued).await;
+                        }
+                    }
+                    return;
+                }
                 Err(error) => {
                     tracing::error!(%error, pending = settlements.len(), "ledger write failed; retrying");
                     tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
             }
+        }
+    }
+
+    async fn write_alone(&mut self, mut queued: Queued) {
+        match self
+            .ledger
+            .settle_batch(std::slice::from_ref(&queued.settlement))
+            .await
+        {
+            Ok(outcomes) => {
+                self.committed(std::slice::from_mut(&mut queued), &outcomes)
+                    .await;
+            }
+            Err(error) => self.refuse(queued, error.to_string()),
+        }
+    }
+
+    fn refuse(&mut self, queued: Queued, error: String) {
+        tracing::warn!(
+            request_id = %queued.settlement.request_id,
+            %error,
+            "the ledger refuses a settlement on its own; retrying it apart"
+        );
+        let now = Instant::now();
+        self.refused.push(Refused {
+            queued,
+            seq: self.next_seq,
+            error,
+            since: now,
+            retry_at: now + FIRST_BACKOFF,
+            backoff: FIRST_BACKOFF * 2,
+        });
+        self.next_seq += 1;
+    }
+
+    /// Tries again the refused settlements that are due (all of them when `stopping`).
+    async fn retry_due(&mut self, stopping: bool) {
+        let now = Instant::now();
+        let (due, later): (Vec<Refused>, Vec<Refused>) = std::mem::take(&mut self.refused)
+            .into_iter()
+            .partition(|refused| stopping || refused.retry_at <= now);
+        self.refused = later;
+        for refused in due {
+            if let Some(refused) = self.retry(refused, stopping).await {
+                self.refused.push(refused);
+            }
+        }
+    }
+
+    /// At the stop: writes or sets aside every refused settlement now. Only an outage makes this
+    /// wait (and shutdown stops waiting for the settler after its own timeout).
+    async fn write_or_set_aside_refused(&mut self) {
+        loop {
+            self.retry_due(true).await;
+            self.answer_flushes();
+            let Some(next) = self.refused.iter().map(|r| r.retry_at).min() else {
+                return;
+            };
+            tokio::time::sleep_until(next).await;
+        }
+    }
+
+    /// One more try of a refused settlement. Returns it if it is still to be tried later.
+    async fn retry(&mut self, mut refused: Refused, stopping: bool) -> Option<Refused> {
+        match self
+            .ledger
+            .settle_batch(std::slice::from_ref(&refused.queued.settlement))
+            .await
+        {
+            Ok(outcomes) => {
+                self.committed(std::slice::from_mut(&mut refused.queued), &outcomes)
+                    .await;
+                return None;
+            }
+            Err(error) => {
+                let answers = self.ledger.ping().await.is_ok();
+                if answers {
+                    refused.error = error.to_string();
+                }
+                let now = Instant::now();
+                let backoff = refused.backoff;
+                refused.backoff = (backoff * 2).min(MAX_BACKOFF);
+                match verdict(
+                    answers,
+                    stopping,
+                    refused.since,
+                    now,
+                    backoff,
+                    self.set_aside_after,
+                ) {
+                    Verdict::RetryAt(at) => {
+                        refused.retry_at = at;
+                        return Some(refused);
+                    }
+                    // Kept for another try should setting it aside fail.
+                    Verdict::SetAside => refused.retry_at = now + backoff,
+                }
+            }
+        }
+        let queued = &mut refused.queued;
+        match set_aside(
+            &*self.ledger,
+            &*self.cache,
+            &queued.settlement,
+            queued.limited_key.as_deref(),
+            &refused.error,
+        )
+        .await
+        {
+            Ok(()) => {}
+            Err(error) if !stopping || self.ledger.ping().await.is_err() => {
+                tracing::warn!(%error, request_id = %queued.settlement.request_id, "cannot set a refused settlement aside; retrying");
+                return Some(refused);
+            }
+            // No later try would come: the record goes to the log rather than nowhere (and
+            // stays in a shared cache's journal for recovery).
+            Err(error) => tracing::error!(
+                %error,
+                record = %serde_json::to_string(&queued.settlement).unwrap_or_default(),
+                "cannot set a refused settlement aside while stopping; dropped"
+            ),
+        }
+        if let Some(durable) = queued.durable.take() {
+            let _ = durable.send(());
+        }
+        None
+    }
+
+    /// Answers the flushes no refused settlement holds up any more.
+    fn answer_flushes(&mut self) {
+        let oldest = self.refused.iter().map(|r| r.seq).min();
+        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.flushes)
+            .into_iter()
+            .partition(|(before, _)| oldest.is_none_or(|seq| seq >= *before));
+        self.flushes = waiting;
+        for (_, waiter) in ready {
+            let _ = waiter.send(());
         }
     }
 
@@ -373,5 +726,235 @@ impl Committer {
                 let _ = durable.send(());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::cache::local::LocalCache;
+    use crate::domain::{RequestId, TokenUsage};
+    use crate::ledger::sqlite::SqliteLedger;
+    use crate::ledger::{EntryType, GrantRequest, UsageSource};
+    use crate::metering::LedgerSource;
+
+    #[test]
+    fn a_refusal_while_the_ledger_answers_is_retried_until_the_bound_then_set_aside() {
+        let since = Instant::now();
+        let bound = Duration::from_secs(30);
+        let backoff = Duration::from_secs(5);
+        let at = |secs| since + Duration::from_secs(secs);
+        // Retried after the backoff; the last retry falls exactly on the bound.
+        assert_eq!(
+            verdict(true, false, since, at(1), backoff, bound),
+            Verdict::RetryAt(at(6))
+        );
+        assert_eq!(
+            verdict(true, false, since, at(28), backoff, bound),
+            Verdict::RetryAt(at(30))
+        );
+        assert_eq!(
+            verdict(true, false, since, at(30), backoff, bound),
+            Verdict::SetAside
+        );
+        // Stopping: no later retry would come.
+        assert_eq!(
+            verdict(true, true, since, at(1), backoff, bound),
+            Verdict::SetAside
+        );
+    }
+
+    #[test]
+    fn an_outage_sets_nothing_aside_however_long_it_lasts() {
+        let since = Instant::now();
+        let later = since + Duration::from_secs(3600);
+        let backoff = Duration::from_secs(5);
+        for stopping in [false, true] {
+            assert_eq!(
+                verdict(false, stopping, since, later, backoff, Duration::ZERO),
+                Verdict::RetryAt(later + backoff)
+            );
+        }
+    }
+
+    struct Fixture {
+        ledger: SharedLedger,
+        cache: SharedCache,
+        account: AccountId,
+        _dir: tempfile::TempDir,
+    }
+
+    /// A fresh SQLite ledger where `acct` has 10 credits, and an in-process cache that has
+    /// loaded `acct`.
+    async fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ledger = SqliteLedger::open_file(&dir.path().join("ledger.db"))
+            .await
+            .expect("open");
+        ledger.migrate().await.expect("migrate");
+        let ledger: SharedLedger = Arc::new(ledger);
+        let account = AccountId::parse("acct").expect("valid");
+        ledger
+            .grant(&GrantRequest {
+                account: account.clone(),
+                entry_type: EntryType::Bonus,
+                amount: Credits::from_whole(10).expect("small"),
+                description: "test".into(),
+                reference: None,
+                expires_at_ms: None,
+                draw_first_from: Vec::new(),
+            })
+            .await
+            .expect("grant");
+        let cache: SharedCache = Arc::new(LocalCache::new());
+        let fixture = Fixture {
+            ledger,
+            cache,
+            account,
+            _dir: dir,
+        };
+        fixture.view().await;
+        fixture
+    }
+
+    impl Fixture {
+        async fn view(&self) -> crate::cache::BalanceView {
+            let source = LedgerSource {
+                ledger: self.ledger.clone(),
+                signup_grant: Credits::ZERO,
+            };
+            self.cache
+                .view(&Bucket::Account(self.account.clone()), &source)
+                .await
+                .expect("view")
+        }
+
+        /// A settlement of `acct`; a negative cost makes both ledgers refuse it.
+        fn settlement(&self, id: &str, cost: i64) -> Settlement {
+            Settlement {
+                request_id: RequestId::from_string(id.into()),
+                account: self.account.clone(),
+                api_key_id: None,
+                endpoint: "chat/completions".into(),
+                model: "mock-1".into(),
+                upstream: "fake".into(),
+                usage: TokenUsage {
+                    prompt_tokens: 1,
+                    completion_tokens: 1,
+                    cached_tokens: 0,
+                },
+                source: UsageSource::Reported,
+                cost: Credits::from_micros(cost),
+                uncharged: Credits::ZERO,
+                hold: Credits::from_micros(cost.abs()),
+                stream: false,
+                status: "completed".into(),
+                started_at_ms: now_ms(),
+                finished_at_ms: now_ms(),
+            }
+        }
+
+        async fn set_aside(&self) -> Vec<String> {
+            self.ledger
+                .set_aside_settlements(None)
+                .await
+                .expect("list")
+                .into_iter()
+                .map(|entry| entry.request_id)
+                .collect()
+        }
+    }
+
+    // On a current-thread runtime nothing runs before the test awaits, so the three settlements
+    // reach the committer as one batch, which the ledger refuses for the bad one.
+    #[tokio::test]
+    async fn a_refused_settlement_holds_up_neither_its_batch_nor_later_ones() {
+        let fx = fixture().await;
+        let (settler, task) = spawn(
+            fx.ledger.clone(),
+            fx.cache.clone(),
+            SettlerConfig {
+                batch_max: 16,
+                set_aside_after: Duration::from_secs(2),
+            },
+        );
+        let good = settler.settle(fx.settlement("good-1", 1_000), None);
+        let bad = settler.settle(fx.settlement("bad", -1), None);
+        let also_good = settler.settle(fx.settlement("good-2", 2_000), None);
+        let quick = Duration::from_millis(1_500);
+        tokio::time::timeout(quick, good)
+            .await
+            .expect("good-1 in time")
+            .expect("told");
+        tokio::time::timeout(quick, also_good)
+            .await
+            .expect("good-2 in time")
+            .expect("told");
+        // A later settlement is not held up either.
+        let later = settler.settle(fx.settlement("good-3", 3_000), None);
+        tokio::time::timeout(quick, later)
+            .await
+            .expect("good-3 in time")
+            .expect("told");
+        assert_eq!(
+            fx.ledger
+                .account(&fx.account)
+                .await
+                .expect("read")
+                .expect("exists")
+                .balance,
+            Credits::from_micros(10_000_000 - 6_000)
+        );
+        assert!(fx.set_aside().await.is_empty(), "set aside before its time");
+
+        // The bad one is set aside after its bound (about 2 s); its waiter is told, a flush
+        // waits for it, and the cache no longer counts its pending charge.
+        settler.flush().await;
+        assert_eq!(fx.set_aside().await, ["bad"]);
+        tokio::time::timeout(quick, bad)
+            .await
+            .expect("told in time")
+            .expect("told");
+        let entry = &fx
+            .ledger
+            .set_aside_settlements(Some(false))
+            .await
+            .expect("list")[0];
+        assert!(entry.error.contains("negative cost"), "{entry:?}");
+        assert_eq!(entry.account, "acct");
+        let record: Settlement = serde_json::from_str(&entry.record).expect("the record");
+        assert_eq!(record.cost, Credits::from_micros(-1));
+        let view = fx.view().await;
+        assert_eq!(
+            (view.balance, view.held),
+            (Credits::from_micros(10_000_000 - 6_000), Credits::ZERO)
+        );
+        let problems = fx.ledger.verify(Credits::ZERO).await.expect("verify");
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].problem.contains("settlement bad was set aside"));
+        settler.stop().await;
+        task.await.expect("settler ends");
+    }
+
+    #[tokio::test]
+    async fn stopping_sets_a_refused_settlement_aside_at_once() {
+        let fx = fixture().await;
+        let (settler, task) = spawn(
+            fx.ledger.clone(),
+            fx.cache.clone(),
+            SettlerConfig {
+                batch_max: 16,
+                set_aside_after: Duration::from_secs(3600),
+            },
+        );
+        let bad = settler.settle(fx.settlement("bad", -1), None);
+        tokio::time::timeout(Duration::from_secs(5), settler.stop())
+            .await
+            .expect("stopped promptly");
+        task.await.expect("settler ends");
+        bad.await.expect("its waiter was told");
+        assert_eq!(fx.set_aside().await, ["bad"]);
     }
 }

@@ -17,7 +17,7 @@ use tollgate::ledger::mysql::MySqlLedger;
 use tollgate::ledger::sqlite::SqliteLedger;
 use tollgate::ledger::{
     ApiKeyRecord, Bucket, EntryType, GrantRecord, GrantRequest, InFlight, Ledger, LedgerEntry,
-    LedgerError, NothingInFlight, Page, Settlement, UsageSource, now_ms,
+    LedgerError, NothingInFlight, Page, SetAside, Settlement, UsageSource, now_ms,
 };
 
 const DEFAULT_MYSQL_URL: &str = "mysql://root@127.0.0.1:3306/test";
@@ -1772,12 +1772,7 @@ contract!(
         // An overdraft of 20 allows it.
         assert_consistent_within(fx, 20).await;
 
-        // A cost above its hold is the documented exception.
-        add_grant(fx, &expiring("above", EntryType::Purchase, 10, None)).await;
-        let mut above = settlement("above-1", "above", 30, None);
-        above.hold = micros(5);
-        fx.ledger.settle_batch(&[above]).await.expect("settle");
-        // So is a refund that landed while the request ran.
+        // A refund that landed while the request ran is a documented cause.
         add_grant(fx, &expiring("refunded", EntryType::Purchase, 10, None)).await;
         fx.ledger
             .grant(&grant("refunded", EntryType::Refund, -8, None))
@@ -1814,6 +1809,166 @@ contract!(
                 .contains(&format!("entry {} (expiry)", expiry.id)),
             "{problems:?}"
         );
+    }
+);
+
+contract!(verify_flags_usage_that_cost_more_than_its_hold, |fx| {
+    // The gateway charges at most the hold (the excess is recorded as `uncharged`): a record
+    // above it is a problem of its own, and excuses no balance below the overdraft floor.
+    add_grant(fx, &expiring("above", EntryType::Purchase, 100, None)).await;
+    let mut above = settlement("above-1", "above", 30, None);
+    above.hold = micros(5);
+    add_grant(fx, &expiring("under", EntryType::Purchase, 10, None)).await;
+    let mut under = settlement("under-1", "under", 30, None);
+    under.hold = micros(5);
+    fx.ledger
+        .settle_batch(&[above, under])
+        .await
+        .expect("settle");
+    let problems = fx.ledger.verify(Credits::ZERO).await.expect("verify");
+    let found: Vec<(&str, &str)> = problems
+        .iter()
+        .map(|p| (p.account.as_str(), p.problem.as_str()))
+        .collect();
+    assert_eq!(found.len(), 3, "{problems:?}");
+    assert_eq!(found[0].0, "above");
+    assert!(
+        found[0]
+            .1
+            .starts_with("usage record above-1 cost 30 but its hold was 5"),
+        "{problems:?}"
+    );
+    assert_eq!(found[1].0, "under");
+    assert!(
+        found[1].1.starts_with("usage record under-1 cost 30"),
+        "{problems:?}"
+    );
+    assert_eq!(found[2].0, "under");
+    assert!(
+        found[2].1.contains("(usage) left the balance at -20"),
+        "{problems:?}"
+    );
+});
+
+contract!(
+    settlements_set_aside_are_kept_verified_and_resolved_once,
+    |fx| {
+        // A record no usage row could hold (a model name over 64 KiB) is kept whole.
+        let mut big = settlement("refused-1", "sa", 30, None);
+        big.model = "m".repeat(70 * 1024);
+        let first = SetAside::new(&big, "data too long for column `model`", 1_000);
+        fx.ledger.set_aside(&first).await.expect("set aside");
+        // Idempotent: a second instance (or a recovery pass) setting it aside keeps the first row.
+        fx.ledger
+            .set_aside(&SetAside::new(&big, "another error", 2_000))
+            .await
+            .expect("set aside again");
+        let second = SetAside::new(
+            &settlement("refused-2", "sb", -1, None),
+            "negative cost",
+            3_000,
+        );
+        fx.ledger.set_aside(&second).await.expect("set aside");
+
+        // Newest first, filtered by resolution.
+        let all = fx.ledger.set_aside_settlements(None).await.expect("list");
+        assert_eq!(all, [second.clone(), first.clone()]);
+        assert_eq!(
+            fx.ledger
+                .set_aside_settlements(Some(false))
+                .await
+                .expect("list"),
+            all
+        );
+        assert!(
+            fx.ledger
+                .set_aside_settlements(Some(true))
+                .await
+                .expect("list")
+                .is_empty()
+        );
+        let record: Settlement =
+            serde_json::from_str(&all[1].record).expect("the whole settlement");
+        assert_eq!(record.model.len(), 70 * 1024);
+        assert_eq!(record.cost, micros(30));
+        // Nothing was charged: the ledger does not even know the accounts.
+        assert!(
+            fx.ledger
+                .account(&account("sa"))
+                .await
+                .expect("read")
+                .is_none()
+        );
+
+        // Unresolved, each is a problem naming its request, account and error.
+        let problems = fx.ledger.verify(Credits::ZERO).await.expect("verify");
+        let found: Vec<(&str, &str)> = problems
+            .iter()
+            .map(|p| (p.account.as_str(), p.problem.as_str()))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                (
+                    "sa",
+                    "settlement refused-1 was set aside unresolved (nothing charged): data too long \
+                 for column `model`"
+                ),
+                (
+                    "sb",
+                    "settlement refused-2 was set aside unresolved (nothing charged): negative cost"
+                ),
+            ]
+        );
+
+        // Resolved once: a second resolution keeps the first.
+        let resolved = fx
+            .ledger
+            .resolve_set_aside("refused-1", "charged by hand", 5_000)
+            .await
+            .expect("resolve")
+            .expect("was set aside");
+        assert_eq!(
+            (resolved.resolved_at_ms, resolved.resolved_note.as_deref()),
+            (Some(5_000), Some("charged by hand"))
+        );
+        let again = fx
+            .ledger
+            .resolve_set_aside("refused-1", "something else", 6_000)
+            .await
+            .expect("resolve")
+            .expect("was set aside");
+        assert_eq!(again, resolved);
+        assert!(
+            fx.ledger
+                .resolve_set_aside("never-set-aside", "note", 6_000)
+                .await
+                .expect("resolve")
+                .is_none()
+        );
+        assert_eq!(
+            fx.ledger
+                .set_aside_settlements(Some(true))
+                .await
+                .expect("list"),
+            [resolved]
+        );
+        assert_eq!(
+            fx.ledger
+                .set_aside_settlements(Some(false))
+                .await
+                .expect("list"),
+            [second]
+        );
+        assert_eq!(
+            fx.ledger.verify(Credits::ZERO).await.expect("verify").len(),
+            1
+        );
+        fx.ledger
+            .resolve_set_aside("refused-2", "waived", 7_000)
+            .await
+            .expect("resolve");
+        assert_consistent(fx).await;
     }
 );
 

@@ -20,6 +20,7 @@ mod lifecycle;
 mod metering;
 mod payments;
 mod payments_providers;
+mod set_aside;
 mod statements;
 mod streaming;
 mod upstreams;

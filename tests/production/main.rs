@@ -34,6 +34,8 @@ mod metering;
 mod payments;
 #[path = "../api/payments_providers.rs"]
 mod payments_providers;
+#[path = "../api/set_aside.rs"]
+mod set_aside;
 #[path = "../api/statements.rs"]
 mod statements;
 #[path = "../api/streaming.rs"]
