@@ -72,6 +72,18 @@ async fn wait_for_price(app: &TestApp, bearer: &str, per_1k: i64) {
     }
 }
 
+/// The account's usage records (up to 100), read straight from the ledger.
+async fn usage_of(
+    ledger: &dyn tollgate::ledger::Ledger,
+    account: &AccountId,
+) -> Vec<tollgate::ledger::UsageRecord> {
+    let page = Page {
+        limit: 100,
+        before: None,
+    };
+    ledger.usage(account, page).await.expect("usage")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_shutdown_writes_every_settlement() {
     let mut app = spawn_app().await;
@@ -90,16 +102,7 @@ async fn graceful_shutdown_writes_every_settlement() {
 
     let ledger = app.reopen_ledger().await;
     let account = AccountId::parse("alice").expect("id");
-    let usage = ledger
-        .usage(
-            &account,
-            Page {
-                limit: 100,
-                before: None,
-            },
-        )
-        .await
-        .expect("usage");
+    let usage = usage_of(&*ledger, &account).await;
     assert_eq!(usage.len(), 20);
     let settled: HashSet<String> = usage.iter().map(|u| u.request_id.clone()).collect();
     assert_eq!(settled, ids);
@@ -426,16 +429,7 @@ async fn streams_cut_at_the_end_of_the_grace_period_are_billed() {
 
     let ledger = app.reopen_ledger().await;
     let account = AccountId::parse("alice").expect("id");
-    let usage = ledger
-        .usage(
-            &account,
-            Page {
-                limit: 100,
-                before: None,
-            },
-        )
-        .await
-        .expect("usage");
+    let usage = usage_of(&*ledger, &account).await;
     assert_eq!(usage.len(), 3, "every cut stream is billed");
     for record in &usage {
         assert_eq!(record.status, "cut_at_shutdown");
