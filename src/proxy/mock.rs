@@ -52,6 +52,51 @@
 //! - `-late`: wait 500 ms before answering (before the headers of a stream or JSON answer).
 //! - `-midfail`: send 3 frames (stream events, or for a JSON answer its first half) and then abort
 //!   the connection: the body stream returns an error, so the client sees a broken transfer.
+//! - `-stall`: send 3 frames (as `-midfail`) and then nothing more, without closing the connection,
+//!   until the client goes away (an upstream that hangs mid-answer). `-midfail` wins over it.
+//!
+//! ## Tokens a client cannot see
+//! - `-reasoning` (chat, responses): a reasoning model. Half of each choice's output budget N
+//!   (rounded down) goes to reasoning, the visible reply has the other N - N/2 words. As at
+//!   OpenAI, reasoning tokens are part of `completion_tokens` / `output_tokens` (so the total
+//!   stays within the cap) and are itemised in `completion_tokens_details.reasoning_tokens` /
+//!   `output_tokens_details.reasoning_tokens`; a Responses answer also gets a `reasoning` output
+//!   item (empty summary) before its message, announced in a stream by `output_item` events.
+//! - `-audio` (chat): every `input_audio` content part counts 120 prompt tokens, included in
+//!   `prompt_tokens` and itemised in `prompt_tokens_details.audio_tokens` (without the knob such
+//!   a part counts nothing).
+//!
+//! ## Where usage comes
+//! - `-inlineusage` (chat, completions streams with `include_usage`): no `"usage": null` on
+//!   chunks and no usage-only chunk: the last word of each choice rides on its `finish_reason`
+//!   chunk, and the last choice's one also carries the `usage` (as some providers send it).
+//!
+//! ## SSE framing (every streaming endpoint)
+//! - `-comments`: a `: keep-alive` comment event (its own frame) before every event.
+//! - `-eventlines`: chat and completions events get an `event: message` line before their data
+//!   (Responses events always have their own `event:` lines).
+//! - `-crlf`: every line ends with `\r\n` (so every event with `\r\n\r\n`).
+//! - `-nospace`: `data:{json}` and `event:name`, without the optional space after the colon.
+//! - `-merged`: every 3 events (comment events included) are sent as one frame.
+//! - `-split`: the stream's bytes are re-cut into frames at awkward offsets: after the second
+//!   byte of every `data` field name (`da|ta:`), after the first byte of the first multi-byte
+//!   UTF-8 character of every line, and between every CR and its LF. Frames then straddle
+//!   events; `-merged` has no effect under `-split`. (Multi-byte characters come from the
+//!   prompt: the reply repeats its words.)
+//!
+//! ## In-band failures (a `200` whose body says it failed)
+//! - `-inbanderror`: streams send 3 words of output (chat: after the role chunk) and then an
+//!   error instead of the rest: chat and completions `data: {"error": {…}}` in OpenAI's error
+//!   shape, Responses an `event: error` (`{"type": "error", "code", "message", "param"}`); then
+//!   the stream ends, with no usage and no `[DONE]` or terminal event. A JSON answer is a `200`
+//!   whose body is only the `{"error": {…}}` object (embeddings too).
+//! - `-incomplete` (responses): the answer stops after 3 words with `status: "incomplete"`,
+//!   `incomplete_details.reason: "content_filter"` and usage for what was produced; a stream
+//!   ends with `response.incomplete` (carrying that usage) instead of `response.completed`.
+//! - `-failed` (responses): the answer stops after 3 words with `status: "failed"`, an `error`
+//!   object and `usage: null`; a stream ends with `response.failed` carrying that response.
+//!   At most one of these three applies: `-inbanderror` first, then `-failed`, then
+//!   `-incomplete`.
 //!
 //! The mock requires no credential and echoes none. [`router_with_log`] also returns a [`MockLog`]
 //! that records every request (method, path, headers, parsed JSON body) for tests to inspect.
@@ -81,6 +126,12 @@ const MAX_REPLY_WORDS: usize = 4096;
 const SLOW_DELAY: Duration = Duration::from_millis(50);
 const LATE_DELAY: Duration = Duration::from_millis(500);
 const MIDFAIL_AFTER_FRAMES: usize = 3;
+/// `-inbanderror`, `-incomplete`, `-failed`: words of output before the answer goes wrong.
+const FAIL_AFTER_WORDS: usize = 3;
+/// `-audio`: prompt tokens of one `input_audio` part (not the gateway's 85 for a media part).
+const AUDIO_PART_TOKENS: u64 = 120;
+/// `-merged`: events per frame.
+const MERGED_EVENTS: usize = 3;
 const EMBEDDING_DIMENSIONS: usize = 8;
 /// Fixed so that two runs of the same request give byte-identical answers.
 const CREATED: u64 = 1_767_225_600;
@@ -257,9 +308,28 @@ struct Knobs {
     error429: bool,
     cached: bool,
     midfail: bool,
+    stall: bool,
     late: bool,
     verbose: bool,
     overreport: bool,
+    reasoning: bool,
+    audio: bool,
+    inline_usage: bool,
+    inband_error: bool,
+    incomplete: bool,
+    failed: bool,
+    wire: Wire,
+}
+
+/// The SSE framing knobs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Wire {
+    comments: bool,
+    event_lines: bool,
+    crlf: bool,
+    no_space: bool,
+    merged: bool,
+    split: bool,
 }
 
 impl Knobs {
@@ -271,9 +341,44 @@ impl Knobs {
             error429: model.contains("-error429"),
             cached: model.contains("-cached"),
             midfail: model.contains("-midfail"),
+            stall: model.contains("-stall"),
             late: model.contains("-late"),
             verbose: model.contains("-verbose"),
             overreport: model.contains("-overreport"),
+            reasoning: model.contains("-reasoning"),
+            audio: model.contains("-audio"),
+            inline_usage: model.contains("-inlineusage"),
+            inband_error: model.contains("-inbanderror"),
+            incomplete: model.contains("-incomplete"),
+            failed: model.contains("-failed"),
+            wire: Wire {
+                comments: model.contains("-comments"),
+                event_lines: model.contains("-eventlines"),
+                crlf: model.contains("-crlf"),
+                no_space: model.contains("-nospace"),
+                merged: model.contains("-merged"),
+                split: model.contains("-split"),
+            },
+        }
+    }
+
+    /// `(visible words, reasoning tokens)` of one choice with an output budget of `budget`.
+    fn split_budget(self, budget: usize) -> (usize, usize) {
+        if self.reasoning {
+            (budget - budget / 2, budget / 2)
+        } else {
+            (budget, 0)
+        }
+    }
+
+    /// What interrupts playback after [`MIDFAIL_AFTER_FRAMES`] frames, if anything.
+    fn stop(self) -> Option<Stop> {
+        if self.midfail {
+            Some(Stop::Fail)
+        } else if self.stall {
+            Some(Stop::Stall)
+        } else {
+            None
         }
     }
 }
@@ -480,18 +585,31 @@ async fn not_found(State(state): State<MockState>, request: Request) -> Response
 
 /// Token counts the mock reports for one answer.
 struct Counts {
+    /// Audio tokens included.
     prompt: u64,
+    audio: u64,
+    /// Reasoning tokens included.
     completion: u64,
+    reasoning: u64,
     cached: u64,
 }
 
 impl Counts {
-    /// `completion` words in each of `generated` choices.
-    fn new(prompt: u64, completion: usize, generated: usize, knobs: Knobs) -> Self {
+    /// `visible` words and `reasoning` tokens in each of `generated` choices; `audio` of the
+    /// `prompt` tokens were audio.
+    fn new(
+        prompt: u64,
+        audio: u64,
+        (visible, reasoning): (usize, usize),
+        generated: usize,
+        knobs: Knobs,
+    ) -> Self {
         let extra = if knobs.overreport { 1000 } else { 0 };
         Self {
             prompt,
-            completion: (completion * generated) as u64 + extra,
+            audio,
+            completion: ((visible + reasoning) * generated) as u64 + extra,
+            reasoning: (reasoning * generated) as u64,
             cached: if knobs.cached { prompt / 2 } else { 0 },
         }
     }
@@ -501,9 +619,9 @@ impl Counts {
             "prompt_tokens": self.prompt,
             "completion_tokens": self.completion,
             "total_tokens": self.prompt + self.completion,
-            "prompt_tokens_details": {"cached_tokens": self.cached, "audio_tokens": 0},
+            "prompt_tokens_details": {"cached_tokens": self.cached, "audio_tokens": self.audio},
             "completion_tokens_details": {
-                "reasoning_tokens": 0,
+                "reasoning_tokens": self.reasoning,
                 "audio_tokens": 0,
                 "accepted_prediction_tokens": 0,
                 "rejected_prediction_tokens": 0,
@@ -524,10 +642,21 @@ impl Counts {
             "input_tokens": self.prompt,
             "input_tokens_details": {"cached_tokens": self.cached},
             "output_tokens": self.completion,
-            "output_tokens_details": {"reasoning_tokens": 0},
+            "output_tokens_details": {"reasoning_tokens": self.reasoning},
             "total_tokens": self.prompt + self.completion,
         })
     }
+}
+
+/// The body of an in-band error (`-inbanderror`), in OpenAI's error shape.
+fn inband_error() -> Value {
+    json!({"error": {
+        "message": "The server had an error while processing your request. Sorry about that! \
+                    (mock knob -inbanderror)",
+        "type": "server_error",
+        "param": null,
+        "code": "server_error",
+    }})
 }
 
 fn count_words(text: &str) -> u64 {
@@ -573,6 +702,17 @@ fn word_deltas(words: &[String]) -> impl Iterator<Item = String> + '_ {
     })
 }
 
+/// The `input_audio` parts of a message `content`.
+fn audio_parts(content: Option<&Value>) -> u64 {
+    let parts = content
+        .and_then(Value::as_array)
+        .map_or(&[][..], Vec::as_slice);
+    parts
+        .iter()
+        .filter(|part| part.get("type").and_then(Value::as_str) == Some("input_audio"))
+        .count() as u64
+}
+
 fn chat_completions(call: &Call) -> Result<Response, ApiError> {
     let messages = call
         .body
@@ -580,8 +720,18 @@ fn chat_completions(call: &Call) -> Result<Response, ApiError> {
         .and_then(Value::as_array)
         .ok_or_else(|| ApiError::missing("messages"))?;
     let stream = call.stream()?;
-    let len = call.reply_len(&["max_completion_tokens", "max_tokens"])?;
-    let prompt_tokens = messages
+    let budget = call.reply_len(&["max_completion_tokens", "max_tokens"])?;
+    let (visible, reasoning) = call.knobs.split_budget(budget);
+    let audio: u64 = if call.knobs.audio {
+        let parts: u64 = messages
+            .iter()
+            .map(|message| audio_parts(message.get("content")))
+            .sum();
+        parts * AUDIO_PART_TOKENS
+    } else {
+        0
+    };
+    let text_tokens: u64 = messages
         .iter()
         .map(|message| MESSAGE_OVERHEAD + count_words(&content_text(message.get("content"))))
         .sum();
@@ -591,12 +741,21 @@ fn chat_completions(call: &Call) -> Result<Response, ApiError> {
         .find(|message| message.get("role").and_then(Value::as_str) == Some("user"))
         .map(|message| content_text(message.get("content")))
         .unwrap_or_default();
-    let words = reply_words(&last_user, len);
+    let words = reply_words(&last_user, visible);
     let (n, generated) = call.choices(false)?;
-    let counts = Counts::new(prompt_tokens, words.len(), generated, call.knobs);
+    let counts = Counts::new(
+        text_tokens + audio,
+        audio,
+        (words.len(), reasoning),
+        generated,
+        call.knobs,
+    );
     let id = format!("chatcmpl-mock{}", call.id);
 
     if !stream {
+        if call.knobs.inband_error {
+            return Ok(json_response(&inband_error(), call.knobs));
+        }
         let choices: Vec<Value> = (0..n)
             .map(|index| {
                 json!({
@@ -628,6 +787,7 @@ fn chat_completions(call: &Call) -> Result<Response, ApiError> {
     }
 
     let include_usage = call.include_usage();
+    let inline_usage = include_usage && call.knobs.inline_usage;
     let chunk = |choices: Value, usage: Option<Value>| {
         let mut chunk = json!({
             "id": id,
@@ -638,33 +798,45 @@ fn chat_completions(call: &Call) -> Result<Response, ApiError> {
             "system_fingerprint": "fp_mock",
             "choices": choices,
         });
-        if include_usage {
-            chunk["usage"] = usage.unwrap_or(Value::Null);
+        match usage {
+            Some(usage) => chunk["usage"] = usage,
+            None if include_usage && !inline_usage => chunk["usage"] = Value::Null,
+            None => {}
         }
         sse_data(&chunk)
     };
     let choice = |index: usize, delta: Value, finish_reason: Value| json!([{"index": index, "delta": delta, "logprobs": null, "finish_reason": finish_reason}]);
-    let mut frames = Vec::new();
-    for index in 0..n {
-        frames.push(chunk(
-            choice(
-                index,
-                json!({"role": "assistant", "content": ""}),
-                Value::Null,
-            ),
-            None,
-        ));
-        frames.extend(
+    let role = || json!({"role": "assistant", "content": ""});
+    let mut events = Vec::new();
+    if call.knobs.inband_error {
+        events.push(chunk(choice(0, role(), Value::Null), None));
+        events.extend(
             word_deltas(&words)
+                .take(FAIL_AFTER_WORDS)
+                .map(|delta| chunk(choice(0, json!({"content": delta}), Value::Null), None)),
+        );
+        events.push(sse_data(&inband_error()));
+        return Ok(sse_response(events, call.knobs));
+    }
+    for index in 0..n {
+        events.push(chunk(choice(index, role(), Value::Null), None));
+        let mut deltas: Vec<String> = word_deltas(&words).collect();
+        // `-inlineusage`: the last word rides on the finish chunk, which may carry the usage.
+        let last_word = if inline_usage { deltas.pop() } else { None };
+        events.extend(
+            deltas
+                .into_iter()
                 .map(|delta| chunk(choice(index, json!({"content": delta}), Value::Null), None)),
         );
-        frames.push(chunk(choice(index, json!({}), json!("stop")), None));
+        let finish_delta = last_word.map_or_else(|| json!({}), |delta| json!({"content": delta}));
+        let usage = (inline_usage && index + 1 == n).then(|| counts.chat());
+        events.push(chunk(choice(index, finish_delta, json!("stop")), usage));
     }
-    if include_usage {
-        frames.push(chunk(json!([]), Some(counts.chat())));
+    if include_usage && !inline_usage {
+        events.push(chunk(json!([]), Some(counts.chat())));
     }
-    frames.push(sse_done());
-    Ok(sse_response(frames, call.knobs))
+    events.push(sse_done());
+    Ok(sse_response(events, call.knobs))
 }
 
 /// A `prompt` (completions) or `input` (embeddings) entry: text, or pre-tokenized ids.
@@ -728,7 +900,8 @@ fn completions(call: &Call) -> Result<Response, ApiError> {
     let (n, generated) = call.choices(true)?;
     let counts = Counts::new(
         prompt.iter().map(Piece::tokens).sum(),
-        words.len(),
+        0,
+        (words.len(), 0),
         generated,
         call.knobs,
     );
@@ -746,6 +919,9 @@ fn completions(call: &Call) -> Result<Response, ApiError> {
     let choice = |index: usize, text: &str, finish_reason: Value| json!({"text": text, "index": index, "logprobs": null, "finish_reason": finish_reason});
 
     if !stream {
+        if call.knobs.inband_error {
+            return Ok(json_response(&inband_error(), call.knobs));
+        }
         let text = words.join(" ");
         let choices: Vec<Value> = (0..n)
             .map(|index| choice(index, &text, json!("stop")))
@@ -758,30 +934,51 @@ fn completions(call: &Call) -> Result<Response, ApiError> {
     }
 
     let include_usage = call.include_usage();
+    let inline_usage = include_usage && call.knobs.inline_usage;
     let chunk = |choices: Value, usage: Option<Value>| {
         let mut chunk = body(choices);
-        if include_usage {
-            chunk["usage"] = usage.unwrap_or(Value::Null);
+        match usage {
+            Some(usage) => chunk["usage"] = usage,
+            None if include_usage && !inline_usage => chunk["usage"] = Value::Null,
+            None => {}
         }
         sse_data(&chunk)
     };
-    let mut frames: Vec<Bytes> = Vec::new();
-    for index in 0..n {
-        frames.extend(
+    let mut events = Vec::new();
+    if call.knobs.inband_error {
+        events.extend(
             word_deltas(&words)
-                .map(|delta| chunk(json!([choice(index, &delta, Value::Null)]), None)),
+                .take(FAIL_AFTER_WORDS)
+                .map(|delta| chunk(json!([choice(0, &delta, Value::Null)]), None)),
         );
-        frames.push(chunk(json!([choice(index, "", json!("stop"))]), None));
+        events.push(sse_data(&inband_error()));
+        return Ok(sse_response(events, call.knobs));
     }
-    if include_usage {
-        frames.push(chunk(json!([]), Some(counts.completions())));
+    for index in 0..n {
+        let mut deltas: Vec<String> = word_deltas(&words).collect();
+        // `-inlineusage`: the last word rides on the finish chunk, which may carry the usage.
+        let last_word = if inline_usage { deltas.pop() } else { None };
+        events.extend(
+            deltas
+                .iter()
+                .map(|delta| chunk(json!([choice(index, delta, Value::Null)]), None)),
+        );
+        let usage = (inline_usage && index + 1 == n).then(|| counts.completions());
+        let finish = choice(index, last_word.as_deref().unwrap_or(""), json!("stop"));
+        events.push(chunk(json!([finish]), usage));
     }
-    frames.push(sse_done());
-    Ok(sse_response(frames, call.knobs))
+    if include_usage && !inline_usage {
+        events.push(chunk(json!([]), Some(counts.completions())));
+    }
+    events.push(sse_done());
+    Ok(sse_response(events, call.knobs))
 }
 
 fn embeddings(call: &Call) -> Result<Response, ApiError> {
     let input = pieces(call.body.get("input"), "input")?;
+    if call.knobs.inband_error {
+        return Ok(json_response(&inband_error(), call.knobs));
+    }
     let base64 = match call.body.get("encoding_format") {
         None | Some(Value::Null) => false,
         Some(Value::String(format)) if format == "float" => false,
@@ -840,7 +1037,8 @@ fn embedding(seed: u64) -> Vec<f32> {
 
 fn responses(call: &Call) -> Result<Response, ApiError> {
     let stream = call.stream()?;
-    let len = call.reply_len(&["max_output_tokens"])?;
+    let budget = call.reply_len(&["max_output_tokens"])?;
+    let (visible, reasoning) = call.knobs.split_budget(budget);
     let instructions = match call.body.get("instructions") {
         Some(Value::String(text)) => MESSAGE_OVERHEAD + count_words(text),
         _ => 0,
@@ -868,18 +1066,31 @@ fn responses(call: &Call) -> Result<Response, ApiError> {
             ));
         }
     };
-    let words = reply_words(&last_user, len);
+    let ending = Ending::of(call.knobs);
+    let mut words = reply_words(&last_user, visible);
+    if ending != Ending::Completed {
+        words.truncate(FAIL_AFTER_WORDS);
+    }
     let text = words.join(" ");
-    let counts = Counts::new(instructions + input_tokens, words.len(), 1, call.knobs);
-    let usage = if call.knobs.no_usage {
+    let counts = Counts::new(
+        instructions + input_tokens,
+        0,
+        (words.len(), reasoning),
+        1,
+        call.knobs,
+    );
+    let usage = if call.knobs.no_usage || ending == Ending::Failed {
         Value::Null
     } else {
         counts.responses()
     };
+    if !stream && ending == Ending::Error {
+        return Ok(json_response(&inband_error(), call.knobs));
+    }
     let response_id = format!("resp_mock{}", call.id);
     let item_id = format!("msg_mock{}", call.id);
     let response = |status: &str, output: Value, usage: Value| {
-        json!({
+        let mut response = json!({
             "id": response_id,
             "object": "response",
             "created_at": CREATED,
@@ -897,14 +1108,39 @@ fn responses(call: &Call) -> Result<Response, ApiError> {
             "tools": [],
             "metadata": {},
             "usage": usage,
-        })
+        });
+        match status {
+            "failed" => {
+                response["error"] = json!({"code": "server_error", "message": "The model failed \
+                    to generate a response. (mock knob -failed)"});
+            }
+            "incomplete" => {
+                response["incomplete_details"] = json!({"reason": "content_filter"});
+            }
+            _ => {}
+        }
+        response
     };
     let part = |text: &str| json!({"type": "output_text", "text": text, "annotations": []});
     let message = |status: &str, content: Value| json!({"id": item_id, "type": "message", "status": status, "role": "assistant", "content": content});
-    let done_message = message("completed", json!([part(&text)]));
+    // `-reasoning`: a reasoning item (its summary not asked for) comes before the message.
+    let reasoning_item = (reasoning > 0)
+        .then(|| json!({"id": format!("rs_mock{}", call.id), "type": "reasoning", "summary": []}));
+    let message_index = usize::from(reasoning_item.is_some());
+    let output = |message: Value| {
+        let mut output: Vec<Value> = reasoning_item.iter().cloned().collect();
+        output.push(message);
+        Value::Array(output)
+    };
+    let (status, message_status) = match ending {
+        Ending::Completed | Ending::Error => ("completed", "completed"),
+        Ending::Incomplete => ("incomplete", "incomplete"),
+        Ending::Failed => ("failed", "in_progress"),
+    };
+    let final_message = message(message_status, json!([part(&text)]));
 
     if !stream {
-        let body = response("completed", json!([done_message]), usage);
+        let body = response(status, output(final_message), usage);
         return Ok(json_response(&body, call.knobs));
     }
 
@@ -912,14 +1148,24 @@ fn responses(call: &Call) -> Result<Response, ApiError> {
     let at = |fields: Value| {
         let mut fields = fields;
         fields["item_id"] = json!(item_id);
-        fields["output_index"] = json!(0);
+        fields["output_index"] = json!(message_index);
         fields["content_index"] = json!(0);
         fields
     };
     let mut events = ResponseEvents::default();
     events.push("response.created", json!({"response": in_progress}));
     events.push("response.in_progress", json!({"response": in_progress}));
-    let added = json!({"output_index": 0, "item": message("in_progress", json!([]))});
+    if let Some(item) = &reasoning_item {
+        events.push(
+            "response.output_item.added",
+            json!({"output_index": 0, "item": item}),
+        );
+        events.push(
+            "response.output_item.done",
+            json!({"output_index": 0, "item": item}),
+        );
+    }
+    let added = json!({"output_index": message_index, "item": message("in_progress", json!([]))});
     events.push("response.output_item.added", added);
     events.push("response.content_part.added", at(json!({"part": part("")})));
     for delta in word_deltas(&words) {
@@ -928,66 +1174,201 @@ fn responses(call: &Call) -> Result<Response, ApiError> {
             at(json!({"delta": delta, "logprobs": []})),
         );
     }
-    events.push(
-        "response.output_text.done",
-        at(json!({"text": text, "logprobs": []})),
-    );
-    events.push(
-        "response.content_part.done",
-        at(json!({"part": part(&text)})),
-    );
-    let item_done = json!({"output_index": 0, "item": done_message});
-    events.push("response.output_item.done", item_done);
-    let completed = response("completed", json!([done_message]), usage);
-    events.push("response.completed", json!({"response": completed}));
-    Ok(sse_response(events.frames, call.knobs))
+    match ending {
+        Ending::Error => {
+            let error = inband_error();
+            let fields = json!({"code": error["error"]["code"], "message": error["error"]["message"], "param": null});
+            events.push("error", fields);
+        }
+        Ending::Failed => {
+            let failed = response(status, output(final_message), usage);
+            events.push("response.failed", json!({"response": failed}));
+        }
+        Ending::Completed | Ending::Incomplete => {
+            events.push(
+                "response.output_text.done",
+                at(json!({"text": text, "logprobs": []})),
+            );
+            events.push(
+                "response.content_part.done",
+                at(json!({"part": part(&text)})),
+            );
+            let item_done = json!({"output_index": message_index, "item": final_message});
+            events.push("response.output_item.done", item_done);
+            let terminal = response(status, output(final_message), usage);
+            events.push(&format!("response.{status}"), json!({"response": terminal}));
+        }
+    }
+    Ok(sse_response(events.events, call.knobs))
+}
+
+/// How a Responses answer ends (the in-band failure knobs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ending {
+    Completed,
+    /// `-inbanderror`: an `error` event, or a `200` error body.
+    Error,
+    /// `-failed`: `status: "failed"`, no usage.
+    Failed,
+    /// `-incomplete`: `status: "incomplete"` with usage.
+    Incomplete,
+}
+
+impl Ending {
+    fn of(knobs: Knobs) -> Self {
+        if knobs.inband_error {
+            Self::Error
+        } else if knobs.failed {
+            Self::Failed
+        } else if knobs.incomplete {
+            Self::Incomplete
+        } else {
+            Self::Completed
+        }
+    }
 }
 
 /// Numbers Responses stream events as OpenAI does (`sequence_number` from 0).
 #[derive(Default)]
 struct ResponseEvents {
-    frames: Vec<Bytes>,
+    events: Vec<Event>,
 }
 
 impl ResponseEvents {
     fn push(&mut self, name: &str, mut fields: Value) {
         fields["type"] = json!(name);
-        fields["sequence_number"] = json!(self.frames.len());
-        self.frames
-            .push(Bytes::from(format!("event: {name}\ndata: {fields}\n\n")));
+        fields["sequence_number"] = json!(self.events.len());
+        self.events.push(Event {
+            name: Some(name.to_owned()),
+            data: fields.to_string(),
+        });
     }
 }
 
-fn sse_data(value: &Value) -> Bytes {
-    Bytes::from(format!("data: {value}\n\n"))
+/// One SSE event before it is framed for the wire: an optional `event:` name and one `data:`.
+struct Event {
+    name: Option<String>,
+    data: String,
 }
 
-fn sse_done() -> Bytes {
-    Bytes::from_static(b"data: [DONE]\n\n")
+fn sse_data(value: &Value) -> Event {
+    Event {
+        name: None,
+        data: value.to_string(),
+    }
 }
 
-fn sse_response(frames: Vec<Bytes>, knobs: Knobs) -> Response {
+fn sse_done() -> Event {
+    Event {
+        name: None,
+        data: "[DONE]".to_owned(),
+    }
+}
+
+/// The body frames of `events` as the wire knobs shape them: one event per frame, unless
+/// `-merged` or `-split` say otherwise.
+fn wire_frames(events: &[Event], wire: Wire) -> Vec<Bytes> {
+    let eol = if wire.crlf { "\r\n" } else { "\n" };
+    let space = if wire.no_space { "" } else { " " };
+    let mut frames = Vec::new();
+    for event in events {
+        if wire.comments {
+            frames.push(Bytes::from(format!(": keep-alive{eol}{eol}")));
+        }
+        let name = match &event.name {
+            Some(name) => Some(name.as_str()),
+            None => wire.event_lines.then_some("message"),
+        };
+        let name_line = name.map_or(String::new(), |name| format!("event:{space}{name}{eol}"));
+        let data = &event.data;
+        frames.push(Bytes::from(format!(
+            "{name_line}data:{space}{data}{eol}{eol}"
+        )));
+    }
+    if wire.split {
+        return split_awkwardly(&frames.concat());
+    }
+    if wire.merged {
+        return frames
+            .chunks(MERGED_EVENTS)
+            .map(|group| Bytes::from(group.concat()))
+            .collect();
+    }
+    frames
+}
+
+/// `-split`: cuts `stream` after the second byte of every `data` field name, after the first
+/// byte of the first multi-byte character of every line, and between every CR and LF.
+fn split_awkwardly(stream: &[u8]) -> Vec<Bytes> {
+    let mut cuts = Vec::new();
+    let mut line_start = true;
+    let mut cut_a_character = false;
+    for (i, &byte) in stream.iter().enumerate() {
+        if line_start && stream[i..].starts_with(b"data") {
+            cuts.push(i + 2);
+        }
+        // A UTF-8 lead byte of a multi-byte character is 0b11xxxxxx.
+        if byte >= 0xC0 && !cut_a_character {
+            cuts.push(i + 1);
+            cut_a_character = true;
+        }
+        let next = stream.get(i + 1).copied();
+        if byte == b'\r' && next == Some(b'\n') {
+            cuts.push(i + 1);
+        }
+        line_start = byte == b'\n' || (byte == b'\r' && next != Some(b'\n'));
+        if line_start {
+            cut_a_character = false;
+        }
+    }
+    cuts.push(stream.len());
+    cuts.dedup();
+    let mut start = 0;
+    cuts.into_iter()
+        .map(|end| {
+            let frame = Bytes::copy_from_slice(&stream[start..end]);
+            start = end;
+            frame
+        })
+        .collect()
+}
+
+fn sse_response(events: Vec<Event>, knobs: Knobs) -> Response {
     let delay = if knobs.slow {
         SLOW_DELAY
     } else {
         Duration::ZERO
     };
-    let fail_after = knobs.midfail.then_some(MIDFAIL_AFTER_FRAMES);
+    let stop = knobs.stop().map(|stop| (MIDFAIL_AFTER_FRAMES, stop));
     let headers = [
         (header::CONTENT_TYPE, "text/event-stream"),
         (header::CACHE_CONTROL, "no-cache"),
     ];
-    (headers, playback(frames, delay, fail_after)).into_response()
+    let frames = wire_frames(&events, knobs.wire);
+    (headers, playback(frames, delay, stop)).into_response()
 }
 
 fn json_response(body: &Value, knobs: Knobs) -> Response {
-    if !knobs.midfail {
+    let Some(stop) = knobs.stop() else {
         return Json(body).into_response();
-    }
+    };
     let bytes = Bytes::from(body.to_string());
     let half = bytes.slice(..bytes.len() / 2);
     let headers = [(header::CONTENT_TYPE, "application/json")];
-    (headers, playback(vec![half], Duration::ZERO, Some(1))).into_response()
+    (
+        headers,
+        playback(vec![half], Duration::ZERO, Some((1, stop))),
+    )
+        .into_response()
+}
+
+/// How playback stops early: `-midfail` or `-stall`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stop {
+    /// The body stream returns an error: the client sees an aborted transfer.
+    Fail,
+    /// Nothing more is sent and the connection stays open, until the client goes away.
+    Stall,
 }
 
 /// Why a `-midfail` body stops: surfaces to the client as an aborted transfer.
@@ -999,20 +1380,20 @@ struct Playback {
     frames: std::vec::IntoIter<Bytes>,
     sent: usize,
     delay: Duration,
-    fail_after: Option<usize>,
+    stop: Option<(usize, Stop)>,
     failed: bool,
 }
 
-/// A body that yields `frames` one per poll-cycle, pausing `delay` between them, and errors
-/// after `fail_after` frames. Pausing (even for zero time) before each frame but the first lets
-/// hyper flush what it has, so every frame leaves as its own write, and the frames before a
-/// `-midfail` error really reach the client before the connection is torn down.
-fn playback(frames: Vec<Bytes>, delay: Duration, fail_after: Option<usize>) -> Body {
+/// A body that yields `frames` one per poll-cycle, pausing `delay` between them, and after
+/// `stop`'s count of frames errors or stalls. Pausing (even for zero time) before each frame but
+/// the first lets hyper flush what it has, so every frame leaves as its own write, and the
+/// frames before a `-midfail` error or a `-stall` really reach the client.
+fn playback(frames: Vec<Bytes>, delay: Duration, stop: Option<(usize, Stop)>) -> Body {
     let state = Playback {
         frames: frames.into_iter(),
         sent: 0,
         delay,
-        fail_after,
+        stop,
         failed: false,
     };
     Body::from_stream(stream::unfold(state, |mut state| async move {
@@ -1026,9 +1407,16 @@ fn playback(frames: Vec<Bytes>, delay: Duration, fail_after: Option<usize>) -> B
                 tokio::time::sleep(state.delay).await;
             }
         }
-        if state.fail_after == Some(state.sent) {
-            state.failed = true;
-            return Some((Err(MidFail), state));
+        match state.stop {
+            Some((after, Stop::Fail)) if after == state.sent => {
+                state.failed = true;
+                return Some((Err(MidFail), state));
+            }
+            Some((after, Stop::Stall)) if after == state.sent => {
+                // Dropped (and the connection closed) when the client goes away.
+                std::future::pending::<()>().await;
+            }
+            _ => {}
         }
         let frame = state.frames.next()?;
         state.sent += 1;
@@ -1450,6 +1838,448 @@ mod tests {
             response.bytes().await.is_err(),
             "a JSON answer is cut off too"
         );
+    }
+
+    /// Every body frame as raw bytes (a frame may end mid-character), and whether the transfer
+    /// ended in an error.
+    async fn raw_frames(response: reqwest::Response) -> (Vec<Bytes>, bool) {
+        let mut body = response.bytes_stream();
+        let mut frames = Vec::new();
+        while let Some(frame) = body.next().await {
+            match frame {
+                Ok(bytes) => frames.push(bytes),
+                Err(_) => return (frames, true),
+            }
+        }
+        (frames, false)
+    }
+
+    /// Parses any framing the wire knobs produce: CRLF or LF, with or without the space after
+    /// the colon, comment lines skipped. Events without data (comment-only) are dropped.
+    fn parse_wire(bytes: &[u8]) -> Vec<Event> {
+        let text = std::str::from_utf8(bytes).expect("a whole stream is UTF-8");
+        let text = text.replace("\r\n", "\n");
+        assert!(text.ends_with("\n\n"), "ends with a blank line: {text:?}");
+        text.split("\n\n")
+            .filter_map(|block| {
+                let mut event = Event {
+                    name: None,
+                    data: String::new(),
+                };
+                let mut has_data = false;
+                for line in block.lines() {
+                    if line.starts_with(':') {
+                        continue;
+                    }
+                    let (field, value) = line.split_once(':').expect("field: value");
+                    let value = value.strip_prefix(' ').unwrap_or(value);
+                    match field {
+                        "event" => event.name = Some(value.to_owned()),
+                        "data" => {
+                            assert!(!has_data, "one data line per event: {block:?}");
+                            event.data = value.to_owned();
+                            has_data = true;
+                        }
+                        _ => panic!("unexpected SSE line {line:?}"),
+                    }
+                }
+                has_data.then_some(event)
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn reasoning_knob_spends_half_the_budget_on_invisible_tokens() {
+        let base = spawn(router()).await;
+        let request = chat("mock-reasoning", json!({"max_completion_tokens": 11}));
+        let body = body_json(post(&base, "/chat/completions", &request).await).await;
+        // 11 tokens: 5 of reasoning, 6 words of reply.
+        assert_eq!(
+            body["choices"][0]["message"]["content"],
+            "Mock reply to: Hello there mock"
+        );
+        let usage = &body["usage"];
+        assert_eq!(usage["completion_tokens"], 11);
+        assert_eq!(usage["completion_tokens_details"]["reasoning_tokens"], 5);
+        assert_eq!(usage["total_tokens"], 12 + 11);
+
+        let request = chat(
+            "mock-reasoning",
+            json!({"max_tokens": 11, "n": 2, "stream": true,
+                   "stream_options": {"include_usage": true}}),
+        );
+        let chunks =
+            data_chunks(&stream_events(post(&base, "/chat/completions", &request).await).await);
+        let text: String = chunks
+            .iter()
+            .filter(|chunk| chunk["choices"][0]["index"] == 1)
+            .filter_map(|chunk| chunk["choices"][0]["delta"]["content"].as_str())
+            .collect();
+        assert_eq!(text, "Mock reply to: Hello there mock");
+        let usage = &chunks.last().expect("usage chunk")["usage"];
+        assert_eq!(usage["completion_tokens"], 22, "both choices reasoned");
+        assert_eq!(usage["completion_tokens_details"]["reasoning_tokens"], 10);
+
+        let request =
+            json!({"model": "mock-reasoning", "input": "Hi there", "max_output_tokens": 6});
+        let body = body_json(post(&base, "/responses", &request).await).await;
+        assert_eq!(body["output"][0]["type"], "reasoning");
+        assert_eq!(body["output"][0]["summary"], json!([]));
+        assert_eq!(body["output"][1]["content"][0]["text"], "Mock reply to:");
+        assert_eq!(body["usage"]["output_tokens"], 6);
+        assert_eq!(
+            body["usage"]["output_tokens_details"]["reasoning_tokens"],
+            3
+        );
+
+        let mut request = request;
+        request["stream"] = json!(true);
+        let events = stream_events(post(&base, "/responses", &request).await).await;
+        let payloads: Vec<Value> = events
+            .iter()
+            .map(|event| serde_json::from_str(&event.data).expect("JSON"))
+            .collect();
+        let kinds: Vec<&str> = payloads
+            .iter()
+            .map(|p| p["type"].as_str().expect("type"))
+            .collect();
+        assert_eq!(
+            kinds[..5],
+            [
+                "response.created",
+                "response.in_progress",
+                "response.output_item.added",
+                "response.output_item.done",
+                "response.output_item.added"
+            ]
+        );
+        assert_eq!(payloads[2]["item"]["type"], "reasoning");
+        assert_eq!(payloads[4]["output_index"], 1);
+        for delta in payloads
+            .iter()
+            .filter(|p| p["type"] == "response.output_text.delta")
+        {
+            assert_eq!(delta["output_index"], 1);
+        }
+        let completed = &payloads.last().expect("events")["response"];
+        assert_eq!(completed["usage"], body["usage"]);
+        assert_eq!(completed["output"][0]["type"], "reasoning");
+        assert_eq!(
+            completed["output"][1]["content"],
+            body["output"][1]["content"]
+        );
+    }
+
+    #[tokio::test]
+    async fn audio_knob_counts_input_audio_parts() {
+        let base = spawn(router()).await;
+        let audio =
+            json!({"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}});
+        let messages = json!([{"role": "user", "content": [
+            {"type": "text", "text": "Hello there"}, audio, audio]}]);
+        let request = json!({"model": "mock-audio", "messages": messages});
+        let body = body_json(post(&base, "/chat/completions", &request).await).await;
+        assert_eq!(body["usage"]["prompt_tokens"], 3 + 2 + 2 * 120);
+        assert_eq!(body["usage"]["prompt_tokens_details"]["audio_tokens"], 240);
+        assert_eq!(body["usage"]["completion_tokens"], 16);
+
+        let request = json!({"model": "mock-1", "messages": messages});
+        let body = body_json(post(&base, "/chat/completions", &request).await).await;
+        assert_eq!(
+            body["usage"]["prompt_tokens"],
+            3 + 2,
+            "audio is free without the knob"
+        );
+        assert_eq!(body["usage"]["prompt_tokens_details"]["audio_tokens"], 0);
+    }
+
+    #[tokio::test]
+    async fn inlineusage_knob_puts_usage_on_the_last_content_chunk() {
+        let base = spawn(router()).await;
+        let request = chat(
+            "mock-inlineusage",
+            json!({"max_tokens": 3, "stream": true, "stream_options": {"include_usage": true}}),
+        );
+        let chunks =
+            data_chunks(&stream_events(post(&base, "/chat/completions", &request).await).await);
+        assert_eq!(chunks.len(), 1 + 3, "no finish-only or usage-only chunk");
+        assert_eq!(chat_text(&chunks), "Mock reply to:");
+        let (last, rest) = chunks.split_last().expect("chunks");
+        assert!(rest.iter().all(|chunk| chunk.get("usage").is_none()));
+        assert_eq!(last["choices"][0]["delta"], json!({"content": " to:"}));
+        assert_eq!(last["choices"][0]["finish_reason"], "stop");
+        assert_eq!(last["usage"]["completion_tokens"], 3);
+        assert_eq!(last["usage"]["prompt_tokens"], 12);
+
+        let request = json!({"model": "mock-inlineusage", "prompt": "Say hi", "max_tokens": 2,
+            "n": 2, "stream": true, "stream_options": {"include_usage": true}});
+        let chunks = data_chunks(&stream_events(post(&base, "/completions", &request).await).await);
+        assert_eq!(chunks.len(), 2 * 2);
+        let with_usage: Vec<&Value> = chunks.iter().filter(|c| c.get("usage").is_some()).collect();
+        assert_eq!(with_usage.len(), 1);
+        assert_eq!(with_usage[0]["choices"][0]["index"], 1);
+        assert_eq!(with_usage[0]["choices"][0]["text"], " reply");
+        assert_eq!(with_usage[0]["choices"][0]["finish_reason"], "stop");
+        assert_eq!(with_usage[0]["usage"]["completion_tokens"], 4);
+
+        // Without include_usage there is still no usage at all.
+        let request = chat("mock-inlineusage", json!({"max_tokens": 3, "stream": true}));
+        let chunks =
+            data_chunks(&stream_events(post(&base, "/chat/completions", &request).await).await);
+        assert!(chunks.iter().all(|chunk| chunk.get("usage").is_none()));
+    }
+
+    /// The events of `model`'s chat stream (include_usage) and its frames.
+    async fn wire_stream(base: &str, model: &str) -> (Vec<Bytes>, Vec<Event>) {
+        let request = json!({"model": model, "max_tokens": 4, "stream": true,
+            "stream_options": {"include_usage": true},
+            "messages": [{"role": "user", "content": "héllo 東京 🎉"}]});
+        let response = post(base, "/chat/completions", &request).await;
+        assert_eq!(response.status(), 200);
+        let (frames, failed) = raw_frames(response).await;
+        assert!(!failed);
+        let events = parse_wire(&frames.concat());
+        // Whatever the framing: role, 4 words, finish, usage, [DONE].
+        assert_eq!(events.len(), 1 + 4 + 1 + 1 + 1, "{model}");
+        assert_eq!(events[7].data, "[DONE]");
+        let chunks: Vec<Value> = events[..7]
+            .iter()
+            .map(|event| serde_json::from_str(&event.data).expect("chunk JSON"))
+            .collect();
+        assert_eq!(chat_text(&chunks), "Mock reply to: héllo", "{model}");
+        assert_eq!(chunks[6]["usage"]["completion_tokens"], 4, "{model}");
+        (frames, events)
+    }
+
+    #[tokio::test]
+    async fn wire_knobs_change_the_framing_and_nothing_else() {
+        let base = spawn(router()).await;
+
+        let (frames, _) = wire_stream(&base, "mock-comments").await;
+        assert_eq!(frames.len(), 2 * 8);
+        for pair in frames.chunks(2) {
+            assert_eq!(pair[0], ": keep-alive\n\n");
+            assert!(pair[1].starts_with(b"data: "));
+        }
+
+        let (frames, events) = wire_stream(&base, "mock-eventlines").await;
+        assert_eq!(frames.len(), 8);
+        assert!(
+            frames
+                .iter()
+                .all(|f| f.starts_with(b"event: message\ndata: "))
+        );
+        assert!(events.iter().all(|e| e.name.as_deref() == Some("message")));
+
+        let (frames, _) = wire_stream(&base, "mock-crlf").await;
+        for frame in &frames {
+            assert!(frame.ends_with(b"\r\n\r\n"), "{frame:?}");
+            let text = String::from_utf8_lossy(frame);
+            assert_eq!(text.matches('\n').count(), text.matches("\r\n").count());
+        }
+
+        let (frames, _) = wire_stream(&base, "mock-nospace-eventlines").await;
+        for frame in &frames {
+            assert!(frame.starts_with(b"event:message\ndata:"), "{frame:?}");
+            assert!(!frame.windows(6).any(|w| w == b"data: "));
+        }
+
+        let (frames, _) = wire_stream(&base, "mock-merged").await;
+        assert_eq!(frames.len(), 3, "8 events, 3 to a frame");
+        assert_eq!(parse_wire(&frames[0]).len(), 3);
+        assert_eq!(parse_wire(&frames[2]).len(), 2);
+
+        let (frames, _) = wire_stream(&base, "mock-split-crlf").await;
+        let starts = |prefix: &[u8]| frames.iter().filter(|f| f.starts_with(prefix)).count();
+        assert_eq!(starts(b"ta: "), 8, "every data field name is cut");
+        assert_eq!(starts(b"\n"), 2 * 8, "every CRLF is cut");
+        let mid_character = frames
+            .iter()
+            .filter(|f| f.first().is_some_and(|b| (0x80..0xC0).contains(b)))
+            .count();
+        // One line has a multi-byte character: the delta " héllo" (the reply's 4th word).
+        assert_eq!(mid_character, 1, "a frame starts inside a character");
+        assert!(frames.iter().all(|f| !f.is_empty()));
+    }
+
+    #[tokio::test]
+    async fn wire_knobs_apply_to_responses_and_completions_streams() {
+        let base = spawn(router()).await;
+        let request = json!({"model": "mock-crlf-nospace-comments", "input": "Hi", "max_output_tokens": 2,
+            "stream": true});
+        let (frames, _) = raw_frames(post(&base, "/responses", &request).await).await;
+        let bytes = frames.concat();
+        let text = std::str::from_utf8(&bytes).expect("UTF-8");
+        assert!(text.starts_with(": keep-alive\r\n\r\nevent:response.created\r\ndata:{"));
+        let events = parse_wire(&bytes);
+        assert_eq!(
+            events.last().expect("events").name.as_deref(),
+            Some("response.completed")
+        );
+
+        let request = json!({"model": "mock-eventlines-merged", "prompt": "Hi", "max_tokens": 2,
+            "stream": true});
+        let (frames, _) = raw_frames(post(&base, "/completions", &request).await).await;
+        let events = parse_wire(&frames.concat());
+        assert_eq!(
+            frames.len(),
+            2,
+            "2 words, finish, [DONE]: 4 events, 3 to a frame"
+        );
+        assert_eq!(events.len(), 4);
+        assert!(events.iter().all(|e| e.name.as_deref() == Some("message")));
+    }
+
+    #[tokio::test]
+    async fn inbanderror_knob_fails_after_three_words_with_a_200() {
+        let base = spawn(router()).await;
+        let request = chat(
+            "mock-inbanderror",
+            json!({"stream": true, "stream_options": {"include_usage": true}}),
+        );
+        let events = stream_events(post(&base, "/chat/completions", &request).await).await;
+        let chunks: Vec<Value> = events
+            .iter()
+            .map(|event| serde_json::from_str(&event.data).expect("JSON, no [DONE]"))
+            .collect();
+        assert_eq!(chunks.len(), 1 + 3 + 1);
+        assert_eq!(chat_text(&chunks), "Mock reply to:");
+        let error = &chunks[4];
+        assert_eq!(
+            error.as_object().expect("object").len(),
+            1,
+            "only the error: {error}"
+        );
+        assert_eq!(error["error"]["type"], "server_error");
+        assert!(chunks.iter().all(|chunk| !chunk["usage"].is_object()));
+
+        let request = json!({"model": "mock-inbanderror", "prompt": "hi", "stream": true});
+        let events = stream_events(post(&base, "/completions", &request).await).await;
+        assert_eq!(events.len(), 3 + 1);
+        assert!(events[3].data.starts_with("{\"error\":"));
+
+        let request = json!({"model": "mock-inbanderror", "input": "hi", "stream": true});
+        let events = stream_events(post(&base, "/responses", &request).await).await;
+        let last = events.last().expect("events");
+        assert_eq!(last.name.as_deref(), Some("error"));
+        let error: Value = serde_json::from_str(&last.data).expect("JSON");
+        assert_eq!(error["type"], "error");
+        assert_eq!(error["code"], "server_error");
+        let deltas = events
+            .iter()
+            .filter(|e| e.name.as_deref() == Some("response.output_text.delta"))
+            .count();
+        assert_eq!(deltas, 3);
+
+        for (path, request) in [
+            ("/chat/completions", chat("mock-inbanderror", json!({}))),
+            (
+                "/completions",
+                json!({"model": "mock-inbanderror", "prompt": "hi"}),
+            ),
+            (
+                "/embeddings",
+                json!({"model": "mock-inbanderror", "input": "hi"}),
+            ),
+            (
+                "/responses",
+                json!({"model": "mock-inbanderror", "input": "hi"}),
+            ),
+        ] {
+            let response = post(&base, path, &request).await;
+            assert_eq!(response.status(), 200, "{path}");
+            let body = body_json(response).await;
+            assert_eq!(body.as_object().expect("object").len(), 1, "{path}: {body}");
+            assert_eq!(body["error"]["type"], "server_error");
+        }
+    }
+
+    #[tokio::test]
+    async fn incomplete_and_failed_knobs_end_a_response_after_three_words() {
+        let base = spawn(router()).await;
+        let request = json!({"model": "mock-incomplete", "input": "hi there", "stream": true});
+        let events = stream_events(post(&base, "/responses", &request).await).await;
+        let last = events.last().expect("events");
+        assert_eq!(last.name.as_deref(), Some("response.incomplete"));
+        let response = &serde_json::from_str::<Value>(&last.data).expect("JSON")["response"];
+        assert_eq!(response["status"], "incomplete");
+        assert_eq!(response["incomplete_details"]["reason"], "content_filter");
+        assert_eq!(response["output"][0]["status"], "incomplete");
+        assert_eq!(
+            response["output"][0]["content"][0]["text"],
+            "Mock reply to:"
+        );
+        assert_eq!(response["usage"]["output_tokens"], 3);
+        assert_eq!(response["usage"]["input_tokens"], 3 + 2);
+        let mut plain = request.clone();
+        plain["stream"] = json!(false);
+        let body = body_json(post(&base, "/responses", &plain).await).await;
+        for key in ["status", "incomplete_details", "usage"] {
+            assert_eq!(body[key], response[key], "{key}");
+        }
+        assert_eq!(
+            body["output"][0]["content"],
+            response["output"][0]["content"]
+        );
+
+        let request = json!({"model": "mock-failed", "input": "hi there", "stream": true});
+        let events = stream_events(post(&base, "/responses", &request).await).await;
+        let last = events.last().expect("events");
+        assert_eq!(last.name.as_deref(), Some("response.failed"));
+        let response = &serde_json::from_str::<Value>(&last.data).expect("JSON")["response"];
+        assert_eq!(response["status"], "failed");
+        assert_eq!(response["error"]["code"], "server_error");
+        assert_eq!(response["usage"], Value::Null);
+        assert_eq!(
+            response["output"][0]["content"][0]["text"],
+            "Mock reply to:"
+        );
+        let deltas = events
+            .iter()
+            .filter(|e| e.name.as_deref() == Some("response.output_text.delta"))
+            .count();
+        assert_eq!(deltas, 3);
+        let mut plain = request.clone();
+        plain["stream"] = json!(false);
+        let body = body_json(post(&base, "/responses", &plain).await).await;
+        for key in ["status", "error", "usage"] {
+            assert_eq!(body[key], response[key], "{key}");
+        }
+        assert_eq!(
+            body["output"][0]["content"],
+            response["output"][0]["content"]
+        );
+    }
+
+    #[tokio::test]
+    async fn stall_knob_stops_sending_without_closing() {
+        let base = spawn(router()).await;
+        let request = chat("mock-stall", json!({"stream": true}));
+        let response = post(&base, "/chat/completions", &request).await;
+        assert_eq!(response.status(), 200);
+        let mut body = response.bytes_stream();
+        let mut received = Vec::new();
+        while parse_wire_prefix(&received) < 3 {
+            let frame = body.next().await.expect("a frame").expect("not an error");
+            received.extend_from_slice(&frame);
+        }
+        // Nothing more comes, and the transfer does not end either: it hangs.
+        let more = tokio::time::timeout(Duration::from_millis(300), body.next()).await;
+        assert!(more.is_err(), "the stream went on: {more:?}");
+        assert_eq!(parse_wire(&received).len(), 3);
+
+        let response = post(&base, "/chat/completions", &chat("mock-stall", json!({}))).await;
+        assert_eq!(response.status(), 200);
+        let mut body = response.bytes_stream();
+        let first = body.next().await.expect("half the body").expect("bytes");
+        assert!(first.starts_with(b"{"));
+        let more = tokio::time::timeout(Duration::from_millis(300), body.next()).await;
+        assert!(more.is_err(), "the JSON answer went on: {more:?}");
+    }
+
+    /// Complete events in a stream received so far.
+    fn parse_wire_prefix(bytes: &[u8]) -> usize {
+        String::from_utf8_lossy(bytes).matches("\n\n").count()
     }
 
     #[tokio::test]
