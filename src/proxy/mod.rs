@@ -334,8 +334,18 @@ impl UpstreamCall {
                 let reported = usage::usage_from_json(endpoint, &json);
                 let text = usage::output_text_from_json(endpoint, &json);
                 // A 2xx JSON answer is output even when its text is empty (embeddings, tool
-                // calls). The answer leaves once its settlement is durable (DESIGN.md I4).
-                if let Some(durable) = billing.settle(reported, &text, true, "completed") {
+                // calls) — unless it is an error: a `200` whose body is `{"error": {…}}`
+                // produced nothing, and like an error status it is free unless the upstream
+                // reported usage. (A failed response with partial output is billed for it.)
+                let failed = usage::reports_error(&json);
+                let produced = !(failed && text.is_empty());
+                let status = if failed {
+                    "upstream_failed"
+                } else {
+                    "completed"
+                };
+                // The answer leaves once its settlement is durable (DESIGN.md I4).
+                if let Some(durable) = billing.settle(reported, &text, produced, status) {
                     let _ = durable.await;
                 }
             }

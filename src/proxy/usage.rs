@@ -92,6 +92,13 @@ pub fn output_text_from_json(endpoint: Endpoint, body: &Value) -> String {
     text
 }
 
+/// Whether a 2xx JSON answer says the request failed: a non-null `error` (some upstreams answer
+/// `200` with `{"error": {…}}`; a failed Responses API object has `status: "failed"` and an
+/// `error`). A successful Responses object carries `"error": null`.
+pub fn reports_error(body: &Value) -> bool {
+    body.get("error").is_some_and(|error| !error.is_null())
+}
+
 fn array_at<'a>(value: &'a Value, key: &str) -> &'a [Value] {
     value
         .get(key)
@@ -395,6 +402,19 @@ mod tests {
             "Hi there{}"
         );
         assert_eq!(output_text_from_json(Endpoint::Embeddings, &body), "");
+    }
+
+    #[test]
+    fn an_error_object_in_a_2xx_body_is_a_failure() {
+        let error = json!({"message": "boom", "type": "server_error"});
+        assert!(reports_error(&json!({"error": error})));
+        assert!(reports_error(
+            &json!({"object": "response", "status": "failed", "error": {"code": "server_error"}})
+        ));
+        assert!(!reports_error(
+            &json!({"object": "response", "status": "completed", "error": null})
+        ));
+        assert!(!reports_error(&json!({"choices": []})));
     }
 
     #[test]
