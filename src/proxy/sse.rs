@@ -9,6 +9,7 @@ use std::borrow::Cow;
 
 use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
+use serde::de::IgnoredAny;
 
 use super::usage::{Endpoint, RawUsage, lenient_str};
 use crate::domain::TokenUsage;
@@ -33,6 +34,11 @@ pub struct StreamSummary {
     pub saw_output: bool,
     /// Whether the stream ended properly (`[DONE]`, or a terminal Responses API event).
     pub completed: bool,
+    /// Whether the upstream reported a failure inside the stream (a `200` whose answer turned
+    /// into an error): a chunk `{"error": …}`, or a Responses API `error` or `response.failed`
+    /// event. What is billed does not change (usage if reported, else the output); the status
+    /// recorded does.
+    pub failed: bool,
     /// Upstream bytes observed (before any stripping).
     pub bytes_in: u64,
 }
@@ -152,6 +158,11 @@ impl SseObserver {
     /// been seen: nothing after it changes what is owed.
     pub fn completed(&self) -> bool {
         self.summary.completed
+    }
+
+    /// Whether the upstream reported a failure in the stream (see [`StreamSummary::failed`]).
+    pub fn failed(&self) -> bool {
+        self.summary.failed
     }
 
     /// A snapshot of what was observed so far (for a client that disconnected mid-stream).
@@ -374,6 +385,7 @@ impl SseObserver {
             return false;
         };
         let summary = &mut self.summary;
+        summary.failed |= chunk.error.is_some();
         for choice in chunk.choices.iter().flatten() {
             push_output(summary, choice.text.as_deref());
             let Some(delta) = &choice.delta else { continue };
@@ -420,8 +432,10 @@ impl SseObserver {
                 | "response.refusal.delta"
                 | "response.function_call_arguments.delta",
             ) => push_output(summary, event.delta.as_deref()),
-            Some("response.completed" | "response.incomplete" | "response.failed") => {
+            Some("error") => summary.failed = true,
+            Some(kind @ ("response.completed" | "response.incomplete" | "response.failed")) => {
                 summary.completed = true;
+                summary.failed |= kind == "response.failed";
                 let raw = event.response.and_then(|r| r.usage);
                 if let Some(usage) = raw.and_then(|u| u.into_usage(Endpoint::Responses)) {
                     summary.usage = Some(usage);
@@ -455,6 +469,9 @@ struct ChunkIn<'a> {
     choices: Option<Vec<ChoiceIn<'a>>>,
     #[serde(default)]
     usage: Option<RawUsage>,
+    /// An in-band error (`null` reads as absent).
+    #[serde(default)]
+    error: Option<IgnoredAny>,
 }
 
 #[derive(Deserialize)]
@@ -581,6 +598,7 @@ mod tests {
             output_text: CHAT_TEXT.to_owned(),
             saw_output: true,
             completed: true,
+            failed: false,
             bytes_in: bytes_in as u64,
         }
     }
@@ -735,9 +753,41 @@ mod tests {
                 output_text: "Hi there".to_owned(),
                 saw_output: true,
                 completed: true,
+                failed: false,
                 bytes_in: input.len() as u64,
             }
         );
+    }
+
+    #[test]
+    fn an_error_inside_the_stream_is_noted() {
+        let input = concat!(
+            "data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}],\"error\":null}\n\n",
+            "data: {\"error\":{\"message\":\"boom\",\"type\":\"server_error\"}}\n\n",
+        )
+        .as_bytes();
+        let (out, summary) = assert_split_invariant(Endpoint::ChatCompletions, true, input);
+        assert_eq!(out, input, "the error reaches the client");
+        assert!(summary.failed && summary.saw_output && !summary.completed);
+        assert_eq!(summary.output_text, "Hi");
+
+        let clean = sse(&CHAT_EVENTS, "\n").concat();
+        let (_, summary) = run_cuts(Endpoint::ChatCompletions, true, &clean, &[]);
+        assert!(!summary.failed, "a clean stream did not fail");
+
+        for (event, completed) in [("error", false), ("response.failed", true)] {
+            let input = format!(
+                "event: response.output_text.delta\ndata: {{\"type\":\"response.output_text.delta\",\"delta\":\"Hi\"}}\n\n\
+                 event: {event}\ndata: {{\"type\":\"{event}\",\"code\":\"server_error\",\"response\":{{\"usage\":null}}}}\n\n"
+            );
+            let (_, summary) = assert_split_invariant(Endpoint::Responses, false, input.as_bytes());
+            assert!(summary.failed, "{event}");
+            assert_eq!(summary.completed, completed, "{event}");
+            assert_eq!(summary.usage, None);
+        }
+        let completed = "data: {\"type\":\"response.incomplete\",\"response\":{}}\n\n";
+        let (_, summary) = run_cuts(Endpoint::Responses, false, completed.as_bytes(), &[]);
+        assert!(summary.completed && !summary.failed);
     }
 
     #[test]

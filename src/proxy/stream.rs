@@ -255,13 +255,13 @@ fn frames(state: Metered) -> impl Stream<Item = Result<Bytes, std::io::Error>> +
                     return Some((Ok(out), Some(state)));
                 }
                 Next::Frame(None) => {
-                    state.status = "completed";
+                    state.status = ended_status(&state.observer);
                     let rest = settle_now(&mut state).await;
                     return rest.map(|bytes| (Ok(bytes), None));
                 }
                 Next::Idle if state.observer.completed() => {
                     // The answer is whole; only the upstream's end of the response is missing.
-                    state.status = "completed";
+                    state.status = ended_status(&state.observer);
                     let rest = settle_now(&mut state).await;
                     return rest.map(|bytes| (Ok(bytes), None));
                 }
@@ -300,6 +300,17 @@ fn frames(state: Metered) -> impl Stream<Item = Result<Bytes, std::io::Error>> +
             }
         }
     })
+}
+
+/// The status of a stream that ended by itself: `upstream_failed` when the upstream said so in
+/// the stream (an error chunk or event, `response.failed`), else `completed`. Billing is the
+/// same either way (usage if reported, else the output); only the record tells them apart.
+fn ended_status(observer: &SseObserver) -> &'static str {
+    if observer.failed() {
+        "upstream_failed"
+    } else {
+        "completed"
+    }
 }
 
 /// Renews the stream's hold; false when the stream must stop because its hold is no longer
