@@ -8,6 +8,7 @@ mod helpers;
 pub const BACKEND: helpers::Backend = helpers::Backend::Embedded;
 
 mod admin_and_keys;
+mod adversarial_upstream;
 mod auth;
 mod bad_input;
 mod billing;

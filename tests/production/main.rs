@@ -12,6 +12,8 @@ pub const BACKEND: helpers::Backend = helpers::Backend::Production;
 
 #[path = "../api/admin_and_keys.rs"]
 mod admin_and_keys;
+#[path = "../api/adversarial_upstream.rs"]
+mod adversarial_upstream;
 #[path = "../api/auth.rs"]
 mod auth;
 #[path = "../api/bad_input.rs"]
