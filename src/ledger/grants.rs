@@ -256,6 +256,34 @@ mod tests {
     }
 
     #[test]
+    fn each_sweep_of_a_grant_has_its_own_reference_and_the_last_ends_it() {
+        let amount = crate::domain::Credits::from_micros(5_000_000);
+        let (partial, partial_ref) = expiry_entry_text(
+            &grant(7, 3_000_000, Some(10), 0),
+            "bonus",
+            amount,
+            1_000_000,
+        );
+        assert_eq!(partial_ref, "grant:7:3000000");
+        assert_eq!(
+            partial,
+            "grant 7 (bonus of 5 credits) expired with 3 credits left; 1 of them stay for \
+             requests that started before it expired"
+        );
+        // A later partial sweep of the same grant (less left) cannot reuse that reference.
+        let (_, later_ref) =
+            expiry_entry_text(&grant(7, 2_000_000, Some(10), 0), "bonus", amount, 500_000);
+        assert_eq!(later_ref, "grant:7:2000000");
+        let (last, last_ref) =
+            expiry_entry_text(&grant(7, 1_000_000, Some(10), 0), "bonus", amount, 0);
+        assert_eq!(last_ref, "grant:7");
+        assert_eq!(
+            last,
+            "grant 7 (bonus of 5 credits) expired with 1 credits left"
+        );
+    }
+
+    #[test]
     fn soonest_expiring_first_then_oldest_and_never_expiring_last() {
         let mut grants = vec![
             grant(1, 5, None, 10),
