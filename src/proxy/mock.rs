@@ -54,6 +54,8 @@
 //!   the connection: the body stream returns an error, so the client sees a broken transfer.
 //! - `-stall`: send 3 frames (as `-midfail`) and then nothing more, without closing the connection,
 //!   until the client goes away (an upstream that hangs mid-answer). `-midfail` wins over it.
+//! - `-hangopen` (streams): send every frame, then keep the connection open without ending the
+//!   response (an upstream that never closes after its last event, e.g. after an in-band error).
 //!
 //! ## Tokens a client cannot see
 //! - `-reasoning` (chat, responses): a reasoning model. Half of each choice's output budget N
@@ -309,6 +311,7 @@ struct Knobs {
     cached: bool,
     midfail: bool,
     stall: bool,
+    hang_open: bool,
     late: bool,
     verbose: bool,
     overreport: bool,
@@ -342,6 +345,7 @@ impl Knobs {
             cached: model.contains("-cached"),
             midfail: model.contains("-midfail"),
             stall: model.contains("-stall"),
+            hang_open: model.contains("-hangopen"),
             late: model.contains("-late"),
             verbose: model.contains("-verbose"),
             overreport: model.contains("-overreport"),
@@ -1339,7 +1343,11 @@ fn sse_response(events: Vec<Event>, knobs: Knobs) -> Response {
     } else {
         Duration::ZERO
     };
-    let stop = knobs.stop().map(|stop| (MIDFAIL_AFTER_FRAMES, stop));
+    let stop = match knobs.stop() {
+        Some(stop) => Some((MIDFAIL_AFTER_FRAMES, stop)),
+        None if knobs.hang_open => Some((usize::MAX, Stop::HangAtEnd)),
+        None => None,
+    };
     let headers = [
         (header::CONTENT_TYPE, "text/event-stream"),
         (header::CACHE_CONTROL, "no-cache"),
@@ -1369,6 +1377,8 @@ enum Stop {
     Fail,
     /// Nothing more is sent and the connection stays open, until the client goes away.
     Stall,
+    /// Every frame is sent, then the response never ends (`-hangopen`).
+    HangAtEnd,
 }
 
 /// Why a `-midfail` body stops: surfaces to the client as an aborted transfer.
@@ -1418,7 +1428,13 @@ fn playback(frames: Vec<Bytes>, delay: Duration, stop: Option<(usize, Stop)>) ->
             }
             _ => {}
         }
-        let frame = state.frames.next()?;
+        let Some(frame) = state.frames.next() else {
+            if matches!(state.stop, Some((_, Stop::HangAtEnd))) {
+                // Dropped (and the connection closed) when the client goes away.
+                std::future::pending::<()>().await;
+            }
+            return None;
+        };
         state.sent += 1;
         Some((Ok(frame), state))
     }))

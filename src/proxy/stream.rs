@@ -155,7 +155,7 @@ async fn finish_after_disconnect(
     let mut cut = Box::pin(billing.meter.cut_signal());
     let every = billing.meter.renew_every();
     let mut renew = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-    while !observer.completed() {
+    while !observer.completed() && !observer.failed() {
         let frame = tokio::select! {
             frame = tokio::time::timeout(idle_timeout, upstream.frame()) => frame,
             () = tokio::time::sleep_until(deadline) => break,
@@ -227,7 +227,7 @@ fn frames(state: Metered) -> impl Stream<Item = Result<Bytes, std::io::Error>> +
     futures_util::stream::unfold(Some(state), |state| async move {
         let mut state = state?;
         loop {
-            let wait = if state.observer.completed() {
+            let wait = if state.observer.completed() || state.observer.failed() {
                 END_AFTER_TERMINAL_EVENT.min(state.idle_timeout)
             } else {
                 state.idle_timeout
@@ -259,8 +259,10 @@ fn frames(state: Metered) -> impl Stream<Item = Result<Bytes, std::io::Error>> +
                     let rest = settle_now(&mut state).await;
                     return rest.map(|bytes| (Ok(bytes), None));
                 }
-                Next::Idle if state.observer.completed() => {
-                    // The answer is whole; only the upstream's end of the response is missing.
+                // Nothing after a terminal event or an in-band failure changes what is owed.
+                Next::Idle if state.observer.completed() || state.observer.failed() => {
+                    // The answer is over (whole, or failed in-band); only the upstream's end of
+                    // the response is missing.
                     state.status = ended_status(&state.observer);
                     let rest = settle_now(&mut state).await;
                     return rest.map(|bytes| (Ok(bytes), None));

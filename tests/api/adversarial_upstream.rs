@@ -746,3 +746,38 @@ async fn a_stream_that_stalls_is_cut_at_the_idle_timeout_and_billed_for_its_outp
     assert_eq!(records(&app, &user).await.len(), 1);
     app.assert_ledger_consistent().await;
 }
+
+/// An upstream that reports an error in-band and then keeps the connection open: nothing after
+/// the error changes what is owed, so the stream ends (and settles) a second later instead of
+/// waiting out the idle timeout with the client hanging and the hold held.
+#[tokio::test]
+async fn an_in_band_error_on_a_connection_left_open_ends_the_stream_promptly() {
+    let app = spawn_app().await;
+    let user = token("hangopen");
+    app.grant("hangopen", "10").await;
+    let body = json!({
+        "model": "mock-inbanderror-hangopen",
+        "messages": [{"role": "user", "content": "fail and hang"}],
+        "max_tokens": 20,
+        "stream": true
+    });
+    let started = Instant::now();
+    let response = app.chat(&user, &body).await;
+    assert_eq!(response.status(), 200);
+    let bytes = response
+        .bytes()
+        .await
+        .expect("the stream ends cleanly after the error");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "the stream waited {:?} for an upstream that had already failed (idle timeout is 5 s)",
+        started.elapsed()
+    );
+    assert!(String::from_utf8_lossy(&bytes).contains("\"error\""));
+    let balance = app.settled_balance(&user).await;
+    assert_eq!(balance["held"], "0");
+    let usage = app.list("/api/credits/usage", &user).await;
+    assert_eq!(usage.len(), 1);
+    assert_eq!(usage[0]["status"], "upstream_failed");
+    app.assert_ledger_consistent().await;
+}
