@@ -644,6 +644,29 @@ pub async fn run_test_within(limit: Duration, body: impl AsyncFnOnce()) {
     }
 }
 
+/// How often [`eventually`] checks.
+const POLL_EVERY: Duration = Duration::from_millis(20);
+
+/// Checks `check` until it gives `Ok`, every 20 ms, and returns that; fails with the last
+/// `Err` (what was seen instead) once `within` has passed. For waiting on what the gateway
+/// does in the background, in place of a sleep that guesses how long it takes.
+pub async fn eventually<T>(
+    within: Duration,
+    mut check: impl AsyncFnMut() -> Result<T, String>,
+) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        match check().await {
+            Ok(value) => return value,
+            Err(seen) => assert!(
+                Instant::now() < deadline,
+                "not so within {within:?}: {seen}"
+            ),
+        }
+        tokio::time::sleep(POLL_EVERY).await;
+    }
+}
+
 pub const JWT_SECRET: &str = "integration-test-secret-at-least-32-bytes";
 pub const ADMIN_TOKEN: &str = "integration-admin-token";
 pub const UPSTREAM_KEY: &str = "sk-upstream-secret";
@@ -680,7 +703,9 @@ pub async fn fake_upstream() -> FakeUpstream {
         .expect("bind upstream");
     let addr = listener.local_addr().expect("addr");
     let task = tokio::spawn(async move {
-        let _ = axum::serve(listener, router).await;
+        axum::serve(listener, router)
+            .await
+            .expect("the fake upstream serves");
     });
     FakeUpstream {
         url: format!("http://{addr}/v1"),
@@ -744,6 +769,7 @@ impl Gateway {
         let state = app.state().clone();
         let (tx, rx) = oneshot::channel::<()>();
         let server = tokio::spawn(app.run_until_stopped(async move {
+            // Told to stop, or the Gateway was dropped: either way, stop.
             let _ = rx.await;
         }));
         Gateway {
@@ -757,6 +783,7 @@ impl Gateway {
     /// Stops gracefully (drain, flush) and waits for it.
     pub async fn stop(&mut self) {
         if let Some(tx) = self.shutdown.take() {
+            // Refused only if the server ended already; awaiting it tells how.
             let _ = tx.send(());
         }
         if let Some(server) = self.server.take() {
@@ -894,12 +921,9 @@ impl TestApp {
                 &json!({"amount": amount, "type": "bonus", "description": "test grant"}),
             )
             .await;
-        assert_eq!(
-            response.status(),
-            201,
-            "grant failed: {}",
-            response.text().await.unwrap_or_default()
-        );
+        let status = response.status();
+        let text = response.text().await.expect("grant answer");
+        assert_eq!(status, 201, "grant failed: {text}");
     }
 
     pub async fn chat(&self, bearer: &str, body: &Value) -> reqwest::Response {
@@ -915,23 +939,45 @@ impl TestApp {
     /// Waits until no hold is left for the account and every settlement is written, then
     /// returns the balance.
     pub async fn settled_balance(&self, bearer: &str) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
+        eventually(Duration::from_secs(10), async || {
             let balance = self.balance(bearer).await;
-            if balance["held"] == "0" {
-                self.state.settler.flush().await;
-                return self.balance(bearer).await;
+            match balance["held"] == "0" {
+                true => Ok(()),
+                false => Err(format!("holds never released: {balance}")),
             }
-            assert!(Instant::now() < deadline, "holds never released: {balance}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        })
+        .await;
+        self.state.settler.flush().await;
+        self.balance(bearer).await
     }
 
+    /// Every item of a list route (`{"object": "list", "data": […]}`), following `next_cursor`
+    /// through every page. Anything else than such a list fails the test.
     pub async fn list(&self, path: &str, bearer: &str) -> Vec<Value> {
-        let response = self.get(path, bearer).await;
-        assert_eq!(response.status(), 200);
-        let body: Value = response.json().await.expect("list json");
-        body["data"].as_array().cloned().unwrap_or_default()
+        let mut items = Vec::new();
+        let mut page_path = path.to_owned();
+        loop {
+            let response = self.get(&page_path, bearer).await;
+            let status = response.status();
+            let text = response.text().await.expect("list body");
+            assert_eq!(status, 200, "GET {page_path}: {text}");
+            let body: Value = serde_json::from_str(&text)
+                .unwrap_or_else(|e| panic!("GET {page_path}: not JSON ({e}): {text}"));
+            assert_eq!(body["object"], "list", "GET {page_path}: {body}");
+            let data = body["data"]
+                .as_array()
+                .unwrap_or_else(|| panic!("GET {page_path}: no data array: {body}"));
+            items.extend(data.iter().cloned());
+            match &body["next_cursor"] {
+                Value::Null => return items,
+                Value::String(cursor) => {
+                    assert!(!data.is_empty(), "GET {page_path}: a cursor past nothing");
+                    let separator = if path.contains('?') { '&' } else { '?' };
+                    page_path = format!("{path}{separator}cursor={cursor}");
+                }
+                other => panic!("GET {page_path}: next_cursor is {other}"),
+            }
+        }
     }
 
     /// I3: every account's entries add up to its balance, every charge has its entry.
