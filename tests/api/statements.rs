@@ -13,6 +13,21 @@ fn this_month() -> String {
     format!("{:04}-{:02}", now.year(), u8::from(now.month()))
 }
 
+/// The month the test's usage is moved into, whatever today's date: a month long past.
+const PAST_MONTH: &str = "2025-06";
+
+async fn generate(app: &TestApp, user: &str, month: &str) -> Value {
+    let response = app
+        .post(
+            "/v1/billing/invoices/generate",
+            &token(user),
+            &json!({"billing_month": month}),
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+    response.json().await.expect("statement json")
+}
+
 #[tokio::test]
 async fn a_statement_has_a_line_per_model_that_adds_up_to_the_usage_charged() {
     run_test(async || {
@@ -30,37 +45,50 @@ async fn a_statement_has_a_line_per_model_that_adds_up_to_the_usage_charged() {
         app.settled_balance(&token(user)).await;
         // Someone else's usage stays off this statement.
         app.grant("statement-other", "10").await;
-        app.chat(&token("statement-other"), &chat_body("mock-small", "hi"))
-            .await;
-        app.settled_balance(&token("statement-other")).await;
-
-        let month = this_month();
         let response = app
-            .post(
-                "/v1/billing/invoices/generate",
-                &token(user),
-                &json!({"billing_month": month}),
-            )
+            .chat(&token("statement-other"), &chat_body("mock-small", "hi"))
             .await;
         assert_eq!(response.status(), 200);
-        let statement: Value = response.json().await.expect("statement json");
-        assert_eq!(statement["status"], "provisional");
-        assert_eq!(statement["billing_month"], month.as_str());
+        app.settled_balance(&token("statement-other")).await;
+        // A statement sums the usage settled in its month. So that no test run straddles a
+        // month's end (its usage in one month, its statement of the next), every usage record
+        // is moved to the middle of a past month: 2025-06-15T12:00:00Z.
+        app.execute_sql("UPDATE usage_records SET settled_at = 1749988800000")
+            .await;
+
+        // The month the usage left has none of it now.
+        let month = this_month();
+        let current = generate(&app, user, &month).await;
+        assert_eq!(current["billing_month"], month.as_str());
+        assert_eq!(current["total"], "0", "{current}");
+        assert_eq!(current["lines"], json!([]), "{current}");
+        // A month still running is provisional. (Only when the clock passed a month's end
+        // while the statement was made can that have been the next month's, and final.)
+        if this_month() == month {
+            assert_eq!(current["status"], "provisional", "{current}");
+        }
+
+        let month = PAST_MONTH;
+        let statement = generate(&app, user, month).await;
+        assert_eq!(statement["status"], "final");
+        assert_eq!(statement["billing_month"], month);
 
         // Expected: the usage records, summed per model by the test itself.
         let mut expected: BTreeMap<String, (i64, i64, Decimal)> = BTreeMap::new();
         for record in app.list("/api/credits/usage?limit=100", &token(user)).await {
             let entry = expected
-                .entry(record["model"].as_str().unwrap_or_default().to_owned())
+                .entry(record["model"].as_str().expect("model").to_owned())
                 .or_default();
-            entry.0 += record["prompt_tokens"].as_i64().unwrap_or_default();
-            entry.1 += record["completion_tokens"].as_i64().unwrap_or_default();
+            entry.0 += record["prompt_tokens"].as_i64().expect("prompt tokens");
+            entry.1 += record["completion_tokens"]
+                .as_i64()
+                .expect("completion tokens");
             entry.2 += credits(&record["cost"]);
         }
-        let lines = statement["lines"].as_array().cloned().unwrap_or_default();
+        let lines = statement["lines"].as_array().cloned().expect("lines");
         assert_eq!(lines.len(), 2, "{statement}");
         for line in &lines {
-            let (prompt, completion, cost) = expected[line["model"].as_str().unwrap_or_default()];
+            let (prompt, completion, cost) = expected[line["model"].as_str().expect("model")];
             assert_eq!(line["prompt_tokens"].as_i64(), Some(prompt));
             assert_eq!(line["completion_tokens"].as_i64(), Some(completion));
             assert_eq!(credits(&line["amount"]), cost);
@@ -95,16 +123,28 @@ async fn a_statement_has_a_line_per_model_that_adds_up_to_the_usage_charged() {
             .sum();
         assert_eq!(credits(&statement["total"]), charged);
 
-        // Generating again replaces the statement; the list has it once.
-        app.post(
-            "/v1/billing/invoices/generate",
-            &token(user),
-            &json!({"billing_month": month}),
-        )
-        .await;
+        // Generating again replaces the statement; the list has it once (beside the current
+        // month's).
+        let again = generate(&app, user, month).await;
+        let undated = |statement: &Value| {
+            let mut statement = statement.clone();
+            let fields = statement.as_object_mut().expect("a statement object");
+            fields.remove("generated_at").expect("generated_at");
+            statement
+        };
+        assert_eq!(
+            undated(&again),
+            undated(&statement),
+            "a final month is rebuilt the same"
+        );
         let listed = app.list("/v1/billing/invoices", &token(user)).await;
-        assert_eq!(listed.len(), 1);
-        assert_eq!(listed[0]["lines"], statement["lines"]);
+        let past: Vec<&Value> = listed
+            .iter()
+            .filter(|s| s["billing_month"] == month)
+            .collect();
+        assert_eq!(past.len(), 1, "{listed:?}");
+        assert_eq!(past[0]["lines"], statement["lines"]);
+        assert_eq!(listed.len(), 2, "{listed:?}");
         assert!(
             app.list("/v1/billing/invoices", &token("statement-nobody"))
                 .await
