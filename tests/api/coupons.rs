@@ -23,15 +23,14 @@ async fn checkout_with(shop: &Shop, user: &str, coupon: &str) -> reqwest::Respon
 }
 
 async fn coupon_uses(shop: &Shop, code: &str) -> i64 {
-    let response = shop.app.get("/admin/coupons", ADMIN_TOKEN).await;
-    let body: Value = response.json().await.expect("coupons json");
-    body["data"]
-        .as_array()
-        .into_iter()
-        .flatten()
+    let coupons = shop.app.list("/admin/coupons", ADMIN_TOKEN).await;
+    let coupon = coupons
+        .iter()
         .find(|c| c["code"] == code)
-        .and_then(|c| c["uses"].as_i64())
-        .expect("coupon listed")
+        .unwrap_or_else(|| panic!("{code} is not listed: {coupons:?}"));
+    coupon["uses"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("uses of {coupon}"))
 }
 
 #[tokio::test]
@@ -77,24 +76,23 @@ async fn a_percentage_coupon_is_quoted_charged_and_invoiced() {
         assert_eq!(session.amount, 750, "Stripe charges the discounted price");
         assert_eq!(coupon_uses(&shop, "SPRING25").await, 1);
 
-        let (_, outcome) = shop
-            .event(
+        let outcome = shop
+            .accepted(
                 "evt_c1",
                 "checkout.session.completed",
                 shop.paid_session(&session, user, 750),
             )
             .await;
-        assert_eq!(outcome["outcome"], "processed");
+        assert_eq!(outcome, "processed");
         assert_eq!(shop.balance_of(user).await, dec("1000"));
         let order = shop.order(user, &order_id).await;
         let invoice_id = order["invoice_id"].as_str().expect("invoice");
-        let invoice: Value = shop
+        let response = shop
             .app
             .get(&format!("/api/payment/invoices/{invoice_id}"), &token(user))
-            .await
-            .json()
-            .await
-            .expect("invoice json");
+            .await;
+        assert_eq!(response.status(), 200);
+        let invoice: Value = response.json().await.expect("invoice json");
         assert_eq!(
             (
                 invoice["subtotal"].as_str(),
@@ -123,12 +121,15 @@ async fn a_bonus_coupon_adds_credits_that_a_refund_takes_back_too() {
         assert_eq!(response.status(), 201);
         let session = shop.stripe.sessions().pop().expect("a session");
         assert_eq!(session.amount, 999);
-        shop.event(
-            "evt_b1",
-            "checkout.session.completed",
-            shop.paid_session(&session, user, 999),
-        )
-        .await;
+        assert_eq!(
+            shop.accepted(
+                "evt_b1",
+                "checkout.session.completed",
+                shop.paid_session(&session, user, 999),
+            )
+            .await,
+            "processed"
+        );
         assert_eq!(shop.balance_of(user).await, dec("1100"));
         let entries = shop
             .app
@@ -140,7 +141,12 @@ async fn a_bonus_coupon_adds_credits_that_a_refund_takes_back_too() {
                 .any(|e| e["type"] == "bonus" && e["amount"] == "100")
         );
 
-        shop.charge_refunded("evt_b2", &session, 999).await;
+        let (status, body) = shop.charge_refunded("evt_b2", &session, 999).await;
+        assert_eq!(
+            (status, body["outcome"].as_str()),
+            (200, Some("processed")),
+            "{body}"
+        );
         assert_eq!(shop.balance_of(user).await, Decimal::ZERO);
         shop.app.assert_ledger_consistent().await;
     })
@@ -193,8 +199,11 @@ async fn racing_buyers_never_hold_more_uses_than_the_coupon_allows() {
             "",
         );
         expired["status"] = json!("expired");
-        shop.event("evt_x", "checkout.session.expired", expired)
-            .await;
+        assert_eq!(
+            shop.accepted("evt_x", "checkout.session.expired", expired)
+                .await,
+            "processed"
+        );
         assert_eq!(coupon_uses(&shop, "FIVE").await, 4);
         assert_eq!(
             checkout_with(&shop, "late-buyer", "FIVE").await.status(),
@@ -213,22 +222,25 @@ async fn per_account_limits_windows_and_retired_coupons_refuse_with_a_reason() {
     run_test(async || {
         let shop = shop().await;
         let user = "coupon-4";
-        create_coupon(
+        let response = create_coupon(
         &shop,
         json!({"code": "ONCE", "kind": "percent", "percent_off": "10", "max_uses_per_account": 1}),
     )
-    .await;
-        create_coupon(
+        .await;
+        assert_eq!(response.status(), 201);
+        let response = create_coupon(
             &shop,
             json!({"code": "OLD", "kind": "percent", "percent_off": "10",
         "valid_until": "2020-01-01T00:00:00Z"}),
         )
         .await;
-        create_coupon(
+        assert_eq!(response.status(), 201);
+        let response = create_coupon(
         &shop,
         json!({"code": "BIGONLY", "kind": "percent", "percent_off": "10", "min_package": "yearly"}),
     )
-    .await;
+        .await;
+        assert_eq!(response.status(), 201);
 
         assert_eq!(checkout_with(&shop, user, "ONCE").await.status(), 201);
         let error = openai_error(checkout_with(&shop, user, "ONCE").await, 400).await;

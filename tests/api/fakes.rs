@@ -71,7 +71,9 @@ async fn serve(router: Router) -> (String, JoinHandle<()>) {
         .expect("bind fake provider");
     let addr = listener.local_addr().expect("fake provider addr");
     let task = tokio::spawn(async move {
-        let _ = axum::serve(listener, router).await;
+        axum::serve(listener, router)
+            .await
+            .expect("the fake provider serves");
     });
     (format!("http://{addr}"), task)
 }

@@ -2,6 +2,7 @@
 //! webhooks, replays, out-of-order delivery, refunds, disputes, invoices. After each story the
 //! ledger verifies (DESIGN.md I2, I3, I6).
 
+use std::collections::BTreeMap;
 use std::str::FromStr;
 
 use rust_decimal::Decimal;
@@ -72,6 +73,33 @@ pub async fn shop_with(extra: &str) -> Shop {
     Shop { app, stripe }
 }
 
+/// The calendar year (UTC) an invoice was issued in: invoice numbers run per year.
+fn issue_year(invoice: &Value) -> i32 {
+    let issued_at = invoice["issued_at"].as_str().expect("issued_at");
+    issued_at
+        .get(..4)
+        .and_then(|year| year.parse().ok())
+        .unwrap_or_else(|| panic!("issued_at {issued_at}"))
+}
+
+/// What the invoice numbers of one year must be, given how many were issued in it (in any
+/// order): `INV-YYYY-000001` up to that count, with no gap or repeat. Invoices are grouped
+/// by the year each was issued in, so that a run across New Year's midnight proves the same.
+fn assert_numbered_per_year(invoices: &[Value]) {
+    let mut by_year: BTreeMap<i32, Vec<String>> = BTreeMap::new();
+    for invoice in invoices {
+        let number = invoice["number"].as_str().expect("number").to_owned();
+        by_year.entry(issue_year(invoice)).or_default().push(number);
+    }
+    for (year, mut numbers) in by_year {
+        numbers.sort();
+        let expected: Vec<String> = (1..=numbers.len())
+            .map(|n| format!("INV-{year}-{n:06}"))
+            .collect();
+        assert_eq!(numbers, expected);
+    }
+}
+
 pub fn dec(raw: &str) -> Decimal {
     Decimal::from_str(raw).unwrap_or_else(|e| panic!("{raw}: {e}"))
 }
@@ -124,7 +152,21 @@ impl Shop {
             )
             .await;
         let status = response.status().as_u16();
-        (status, response.json().await.unwrap_or(Value::Null))
+        let text = response.text().await.expect("webhook answer");
+        let body = serde_json::from_str(&text).unwrap_or_else(|e| {
+            panic!("{event_id}: a {status} answer that is not JSON ({e}): {text}")
+        });
+        (status, body)
+    }
+
+    /// Sends a correctly signed event that must be accepted (200); returns its outcome.
+    pub async fn accepted(&self, event_id: &str, kind: &str, object: Value) -> String {
+        let (status, body) = self.event(event_id, kind, object).await;
+        assert_eq!(status, 200, "{event_id}: {body}");
+        body["outcome"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{event_id}: no outcome in {body}"))
+            .to_owned()
     }
 
     /// The completed, paid session event for an order.
@@ -279,10 +321,10 @@ async fn replays_and_reissued_events_credit_once() {
         let (order_id, session) = shop.checkout(user, "starter").await;
         let object = shop.paid_session(&session, user, 999);
 
-        let (_, first) = shop
-            .event("evt_a", "checkout.session.completed", object.clone())
+        let first = shop
+            .accepted("evt_a", "checkout.session.completed", object.clone())
             .await;
-        assert_eq!(first["outcome"], "processed");
+        assert_eq!(first, "processed");
         // The same event again: acknowledged, nothing changes.
         let (status, replay) = shop
             .event("evt_a", "checkout.session.completed", object.clone())
@@ -392,13 +434,15 @@ async fn a_refund_of_spent_credits_leaves_a_debt_that_blocks_usage_until_topped_
         let user = "buyer-5";
         let (_, session) = shop.pay(user, "starter", 999).await;
         // Spend some credits, then the whole payment is refunded.
-        shop.app
+        let response = shop
+            .app
             .post(
                 &format!("/admin/accounts/{user}/credits"),
                 ADMIN_TOKEN,
                 &json!({"amount": "-400", "type": "adjustment", "description": "spent elsewhere"}),
             )
             .await;
+        assert_eq!(response.status(), 201);
         assert_eq!(shop.balance_of(user).await, dec("600"));
         let (status, _) = shop.charge_refunded("evt_full", &session, 999).await;
         assert_eq!(status, 200);
@@ -439,8 +483,11 @@ async fn a_refund_before_the_payment_is_retried_and_then_applied() {
         assert_eq!(shop.balance_of(user).await, Decimal::ZERO);
 
         let object = shop.paid_session(&session, user, 999);
-        shop.event("evt_paid", "checkout.session.completed", object)
-            .await;
+        assert_eq!(
+            shop.accepted("evt_paid", "checkout.session.completed", object)
+                .await,
+            "processed"
+        );
         assert_eq!(shop.balance_of(user).await, dec("1000"));
         // Stripe's retry of the refund now applies.
         let (status, body) = shop
@@ -488,9 +535,8 @@ async fn a_payment_link_refund_before_its_payment_is_retried_until_the_payment_a
                 .await
                 .is_empty()
         );
-        let events = shop.app.get("/admin/payments/events", ADMIN_TOKEN).await;
-        let events: Value = events.json().await.expect("events json");
-        assert_eq!(events["data"], json!([]), "nothing recorded: {events}");
+        let events = shop.app.list("/admin/payments/events", ADMIN_TOKEN).await;
+        assert!(events.is_empty(), "nothing recorded: {events:?}");
         assert_eq!(shop.app.row_counts().await[1], 0, "no ledger entry");
 
         // The payment arrives and is credited.
@@ -546,34 +592,46 @@ async fn a_won_dispute_gives_the_credits_back_and_a_lost_one_keeps_them_taken() 
             )
             .await;
         assert_eq!(status, 200);
-        shop.event(
-            "evt_d2",
-            "charge.dispute.created",
-            dispute(&lost, "dp_lost", "needs_response"),
-        )
-        .await;
+        assert_eq!(
+            shop.accepted(
+                "evt_d2",
+                "charge.dispute.created",
+                dispute(&lost, "dp_lost", "needs_response"),
+            )
+            .await,
+            "processed"
+        );
         assert_eq!(shop.balance_of(user).await, Decimal::ZERO);
         assert_eq!(shop.order(user, &won_order).await["status"], "disputed");
 
-        shop.event(
-            "evt_d3",
-            "charge.dispute.closed",
-            dispute(&won, "dp_won", "won"),
-        )
-        .await;
-        shop.event(
-            "evt_d4",
-            "charge.dispute.closed",
-            dispute(&lost, "dp_lost", "lost"),
-        )
-        .await;
+        assert_eq!(
+            shop.accepted(
+                "evt_d3",
+                "charge.dispute.closed",
+                dispute(&won, "dp_won", "won"),
+            )
+            .await,
+            "processed"
+        );
+        assert_eq!(
+            shop.accepted(
+                "evt_d4",
+                "charge.dispute.closed",
+                dispute(&lost, "dp_lost", "lost"),
+            )
+            .await,
+            "processed"
+        );
         // Replays of the closing events change nothing.
-        shop.event(
-            "evt_d3b",
-            "charge.dispute.closed",
-            dispute(&won, "dp_won", "won"),
-        )
-        .await;
+        assert_eq!(
+            shop.accepted(
+                "evt_d3b",
+                "charge.dispute.closed",
+                dispute(&won, "dp_won", "won"),
+            )
+            .await,
+            "processed"
+        );
         assert_eq!(shop.balance_of(user).await, dec("1000"));
         assert_eq!(shop.order(user, &won_order).await["status"], "paid");
         let lost_view = shop.order(user, &lost_order).await;
@@ -591,7 +649,10 @@ async fn grants_of(app: &TestApp, account: &str) -> Vec<Value> {
         .await;
     assert_eq!(response.status(), 200);
     let body: Value = response.json().await.expect("account json");
-    body["grants"].as_array().cloned().unwrap_or_default()
+    body["grants"]
+        .as_array()
+        .cloned()
+        .unwrap_or_else(|| panic!("no grants list: {body}"))
 }
 
 /// `(source, amount, remaining)` of each grant, oldest first.
@@ -724,19 +785,25 @@ async fn a_dispute_takes_back_its_own_purchase_and_a_won_one_returns_it_with_its
 
         // Yearly disputed and won: its credits come back as a new grant that expires when the
         // Yearly purchase does (a dispute neither shortens nor extends the credits' life).
-        shop.event(
-            "evt_own_d3",
-            "charge.dispute.created",
-            dispute(&yearly, "dp_own_y", 9999, "needs_response"),
-        )
-        .await;
+        assert_eq!(
+            shop.accepted(
+                "evt_own_d3",
+                "charge.dispute.created",
+                dispute(&yearly, "dp_own_y", 9999, "needs_response"),
+            )
+            .await,
+            "processed"
+        );
         assert_eq!(shop.balance_of(user).await, Decimal::ZERO);
-        shop.event(
-            "evt_own_d4",
-            "charge.dispute.closed",
-            dispute(&yearly, "dp_own_y", 9999, "won"),
-        )
-        .await;
+        assert_eq!(
+            shop.accepted(
+                "evt_own_d4",
+                "charge.dispute.closed",
+                dispute(&yearly, "dp_own_y", 9999, "won"),
+            )
+            .await,
+            "processed"
+        );
         assert_eq!(shop.balance_of(user).await, dec("15000"));
         let grants = grants_of(&shop.app, user).await;
         assert_eq!(
@@ -778,12 +845,15 @@ async fn delayed_payments_failures_and_expiries_move_the_order_without_credit() 
         assert_eq!(shop.balance_of(user).await, Decimal::ZERO);
         let mut succeeded = unpaid;
         succeeded["payment_status"] = json!("paid");
-        shop.event(
-            "evt_s2",
-            "checkout.session.async_payment_succeeded",
-            succeeded,
-        )
-        .await;
+        assert_eq!(
+            shop.accepted(
+                "evt_s2",
+                "checkout.session.async_payment_succeeded",
+                succeeded,
+            )
+            .await,
+            "processed"
+        );
         assert_eq!(shop.order(user, &slow_order).await["status"], "paid");
         assert_eq!(shop.balance_of(user).await, dec("1000"));
 
@@ -798,8 +868,11 @@ async fn delayed_payments_failures_and_expiries_move_the_order_without_credit() 
             "unpaid",
             "pi_failed",
         );
-        shop.event("evt_f", "checkout.session.async_payment_failed", object)
-            .await;
+        assert_eq!(
+            shop.accepted("evt_f", "checkout.session.async_payment_failed", object)
+                .await,
+            "processed"
+        );
         let failed_view = shop.order(user, &failed_order).await;
         assert_eq!(failed_view["status"], "failed");
         assert!(failed_view["closed_at"].is_string());
@@ -816,8 +889,11 @@ async fn delayed_payments_failures_and_expiries_move_the_order_without_credit() 
             "",
         );
         object["status"] = json!("expired");
-        shop.event("evt_e", "checkout.session.expired", object)
-            .await;
+        assert_eq!(
+            shop.accepted("evt_e", "checkout.session.expired", object)
+                .await,
+            "processed"
+        );
         assert_eq!(shop.order(user, &expired_order).await["status"], "expired");
         assert_eq!(shop.balance_of(user).await, dec("1000"));
         shop.app.assert_ledger_consistent().await;
@@ -872,9 +948,8 @@ async fn forged_stale_unsigned_and_malformed_webhooks_change_nothing() {
         assert_eq!(shop.order(user, &order_id).await["status"], "pending");
         let counts = shop.app.row_counts().await;
         assert_eq!(counts[1], 0, "no ledger entry: {counts:?}");
-        let events = shop.app.get("/admin/payments/events", ADMIN_TOKEN).await;
-        let events: Value = events.json().await.expect("events json");
-        assert_eq!(events["data"].as_array().map(Vec::len), Some(0));
+        let events = shop.app.list("/admin/payments/events", ADMIN_TOKEN).await;
+        assert!(events.is_empty(), "nothing recorded: {events:?}");
     })
     .await;
 }
@@ -953,9 +1028,9 @@ async fn a_wrong_amount_or_unknown_package_is_kept_for_review_and_not_credited()
         let events: Value = response.json().await.expect("events json");
         let ids: Vec<&str> = events["data"]
             .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|e| e["event_id"].as_str())
+            .expect("events")
+            .iter()
+            .map(|e| e["event_id"].as_str().expect("event_id"))
             .collect();
         assert_eq!(ids, ["evt_stray", "evt_cheap"]);
         assert!(
@@ -1046,7 +1121,6 @@ async fn invoices_are_numbered_without_gaps_and_readable_only_by_their_owner() {
         let shop = shop().await;
         let (first_order, _) = shop.pay("inv-a", "starter", 999).await;
         let (second_order, _) = shop.pay("inv-b", "yearly", 9999).await;
-        let year = time::OffsetDateTime::now_utc().year();
 
         let first = shop.order("inv-a", &first_order).await;
         let invoice_id = first["invoice_id"].as_str().expect("invoice id").to_owned();
@@ -1059,7 +1133,8 @@ async fn invoices_are_numbered_without_gaps_and_readable_only_by_their_owner() {
             .await;
         assert_eq!(response.status(), 200);
         let invoice: Value = response.json().await.expect("invoice json");
-        assert_eq!(invoice["number"], format!("INV-{year}-000001"));
+        let number = format!("INV-{}-000001", issue_year(&invoice));
+        assert_eq!(invoice["number"], number);
         assert_eq!(invoice["total"], "9.99");
         assert_eq!(invoice["tax_rate_percent"], "19");
         // 9.99 includes 19 % tax: 9.99 × 19 / 119 = 1.595… → 1.60.
@@ -1078,8 +1153,11 @@ async fn invoices_are_numbered_without_gaps_and_readable_only_by_their_owner() {
                 &token("inv-b"),
             )
             .await;
+        assert_eq!(response.status(), 200);
         let body: Value = response.json().await.expect("invoice json");
-        assert_eq!(body["number"], format!("INV-{year}-000002"));
+        // The next number of the same year (the first of the next, had New Year come between).
+        assert_numbered_per_year(&[invoice.clone(), body.clone()]);
+        assert_ne!(body["number"], invoice["number"]);
         assert!(
             body["notes"]
                 .as_array()
@@ -1114,7 +1192,7 @@ async fn invoices_are_numbered_without_gaps_and_readable_only_by_their_owner() {
         let document = lopdf::Document::load_mem(&pdf).expect("a PDF parser reads it");
         let text = document.extract_text(&[1]).expect("page 1 has text");
         for expected in [
-            format!("INV-{year}-000001"),
+            number,
             "Tollgate Test Ltd".into(),
             "9.99".into(),
             "inv-a".into(),
@@ -1150,23 +1228,19 @@ async fn concurrent_payments_take_invoice_numbers_without_gaps_or_repeats() {
         for (status, body) in futures_util::future::join_all(payments).await {
             assert_eq!(status, 200, "{body}");
         }
-        let year = time::OffsetDateTime::now_utc().year();
-        let mut numbers = Vec::new();
+        let mut invoices = Vec::new();
         for (user, order_id, _) in &sessions {
             let order = shop.order(user, order_id).await;
             let invoice_id = order["invoice_id"].as_str().expect("invoice id");
-            let invoice: Value = shop
+            let response = shop
                 .app
                 .get(&format!("/api/payment/invoices/{invoice_id}"), &token(user))
-                .await
-                .json()
-                .await
-                .expect("invoice json");
-            numbers.push(invoice["number"].as_str().expect("number").to_owned());
+                .await;
+            assert_eq!(response.status(), 200);
+            invoices.push(response.json::<Value>().await.expect("invoice json"));
         }
-        numbers.sort();
-        let expected: Vec<String> = (1..=8).map(|n| format!("INV-{year}-{n:06}")).collect();
-        assert_eq!(numbers, expected);
+        assert_eq!(invoices.len(), 8);
+        assert_numbered_per_year(&invoices);
         shop.app.assert_ledger_consistent().await;
     })
     .await;
