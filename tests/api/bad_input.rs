@@ -235,7 +235,8 @@ async fn the_upstream_gets_the_gateway_key_never_the_callers_credential() {
             stream["stream"] = json!(true);
             let response = app.chat(bearer, &stream).await;
             assert_eq!(response.status(), 200);
-            let _ = response.bytes().await.expect("stream body");
+            let streamed = response.bytes().await.expect("stream body");
+            assert!(streamed.ends_with(b"data: [DONE]\n\n"), "a whole stream");
             assert_eq!(
                 app.post(
                     "/v1/embeddings",

@@ -4,7 +4,7 @@
 //! few requests, with no overdraft.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use rust_decimal::Decimal;
@@ -31,7 +31,9 @@ async fn race(
             tokio::spawn(async move {
                 let response = app.post(&path, &bearer, &body).await;
                 let status = response.status().as_u16();
-                let _ = response.bytes().await;
+                // Read whole: an answer cut short must fail the race, not pass unseen.
+                let body = response.bytes().await.expect("the whole answer");
+                assert!(!body.is_empty(), "an empty {status} answer");
                 status
             })
         })
@@ -240,11 +242,13 @@ async fn a_request_keeps_the_prices_it_was_reserved_under() {
         assert_ne!(expensive, DEFAULT_PRICING);
         std::fs::write(&app.pricing_path, expensive).expect("write pricing");
         let old_version = app.state.meter.pricing().version();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while app.state.meter.pricing().version() == old_version {
-            assert!(Instant::now() < deadline, "the new prices never loaded");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        eventually(Duration::from_secs(5), async || {
+            match app.state.meter.pricing().version() == old_version {
+                true => Err("the new prices never loaded".to_owned()),
+                false => Ok(()),
+            }
+        })
+        .await;
         while let Some(chunk) = stream.next().await {
             chunk.expect("chunk");
         }

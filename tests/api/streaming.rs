@@ -29,6 +29,19 @@ async fn direct(app: &TestApp, path: &str, body: &Value) -> Vec<u8> {
     response.bytes().await.expect("direct body").to_vec()
 }
 
+/// A stream's whole body, once its answer is checked: 200 and an event stream.
+async fn streamed(response: reqwest::Response) -> bytes::Bytes {
+    assert_eq!(response.status(), 200);
+    let content_type = response.headers()["content-type"]
+        .to_str()
+        .expect("ascii content type");
+    assert!(
+        content_type.starts_with("text/event-stream"),
+        "{content_type}"
+    );
+    response.bytes().await.expect("stream")
+}
+
 fn is_usage_only_event(event: &str) -> bool {
     event
         .strip_prefix("data: ")
@@ -103,13 +116,7 @@ async fn a_client_that_asked_for_usage_gets_the_stream_byte_identical() {
         app.grant("bob", "10").await;
         let mut body = stream_body("mock-1", 8);
         body["stream_options"] = json!({"include_usage": true});
-        let through_gateway = app
-            .chat(&bob, &body)
-            .await
-            .bytes()
-            .await
-            .expect("stream")
-            .to_vec();
+        let through_gateway = streamed(app.chat(&bob, &body).await).await.to_vec();
         let sent = app.upstream.log.last().expect("upstream called");
         assert_eq!(sent.body, body, "the body went upstream untouched");
         assert_eq!(
@@ -138,12 +145,7 @@ async fn completions_and_responses_streams_pass_through() {
 
         let completions =
             json!({"model": "mock-1", "prompt": "go on", "max_tokens": 6, "stream": true});
-        let through = app
-            .post("/v1/completions", &carol, &completions)
-            .await
-            .bytes()
-            .await
-            .expect("stream");
+        let through = streamed(app.post("/v1/completions", &carol, &completions).await).await;
         let sent = app.upstream.log.last().expect("upstream called");
         assert_eq!(sent.body["stream_options"]["include_usage"], json!(true));
         let upstream_bytes = direct(&app, "/completions", &sent.body).await;
@@ -156,12 +158,7 @@ async fn completions_and_responses_streams_pass_through() {
 
         let responses =
             json!({"model": "mock-1", "input": "tell me", "max_output_tokens": 5, "stream": true});
-        let through = app
-            .post("/v1/responses", &carol, &responses)
-            .await
-            .bytes()
-            .await
-            .expect("stream");
+        let through = streamed(app.post("/v1/responses", &carol, &responses).await).await;
         assert_eq!(
             app.upstream.log.last().expect("called").body,
             responses,
@@ -187,12 +184,7 @@ async fn a_stream_without_usage_is_counted_with_the_tokenizer() {
         let app = spawn_app().await;
         let dan = token("dan");
         app.grant("dan", "10").await;
-        let bytes = app
-            .chat(&dan, &stream_body("mock-nousage", 10))
-            .await
-            .bytes()
-            .await
-            .expect("stream");
+        let bytes = streamed(app.chat(&dan, &stream_body("mock-nousage", 10)).await).await;
         let text: String = sse_json(&bytes)
             .iter()
             .filter_map(|c| {
