@@ -17,12 +17,9 @@ async fn admin_grant(app: &TestApp, account: &str, body: Value) {
             &body,
         )
         .await;
-    assert_eq!(
-        response.status(),
-        201,
-        "{}",
-        response.text().await.unwrap_or_default()
-    );
+    let status = response.status();
+    let text = response.text().await.expect("grant answer");
+    assert_eq!(status, 201, "{text}");
 }
 
 async fn admin_pricing(app: &TestApp) -> Value {
@@ -89,7 +86,16 @@ async fn expiring_credits_are_spent_first_and_swept_when_they_expire() {
         assert!(trial["expires_at"].is_string() && forever["expires_at"].is_null());
 
         // Once expired, the sweep takes the trial's remainder out with one `expiry` entry.
-        tokio::time::sleep(Duration::from_millis(2100)).await;
+        // (Waiting out the grant's 2 s is the point; the clock is polled until its expiry.)
+        let trial_expiry = app
+            .ledger
+            .grants(&AccountId::parse("expiring").expect("account id"))
+            .await
+            .expect("grants")
+            .iter()
+            .find_map(|g| g.expires_at_ms)
+            .expect("the trial expires");
+        wait_until(trial_expiry).await;
         tollgate::app::sweep_expired_grants(&*app.state.ledger, &*app.state.cache).await;
         tollgate::app::sweep_expired_grants(&*app.state.ledger, &*app.state.cache).await;
         let balance = app.settled_balance(&user).await;
@@ -126,11 +132,13 @@ async fn lapse_of_only_grant(app: &TestApp, account: &str) -> i64 {
 
 /// Polls the clock (no fixed sleep) until `at_ms` has passed.
 async fn wait_until(at_ms: i64) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while tollgate::ledger::now_ms() <= at_ms {
-        assert!(Instant::now() < deadline, "{at_ms} never came");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(Duration::from_secs(10), async || {
+        match tollgate::ledger::now_ms() > at_ms {
+            true => Ok(()),
+            false => Err(format!("{at_ms} never came")),
+        }
+    })
+    .await;
 }
 
 /// No ledger entry of the account ever left its balance below zero (the default overdraft).

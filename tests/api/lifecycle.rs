@@ -3,6 +3,8 @@
 
 use std::collections::HashSet;
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
@@ -377,7 +379,7 @@ async fn racing_first_requests_create_each_account_once() {
         let calls = join_all(bearers.iter().map(|bearer| async {
             let response = app.get("/api/credits/balance", bearer).await;
             let status = response.status();
-            let body: Value = response.json().await.unwrap_or(Value::Null);
+            let body: Value = response.json().await.expect("a JSON answer");
             (status, body)
         }));
         let answers = tokio::time::timeout(Duration::from_secs(20), calls)
@@ -500,34 +502,47 @@ async fn a_kill_loses_no_request_whose_answer_was_delivered() {
         assert_eq!(warm_up.status(), 200);
 
         // Eight clients send requests back to back, each noting the requests it got whole.
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // Until the kill, every request must be answered whole.
+        let stop = Arc::new(AtomicBool::new(false));
+        let killed = Arc::new(AtomicBool::new(false));
+        let whole_answers = Arc::new(AtomicUsize::new(0));
         let mut workers = Vec::new();
         for worker in 0..8 {
-            let (base, user, stop) = (base.clone(), user.clone(), stop.clone());
+            let (base, user) = (base.clone(), user.clone());
+            let (stop, killed, whole_answers) =
+                (stop.clone(), killed.clone(), whole_answers.clone());
             workers.push(tokio::spawn(async move {
                 let client = reqwest::Client::new();
                 let mut delivered = Vec::new();
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                while !stop.load(Ordering::SeqCst) {
                     let mut body = chat_body("mock-1", "deliver me");
                     if worker % 2 == 1 {
                         body["stream"] = json!(true);
                     }
-                    let Ok(response) = client
+                    let response = match client
                         .post(format!("{base}/v1/chat/completions"))
                         .bearer_auth(&user)
                         .json(&body)
                         .send()
                         .await
-                    else {
-                        break;
+                    {
+                        Ok(response) => response,
+                        Err(error) => {
+                            assert!(killed.load(Ordering::SeqCst), "before the kill: {error}");
+                            break;
+                        }
                     };
                     let id = response.headers()["x-request-id"]
                         .to_str()
                         .expect("id")
                         .to_owned();
                     let status = response.status();
-                    let Ok(bytes) = response.bytes().await else {
-                        break;
+                    let bytes = match response.bytes().await {
+                        Ok(bytes) => bytes,
+                        Err(error) => {
+                            assert!(killed.load(Ordering::SeqCst), "before the kill: {error}");
+                            break;
+                        }
                     };
                     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&bytes));
                     let whole = if worker % 2 == 1 {
@@ -537,15 +552,32 @@ async fn a_kill_loses_no_request_whose_answer_was_delivered() {
                     };
                     if whole {
                         delivered.push(id);
+                        whole_answers.fetch_add(1, Ordering::SeqCst);
+                    } else {
+                        assert!(
+                            killed.load(Ordering::SeqCst),
+                            "cut short before the kill: {}",
+                            String::from_utf8_lossy(&bytes)
+                        );
                     }
                 }
                 delivered
             }));
         }
-        tokio::time::sleep(Duration::from_millis(700)).await;
+        // The kill comes once traffic flows (at least forty answers delivered), not after a
+        // guessed while.
+        eventually(Duration::from_secs(20), async || {
+            let answered = whole_answers.load(Ordering::SeqCst);
+            match answered >= 40 {
+                true => Ok(()),
+                false => Err(format!("only {answered} answers delivered")),
+            }
+        })
+        .await;
+        killed.store(true, Ordering::SeqCst);
         child.start_kill().expect("kill -9");
         child.wait().await.expect("reaped");
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        stop.store(true, Ordering::SeqCst);
         let mut delivered = Vec::new();
         for worker in workers {
             delivered.extend(worker.await.expect("worker"));
@@ -556,42 +588,30 @@ async fn a_kill_loses_no_request_whose_answer_was_delivered() {
             delivered.len()
         );
 
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let mut settled = HashSet::new();
-            let mut cursor = None::<String>;
-            // Page through every usage record.
-            loop {
-                let path = match &cursor {
-                    Some(c) => format!("/api/credits/usage?limit=100&cursor={c}"),
-                    None => "/api/credits/usage?limit=100".to_owned(),
-                };
-                let page: Value = app.get(&path, &user).await.json().await.expect("page");
-                let data = page["data"].as_array().expect("data");
-                settled.extend(
-                    data.iter()
-                        .map(|u| u["request_id"].as_str().expect("id").to_owned()),
-                );
-                match page["next_cursor"].as_str() {
-                    Some(next) => cursor = Some(next.to_owned()),
-                    None => break,
-                }
-            }
+        // The surviving instance (or, on the embedded default, the commit before the answer)
+        // has every delivered request in the ledger, each once.
+        eventually(Duration::from_secs(20), async || {
+            let usage = app.list("/api/credits/usage?limit=100", &user).await;
+            let ids: Vec<&str> = usage
+                .iter()
+                .map(|u| u["request_id"].as_str().expect("id"))
+                .collect();
+            let settled: HashSet<&str> = ids.iter().copied().collect();
+            assert_eq!(settled.len(), ids.len(), "a request billed twice");
             let missing: Vec<&String> = delivered
                 .iter()
-                .filter(|id| !settled.contains(*id))
+                .filter(|id| !settled.contains(id.as_str()))
                 .collect();
-            if missing.is_empty() {
-                break;
+            match missing.is_empty() {
+                true => Ok(()),
+                false => Err(format!(
+                    "{} of {} delivered answers are not in the ledger: {missing:?}",
+                    missing.len(),
+                    delivered.len()
+                )),
             }
-            assert!(
-                Instant::now() < deadline,
-                "{} of {} delivered answers are not in the ledger: {missing:?}",
-                missing.len(),
-                delivered.len()
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        })
+        .await;
         app.assert_ledger_consistent().await;
     })
     .await;

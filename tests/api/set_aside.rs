@@ -69,6 +69,19 @@ async fn hold(app: &TestApp, settlement: &Settlement) {
         .expect("the hold fits");
 }
 
+/// Waits until the clock has passed the millisecond it is in: recovery takes journal records
+/// in the order of the millisecond each was recorded in, and only once older than that.
+async fn next_millisecond() {
+    let recorded_at = now_ms();
+    eventually(Duration::from_secs(1), async || {
+        match now_ms() > recorded_at {
+            true => Ok(()),
+            false => Err(format!("the clock stands at {recorded_at}")),
+        }
+    })
+    .await;
+}
+
 async fn set_aside_list(app: &TestApp, query: &str) -> Vec<Value> {
     app.list(&format!("/admin/settlements/set-aside{query}"), ADMIN_TOKEN)
         .await
@@ -134,7 +147,7 @@ async fn a_refused_settlement_is_set_aside_and_holds_up_no_other_request() {
                         .chat(&user, &chat_body("mock-1", &format!("race {i}")))
                         .await;
                     let status = response.status();
-                    let body = response.text().await.unwrap_or_default();
+                    let body = response.text().await.expect("the answer");
                     (status, body)
                 }
             })
@@ -190,7 +203,7 @@ async fn a_refused_settlement_is_set_aside_and_holds_up_no_other_request() {
             assert_eq!(entry["settlement"]["cost"], json!(settlement.cost));
             assert_eq!(entry["settlement"]["model"], json!(settlement.model));
             assert!(
-                !entry["error"].as_str().unwrap_or_default().is_empty(),
+                !entry["error"].as_str().expect("error").is_empty(),
                 "{entry}"
             );
             assert!(entry["set_aside_at"].is_string(), "{entry}");
@@ -295,9 +308,8 @@ async fn recovery_sets_a_refused_orphan_aside_and_writes_the_others() {
                 )
                 .await
                 .expect("recorded");
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            next_millisecond().await;
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
 
         let recovered = settler::recover(&*app.ledger, &*app.state.cache, Duration::ZERO)
             .await

@@ -8,6 +8,7 @@ use axum::Router;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::post;
+use futures_util::StreamExt;
 use serde_json::json;
 
 use crate::helpers::*;
@@ -21,6 +22,7 @@ async fn scripted_upstream(status: StatusCode, delay: Duration) -> (String, Arc<
         let counter = counter.clone();
         async move {
             counter.fetch_add(1, Ordering::SeqCst);
+            // The slowness under test, not a wait for something.
             tokio::time::sleep(delay).await;
             let body = json!({"error": {"message": "scripted failure", "type": "server_error", "param": null, "code": null}});
             (status, axum::Json(body)).into_response()
@@ -32,7 +34,9 @@ async fn scripted_upstream(status: StatusCode, delay: Duration) -> (String, Arc<
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {
-        let _ = axum::serve(listener, router).await;
+        axum::serve(listener, router)
+            .await
+            .expect("the scripted upstream serves");
     });
     (format!("http://{addr}/v1"), calls)
 }
@@ -189,11 +193,24 @@ async fn graceful_shutdown_lets_an_open_stream_finish_and_bills_it() {
         });
         let response = app.chat(&user, &body).await;
         assert_eq!(response.status(), 200);
-        // Shut down while the ~0.5 s stream is open: it must still complete.
-        let reader = tokio::spawn(async move { response.bytes().await });
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Shut down while the ~0.5 s stream is open (its first chunk is in): it must still
+        // complete.
+        let mut stream = response.bytes_stream();
+        let mut received = stream
+            .next()
+            .await
+            .expect("a first chunk")
+            .expect("chunk")
+            .to_vec();
+        assert!(!received.ends_with(b"data: [DONE]\n\n"), "not finished yet");
+        let reader = tokio::spawn(async move {
+            while let Some(chunk) = stream.next().await {
+                received.extend_from_slice(&chunk.expect("the stream completed"));
+            }
+            received
+        });
         app.stop().await;
-        let bytes = reader.await.expect("reader").expect("the stream completed");
+        let bytes = reader.await.expect("reader");
         assert!(String::from_utf8_lossy(&bytes).ends_with("data: [DONE]\n\n"));
         let ledger = app.reopen_ledger().await;
         let account = tollgate::domain::AccountId::parse("draining").expect("id");

@@ -43,7 +43,7 @@ async fn three_instances_racing_one_balance_never_overspend() {
                         .await
                         .expect("sent");
                     let status = response.status().as_u16();
-                    let json: Value = response.json().await.unwrap_or(Value::Null);
+                    let json: Value = response.json().await.expect("a JSON answer");
                     (status, json)
                 })
             })
@@ -106,7 +106,7 @@ async fn killing_an_instance_loses_no_finished_request_and_bills_its_open_stream
             response.bytes().await.expect("body");
         }
         // Fifty streams open through the instance when it dies. Each is read on its own task,
-        // counting the words its client received.
+        // counting the tokens of the text its client received.
         let stream_body = json!({
             "model": "mock-slow",
             "messages": [{"role": "user", "content": "go"}],
@@ -136,10 +136,11 @@ async fn killing_an_instance_loses_no_finished_request_and_bills_its_open_stream
                     while let Some(Ok(chunk)) = body.next().await {
                         received.extend_from_slice(&chunk);
                     }
-                    sse_json(&received)
+                    let text: String = sse_json(&received)
                         .iter()
-                        .filter(|c| c["choices"][0]["delta"]["content"].is_string())
-                        .count()
+                        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+                        .collect();
+                    tollgate::proxy::tokens::count_text("mock-slow", &text)
                 }),
             ));
         }
@@ -148,8 +149,35 @@ async fn killing_an_instance_loses_no_finished_request_and_bills_its_open_stream
             "0",
             "the streams hold credits"
         );
-        // Past the first renewal of every stream (every 2 s), which records its progress.
-        tokio::time::sleep(Duration::from_millis(2500)).await;
+        // The kill comes once every stream has renewed its hold (every 2 s), which records its
+        // progress beside the hold in Redis.
+        let progress = format!("{{{}:a:crash}}:progress", app.config.cache.key_prefix);
+        let redis_url = app
+            .config
+            .cache
+            .redis_url
+            .as_deref()
+            .expect("a Redis cache");
+        let redis = redis::Client::open(redis_url).expect("redis url");
+        let conn = redis
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to Redis");
+        eventually(Duration::from_secs(10), async || {
+            let recorded: usize = redis::cmd("HLEN")
+                .arg(&progress)
+                .query_async(&mut conn.clone())
+                .await
+                .expect("HLEN");
+            match recorded == streams.len() {
+                true => Ok(()),
+                false => Err(format!(
+                    "{recorded} of {} streams recorded progress",
+                    streams.len()
+                )),
+            }
+        })
+        .await;
         child.start_kill().expect("kill -9");
         child.wait().await.expect("reaped");
         let mut open = Vec::new();
@@ -180,7 +208,7 @@ async fn killing_an_instance_loses_no_finished_request_and_bills_its_open_stream
                     assert_eq!(record["status"], "instance_lost", "{record}");
                     let completion = record["completion_tokens"].as_u64().expect("tokens");
                     assert!(
-                        completion >= 1 && completion as usize <= *delivered,
+                        completion >= 1 && completion <= *delivered,
                         "billed {completion} tokens of a stream that delivered {delivered}: \
                          {record}"
                     );

@@ -73,6 +73,7 @@ async fn a_paused_mysql_delays_settlements_but_loses_none() {
 
         // Freeze writes to this test's ledger tables from another connection for three seconds.
         let url = app.config.database.url.clone();
+        let (locked, is_locked) = tokio::sync::oneshot::channel();
         let pause = tokio::spawn(async move {
             use sqlx::Connection;
             let mut conn = sqlx::MySqlConnection::connect(&url).await.expect("connect");
@@ -83,13 +84,15 @@ async fn a_paused_mysql_delays_settlements_but_loses_none() {
             .execute(&mut conn)
             .await
             .expect("lock");
+            locked.send(()).expect("the test waits for the lock");
+            // The pause under test: how long the ledger cannot take a write.
             tokio::time::sleep(Duration::from_secs(3)).await;
             sqlx::query("UNLOCK TABLES")
                 .execute(&mut conn)
                 .await
                 .expect("unlock");
         });
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        is_locked.await.expect("the tables were locked");
         // Requests keep being served while the ledger cannot take their settlements.
         let started = Instant::now();
         for _ in 0..10 {
