@@ -34,6 +34,11 @@ async fn race(
                 // Read whole: an answer cut short must fail the race, not pass unseen.
                 let body = response.bytes().await.expect("the whole answer");
                 assert!(!body.is_empty(), "an empty {status} answer");
+                assert!(
+                    status == 200 || status == 402,
+                    "unexpected {status}: {}",
+                    String::from_utf8_lossy(&body)
+                );
                 status
             })
         })
