@@ -56,254 +56,269 @@ async fn get_with(app: &TestApp, path: &str, authorization: Option<&str>) -> req
 
 #[tokio::test]
 async fn a_valid_hs256_jwt_authenticates_and_bills_its_subject() {
-    let app = spawn_app().await;
-    app.grant("alice", "10").await;
-    let alice = token("alice");
+    run_test(async || {
+        let app = spawn_app().await;
+        app.grant("alice", "10").await;
+        let alice = token("alice");
 
-    let response = app.chat(&alice, &chat_body("mock-1", "hello")).await;
-    assert_eq!(response.status(), 200);
-    let balance = app.settled_balance(&alice).await;
-    assert_eq!(balance["account"], "alice");
-    assert!(credits(&balance["balance"]) < rust_decimal::Decimal::from(10));
-    assert_eq!(app.list("/api/credits/usage", &alice).await.len(), 1);
+        let response = app.chat(&alice, &chat_body("mock-1", "hello")).await;
+        assert_eq!(response.status(), 200);
+        let balance = app.settled_balance(&alice).await;
+        assert_eq!(balance["account"], "alice");
+        assert!(credits(&balance["balance"]) < rust_decimal::Decimal::from(10));
+        assert_eq!(app.list("/api/credits/usage", &alice).await.len(), 1);
 
-    // A token that expired a moment ago is still inside the 30 s clock-skew leeway.
-    let skewed = hs256(JWT_SECRET, &json!({"sub": "alice", "exp": now() - 5}));
-    assert_eq!(app.get("/api/credits/balance", &skewed).await.status(), 200);
-    app.assert_ledger_consistent().await;
+        // A token that expired a moment ago is still inside the 30 s clock-skew leeway.
+        let skewed = hs256(JWT_SECRET, &json!({"sub": "alice", "exp": now() - 5}));
+        assert_eq!(app.get("/api/credits/balance", &skewed).await.status(), 200);
+        app.assert_ledger_consistent().await;
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn bad_credentials_get_401_and_write_nothing() {
-    let app = spawn_app().await;
-    let valid = token("mallory");
-    let parts: Vec<&str> = valid.split('.').collect();
-    assert_eq!(parts.len(), 3);
+    run_test(async || {
+        let app = spawn_app().await;
+        let valid = token("mallory");
+        let parts: Vec<&str> = valid.split('.').collect();
+        assert_eq!(parts.len(), 3);
 
-    let expired = hs256(
-        JWT_SECRET,
-        &json!({"sub": "mallory", "iat": now() - 7200, "exp": now() - 120}),
-    );
-    let other_secret = hs256(
-        "some-other-secret-that-is-also-32-bytes-long",
-        &json!({"sub": "mallory", "exp": now() + 3600}),
-    );
-    let tampered = format!(
-        "{}.{}.{}",
-        parts[0],
-        b64(&json!({"sub": "mallory-rich", "exp": now() + 3600, "role": "admin"})),
-        parts[2]
-    );
-    let alg_none = format!(
-        "{}.{}.",
-        b64(&json!({"alg": "none", "typ": "JWT"})),
-        b64(&json!({"sub": "mallory", "exp": now() + 3600}))
-    );
-    let no_exp = hs256(JWT_SECRET, &json!({"sub": "mallory"}));
-    let cases: Vec<(&str, Option<String>)> = vec![
-        ("missing header", None),
-        (
-            "basic scheme",
-            Some("Basic bWFsbG9yeTpwYXNzd29yZA==".into()),
-        ),
-        ("valid jwt without a scheme", Some(valid.clone())),
-        (
-            "valid jwt with another scheme",
-            Some(format!("Token {valid}")),
-        ),
-        ("empty bearer", Some("Bearer ".into())),
-        ("garbage", Some("Bearer not.a.jwt".into())),
-        ("garbage without dots", Some("Bearer xyzzy".into())),
-        ("unknown api key", Some("Bearer tg-0000000000000000".into())),
-        ("expired", Some(format!("Bearer {expired}"))),
-        ("other secret", Some(format!("Bearer {other_secret}"))),
-        ("tampered payload", Some(format!("Bearer {tampered}"))),
-        ("alg none", Some(format!("Bearer {alg_none}"))),
-        ("no exp claim", Some(format!("Bearer {no_exp}"))),
-    ];
-    for (name, authorization) in &cases {
-        let response = post_with(
-            &app,
-            "/v1/chat/completions",
-            authorization.as_deref(),
-            &chat_body("mock-1", "let me in"),
-        )
-        .await;
-        let error = openai_error(response, 401).await;
-        assert_eq!(error["code"], "invalid_api_key", "{name}: {error}");
-        let response = get_with(&app, "/api/credits/balance", authorization.as_deref()).await;
-        let error = openai_error(response, 401).await;
-        assert_eq!(error["code"], "invalid_api_key", "{name}: {error}");
-    }
-
-    assert!(
-        app.upstream.log.requests().is_empty(),
-        "a bad credential reached the upstream"
-    );
-    for sub in ["mallory", "mallory-rich"] {
-        let id = AccountId::parse(sub).expect("account id");
-        assert!(
-            app.ledger.account(&id).await.expect("ledger").is_none(),
-            "{sub} was created"
+        let expired = hs256(
+            JWT_SECRET,
+            &json!({"sub": "mallory", "iat": now() - 7200, "exp": now() - 120}),
         );
-    }
-    assert_eq!(table_counts(&app).await, [0, 0, 0, 0]);
-    app.assert_ledger_consistent().await;
+        let other_secret = hs256(
+            "some-other-secret-that-is-also-32-bytes-long",
+            &json!({"sub": "mallory", "exp": now() + 3600}),
+        );
+        let tampered = format!(
+            "{}.{}.{}",
+            parts[0],
+            b64(&json!({"sub": "mallory-rich", "exp": now() + 3600, "role": "admin"})),
+            parts[2]
+        );
+        let alg_none = format!(
+            "{}.{}.",
+            b64(&json!({"alg": "none", "typ": "JWT"})),
+            b64(&json!({"sub": "mallory", "exp": now() + 3600}))
+        );
+        let no_exp = hs256(JWT_SECRET, &json!({"sub": "mallory"}));
+        let cases: Vec<(&str, Option<String>)> = vec![
+            ("missing header", None),
+            (
+                "basic scheme",
+                Some("Basic bWFsbG9yeTpwYXNzd29yZA==".into()),
+            ),
+            ("valid jwt without a scheme", Some(valid.clone())),
+            (
+                "valid jwt with another scheme",
+                Some(format!("Token {valid}")),
+            ),
+            ("empty bearer", Some("Bearer ".into())),
+            ("garbage", Some("Bearer not.a.jwt".into())),
+            ("garbage without dots", Some("Bearer xyzzy".into())),
+            ("unknown api key", Some("Bearer tg-0000000000000000".into())),
+            ("expired", Some(format!("Bearer {expired}"))),
+            ("other secret", Some(format!("Bearer {other_secret}"))),
+            ("tampered payload", Some(format!("Bearer {tampered}"))),
+            ("alg none", Some(format!("Bearer {alg_none}"))),
+            ("no exp claim", Some(format!("Bearer {no_exp}"))),
+        ];
+        for (name, authorization) in &cases {
+            let response = post_with(
+                &app,
+                "/v1/chat/completions",
+                authorization.as_deref(),
+                &chat_body("mock-1", "let me in"),
+            )
+            .await;
+            let error = openai_error(response, 401).await;
+            assert_eq!(error["code"], "invalid_api_key", "{name}: {error}");
+            let response = get_with(&app, "/api/credits/balance", authorization.as_deref()).await;
+            let error = openai_error(response, 401).await;
+            assert_eq!(error["code"], "invalid_api_key", "{name}: {error}");
+        }
+
+        assert!(
+            app.upstream.log.requests().is_empty(),
+            "a bad credential reached the upstream"
+        );
+        for sub in ["mallory", "mallory-rich"] {
+            let id = AccountId::parse(sub).expect("account id");
+            assert!(
+                app.ledger.account(&id).await.expect("ledger").is_none(),
+                "{sub} was created"
+            );
+        }
+        assert_eq!(table_counts(&app).await, [0, 0, 0, 0]);
+        app.assert_ledger_consistent().await;
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn admin_routes_need_the_admin_role_or_token() {
-    let app = spawn_app().await;
-    app.grant("alice", "5").await;
-    let path = "/admin/accounts/alice";
+    run_test(async || {
+        let app = spawn_app().await;
+        app.grant("alice", "5").await;
+        let path = "/admin/accounts/alice";
 
-    let admin_jwt = tollgate::auth::jwt::mint_hs256(
-        JWT_SECRET,
-        "root",
-        Duration::from_secs(3600),
-        None,
-        None,
-        Some("admin"),
-    )
-    .expect("mint admin jwt");
-    let response = app.get(path, &admin_jwt).await;
-    assert_eq!(response.status(), 200);
-    let body: Value = response.json().await.expect("json");
-    assert_eq!(body["account"], "alice");
-    assert_eq!(body["balance"], "5");
-    let response = app.get(path, ADMIN_TOKEN).await;
-    assert_eq!(response.status(), 200);
-
-    // An admin-role JWT can also change things.
-    let response = app
-        .post(
-            "/admin/accounts/alice/credits",
-            &admin_jwt,
-            &json!({"amount": "1", "type": "bonus"}),
+        let admin_jwt = tollgate::auth::jwt::mint_hs256(
+            JWT_SECRET,
+            "root",
+            Duration::from_secs(3600),
+            None,
+            None,
+            Some("admin"),
         )
-        .await;
-    assert_eq!(response.status(), 201);
+        .expect("mint admin jwt");
+        let response = app.get(path, &admin_jwt).await;
+        assert_eq!(response.status(), 200);
+        let body: Value = response.json().await.expect("json");
+        assert_eq!(body["account"], "alice");
+        assert_eq!(body["balance"], "5");
+        let response = app.get(path, ADMIN_TOKEN).await;
+        assert_eq!(response.status(), 200);
 
-    // A user's JWT, or one with another role: authenticated, but not allowed.
-    let user_role = tollgate::auth::jwt::mint_hs256(
-        JWT_SECRET,
-        "bob",
-        Duration::from_secs(3600),
-        None,
-        None,
-        Some("user"),
-    )
-    .expect("mint");
-    for forbidden in [token("alice"), user_role] {
-        let error = openai_error(app.get(path, &forbidden).await, 403).await;
-        assert_eq!(error["code"], "permission_denied");
+        // An admin-role JWT can also change things.
         let response = app
             .post(
                 "/admin/accounts/alice/credits",
-                &forbidden,
-                &json!({"amount": "100", "type": "bonus"}),
+                &admin_jwt,
+                &json!({"amount": "1", "type": "bonus"}),
             )
             .await;
-        openai_error(response, 403).await;
-    }
+        assert_eq!(response.status(), 201);
 
-    // No credential, garbage, or an admin-role token signed with another secret.
-    let forged_admin = tollgate::auth::jwt::mint_hs256(
-        "some-other-secret-that-is-also-32-bytes-long",
-        "root",
-        Duration::from_secs(3600),
-        None,
-        None,
-        Some("admin"),
-    )
-    .expect("mint");
-    let error = openai_error(get_with(&app, path, None).await, 401).await;
-    assert_eq!(error["code"], "invalid_api_key");
-    for bad in ["garbage", forged_admin.as_str(), "integration-admin-tokeN"] {
-        let error = openai_error(app.get(path, bad).await, 401).await;
-        assert_eq!(error["code"], "invalid_api_key", "{bad}");
-        let response = app
-            .post(
-                "/admin/accounts/alice/credits",
-                bad,
-                &json!({"amount": "100", "type": "bonus"}),
-            )
-            .await;
-        openai_error(response, 401).await;
-    }
+        // A user's JWT, or one with another role: authenticated, but not allowed.
+        let user_role = tollgate::auth::jwt::mint_hs256(
+            JWT_SECRET,
+            "bob",
+            Duration::from_secs(3600),
+            None,
+            None,
+            Some("user"),
+        )
+        .expect("mint");
+        for forbidden in [token("alice"), user_role] {
+            let error = openai_error(app.get(path, &forbidden).await, 403).await;
+            assert_eq!(error["code"], "permission_denied");
+            let response = app
+                .post(
+                    "/admin/accounts/alice/credits",
+                    &forbidden,
+                    &json!({"amount": "100", "type": "bonus"}),
+                )
+                .await;
+            openai_error(response, 403).await;
+        }
 
-    // Only the two grants that were allowed moved money.
-    let balance = app.settled_balance(&token("alice")).await;
-    assert_eq!(balance["balance"], "6");
-    assert_eq!(
-        app.list("/api/credits/transactions", &token("alice"))
-            .await
-            .len(),
-        2
-    );
-    assert!(
-        app.ledger
-            .account(&AccountId::parse("bob").expect("id"))
-            .await
-            .expect("ledger")
-            .is_none()
-    );
-    app.assert_ledger_consistent().await;
+        // No credential, garbage, or an admin-role token signed with another secret.
+        let forged_admin = tollgate::auth::jwt::mint_hs256(
+            "some-other-secret-that-is-also-32-bytes-long",
+            "root",
+            Duration::from_secs(3600),
+            None,
+            None,
+            Some("admin"),
+        )
+        .expect("mint");
+        let error = openai_error(get_with(&app, path, None).await, 401).await;
+        assert_eq!(error["code"], "invalid_api_key");
+        for bad in ["garbage", forged_admin.as_str(), "integration-admin-tokeN"] {
+            let error = openai_error(app.get(path, bad).await, 401).await;
+            assert_eq!(error["code"], "invalid_api_key", "{bad}");
+            let response = app
+                .post(
+                    "/admin/accounts/alice/credits",
+                    bad,
+                    &json!({"amount": "100", "type": "bonus"}),
+                )
+                .await;
+            openai_error(response, 401).await;
+        }
+
+        // Only the two grants that were allowed moved money.
+        let balance = app.settled_balance(&token("alice")).await;
+        assert_eq!(balance["balance"], "6");
+        assert_eq!(
+            app.list("/api/credits/transactions", &token("alice"))
+                .await
+                .len(),
+            2
+        );
+        assert!(
+            app.ledger
+                .account(&AccountId::parse("bob").expect("id"))
+                .await
+                .expect("ledger")
+                .is_none()
+        );
+        app.assert_ledger_consistent().await;
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn the_admin_token_is_not_a_user_credential() {
-    let app = spawn_app().await;
-    let error = openai_error(
-        app.chat(ADMIN_TOKEN, &chat_body("mock-1", "hello")).await,
-        401,
-    )
+    run_test(async || {
+        let app = spawn_app().await;
+        let error = openai_error(
+            app.chat(ADMIN_TOKEN, &chat_body("mock-1", "hello")).await,
+            401,
+        )
+        .await;
+        assert_eq!(error["code"], "invalid_api_key");
+        let error = openai_error(app.get("/api/credits/balance", ADMIN_TOKEN).await, 401).await;
+        assert_eq!(error["code"], "invalid_api_key");
+        let error = openai_error(app.get("/v1/models", ADMIN_TOKEN).await, 401).await;
+        assert_eq!(error["code"], "invalid_api_key");
+        assert!(app.upstream.log.requests().is_empty());
+        assert_eq!(table_counts(&app).await, [0, 0, 0, 0]);
+    })
     .await;
-    assert_eq!(error["code"], "invalid_api_key");
-    let error = openai_error(app.get("/api/credits/balance", ADMIN_TOKEN).await, 401).await;
-    assert_eq!(error["code"], "invalid_api_key");
-    let error = openai_error(app.get("/v1/models", ADMIN_TOKEN).await, 401).await;
-    assert_eq!(error["code"], "invalid_api_key");
-    assert!(app.upstream.log.requests().is_empty());
-    assert_eq!(table_counts(&app).await, [0, 0, 0, 0]);
 }
 
 #[tokio::test]
 async fn health_needs_no_credential_and_unknown_routes_are_404() {
-    let app = spawn_app().await;
-    let response = get_with(&app, "/healthz", None).await;
-    assert_eq!(response.status(), 200);
-    let body: Value = response.json().await.expect("json");
-    assert_eq!(body["status"], "ok");
-    // A bad credential does not make a health check fail.
-    assert_eq!(
-        get_with(&app, "/healthz", Some("Bearer garbage"))
-            .await
-            .status(),
-        200
-    );
+    run_test(async || {
+        let app = spawn_app().await;
+        let response = get_with(&app, "/healthz", None).await;
+        assert_eq!(response.status(), 200);
+        let body: Value = response.json().await.expect("json");
+        assert_eq!(body["status"], "ok");
+        // A bad credential does not make a health check fail.
+        assert_eq!(
+            get_with(&app, "/healthz", Some("Bearer garbage"))
+                .await
+                .status(),
+            200
+        );
 
-    let alice = token("alice");
-    for path in [
-        "/v1/nope",
-        "/nope",
-        "/api/credits/nope",
-        "/v1/chat/completions/x",
-    ] {
-        let error = openai_error(app.get(path, &alice).await, 404).await;
-        assert_eq!(error["code"], "not_found", "{path}");
-    }
-    let response = post_with(
-        &app,
-        "/v1/engines/x/completions",
-        Some(&format!("Bearer {alice}")),
-        &json!({}),
-    )
+        let alice = token("alice");
+        for path in [
+            "/v1/nope",
+            "/nope",
+            "/api/credits/nope",
+            "/v1/chat/completions/x",
+        ] {
+            let error = openai_error(app.get(path, &alice).await, 404).await;
+            assert_eq!(error["code"], "not_found", "{path}");
+        }
+        let response = post_with(
+            &app,
+            "/v1/engines/x/completions",
+            Some(&format!("Bearer {alice}")),
+            &json!({}),
+        )
+        .await;
+        let error = openai_error(response, 404).await;
+        assert_eq!(error["code"], "not_found");
+
+        // Without a credential an unknown route does not reveal that it does not exist.
+        openai_error(get_with(&app, "/v1/nope", None).await, 401).await;
+        assert!(app.upstream.log.requests().is_empty());
+    })
     .await;
-    let error = openai_error(response, 404).await;
-    assert_eq!(error["code"], "not_found");
-
-    // Without a credential an unknown route does not reveal that it does not exist.
-    openai_error(get_with(&app, "/v1/nope", None).await, 401).await;
-    assert!(app.upstream.log.requests().is_empty());
 }

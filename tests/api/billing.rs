@@ -31,34 +31,37 @@ validity_days = 365
 
 #[tokio::test]
 async fn the_active_packages_are_listed_with_exact_prices() {
-    let app = spawn_app_with(Options {
-        extra: PACKAGES.into(),
-        ..Options::default()
+    run_test(async || {
+        let app = spawn_app_with(Options {
+            extra: PACKAGES.into(),
+            ..Options::default()
+        })
+        .await;
+        let response = app.get("/api/credits/packages", &token("buyer")).await;
+        assert_eq!(response.status(), 200);
+        let body: Value = response.json().await.expect("json");
+        let data = body["data"].as_array().expect("list");
+        let ids: Vec<&str> = data.iter().map(|p| p["id"].as_str().expect("id")).collect();
+        assert_eq!(
+            ids,
+            ["starter", "enterprise"],
+            "retired packages are not offered"
+        );
+        assert_eq!(data[0]["credits"], "1000");
+        assert_eq!(data[0]["price"], "9.99");
+        assert_eq!(data[0]["currency"], "USD");
+        assert_eq!(data[1]["validity_days"], 365);
+        assert!(data[0]["validity_days"].is_null());
+        // Like every user route, it needs a credential.
+        openai_error(
+            app.client
+                .get(app.url("/api/credits/packages"))
+                .send()
+                .await
+                .expect("sent"),
+            401,
+        )
+        .await;
     })
-    .await;
-    let response = app.get("/api/credits/packages", &token("buyer")).await;
-    assert_eq!(response.status(), 200);
-    let body: Value = response.json().await.expect("json");
-    let data = body["data"].as_array().expect("list");
-    let ids: Vec<&str> = data.iter().map(|p| p["id"].as_str().expect("id")).collect();
-    assert_eq!(
-        ids,
-        ["starter", "enterprise"],
-        "retired packages are not offered"
-    );
-    assert_eq!(data[0]["credits"], "1000");
-    assert_eq!(data[0]["price"], "9.99");
-    assert_eq!(data[0]["currency"], "USD");
-    assert_eq!(data[1]["validity_days"], 365);
-    assert!(data[0]["validity_days"].is_null());
-    // Like every user route, it needs a credential.
-    openai_error(
-        app.client
-            .get(app.url("/api/credits/packages"))
-            .send()
-            .await
-            .expect("sent"),
-        401,
-    )
     .await;
 }

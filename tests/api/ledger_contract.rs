@@ -2,15 +2,16 @@
 //! and a fresh MariaDB/MySQL database), so the two behave the same (DESIGN.md I2, I3).
 //!
 //! Each test `NAME` is a module with two tests, `NAME::sqlite` and `NAME::mysql`. The MySQL
-//! half creates its own database `tg_<random hex>` on `TOLLGATE_TEST_MYSQL_URL` (default
-//! `mysql://root@127.0.0.1:3306/test`, the CI machine's MariaDB) and drops it afterwards, so
-//! tests run in parallel without sharing state and leave nothing behind.
+//! half creates its own database (`tg_<random hex>`, see `helpers::unique_test_name`) on the
+//! MariaDB that `helpers::mariadb` finds or starts, and drops it afterwards, so tests run in
+//! parallel without sharing state and leave nothing behind. Without MariaDB the MySQL halves
+//! are skipped (they fail under `CI=true`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use sqlx::migrate::{Migration, MigrationType, Migrator};
-use sqlx::{AssertSqlSafe, Connection, MySqlConnection, MySqlPool, SqlSafeStr, SqlitePool};
+use sqlx::{AssertSqlSafe, MySqlPool, SqlSafeStr, SqlitePool};
 use tempfile::TempDir;
 use tollgate::domain::{AccountId, Credits, RequestId, TokenUsage};
 use tollgate::ledger::mysql::MySqlLedger;
@@ -20,7 +21,9 @@ use tollgate::ledger::{
     LedgerError, NothingInFlight, Page, SetAside, Settlement, UsageSource, now_ms,
 };
 
-const DEFAULT_MYSQL_URL: &str = "mysql://root@127.0.0.1:3306/test";
+use crate::helpers::{
+    Service, create_test_database, drop_test_database, mariadb, run_test, services,
+};
 
 /// A fresh ledger of one backend, a raw connection to the same database (to tamper with it
 /// behind the adapter's back), and what removes the database afterwards.
@@ -101,28 +104,15 @@ impl Fixture {
     }
 
     async fn mysql_at(migrate: bool) -> Fixture {
-        let admin_url =
-            std::env::var("TOLLGATE_TEST_MYSQL_URL").unwrap_or_else(|_| DEFAULT_MYSQL_URL.into());
-        let name = format!("tg_{}", uuid::Uuid::new_v4().simple());
-        let mut admin = MySqlConnection::connect(&admin_url)
-            .await
-            .unwrap_or_else(|e| {
-                panic!("MariaDB/MySQL at {admin_url} (TOLLGATE_TEST_MYSQL_URL): {e}")
-            });
-        // The server's default character set on purpose: the migration must not depend on it.
-        sqlx::query(AssertSqlSafe(format!("CREATE DATABASE `{name}`")))
-            .execute(&mut admin)
-            .await
-            .expect("create test database");
-        let _ = admin.close().await;
+        let server = &mariadb()
+            .expect("the mysql half checks for MariaDB first")
+            .server;
+        let name = create_test_database(server).await;
         let cleanup = DropDatabase {
-            admin_url: admin_url.clone(),
+            server: server.clone(),
             name: name.clone(),
         };
-        let (base, _) = admin_url
-            .rsplit_once('/')
-            .expect("the MySQL URL names a database");
-        let url = format!("{base}/{name}");
+        let url = format!("{server}/{name}");
         let ledger = Arc::new(MySqlLedger::connect(&url, 8).await.expect("open mysql"));
         if migrate {
             ledger.migrate().await.expect("migrate mysql");
@@ -198,49 +188,21 @@ impl Fixture {
     }
 }
 
-/// Drops a test database. Drop cannot await, so it runs on its own thread with its own small
-/// runtime; it first kills what a failed test may have left connected (an open transaction would
-/// make `DROP DATABASE` wait for its locks).
+/// Drops a test database (with `helpers::drop_test_database`), and fails the test if it cannot.
 struct DropDatabase {
-    admin_url: String,
+    server: String,
     name: String,
 }
 
 impl Drop for DropDatabase {
     fn drop(&mut self) {
-        let (url, name) = (self.admin_url.clone(), self.name.clone());
-        let outcome = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|e| e.to_string())?;
-            runtime
-                .block_on(async {
-                    let mut conn = MySqlConnection::connect(&url).await?;
-                    let leftovers: Vec<u64> = sqlx::query_scalar(
-                        "SELECT id FROM information_schema.processlist \
-                         WHERE db = ? AND id <> CONNECTION_ID()",
-                    )
-                    .bind(&name)
-                    .fetch_all(&mut conn)
-                    .await?;
-                    for id in leftovers {
-                        let _ = sqlx::query(AssertSqlSafe(format!("KILL {id}")))
-                            .execute(&mut conn)
-                            .await;
-                    }
-                    sqlx::query(AssertSqlSafe(format!("DROP DATABASE IF EXISTS `{name}`")))
-                        .execute(&mut conn)
-                        .await?;
-                    conn.close().await
-                })
-                .map_err(|e| e.to_string())
-        })
-        .join();
-        match outcome {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => eprintln!("could not drop test database {}: {error}", self.name),
-            Err(_) => eprintln!("dropping test database {} panicked", self.name),
+        if let Err(error) = drop_test_database(&self.server, &self.name) {
+            // A second panic while the test is failing already would abort the binary.
+            if std::thread::panicking() {
+                eprintln!("{error}");
+            } else {
+                panic!("{error}");
+            }
         }
     }
 }
@@ -275,16 +237,25 @@ macro_rules! contract {
 
             #[$($runtime)*]
             async fn sqlite() {
-                let fixture = Fixture::$sqlite().await;
-                check(&fixture).await;
-                fixture.close().await;
+                run_test(async || {
+                    let fixture = Fixture::$sqlite().await;
+                    check(&fixture).await;
+                    fixture.close().await;
+                })
+                .await;
             }
 
             #[$($runtime)*]
             async fn mysql() {
-                let fixture = Fixture::$mysql().await;
-                check(&fixture).await;
-                fixture.close().await;
+                if !services(&[Service::MariaDb]) {
+                    return;
+                }
+                run_test(async || {
+                    let fixture = Fixture::$mysql().await;
+                    check(&fixture).await;
+                    fixture.close().await;
+                })
+                .await;
             }
         }
     };

@@ -2,6 +2,7 @@
 //! (a real HTTP server) and a real HTTP client. One binary keeps link time down.
 
 mod fakes;
+mod fakes_tests;
 mod helpers;
 
 /// This binary runs every test on the embedded default (SQLite, in-process cache).

@@ -7,150 +7,111 @@ use serde_json::Value;
 
 use crate::helpers::*;
 
-/// A private Redis server on a free loopback port, killed on drop.
-struct PrivateRedis {
-    port: u16,
-    child: std::process::Child,
-}
-
-impl PrivateRedis {
-    fn start_on(port: u16) -> PrivateRedis {
-        let child = std::process::Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server is installed");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "private redis did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        PrivateRedis { port, child }
-    }
-
-    fn start() -> PrivateRedis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
-        Self::start_on(port)
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_redis_restart_fails_closed_then_recovers_and_loses_nothing() {
-    let mut redis = PrivateRedis::start();
-    let app = spawn_app_with(Options {
-        redis_url: Some(format!("redis://127.0.0.1:{}", redis.port)),
-        ..Options::default()
+    run_test(async || {
+        let Some(mut redis) = PrivateRedis::start() else {
+            return;
+        };
+        let app = spawn_app_with(Options {
+            redis_url: Some(redis.url()),
+            ..Options::default()
+        })
+        .await;
+        let user = token("restart");
+        app.grant("restart", "100").await;
+        let body = chat_body("mock-1", "survive a restart");
+        let mut billed = 0;
+        for _ in 0..5 {
+            assert_eq!(app.chat(&user, &body).await.status(), 200);
+            billed += 1;
+        }
+
+        // Redis gone: requests are refused in OpenAI's shape, never served unmetered.
+        redis.kill();
+        let response = app.chat(&user, &body).await;
+        let error = openai_error(response, 503).await;
+        assert_eq!(error["code"], "service_unavailable");
+
+        // Redis back (empty): the gateway reconnects by itself and reloads balances from MySQL.
+        redis.restart();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let response = app.chat(&user, &body).await;
+            if response.status() == 200 {
+                billed += 1;
+                break;
+            }
+            assert_eq!(response.status(), 503);
+            assert!(
+                Instant::now() < deadline,
+                "did not recover after Redis came back"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        for _ in 0..5 {
+            assert_eq!(app.chat(&user, &body).await.status(), 200);
+            billed += 1;
+        }
+        app.settled_balance(&user).await;
+        let usage = app.list("/api/credits/usage?limit=100", &user).await;
+        assert_eq!(usage.len(), billed);
+        app.assert_ledger_consistent().await;
     })
     .await;
-    let user = token("restart");
-    app.grant("restart", "100").await;
-    let body = chat_body("mock-1", "survive a restart");
-    let mut billed = 0;
-    for _ in 0..5 {
-        assert_eq!(app.chat(&user, &body).await.status(), 200);
-        billed += 1;
-    }
-
-    // Redis gone: requests are refused in OpenAI's shape, never served unmetered.
-    redis.kill();
-    let response = app.chat(&user, &body).await;
-    let error = openai_error(response, 503).await;
-    assert_eq!(error["code"], "service_unavailable");
-
-    // Redis back (empty): the gateway reconnects by itself and reloads balances from MySQL.
-    let _redis = PrivateRedis::start_on(redis.port);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let response = app.chat(&user, &body).await;
-        if response.status() == 200 {
-            billed += 1;
-            break;
-        }
-        assert_eq!(response.status(), 503);
-        assert!(
-            Instant::now() < deadline,
-            "did not recover after Redis came back"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    for _ in 0..5 {
-        assert_eq!(app.chat(&user, &body).await.status(), 200);
-        billed += 1;
-    }
-    app.settled_balance(&user).await;
-    let usage = app.list("/api/credits/usage?limit=100", &user).await;
-    assert_eq!(usage.len(), billed);
-    app.assert_ledger_consistent().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_paused_mysql_delays_settlements_but_loses_none() {
-    let app = spawn_app().await;
-    let user = token("paused");
-    app.grant("paused", "100").await;
-    let body = chat_body("mock-1", "wait for the ledger");
-    assert_eq!(app.chat(&user, &body).await.status(), 200);
-    app.settled_balance(&user).await;
+    run_test(async || {
+        let app = spawn_app().await;
+        let user = token("paused");
+        app.grant("paused", "100").await;
+        let body = chat_body("mock-1", "wait for the ledger");
+        assert_eq!(app.chat(&user, &body).await.status(), 200);
+        app.settled_balance(&user).await;
 
-    // Freeze writes to this test's ledger tables from another connection for three seconds.
-    let url = app.config.database.url.clone();
-    let pause = tokio::spawn(async move {
-        use sqlx::Connection;
-        let mut conn = sqlx::MySqlConnection::connect(&url).await.expect("connect");
-        sqlx::query(
-            "LOCK TABLES accounts READ, credit_transactions READ, usage_records READ, api_keys READ, \
-             cache_epoch READ",
-        )
-        .execute(&mut conn)
-        .await
-        .expect("lock");
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        sqlx::query("UNLOCK TABLES")
+        // Freeze writes to this test's ledger tables from another connection for three seconds.
+        let url = app.config.database.url.clone();
+        let (locked, is_locked) = tokio::sync::oneshot::channel();
+        let pause = tokio::spawn(async move {
+            use sqlx::Connection;
+            let mut conn = sqlx::MySqlConnection::connect(&url).await.expect("connect");
+            sqlx::query(
+                "LOCK TABLES accounts READ, credit_transactions READ, usage_records READ, \
+                 api_keys READ, cache_epoch READ",
+            )
             .execute(&mut conn)
             .await
-            .expect("unlock");
-    });
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    // Requests keep being served while the ledger cannot take their settlements.
-    let started = Instant::now();
-    for _ in 0..10 {
-        let response = app.chat(&user, &body).await;
-        assert_eq!(response.status(), 200);
-        let _: Value = response.json().await.expect("json");
-    }
-    assert!(
-        started.elapsed() < Duration::from_secs(3),
-        "requests waited for the ledger"
-    );
-    pause.await.expect("pause task");
+            .expect("lock");
+            locked.send(()).expect("the test waits for the lock");
+            // The pause under test: how long the ledger cannot take a write.
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            sqlx::query("UNLOCK TABLES")
+                .execute(&mut conn)
+                .await
+                .expect("unlock");
+        });
+        is_locked.await.expect("the tables were locked");
+        // Requests keep being served while the ledger cannot take their settlements.
+        let started = Instant::now();
+        for _ in 0..10 {
+            let response = app.chat(&user, &body).await;
+            assert_eq!(response.status(), 200);
+            let _: Value = response.json().await.expect("json");
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "requests waited for the ledger"
+        );
+        pause.await.expect("pause task");
 
-    app.settled_balance(&user).await;
-    let usage = app.list("/api/credits/usage?limit=100", &user).await;
-    assert_eq!(usage.len(), 11);
-    app.assert_ledger_consistent().await;
+        app.settled_balance(&user).await;
+        let usage = app.list("/api/credits/usage?limit=100", &user).await;
+        assert_eq!(usage.len(), 11);
+        app.assert_ledger_consistent().await;
+    })
+    .await;
 }
 
 /// A client that hangs up while its stream's settlement is still on its way into Redis (here:
@@ -158,127 +119,141 @@ async fn a_paused_mysql_delays_settlements_but_loses_none() {
 /// settlement is queued before anything waits, and the response's end waits for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_hang_up_while_the_settlement_is_being_recorded_loses_nothing() {
-    use futures_util::StreamExt;
-    let redis = PrivateRedis::start();
-    let app = spawn_app_with(Options {
-        redis_url: Some(format!("redis://127.0.0.1:{}", redis.port)),
-        ..Options::default()
+    run_test(async || {
+        use futures_util::StreamExt;
+        let Some(redis) = PrivateRedis::start() else {
+            return;
+        };
+        let app = spawn_app_with(Options {
+            redis_url: Some(redis.url()),
+            ..Options::default()
+        })
+        .await;
+        let user = token("hangup");
+        app.grant("hangup", "100").await;
+        let body = serde_json::json!({
+            "model": "mock-slow",
+            "messages": [{"role": "user", "content": "a few slow words"}],
+            "max_tokens": 6,
+            "stream": true
+        });
+        let response = app.chat(&user, &body).await;
+        assert_eq!(response.status(), 200);
+        let mut stream = response.bytes_stream();
+        let first = stream.next().await.expect("a first chunk").expect("chunk");
+        assert!(!first.is_empty());
+
+        // Writes to Redis stall for 1.5 s from now: the stream ends (about 300 ms on) while its
+        // settlement cannot be recorded yet.
+        let client = redis::Client::open(redis.url()).expect("url");
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect");
+        let _: () = redis::cmd("CLIENT")
+            .arg("PAUSE")
+            .arg(1500)
+            .arg("WRITE")
+            .query_async(&mut conn)
+            .await
+            .expect("CLIENT PAUSE");
+        let paused_until = Instant::now() + Duration::from_millis(1500);
+        let mut received = first.to_vec();
+        let give_up = Instant::now() + Duration::from_millis(800);
+        while !String::from_utf8_lossy(&received).contains("[DONE]") && Instant::now() < give_up {
+            match tokio::time::timeout_at(give_up.into(), stream.next()).await {
+                Ok(Some(Ok(chunk))) => received.extend_from_slice(&chunk),
+                _ => break,
+            }
+        }
+        // The client hangs up, as an SDK does once it has `[DONE]` (or here, as it gives up).
+        drop(stream);
+
+        let deadline = paused_until + Duration::from_secs(1);
+        loop {
+            let balance = app.balance(&user).await;
+            if balance["held"] == "0" {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the hold outlived its response by over a second after Redis resumed: {balance}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        app.state.settler.flush().await;
+        let usage = app.list("/api/credits/usage", &user).await;
+        assert_eq!(usage.len(), 1, "the stream is billed once: {usage:?}");
+        app.assert_ledger_consistent().await;
     })
     .await;
-    let user = token("hangup");
-    app.grant("hangup", "100").await;
-    let body = serde_json::json!({
-        "model": "mock-slow",
-        "messages": [{"role": "user", "content": "a few slow words"}],
-        "max_tokens": 6,
-        "stream": true
-    });
-    let response = app.chat(&user, &body).await;
-    assert_eq!(response.status(), 200);
-    let mut stream = response.bytes_stream();
-    let first = stream.next().await.expect("a first chunk").expect("chunk");
-    assert!(!first.is_empty());
-
-    // Writes to Redis stall for 1.5 s from now: the stream ends (about 300 ms on) while its
-    // settlement cannot be recorded yet.
-    let client = redis::Client::open(format!("redis://127.0.0.1:{}", redis.port)).expect("url");
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connect");
-    let _: () = redis::cmd("CLIENT")
-        .arg("PAUSE")
-        .arg(1500)
-        .arg("WRITE")
-        .query_async(&mut conn)
-        .await
-        .expect("CLIENT PAUSE");
-    let paused_until = Instant::now() + Duration::from_millis(1500);
-    let mut received = first.to_vec();
-    let give_up = Instant::now() + Duration::from_millis(800);
-    while !String::from_utf8_lossy(&received).contains("[DONE]") && Instant::now() < give_up {
-        match tokio::time::timeout_at(give_up.into(), stream.next()).await {
-            Ok(Some(Ok(chunk))) => received.extend_from_slice(&chunk),
-            _ => break,
-        }
-    }
-    // The client hangs up, as an SDK does once it has `[DONE]` (or here, as it gives up).
-    drop(stream);
-
-    let deadline = paused_until + Duration::from_secs(1);
-    loop {
-        let balance = app.balance(&user).await;
-        if balance["held"] == "0" {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the hold outlived its response by over a second after Redis resumed: {balance}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    app.state.settler.flush().await;
-    let usage = app.list("/api/credits/usage", &user).await;
-    assert_eq!(usage.len(), 1, "the stream is billed once: {usage:?}");
-    app.assert_ledger_consistent().await;
 }
 
 /// A stream whose hold disappears (a sibling released it, taking this instance for dead) is no
 /// longer covered: it is cut at its next renewal and billed for what it delivered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_stream_whose_hold_is_gone_is_cut_and_billed_for_what_it_delivered() {
-    use futures_util::StreamExt;
-    let app = spawn_app_with(Options {
-        extra: "hold_ttl_secs = 3".into(),
-        ..Options::default()
+    run_test(async || {
+        use futures_util::StreamExt;
+        let app = spawn_app_with(Options {
+            extra: "hold_ttl_secs = 3".into(),
+            ..Options::default()
+        })
+        .await;
+        let user = token("lost");
+        app.grant("lost", "10").await;
+        let body = serde_json::json!({
+            "model": "mock-slow",
+            "messages": [{"role": "user", "content": "a long slow answer"}],
+            "max_tokens": 200,
+            "stream": true
+        });
+        let response = app.chat(&user, &body).await;
+        assert_eq!(response.status(), 200);
+        let mut stream = response.bytes_stream();
+        stream.next().await.expect("first chunk").expect("chunk");
+
+        // What a sibling's reaper does to a silent instance's holds.
+        let holds = format!("{{{}:a:lost}}:holds", app.config.cache.key_prefix);
+        let url = app
+            .config
+            .cache
+            .redis_url
+            .as_deref()
+            .expect("a Redis cache");
+        let client = redis::Client::open(url).expect("url");
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect");
+        let removed: i64 = redis::cmd("DEL")
+            .arg(&holds)
+            .query_async(&mut conn)
+            .await
+            .expect("DEL");
+        assert_eq!(removed, 1, "the stream's hold was in {holds}");
+        let lost_at = Instant::now();
+
+        let mut broken = false;
+        while let Some(chunk) = stream.next().await {
+            if chunk.is_err() {
+                broken = true;
+                break;
+            }
+        }
+        assert!(broken, "the stream ran on without a hold");
+        assert!(
+            lost_at.elapsed() < Duration::from_secs(3),
+            "cut only after {:?}",
+            lost_at.elapsed()
+        );
+        app.state.settler.flush().await;
+        let usage = app.list("/api/credits/usage", &user).await;
+        assert_eq!(usage.len(), 1);
+        assert_eq!(usage[0]["status"], "hold_lost");
+        let completion = usage[0]["completion_tokens"].as_u64().expect("tokens");
+        assert!((1..200).contains(&completion), "{completion}");
+        app.assert_ledger_consistent().await;
     })
     .await;
-    let user = token("lost");
-    app.grant("lost", "10").await;
-    let body = serde_json::json!({
-        "model": "mock-slow",
-        "messages": [{"role": "user", "content": "a long slow answer"}],
-        "max_tokens": 200,
-        "stream": true
-    });
-    let response = app.chat(&user, &body).await;
-    assert_eq!(response.status(), 200);
-    let mut stream = response.bytes_stream();
-    stream.next().await.expect("first chunk").expect("chunk");
-
-    // What a sibling's reaper does to a silent instance's holds.
-    let holds = format!("{{{}:a:lost}}:holds", app.config.cache.key_prefix);
-    let client = redis::Client::open(REDIS_URL).expect("url");
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connect");
-    let removed: i64 = redis::cmd("DEL")
-        .arg(&holds)
-        .query_async(&mut conn)
-        .await
-        .expect("DEL");
-    assert_eq!(removed, 1, "the stream's hold was in {holds}");
-    let lost_at = Instant::now();
-
-    let mut broken = false;
-    while let Some(chunk) = stream.next().await {
-        if chunk.is_err() {
-            broken = true;
-            break;
-        }
-    }
-    assert!(broken, "the stream ran on without a hold");
-    assert!(
-        lost_at.elapsed() < Duration::from_secs(3),
-        "cut only after {:?}",
-        lost_at.elapsed()
-    );
-    app.state.settler.flush().await;
-    let usage = app.list("/api/credits/usage", &user).await;
-    assert_eq!(usage.len(), 1);
-    assert_eq!(usage[0]["status"], "hold_lost");
-    let completion = usage[0]["completion_tokens"].as_u64().expect("tokens");
-    assert!((1..200).contains(&completion), "{completion}");
-    app.assert_ledger_consistent().await;
 }
