@@ -728,6 +728,25 @@ mod tests {
         PriceTable::parse(text, "test.toml").expect("valid pricing")
     }
 
+    #[test]
+    fn a_free_model_is_priced_at_zero() {
+        let prices = table("[default]\nprompt_per_1k = \"0\"\ncompletion_per_1k = \"0\"\n");
+        assert_eq!(prices.cost("any", &usage(1000, 1000, 0)), Credits::ZERO);
+        assert_eq!(prices.estimate("any", 1000, Some(1000)), Credits::ZERO);
+    }
+
+    #[test]
+    fn the_default_context_window_applies_without_a_default_table() {
+        let prices = table("default_max_input_tokens = 5000\ndefault_max_output_tokens = 300\n");
+        assert_eq!(prices.price_for("any").max_input_tokens, 5000);
+        assert_eq!(prices.price_for("any").max_output_tokens, 300);
+        let with_entry = table(
+            "default_max_input_tokens = 5000\n[[models]]\nmatch = \"big\"\nprompt_per_1k = \"1\"\ncompletion_per_1k = \"1\"\nmax_input_tokens = 900000\n",
+        );
+        assert_eq!(with_entry.price_for("big").max_input_tokens, 900_000);
+        assert_eq!(with_entry.price_for("other").max_input_tokens, 5000);
+    }
+
     fn credits(text: &str) -> Credits {
         text.parse().expect("test credits")
     }
