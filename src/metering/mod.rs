@@ -181,19 +181,28 @@ impl Meter {
         self.inner.cut.cancel();
     }
 
-    /// How often a running stream renews its hold: a third of the hold's lifetime, at most 2 s
-    /// (so a hold a sibling released is noticed quickly), at least 100 ms.
-    pub fn renew_every(&self) -> Duration {
+    /// Ticks when a running stream is due to renew its hold: every third of the hold's lifetime,
+    /// at most every 2 s (so a hold a sibling released is noticed quickly), at least every
+    /// 100 ms. The first tick comes one period after the hold was taken.
+    pub fn renewal_ticker(&self) -> tokio::time::Interval {
         let third = Duration::from_secs(self.inner.config.hold_ttl_secs) / 3;
-        third.clamp(Duration::from_millis(100), Duration::from_secs(2))
+        let every = third.clamp(Duration::from_millis(100), Duration::from_secs(2));
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticker
+    }
+
+    /// When a hold taken or renewed now expires: a whole hold lifetime out.
+    fn hold_deadline_ms(&self) -> i64 {
+        let ttl_ms = self.inner.config.hold_ttl_secs.saturating_mul(1000);
+        now_ms().saturating_add(i64::try_from(ttl_ms).unwrap_or(i64::MAX))
     }
 
     /// Pushes the hold's deadline a whole hold lifetime out, for a request that is still
     /// running (a long stream), on every bucket it holds. `progress` is what the request has
     /// delivered so far: if this instance dies, a sibling bills the request for it.
     pub async fn renew(&self, hold: &Hold, progress: Option<Finished>) -> Result<(), RenewError> {
-        let ttl_ms = self.inner.config.hold_ttl_secs.saturating_mul(1000);
-        let deadline = now_ms().saturating_add(i64::try_from(ttl_ms).unwrap_or(i64::MAX));
+        let deadline = self.hold_deadline_ms();
         let id = hold.request_id.as_str();
         let record = progress
             .map(|finished| serde_json::to_string(&Self::priced(hold, finished)))
@@ -295,12 +304,11 @@ impl Meter {
         let account_bucket = Bucket::Account(request.account.clone());
         let key_bucket = request.limited_key.map(|k| Bucket::KeyLimit(k.to_owned()));
 
-        let ttl_ms = self.inner.config.hold_ttl_secs.saturating_mul(1000);
         let hold_spec = |amount: Credits| HoldSpec {
             request_id: request_id.to_string(),
             amount,
             owner: self.inner.instance.clone(),
-            deadline_ms: now_ms().saturating_add(i64::try_from(ttl_ms).unwrap_or(i64::MAX)),
+            deadline_ms: self.hold_deadline_ms(),
         };
         let attempt = self
             .try_hold(

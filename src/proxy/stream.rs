@@ -153,8 +153,7 @@ async fn finish_after_disconnect(
 ) {
     let deadline = tokio::time::Instant::now() + bound;
     let mut cut = Box::pin(billing.meter.cut_signal());
-    let every = billing.meter.renew_every();
-    let mut renew = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    let mut renew = billing.meter.renewal_ticker();
     while !observer.completed() && !observer.failed() {
         let frame = tokio::select! {
             frame = tokio::time::timeout(idle_timeout, upstream.frame()) => frame,
@@ -197,9 +196,7 @@ pub fn metered_body(
 ) -> Body {
     let observer = SseObserver::new(billing.endpoint, strip_usage_chunk);
     let cut = Box::pin(billing.meter.cut_signal());
-    let every = billing.meter.renew_every();
-    let mut renew = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-    renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let renew = billing.meter.renewal_ticker();
     let state = Metered {
         upstream,
         observer,
