@@ -27,3 +27,10 @@ pub mod ledger;
 pub mod metering;
 pub mod proxy;
 pub mod telemetry;
+
+/// For the unit tests, as for the integration tests: MariaDB and Redis found, started or
+/// skipped in one place, and time limits.
+#[cfg(test)]
+#[path = "../tests/support/mod.rs"]
+#[allow(dead_code, reason = "the unit tests use a part of it")]
+pub(crate) mod test_support;

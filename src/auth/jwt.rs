@@ -1108,404 +1108,458 @@ mod tests {
 
     #[tokio::test]
     async fn hs256_token_is_accepted() {
-        let v = verifier(&secret_settings()).await;
-        assert!(v.is_configured());
-        let token = hs256(&claims(json!({ "plan": "pro" })));
-        let verified = v.verify(&token).await.expect("valid token");
-        assert_eq!(verified.subject, "user-1");
-        assert_eq!(verified.role, None);
-        assert_eq!(verified.claims["plan"], "pro");
+        crate::test_support::time_limit::limited(async move {
+            let v = verifier(&secret_settings()).await;
+            assert!(v.is_configured());
+            let token = hs256(&claims(json!({ "plan": "pro" })));
+            let verified = v.verify(&token).await.expect("valid token");
+            assert_eq!(verified.subject, "user-1");
+            assert_eq!(verified.role, None);
+            assert_eq!(verified.claims["plan"], "pro");
+        })
+        .await;
     }
 
     #[tokio::test]
     async fn expired_token_is_rejected() {
-        let v = verifier(&secret_settings()).await;
-        let token = hs256(&claims(json!({ "exp": now() - 120 })));
-        let error = v.verify(&token).await.expect_err("expired");
-        assert_eq!(error, JwtError::Expired);
-        assert_eq!(error.to_string(), "token expired");
+        crate::test_support::time_limit::limited(async move {
+            let v = verifier(&secret_settings()).await;
+            let token = hs256(&claims(json!({ "exp": now() - 120 })));
+            let error = v.verify(&token).await.expect_err("expired");
+            assert_eq!(error, JwtError::Expired);
+            assert_eq!(error.to_string(), "token expired");
+        })
+        .await;
     }
 
     #[tokio::test]
     async fn token_without_exp_is_rejected() {
-        let v = verifier(&secret_settings()).await;
-        let token = hs256(&claims(json!({ "exp": null })));
-        assert_eq!(
-            v.verify(&token).await,
-            Err(JwtError::MissingClaim("exp".to_owned()))
-        );
-        let token = hs256(&claims(json!({ "exp": "tomorrow" })));
-        assert!(v.verify(&token).await.is_err());
+        crate::test_support::time_limit::limited(async move {
+            let v = verifier(&secret_settings()).await;
+            let token = hs256(&claims(json!({ "exp": null })));
+            assert_eq!(
+                v.verify(&token).await,
+                Err(JwtError::MissingClaim("exp".to_owned()))
+            );
+            let token = hs256(&claims(json!({ "exp": "tomorrow" })));
+            assert!(v.verify(&token).await.is_err());
+        })
+        .await;
     }
 
     #[tokio::test]
     async fn not_yet_valid_token_is_rejected() {
-        let v = verifier(&secret_settings()).await;
-        let token = hs256(&claims(json!({ "nbf": now() + 120 })));
-        let error = v.verify(&token).await.expect_err("not yet valid");
-        assert_eq!(error, JwtError::NotYetValid);
-        assert_eq!(error.to_string(), "token not yet valid");
+        crate::test_support::time_limit::limited(async move {
+            let v = verifier(&secret_settings()).await;
+            let token = hs256(&claims(json!({ "nbf": now() + 120 })));
+            let error = v.verify(&token).await.expect_err("not yet valid");
+            assert_eq!(error, JwtError::NotYetValid);
+            assert_eq!(error.to_string(), "token not yet valid");
+        })
+        .await;
     }
 
     #[tokio::test]
     async fn leeway_accepts_small_clock_skew_only() {
-        let skewed = hs256(&claims(json!({ "exp": now() - 10, "nbf": now() + 10 })));
-        let v = verifier(&secret_settings()).await;
-        assert!(
-            v.verify(&skewed).await.is_ok(),
-            "within the default 30 s leeway"
-        );
+        crate::test_support::time_limit::limited(async move {
+            let skewed = hs256(&claims(json!({ "exp": now() - 10, "nbf": now() + 10 })));
+            let v = verifier(&secret_settings()).await;
+            assert!(
+                v.verify(&skewed).await.is_ok(),
+                "within the default 30 s leeway"
+            );
 
-        let strict = JwtSettings {
-            leeway_secs: 0,
-            ..secret_settings()
-        };
-        let v = verifier(&strict).await;
-        assert_eq!(v.verify(&skewed).await, Err(JwtError::Expired));
+            let strict = JwtSettings {
+                leeway_secs: 0,
+                ..secret_settings()
+            };
+            let v = verifier(&strict).await;
+            assert_eq!(v.verify(&skewed).await, Err(JwtError::Expired));
+        })
+        .await;
     }
 
     #[tokio::test]
     async fn tampered_payload_or_signature_is_rejected() {
-        let v = verifier(&secret_settings()).await;
-        let token = hs256(&claims(json!({ "role": "user" })));
-        let parts: Vec<&str> = token.split('.').collect();
+        crate::test_support::time_limit::limited(async move {
+            let v = verifier(&secret_settings()).await;
+            let token = hs256(&claims(json!({ "role": "user" })));
+            let parts: Vec<&str> = token.split('.').collect();
 
-        let forged_payload = b64_json(&claims(json!({ "role": "admin" })));
-        let tampered = format!("{}.{forged_payload}.{}", parts[0], parts[2]);
-        assert_eq!(v.verify(&tampered).await, Err(JwtError::InvalidSignature));
+            let forged_payload = b64_json(&claims(json!({ "role": "admin" })));
+            let tampered = format!("{}.{forged_payload}.{}", parts[0], parts[2]);
+            assert_eq!(v.verify(&tampered).await, Err(JwtError::InvalidSignature));
 
-        let mut signature: Vec<char> = parts[2].chars().collect();
-        let middle = signature.len() / 2;
-        signature[middle] = if signature[middle] == 'A' { 'B' } else { 'A' };
-        let signature: String = signature.into_iter().collect();
-        let tampered = format!("{}.{}.{signature}", parts[0], parts[1]);
-        let error = v.verify(&tampered).await.expect_err("tampered signature");
-        assert_eq!(error.to_string(), "invalid token signature");
+            let mut signature: Vec<char> = parts[2].chars().collect();
+            let middle = signature.len() / 2;
+            signature[middle] = if signature[middle] == 'A' { 'B' } else { 'A' };
+            let signature: String = signature.into_iter().collect();
+            let tampered = format!("{}.{}.{signature}", parts[0], parts[1]);
+            let error = v.verify(&tampered).await.expect_err("tampered signature");
+            assert_eq!(error.to_string(), "invalid token signature");
 
-        assert_eq!(v.verify("not-a-token").await, Err(JwtError::Malformed));
-        assert_eq!(
-            v.verify(&format!("{token}.extra")).await,
-            Err(JwtError::Malformed)
-        );
+            assert_eq!(v.verify("not-a-token").await, Err(JwtError::Malformed));
+            assert_eq!(
+                v.verify(&format!("{token}.extra")).await,
+                Err(JwtError::Malformed)
+            );
+        })
+        .await;
     }
 
     #[tokio::test]
     async fn alg_none_and_other_algorithms_are_rejected() {
-        let v = verifier(&secret_settings()).await;
-        let payload = b64_json(&claims(json!({})));
-        for alg in ["none", "None", "NONE"] {
-            let header = b64_json(&json!({ "alg": alg, "typ": "JWT" }));
-            let unsigned = format!("{header}.{payload}.");
-            let error = v.verify(&unsigned).await.expect_err("unsigned token");
-            assert_eq!(
-                error.to_string(),
-                "token algorithm not allowed",
-                "alg {alg}"
+        crate::test_support::time_limit::limited(async move {
+            let v = verifier(&secret_settings()).await;
+            let payload = b64_json(&claims(json!({})));
+            for alg in ["none", "None", "NONE"] {
+                let header = b64_json(&json!({ "alg": alg, "typ": "JWT" }));
+                let unsigned = format!("{header}.{payload}.");
+                let error = v.verify(&unsigned).await.expect_err("unsigned token");
+                assert_eq!(
+                    error.to_string(),
+                    "token algorithm not allowed",
+                    "alg {alg}"
+                );
+            }
+            let hs512 = sign(
+                Algorithm::HS512,
+                &EncodingKey::from_secret(SECRET.as_bytes()),
+                None,
+                &claims(json!({})),
             );
-        }
-        let hs512 = sign(
-            Algorithm::HS512,
-            &EncodingKey::from_secret(SECRET.as_bytes()),
-            None,
-            &claims(json!({})),
-        );
-        assert_eq!(v.verify(&hs512).await, Err(JwtError::AlgorithmNotAllowed));
+            assert_eq!(v.verify(&hs512).await, Err(JwtError::AlgorithmNotAllowed));
+        })
+        .await;
     }
 
     #[tokio::test]
     async fn algorithm_confusion_is_rejected() {
-        let public_pem = read_fixture("rsa_public.pem");
-        let confused = sign(
-            Algorithm::HS256,
-            &EncodingKey::from_secret(&public_pem),
-            None,
-            &claims(json!({ "role": "admin" })),
-        );
+        crate::test_support::time_limit::limited(async move {
+            let public_pem = read_fixture("rsa_public.pem");
+            let confused = sign(
+                Algorithm::HS256,
+                &EncodingKey::from_secret(&public_pem),
+                None,
+                &claims(json!({ "role": "admin" })),
+            );
 
-        let rsa_only = JwtSettings {
-            public_key_file: Some(fixture("rsa_public.pem")),
-            ..JwtSettings::default()
-        };
-        let v = verifier(&rsa_only).await;
-        assert_eq!(
-            v.verify(&confused).await,
-            Err(JwtError::AlgorithmNotAllowed)
-        );
+            let rsa_only = JwtSettings {
+                public_key_file: Some(fixture("rsa_public.pem")),
+                ..JwtSettings::default()
+            };
+            let v = verifier(&rsa_only).await;
+            assert_eq!(
+                v.verify(&confused).await,
+                Err(JwtError::AlgorithmNotAllowed)
+            );
 
-        // Even with HS256 enabled the RSA key is never used as an HMAC secret.
-        let both = JwtSettings {
-            secret: Some(SECRET.to_owned()),
-            ..rsa_only
-        };
-        let v = verifier(&both).await;
-        assert_eq!(v.verify(&confused).await, Err(JwtError::InvalidSignature));
+            // Even with HS256 enabled the RSA key is never used as an HMAC secret.
+            let both = JwtSettings {
+                secret: Some(SECRET.to_owned()),
+                ..rsa_only
+            };
+            let v = verifier(&both).await;
+            assert_eq!(v.verify(&confused).await, Err(JwtError::InvalidSignature));
 
-        // And the reverse: an RS256 token is not checked against the shared secret.
-        let v = verifier(&secret_settings()).await;
-        let rs256 = sign(Algorithm::RS256, &rsa_signer(), None, &claims(json!({})));
-        assert_eq!(v.verify(&rs256).await, Err(JwtError::AlgorithmNotAllowed));
+            // And the reverse: an RS256 token is not checked against the shared secret.
+            let v = verifier(&secret_settings()).await;
+            let rs256 = sign(Algorithm::RS256, &rsa_signer(), None, &claims(json!({})));
+            assert_eq!(v.verify(&rs256).await, Err(JwtError::AlgorithmNotAllowed));
+        })
+        .await;
     }
 
     #[tokio::test]
     async fn rs256_via_pem_is_accepted() {
-        let settings = JwtSettings {
-            public_key_file: Some(fixture("rsa_public.pem")),
-            ..JwtSettings::default()
-        };
-        let v = verifier(&settings).await;
-        let token = sign(Algorithm::RS256, &rsa_signer(), None, &claims(json!({})));
-        assert_eq!(
-            v.verify(&token).await.expect("valid RS256").subject,
-            "user-1"
-        );
+        crate::test_support::time_limit::limited(async move {
+            let settings = JwtSettings {
+                public_key_file: Some(fixture("rsa_public.pem")),
+                ..JwtSettings::default()
+            };
+            let v = verifier(&settings).await;
+            let token = sign(Algorithm::RS256, &rsa_signer(), None, &claims(json!({})));
+            assert_eq!(
+                v.verify(&token).await.expect("valid RS256").subject,
+                "user-1"
+            );
 
-        let es256 = sign(Algorithm::ES256, &ec_signer(), None, &claims(json!({})));
-        assert_eq!(v.verify(&es256).await, Err(JwtError::AlgorithmNotAllowed));
+            let es256 = sign(Algorithm::ES256, &ec_signer(), None, &claims(json!({})));
+            assert_eq!(v.verify(&es256).await, Err(JwtError::AlgorithmNotAllowed));
+        })
+        .await;
     }
 
     #[tokio::test]
     async fn es256_via_pem_is_accepted() {
-        let settings = JwtSettings {
-            public_key_file: Some(fixture("ec_public.pem")),
-            ..JwtSettings::default()
-        };
-        let v = verifier(&settings).await;
-        let token = sign(
-            Algorithm::ES256,
-            &ec_signer(),
-            Some("any-kid"),
-            &claims(json!({})),
-        );
-        assert_eq!(
-            v.verify(&token).await.expect("valid ES256").subject,
-            "user-1"
-        );
+        crate::test_support::time_limit::limited(async move {
+            let settings = JwtSettings {
+                public_key_file: Some(fixture("ec_public.pem")),
+                ..JwtSettings::default()
+            };
+            let v = verifier(&settings).await;
+            let token = sign(
+                Algorithm::ES256,
+                &ec_signer(),
+                Some("any-kid"),
+                &claims(json!({})),
+            );
+            assert_eq!(
+                v.verify(&token).await.expect("valid ES256").subject,
+                "user-1"
+            );
 
-        let rs256 = sign(Algorithm::RS256, &rsa_signer(), None, &claims(json!({})));
-        assert_eq!(v.verify(&rs256).await, Err(JwtError::AlgorithmNotAllowed));
+            let rs256 = sign(Algorithm::RS256, &rsa_signer(), None, &claims(json!({})));
+            assert_eq!(v.verify(&rs256).await, Err(JwtError::AlgorithmNotAllowed));
+        })
+        .await;
     }
 
     #[tokio::test]
     async fn jwks_file_picks_the_key_by_kid() {
-        let settings = JwtSettings {
-            jwks_file: Some(fixture("jwks.json")),
-            ..JwtSettings::default()
-        };
-        let v = verifier(&settings).await;
-        let body = claims(json!({}));
+        crate::test_support::time_limit::limited(async move {
+            let settings = JwtSettings {
+                jwks_file: Some(fixture("jwks.json")),
+                ..JwtSettings::default()
+            };
+            let v = verifier(&settings).await;
+            let body = claims(json!({}));
 
-        let rs = sign(Algorithm::RS256, &rsa_signer(), Some("rsa-1"), &body);
-        assert!(v.verify(&rs).await.is_ok(), "RS256 with kid rsa-1");
-        let es = sign(Algorithm::ES256, &ec_signer(), Some("ec-1"), &body);
-        assert!(v.verify(&es).await.is_ok(), "ES256 with kid ec-1");
+            let rs = sign(Algorithm::RS256, &rsa_signer(), Some("rsa-1"), &body);
+            assert!(v.verify(&rs).await.is_ok(), "RS256 with kid rsa-1");
+            let es = sign(Algorithm::ES256, &ec_signer(), Some("ec-1"), &body);
+            assert!(v.verify(&es).await.is_ok(), "ES256 with kid ec-1");
 
-        let no_kid = sign(Algorithm::ES256, &ec_signer(), None, &body);
-        assert!(
-            v.verify(&no_kid).await.is_ok(),
-            "no kid: keys of the right type are tried"
-        );
+            let no_kid = sign(Algorithm::ES256, &ec_signer(), None, &body);
+            assert!(
+                v.verify(&no_kid).await.is_ok(),
+                "no kid: keys of the right type are tried"
+            );
 
-        let wrong_kid = sign(Algorithm::ES256, &ec_signer(), Some("rsa-1"), &body);
-        assert_eq!(v.verify(&wrong_kid).await, Err(JwtError::UnknownKey));
-        let unknown = sign(Algorithm::RS256, &rsa_signer(), Some("rsa-2"), &body);
-        let error = v.verify(&unknown).await.expect_err("unknown kid");
-        assert_eq!(error.to_string(), "token signed by an unknown key");
+            let wrong_kid = sign(Algorithm::ES256, &ec_signer(), Some("rsa-1"), &body);
+            assert_eq!(v.verify(&wrong_kid).await, Err(JwtError::UnknownKey));
+            let unknown = sign(Algorithm::RS256, &rsa_signer(), Some("rsa-2"), &body);
+            let error = v.verify(&unknown).await.expect_err("unknown kid");
+            assert_eq!(error.to_string(), "token signed by an unknown key");
+        })
+        .await;
     }
 
     #[tokio::test]
     async fn jwks_symmetric_keys_never_enable_hs256() {
-        let mut set: Value =
-            serde_json::from_slice(&read_fixture("jwks.json")).expect("fixture jwks");
-        let oct = json!({ "kty": "oct", "kid": "shared", "k": URL_SAFE_NO_PAD.encode(SECRET) });
-        set["keys"].as_array_mut().expect("keys array").push(oct);
-        let file = tempfile::NamedTempFile::new().expect("temp file");
-        std::fs::write(file.path(), set.to_string()).expect("write jwks");
+        crate::test_support::time_limit::limited(async move {
+            let mut set: Value =
+                serde_json::from_slice(&read_fixture("jwks.json")).expect("fixture jwks");
+            let oct = json!({ "kty": "oct", "kid": "shared", "k": URL_SAFE_NO_PAD.encode(SECRET) });
+            set["keys"].as_array_mut().expect("keys array").push(oct);
+            let file = tempfile::NamedTempFile::new().expect("temp file");
+            std::fs::write(file.path(), set.to_string()).expect("write jwks");
 
-        let settings = JwtSettings {
-            jwks_file: Some(file.path().to_owned()),
-            ..JwtSettings::default()
-        };
-        let v = verifier(&settings).await;
-        let token = sign(
-            Algorithm::HS256,
-            &EncodingKey::from_secret(SECRET.as_bytes()),
-            Some("shared"),
-            &claims(json!({})),
-        );
-        assert_eq!(v.verify(&token).await, Err(JwtError::AlgorithmNotAllowed));
+            let settings = JwtSettings {
+                jwks_file: Some(file.path().to_owned()),
+                ..JwtSettings::default()
+            };
+            let v = verifier(&settings).await;
+            let token = sign(
+                Algorithm::HS256,
+                &EncodingKey::from_secret(SECRET.as_bytes()),
+                Some("shared"),
+                &claims(json!({})),
+            );
+            assert_eq!(v.verify(&token).await, Err(JwtError::AlgorithmNotAllowed));
+        })
+        .await;
     }
 
     #[tokio::test]
     async fn issuer_and_audience_are_checked_when_configured() {
-        let settings = JwtSettings {
-            issuer: Some("https://id.tollgate.test".to_owned()),
-            audience: Some("tollgate".to_owned()),
-            ..secret_settings()
-        };
-        let v = verifier(&settings).await;
-        let good = json!({ "iss": "https://id.tollgate.test", "aud": "tollgate" });
-        assert!(v.verify(&hs256(&claims(good))).await.is_ok());
-        let listed = json!({ "iss": "https://id.tollgate.test", "aud": ["other", "tollgate"] });
-        assert!(v.verify(&hs256(&claims(listed))).await.is_ok());
+        crate::test_support::time_limit::limited(async move {
+            let settings = JwtSettings {
+                issuer: Some("https://id.tollgate.test".to_owned()),
+                audience: Some("tollgate".to_owned()),
+                ..secret_settings()
+            };
+            let v = verifier(&settings).await;
+            let good = json!({ "iss": "https://id.tollgate.test", "aud": "tollgate" });
+            assert!(v.verify(&hs256(&claims(good))).await.is_ok());
+            let listed = json!({ "iss": "https://id.tollgate.test", "aud": ["other", "tollgate"] });
+            assert!(v.verify(&hs256(&claims(listed))).await.is_ok());
 
-        let wrong_iss = json!({ "iss": "https://evil.test", "aud": "tollgate" });
-        let error = v
-            .verify(&hs256(&claims(wrong_iss)))
-            .await
-            .expect_err("wrong iss");
-        assert_eq!(error.to_string(), "token issuer mismatch");
-        let no_iss = json!({ "aud": "tollgate" });
-        assert_eq!(
-            v.verify(&hs256(&claims(no_iss))).await,
-            Err(JwtError::MissingClaim("iss".to_owned()))
-        );
-        let wrong_aud = json!({ "iss": "https://id.tollgate.test", "aud": "other" });
-        assert_eq!(
-            v.verify(&hs256(&claims(wrong_aud))).await,
-            Err(JwtError::AudienceMismatch)
-        );
-        let no_aud = json!({ "iss": "https://id.tollgate.test" });
-        assert_eq!(
-            v.verify(&hs256(&claims(no_aud))).await,
-            Err(JwtError::MissingClaim("aud".to_owned()))
-        );
+            let wrong_iss = json!({ "iss": "https://evil.test", "aud": "tollgate" });
+            let error = v
+                .verify(&hs256(&claims(wrong_iss)))
+                .await
+                .expect_err("wrong iss");
+            assert_eq!(error.to_string(), "token issuer mismatch");
+            let no_iss = json!({ "aud": "tollgate" });
+            assert_eq!(
+                v.verify(&hs256(&claims(no_iss))).await,
+                Err(JwtError::MissingClaim("iss".to_owned()))
+            );
+            let wrong_aud = json!({ "iss": "https://id.tollgate.test", "aud": "other" });
+            assert_eq!(
+                v.verify(&hs256(&claims(wrong_aud))).await,
+                Err(JwtError::AudienceMismatch)
+            );
+            let no_aud = json!({ "iss": "https://id.tollgate.test" });
+            assert_eq!(
+                v.verify(&hs256(&claims(no_aud))).await,
+                Err(JwtError::MissingClaim("aud".to_owned()))
+            );
 
-        // Without configured values, whatever iss/aud a token carries is accepted.
-        let v = verifier(&secret_settings()).await;
-        let any = json!({ "iss": "https://elsewhere.test", "aud": "someone" });
-        assert!(v.verify(&hs256(&claims(any))).await.is_ok());
+            // Without configured values, whatever iss/aud a token carries is accepted.
+            let v = verifier(&secret_settings()).await;
+            let any = json!({ "iss": "https://elsewhere.test", "aud": "someone" });
+            assert!(v.verify(&hs256(&claims(any))).await.is_ok());
+        })
+        .await;
     }
 
     #[tokio::test]
     async fn subject_comes_from_the_configured_claim() {
-        let settings = JwtSettings {
-            subject_claim: "email".to_owned(),
-            ..secret_settings()
-        };
-        let v = verifier(&settings).await;
-        let token = hs256(&claims(json!({ "email": "ada@tollgate.test" })));
-        assert_eq!(
-            v.verify(&token).await.expect("valid").subject,
-            "ada@tollgate.test"
-        );
-
-        let error = v
-            .verify(&hs256(&claims(json!({}))))
-            .await
-            .expect_err("no email claim");
-        assert_eq!(error.to_string(), "token is missing the `email` claim");
-        for bad in [json!(""), json!(42), json!(["a"])] {
-            let token = hs256(&claims(json!({ "email": bad })));
+        crate::test_support::time_limit::limited(async move {
+            let settings = JwtSettings {
+                subject_claim: "email".to_owned(),
+                ..secret_settings()
+            };
+            let v = verifier(&settings).await;
+            let token = hs256(&claims(json!({ "email": "ada@tollgate.test" })));
             assert_eq!(
-                v.verify(&token).await,
-                Err(JwtError::InvalidClaim("email".to_owned()))
+                v.verify(&token).await.expect("valid").subject,
+                "ada@tollgate.test"
             );
-        }
 
-        let v = verifier(&secret_settings()).await;
-        let error = v
-            .verify(&hs256(&claims(json!({ "sub": null }))))
-            .await
-            .expect_err("no sub");
-        assert_eq!(error.to_string(), "token is missing the `sub` claim");
+            let error = v
+                .verify(&hs256(&claims(json!({}))))
+                .await
+                .expect_err("no email claim");
+            assert_eq!(error.to_string(), "token is missing the `email` claim");
+            for bad in [json!(""), json!(42), json!(["a"])] {
+                let token = hs256(&claims(json!({ "email": bad })));
+                assert_eq!(
+                    v.verify(&token).await,
+                    Err(JwtError::InvalidClaim("email".to_owned()))
+                );
+            }
+
+            let v = verifier(&secret_settings()).await;
+            let error = v
+                .verify(&hs256(&claims(json!({ "sub": null }))))
+                .await
+                .expect_err("no sub");
+            assert_eq!(error.to_string(), "token is missing the `sub` claim");
+        })
+        .await;
     }
 
     #[tokio::test]
     async fn role_comes_from_the_configured_claim() {
-        let v = verifier(&secret_settings()).await;
-        let token = hs256(&claims(json!({ "role": "admin" })));
-        assert_eq!(
-            v.verify(&token).await.expect("valid").role.as_deref(),
-            Some("admin")
-        );
+        crate::test_support::time_limit::limited(async move {
+            let v = verifier(&secret_settings()).await;
+            let token = hs256(&claims(json!({ "role": "admin" })));
+            assert_eq!(
+                v.verify(&token).await.expect("valid").role.as_deref(),
+                Some("admin")
+            );
 
-        let custom = JwtSettings {
-            role_claim: "https://tollgate/role".to_owned(),
-            ..secret_settings()
-        };
-        let v = verifier(&custom).await;
-        let token = hs256(&claims(
-            json!({ "role": "admin", "https://tollgate/role": "billing" }),
-        ));
-        assert_eq!(
-            v.verify(&token).await.expect("valid").role.as_deref(),
-            Some("billing")
-        );
-        let token = hs256(&claims(json!({ "role": "admin" })));
-        assert_eq!(v.verify(&token).await.expect("valid").role, None);
+            let custom = JwtSettings {
+                role_claim: "https://tollgate/role".to_owned(),
+                ..secret_settings()
+            };
+            let v = verifier(&custom).await;
+            let token = hs256(&claims(
+                json!({ "role": "admin", "https://tollgate/role": "billing" }),
+            ));
+            assert_eq!(
+                v.verify(&token).await.expect("valid").role.as_deref(),
+                Some("billing")
+            );
+            let token = hs256(&claims(json!({ "role": "admin" })));
+            assert_eq!(v.verify(&token).await.expect("valid").role, None);
+        })
+        .await;
     }
 
     #[tokio::test]
     async fn minted_tokens_verify() {
-        let token = mint_hs256(
-            SECRET,
-            "acct-7",
-            Duration::from_secs(600),
-            Some("tollgate"),
-            Some("tollgate-api"),
-            Some("admin"),
-        )
-        .expect("mint");
-        let settings = JwtSettings {
-            issuer: Some("tollgate".to_owned()),
-            audience: Some("tollgate-api".to_owned()),
-            ..secret_settings()
-        };
-        let verified = verifier(&settings)
-            .await
-            .verify(&token)
-            .await
-            .expect("minted token");
-        assert_eq!(verified.subject, "acct-7");
-        assert_eq!(verified.role.as_deref(), Some("admin"));
-        let exp = verified.claims["exp"].as_u64().expect("numeric exp");
-        assert!(exp.abs_diff(now() + 600) <= 2, "exp is now + ttl");
+        crate::test_support::time_limit::limited(async move {
+            let token = mint_hs256(
+                SECRET,
+                "acct-7",
+                Duration::from_secs(600),
+                Some("tollgate"),
+                Some("tollgate-api"),
+                Some("admin"),
+            )
+            .expect("mint");
+            let settings = JwtSettings {
+                issuer: Some("tollgate".to_owned()),
+                audience: Some("tollgate-api".to_owned()),
+                ..secret_settings()
+            };
+            let verified = verifier(&settings)
+                .await
+                .verify(&token)
+                .await
+                .expect("minted token");
+            assert_eq!(verified.subject, "acct-7");
+            assert_eq!(verified.role.as_deref(), Some("admin"));
+            let exp = verified.claims["exp"].as_u64().expect("numeric exp");
+            assert!(exp.abs_diff(now() + 600) <= 2, "exp is now + ttl");
 
-        let other = mint_hs256(
-            "another-secret-that-is-long-enough-xx",
-            "x",
-            Duration::from_secs(60),
-            None,
-            None,
-            None,
-        )
-        .expect("mint");
-        assert_eq!(
-            verifier(&secret_settings()).await.verify(&other).await,
-            Err(JwtError::InvalidSignature)
-        );
+            let other = mint_hs256(
+                "another-secret-that-is-long-enough-xx",
+                "x",
+                Duration::from_secs(60),
+                None,
+                None,
+                None,
+            )
+            .expect("mint");
+            assert_eq!(
+                verifier(&secret_settings()).await.verify(&other).await,
+                Err(JwtError::InvalidSignature)
+            );
+        })
+        .await;
     }
 
     #[tokio::test]
     async fn empty_secret_counts_as_unset() {
-        let empty = JwtSettings {
-            secret: Some(String::new()),
-            ..JwtSettings::default()
-        };
-        assert!(!empty.has_key_source());
-        let with_pem = JwtSettings {
-            public_key_file: Some(fixture("rsa_public.pem")),
-            ..empty
-        };
-        let v = verifier(&with_pem).await;
-        let forged = sign(
-            Algorithm::HS256,
-            &EncodingKey::from_secret(b""),
-            None,
-            &claims(json!({})),
-        );
-        assert_eq!(v.verify(&forged).await, Err(JwtError::AlgorithmNotAllowed));
+        crate::test_support::time_limit::limited(async move {
+            let empty = JwtSettings {
+                secret: Some(String::new()),
+                ..JwtSettings::default()
+            };
+            assert!(!empty.has_key_source());
+            let with_pem = JwtSettings {
+                public_key_file: Some(fixture("rsa_public.pem")),
+                ..empty
+            };
+            let v = verifier(&with_pem).await;
+            let forged = sign(
+                Algorithm::HS256,
+                &EncodingKey::from_secret(b""),
+                None,
+                &claims(json!({})),
+            );
+            assert_eq!(v.verify(&forged).await, Err(JwtError::AlgorithmNotAllowed));
+        })
+        .await;
     }
 
     #[tokio::test]
     async fn disabled_verifier_accepts_nothing() {
-        let v = JwtVerifier::disabled();
-        assert!(!v.is_configured());
-        assert!(!JwtSettings::default().has_key_source());
-        assert_eq!(
-            v.verify(&hs256(&claims(json!({})))).await,
-            Err(JwtError::NotEnabled)
-        );
+        crate::test_support::time_limit::limited(async move {
+            let v = JwtVerifier::disabled();
+            assert!(!v.is_configured());
+            assert!(!JwtSettings::default().has_key_source());
+            assert_eq!(
+                v.verify(&hs256(&claims(json!({})))).await,
+                Err(JwtError::NotEnabled)
+            );
+        })
+        .await;
     }
 
     #[test]
@@ -1530,131 +1584,137 @@ mod tests {
 
     #[tokio::test]
     async fn startup_errors_name_the_field() {
-        let message = setup_error(&JwtSettings::default()).await;
-        assert!(
-            message.starts_with("auth.jwt:") && message.contains("secret"),
-            "{message}"
-        );
-
-        let short = JwtSettings {
-            secret: Some("hunter2".to_owned()),
-            ..JwtSettings::default()
-        };
-        let message = setup_error(&short).await;
-        assert!(message.starts_with("auth.jwt.secret:"), "{message}");
-        assert!(
-            !message.contains("hunter2"),
-            "the secret is not echoed: {message}"
-        );
-
-        let cases = [
-            (
-                "auth.jwt.public_key_file:",
-                JwtSettings {
-                    public_key_file: Some(fixture("missing.pem")),
-                    ..JwtSettings::default()
-                },
-            ),
-            (
-                "auth.jwt.public_key_file:",
-                JwtSettings {
-                    public_key_file: Some(fixture("jwks.json")),
-                    ..JwtSettings::default()
-                },
-            ),
-            (
-                "auth.jwt.public_key_file:",
-                JwtSettings {
-                    public_key_file: Some(fixture("rsa_private.pem")),
-                    ..JwtSettings::default()
-                },
-            ),
-            (
-                "auth.jwt.jwks_file:",
-                JwtSettings {
-                    jwks_file: Some(fixture("rsa_public.pem")),
-                    ..JwtSettings::default()
-                },
-            ),
-            (
-                "auth.jwt.jwks_file:",
-                JwtSettings {
-                    jwks_file: Some(fixture("missing.json")),
-                    ..JwtSettings::default()
-                },
-            ),
-            (
-                "auth.jwt.jwks_url:",
-                JwtSettings {
-                    jwks_url: Some("ftp://127.0.0.1/jwks.json".to_owned()),
-                    ..JwtSettings::default()
-                },
-            ),
-            (
-                "auth.jwt.jwks_url:",
-                JwtSettings {
-                    jwks_url: Some("not a url".to_owned()),
-                    ..JwtSettings::default()
-                },
-            ),
-            (
-                "auth.jwt.leeway_secs:",
-                JwtSettings {
-                    leeway_secs: 1 << 40,
-                    ..secret_settings()
-                },
-            ),
-            (
-                "auth.jwt.jwks_refresh_secs:",
-                JwtSettings {
-                    jwks_refresh_secs: 0,
-                    ..secret_settings()
-                },
-            ),
-            (
-                "auth.jwt.subject_claim:",
-                JwtSettings {
-                    subject_claim: String::new(),
-                    ..secret_settings()
-                },
-            ),
-        ];
-        for (prefix, settings) in cases {
-            let message = setup_error(&settings).await;
+        crate::test_support::time_limit::limited(async move {
+            let message = setup_error(&JwtSettings::default()).await;
             assert!(
-                message.starts_with(prefix),
-                "expected {prefix}, got {message}"
+                message.starts_with("auth.jwt:") && message.contains("secret"),
+                "{message}"
             );
-        }
 
-        let message = setup_error(&JwtSettings {
-            public_key_file: Some(fixture("rsa_private.pem")),
-            ..JwtSettings::default()
+            let short = JwtSettings {
+                secret: Some("hunter2".to_owned()),
+                ..JwtSettings::default()
+            };
+            let message = setup_error(&short).await;
+            assert!(message.starts_with("auth.jwt.secret:"), "{message}");
+            assert!(
+                !message.contains("hunter2"),
+                "the secret is not echoed: {message}"
+            );
+
+            let cases = [
+                (
+                    "auth.jwt.public_key_file:",
+                    JwtSettings {
+                        public_key_file: Some(fixture("missing.pem")),
+                        ..JwtSettings::default()
+                    },
+                ),
+                (
+                    "auth.jwt.public_key_file:",
+                    JwtSettings {
+                        public_key_file: Some(fixture("jwks.json")),
+                        ..JwtSettings::default()
+                    },
+                ),
+                (
+                    "auth.jwt.public_key_file:",
+                    JwtSettings {
+                        public_key_file: Some(fixture("rsa_private.pem")),
+                        ..JwtSettings::default()
+                    },
+                ),
+                (
+                    "auth.jwt.jwks_file:",
+                    JwtSettings {
+                        jwks_file: Some(fixture("rsa_public.pem")),
+                        ..JwtSettings::default()
+                    },
+                ),
+                (
+                    "auth.jwt.jwks_file:",
+                    JwtSettings {
+                        jwks_file: Some(fixture("missing.json")),
+                        ..JwtSettings::default()
+                    },
+                ),
+                (
+                    "auth.jwt.jwks_url:",
+                    JwtSettings {
+                        jwks_url: Some("ftp://127.0.0.1/jwks.json".to_owned()),
+                        ..JwtSettings::default()
+                    },
+                ),
+                (
+                    "auth.jwt.jwks_url:",
+                    JwtSettings {
+                        jwks_url: Some("not a url".to_owned()),
+                        ..JwtSettings::default()
+                    },
+                ),
+                (
+                    "auth.jwt.leeway_secs:",
+                    JwtSettings {
+                        leeway_secs: 1 << 40,
+                        ..secret_settings()
+                    },
+                ),
+                (
+                    "auth.jwt.jwks_refresh_secs:",
+                    JwtSettings {
+                        jwks_refresh_secs: 0,
+                        ..secret_settings()
+                    },
+                ),
+                (
+                    "auth.jwt.subject_claim:",
+                    JwtSettings {
+                        subject_claim: String::new(),
+                        ..secret_settings()
+                    },
+                ),
+            ];
+            for (prefix, settings) in cases {
+                let message = setup_error(&settings).await;
+                assert!(
+                    message.starts_with(prefix),
+                    "expected {prefix}, got {message}"
+                );
+            }
+
+            let message = setup_error(&JwtSettings {
+                public_key_file: Some(fixture("rsa_private.pem")),
+                ..JwtSettings::default()
+            })
+            .await;
+            assert!(message.contains("private key"), "{message}");
+            assert!(
+                !message.contains("MII"),
+                "no key material in the message: {message}"
+            );
         })
         .await;
-        assert!(message.contains("private key"), "{message}");
-        assert!(
-            !message.contains("MII"),
-            "no key material in the message: {message}"
-        );
     }
 
     #[tokio::test]
     async fn broken_keys_in_a_jwks_file_are_reported_with_their_kid() {
-        let set = json!({ "keys": [
-            { "kty": "EC", "kid": "bent", "crv": "P-256", "x": "AAAA", "y": "AAAA" },
-        ]});
-        let file = tempfile::NamedTempFile::new().expect("temp file");
-        std::fs::write(file.path(), set.to_string()).expect("write jwks");
-        let settings = JwtSettings {
-            jwks_file: Some(file.path().to_owned()),
-            ..JwtSettings::default()
-        };
-        let message = setup_error(&settings).await;
-        assert!(
-            message.starts_with("auth.jwt.jwks_file:") && message.contains("bent"),
-            "{message}"
-        );
+        crate::test_support::time_limit::limited(async move {
+            let set = json!({ "keys": [
+                { "kty": "EC", "kid": "bent", "crv": "P-256", "x": "AAAA", "y": "AAAA" },
+            ]});
+            let file = tempfile::NamedTempFile::new().expect("temp file");
+            std::fs::write(file.path(), set.to_string()).expect("write jwks");
+            let settings = JwtSettings {
+                jwks_file: Some(file.path().to_owned()),
+                ..JwtSettings::default()
+            };
+            let message = setup_error(&settings).await;
+            assert!(
+                message.starts_with("auth.jwt.jwks_file:") && message.contains("bent"),
+                "{message}"
+            );
+        })
+        .await;
     }
 
     #[test]
@@ -1751,185 +1811,200 @@ mod tests {
 
     #[tokio::test]
     async fn jwks_url_is_cached_and_refetched_on_unknown_kid_within_the_rate_limit() {
-        let server = JwksServer::start(jwks_with(&["rsa-1"])).await;
-        let v = verifier(&server.settings()).await;
-        assert_eq!(server.hits(), 1, "fetched once at start-up");
+        crate::test_support::time_limit::limited(async move {
+            let server = JwksServer::start(jwks_with(&["rsa-1"])).await;
+            let v = verifier(&server.settings()).await;
+            assert_eq!(server.hits(), 1, "fetched once at start-up");
 
-        let rs = sign(
-            Algorithm::RS256,
-            &rsa_signer(),
-            Some("rsa-1"),
-            &claims(json!({})),
-        );
-        for _ in 0..3 {
-            assert!(v.verify(&rs).await.is_ok());
-        }
-        assert_eq!(server.hits(), 1, "served from the cache");
+            let rs = sign(
+                Algorithm::RS256,
+                &rsa_signer(),
+                Some("rsa-1"),
+                &claims(json!({})),
+            );
+            for _ in 0..3 {
+                assert!(v.verify(&rs).await.is_ok());
+            }
+            assert_eq!(server.hits(), 1, "served from the cache");
 
-        // The provider rotates in a new key: its first token triggers one refetch.
-        server.set(|r| r.body = jwks_with(&["rsa-1", "ec-1"]));
-        let es = sign(
-            Algorithm::ES256,
-            &ec_signer(),
-            Some("ec-1"),
-            &claims(json!({})),
-        );
-        assert!(
-            v.verify(&es).await.is_ok(),
-            "new kid accepted after refetch"
-        );
-        assert_eq!(server.hits(), 2);
+            // The provider rotates in a new key: its first token triggers one refetch.
+            server.set(|r| r.body = jwks_with(&["rsa-1", "ec-1"]));
+            let es = sign(
+                Algorithm::ES256,
+                &ec_signer(),
+                Some("ec-1"),
+                &claims(json!({})),
+            );
+            assert!(
+                v.verify(&es).await.is_ok(),
+                "new kid accepted after refetch"
+            );
+            assert_eq!(server.hits(), 2);
 
-        // Made-up kids cannot make us hammer the endpoint, one by one or all at once.
-        let forged = sign(
-            Algorithm::RS256,
-            &rsa_signer(),
-            Some("made-up"),
-            &claims(json!({})),
-        );
-        for _ in 0..5 {
-            assert_eq!(v.verify(&forged).await, Err(JwtError::UnknownKey));
-        }
-        let results = join_all((0..20).map(|_| v.verify(&forged))).await;
-        assert!(results.iter().all(|r| *r == Err(JwtError::UnknownKey)));
-        assert_eq!(server.hits(), 2, "no refetch within 10 s of the last one");
-        assert!(v.verify(&es).await.is_ok(), "known kids still work");
+            // Made-up kids cannot make us hammer the endpoint, one by one or all at once.
+            let forged = sign(
+                Algorithm::RS256,
+                &rsa_signer(),
+                Some("made-up"),
+                &claims(json!({})),
+            );
+            for _ in 0..5 {
+                assert_eq!(v.verify(&forged).await, Err(JwtError::UnknownKey));
+            }
+            let results = join_all((0..20).map(|_| v.verify(&forged))).await;
+            assert!(results.iter().all(|r| *r == Err(JwtError::UnknownKey)));
+            assert_eq!(server.hits(), 2, "no refetch within 10 s of the last one");
+            assert!(v.verify(&es).await.is_ok(), "known kids still work");
+        })
+        .await;
     }
 
     #[tokio::test]
     async fn unknown_kid_refetches_again_once_the_interval_has_passed() {
-        let server = JwksServer::start(jwks_with(&["rsa-1"])).await;
-        let t = timing(Duration::from_secs(300), Duration::from_secs(1));
-        let v = JwtVerifier::build(&server.settings(), t)
-            .await
-            .expect("verifier");
-        let forged = sign(
-            Algorithm::RS256,
-            &rsa_signer(),
-            Some("made-up"),
-            &claims(json!({})),
-        );
+        crate::test_support::time_limit::limited(async move {
+            let server = JwksServer::start(jwks_with(&["rsa-1"])).await;
+            let t = timing(Duration::from_secs(300), Duration::from_secs(1));
+            let v = JwtVerifier::build(&server.settings(), t)
+                .await
+                .expect("verifier");
+            let forged = sign(
+                Algorithm::RS256,
+                &rsa_signer(),
+                Some("made-up"),
+                &claims(json!({})),
+            );
 
-        assert_eq!(v.verify(&forged).await, Err(JwtError::UnknownKey));
-        assert_eq!(server.hits(), 2, "start-up fetch plus one refetch");
-        assert_eq!(v.verify(&forged).await, Err(JwtError::UnknownKey));
-        assert_eq!(server.hits(), 2, "rate limited");
-        tokio::time::sleep(Duration::from_millis(1100)).await;
-        assert_eq!(v.verify(&forged).await, Err(JwtError::UnknownKey));
-        assert_eq!(server.hits(), 3, "allowed again after the interval");
+            assert_eq!(v.verify(&forged).await, Err(JwtError::UnknownKey));
+            assert_eq!(server.hits(), 2, "start-up fetch plus one refetch");
+            assert_eq!(v.verify(&forged).await, Err(JwtError::UnknownKey));
+            assert_eq!(server.hits(), 2, "rate limited");
+            tokio::time::sleep(Duration::from_millis(1100)).await;
+            assert_eq!(v.verify(&forged).await, Err(JwtError::UnknownKey));
+            assert_eq!(server.hits(), 3, "allowed again after the interval");
+        })
+        .await;
     }
 
     #[tokio::test]
     async fn jwks_cache_expires_after_the_refresh_interval() {
-        let server = JwksServer::start(jwks_with(&["rsa-1"])).await;
-        let t = timing(Duration::from_secs(1), KID_REFETCH_INTERVAL);
-        let v = JwtVerifier::build(&server.settings(), t)
-            .await
-            .expect("verifier");
-        let rs = sign(
-            Algorithm::RS256,
-            &rsa_signer(),
-            Some("rsa-1"),
-            &claims(json!({})),
-        );
+        crate::test_support::time_limit::limited(async move {
+            let server = JwksServer::start(jwks_with(&["rsa-1"])).await;
+            let t = timing(Duration::from_secs(1), KID_REFETCH_INTERVAL);
+            let v = JwtVerifier::build(&server.settings(), t)
+                .await
+                .expect("verifier");
+            let rs = sign(
+                Algorithm::RS256,
+                &rsa_signer(),
+                Some("rsa-1"),
+                &claims(json!({})),
+            );
 
-        assert!(v.verify(&rs).await.is_ok());
-        assert_eq!(server.hits(), 1);
-        tokio::time::sleep(Duration::from_millis(1100)).await;
-        assert!(v.verify(&rs).await.is_ok());
-        assert_eq!(server.hits(), 2, "stale set refreshed");
-        assert!(v.verify(&rs).await.is_ok());
-        assert_eq!(server.hits(), 2, "fresh again");
+            assert!(v.verify(&rs).await.is_ok());
+            assert_eq!(server.hits(), 1);
+            tokio::time::sleep(Duration::from_millis(1100)).await;
+            assert!(v.verify(&rs).await.is_ok());
+            assert_eq!(server.hits(), 2, "stale set refreshed");
+            assert!(v.verify(&rs).await.is_ok());
+            assert_eq!(server.hits(), 2, "fresh again");
 
-        // When the provider is down, the last good set keeps working.
-        server.set(|r| r.status = StatusCode::SERVICE_UNAVAILABLE);
-        tokio::time::sleep(Duration::from_millis(1100)).await;
-        assert!(
-            v.verify(&rs).await.is_ok(),
-            "stale keys used while the endpoint fails"
-        );
-        assert_eq!(server.hits(), 3);
-        assert!(v.verify(&rs).await.is_ok());
-        assert_eq!(server.hits(), 3, "failed fetches are not retried at once");
+            // When the provider is down, the last good set keeps working.
+            server.set(|r| r.status = StatusCode::SERVICE_UNAVAILABLE);
+            tokio::time::sleep(Duration::from_millis(1100)).await;
+            assert!(
+                v.verify(&rs).await.is_ok(),
+                "stale keys used while the endpoint fails"
+            );
+            assert_eq!(server.hits(), 3);
+            assert!(v.verify(&rs).await.is_ok());
+            assert_eq!(server.hits(), 3, "failed fetches are not retried at once");
+        })
+        .await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn unreachable_jwks_url_is_not_fatal_and_fetched_on_first_use() {
-        let server = JwksServer::start(jwks_with(&["rsa-1", "ec-1"])).await;
-        server.set(|r| r.status = StatusCode::SERVICE_UNAVAILABLE);
-        let v = verifier(&server.settings()).await;
-        assert_eq!(server.hits(), 1, "tried at start-up");
+        crate::test_support::time_limit::limited(async move {
+            let server = JwksServer::start(jwks_with(&["rsa-1", "ec-1"])).await;
+            server.set(|r| r.status = StatusCode::SERVICE_UNAVAILABLE);
+            let v = verifier(&server.settings()).await;
+            assert_eq!(server.hits(), 1, "tried at start-up");
 
-        // Concurrent first requests share one slow fetch.
-        server.set(|r| {
-            r.status = StatusCode::OK;
-            r.delay = Duration::from_millis(300);
-        });
-        let token = sign(
-            Algorithm::ES256,
-            &ec_signer(),
-            Some("ec-1"),
-            &claims(json!({})),
-        );
-        let results = join_all((0..20).map(|_| v.verify(&token))).await;
-        assert!(results.iter().all(Result::is_ok), "{results:?}");
-        assert_eq!(server.hits(), 2, "one shared fetch");
+            // Concurrent first requests share one slow fetch.
+            server.set(|r| {
+                r.status = StatusCode::OK;
+                r.delay = Duration::from_millis(300);
+            });
+            let token = sign(
+                Algorithm::ES256,
+                &ec_signer(),
+                Some("ec-1"),
+                &claims(json!({})),
+            );
+            let results = join_all((0..20).map(|_| v.verify(&token))).await;
+            assert!(results.iter().all(Result::is_ok), "{results:?}");
+            assert_eq!(server.hits(), 2, "one shared fetch");
 
-        // Nothing listening at all: start-up still succeeds, requests get a clear error.
-        let port = {
-            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-            listener.local_addr().expect("addr").port()
-        };
-        let dead = JwtSettings {
-            jwks_url: Some(format!("http://127.0.0.1:{port}/jwks.json")),
-            ..JwtSettings::default()
-        };
-        let v = verifier(&dead).await;
-        let error = v.verify(&token).await.expect_err("no keys");
-        assert_eq!(error, JwtError::KeysUnavailable);
+            // Nothing listening at all: start-up still succeeds, requests get a clear error.
+            let port = {
+                let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+                listener.local_addr().expect("addr").port()
+            };
+            let dead = JwtSettings {
+                jwks_url: Some(format!("http://127.0.0.1:{port}/jwks.json")),
+                ..JwtSettings::default()
+            };
+            let v = verifier(&dead).await;
+            let error = v.verify(&token).await.expect_err("no keys");
+            assert_eq!(error, JwtError::KeysUnavailable);
+        })
+        .await;
     }
 
     #[tokio::test]
     async fn jwks_fetch_enforces_body_limit_and_timeout() {
-        let token = sign(
-            Algorithm::RS256,
-            &rsa_signer(),
-            Some("rsa-1"),
-            &claims(json!({})),
-        );
-        let padded = |pad: usize| {
-            let mut set: Value = serde_json::from_str(&jwks_with(&["rsa-1"])).expect("jwks");
-            set["padding"] = Value::from("x".repeat(pad));
-            set.to_string()
-        };
+        crate::test_support::time_limit::limited(async move {
+            let token = sign(
+                Algorithm::RS256,
+                &rsa_signer(),
+                Some("rsa-1"),
+                &claims(json!({})),
+            );
+            let padded = |pad: usize| {
+                let mut set: Value = serde_json::from_str(&jwks_with(&["rsa-1"])).expect("jwks");
+                set["padding"] = Value::from("x".repeat(pad));
+                set.to_string()
+            };
 
-        let server = JwksServer::start(padded(1000)).await;
-        let v = verifier(&server.settings()).await;
-        assert!(v.verify(&token).await.is_ok(), "a small padded set is fine");
+            let server = JwksServer::start(padded(1000)).await;
+            let v = verifier(&server.settings()).await;
+            assert!(v.verify(&token).await.is_ok(), "a small padded set is fine");
 
-        let server = JwksServer::start(padded(JWKS_MAX_BYTES)).await;
-        let v = verifier(&server.settings()).await;
-        assert_eq!(
-            v.verify(&token).await,
-            Err(JwtError::KeysUnavailable),
-            "over 1 MiB"
-        );
+            let server = JwksServer::start(padded(JWKS_MAX_BYTES)).await;
+            let v = verifier(&server.settings()).await;
+            assert_eq!(
+                v.verify(&token).await,
+                Err(JwtError::KeysUnavailable),
+                "over 1 MiB"
+            );
 
-        let server = JwksServer::start(jwks_with(&["rsa-1"])).await;
-        server.set(|r| r.delay = Duration::from_secs(3));
-        let t = Timing {
-            refresh_every: Duration::from_secs(300),
-            kid_refetch_every: KID_REFETCH_INTERVAL,
-            fetch_timeout: Duration::from_millis(200),
-        };
-        let started = Instant::now();
-        let v = JwtVerifier::build(&server.settings(), t)
-            .await
-            .expect("slow endpoint is not fatal");
-        assert_eq!(v.verify(&token).await, Err(JwtError::KeysUnavailable));
-        assert!(
-            started.elapsed() < Duration::from_secs(2),
-            "gave up after the timeout"
-        );
+            let server = JwksServer::start(jwks_with(&["rsa-1"])).await;
+            server.set(|r| r.delay = Duration::from_secs(3));
+            let t = Timing {
+                refresh_every: Duration::from_secs(300),
+                kid_refetch_every: KID_REFETCH_INTERVAL,
+                fetch_timeout: Duration::from_millis(200),
+            };
+            let started = Instant::now();
+            let v = JwtVerifier::build(&server.settings(), t)
+                .await
+                .expect("slow endpoint is not fatal");
+            assert_eq!(v.verify(&token).await, Err(JwtError::KeysUnavailable));
+            assert!(
+                started.elapsed() < Duration::from_secs(2),
+                "gave up after the timeout"
+            );
+        })
+        .await;
     }
 }

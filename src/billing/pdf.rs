@@ -826,10 +826,25 @@ mod tests {
         assert!(text.contains("Thanks — “quoted” 5 €"), "{text}");
     }
 
+    /// What would make the same invoice render to other bytes later (the download a buyer
+    /// gets again months on): a timestamp or a random file id.
     #[test]
-    fn rendering_is_deterministic() {
-        let invoice = sample_invoice();
-        assert_eq!(render(&invoice), render(&invoice));
+    fn carries_no_timestamp_or_random_file_id() {
+        let doc = load(&render(&sample_invoice()));
+        assert!(doc.trailer.get(b"ID").is_err(), "a file /ID in the trailer");
+        let info_ref = doc
+            .trailer
+            .get(b"Info")
+            .and_then(lopdf::Object::as_reference)
+            .expect("trailer has /Info");
+        let info = doc.get_dictionary(info_ref).expect("info dictionary");
+        for key in [&b"CreationDate"[..], b"ModDate"] {
+            assert!(
+                info.get(key).is_err(),
+                "/Info has {}",
+                String::from_utf8_lossy(key)
+            );
+        }
     }
 
     #[test]

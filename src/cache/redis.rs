@@ -1121,8 +1121,6 @@ mod tests {
     use super::*;
     use crate::ledger::LedgerError;
 
-    const URL: &str = "redis://127.0.0.1:6379";
-
     /// A ledger stand-in holding one balance whose revision moves with each change; counts loads.
     struct FixedSource {
         balance: AtomicI64,
@@ -1210,24 +1208,27 @@ mod tests {
 
     /// A key prefix of its own per test, so tests run in parallel on one Redis.
     struct Space {
+        url: &'static str,
         prefix: String,
     }
 
     impl Space {
-        fn new() -> Self {
-            Space {
-                prefix: format!("tgtest_{}", uuid::Uuid::new_v4().simple()),
-            }
+        /// `None` (the test is skipped, or fails under `CI=true`) when there is no Redis.
+        fn new() -> Option<Self> {
+            Some(Space {
+                url: &crate::test_support::services::shared_redis()?.url,
+                prefix: crate::test_support::services::unique_test_name(),
+            })
         }
 
         async fn cache(&self, instance: &str) -> RedisCache {
-            RedisCache::connect(URL, &self.prefix, instance)
+            RedisCache::connect(self.url, &self.prefix, instance)
                 .await
-                .expect("a Redis server on 127.0.0.1:6379")
+                .unwrap_or_else(|e| panic!("Redis at {}: {e}", self.url))
         }
 
         async fn conn(&self) -> ::redis::aio::MultiplexedConnection {
-            Client::open(URL)
+            Client::open(self.url)
                 .expect("url")
                 .get_multiplexed_async_connection()
                 .await
@@ -1314,549 +1315,609 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn concurrent_reservations_never_exceed_the_balance() {
-        let space = Space::new();
-        let cache = Arc::new(space.cache("gw1").await);
-        let source = Arc::new(FixedSource::new(credits(10)));
-        assert_eq!(race(std::slice::from_ref(&cache), source.clone()).await, 10);
-        let view = cache.view(&bucket(), &*source).await.expect("view");
-        assert_eq!(view.available, Credits::ZERO);
-        assert_eq!(view.held, credits(10));
-        space.flush().await;
+        crate::test_support::time_limit::limited(async move {
+            let Some(space) = Space::new() else {
+                return;
+            };
+            let cache = Arc::new(space.cache("gw1").await);
+            let source = Arc::new(FixedSource::new(credits(10)));
+            assert_eq!(race(std::slice::from_ref(&cache), source.clone()).await, 10);
+            let view = cache.view(&bucket(), &*source).await.expect("view");
+            assert_eq!(view.available, Credits::ZERO);
+            assert_eq!(view.held, credits(10));
+            space.flush().await;
+        })
+        .await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn two_gateways_racing_on_one_account_never_overspend() {
-        let space = Space::new();
-        let one = Arc::new(space.cache("gw1").await);
-        let two = Arc::new(space.cache("gw2").await);
-        let source = Arc::new(FixedSource::new(credits(10)));
-        assert_eq!(race(&[one.clone(), two.clone()], source.clone()).await, 10);
-        for cache in [&one, &two] {
-            let view = cache.view(&bucket(), &*source).await.expect("view");
-            assert_eq!((view.held, view.available), (credits(10), Credits::ZERO));
-        }
-        space.flush().await;
+        crate::test_support::time_limit::limited(async move {
+            let Some(space) = Space::new() else {
+                return;
+            };
+            let one = Arc::new(space.cache("gw1").await);
+            let two = Arc::new(space.cache("gw2").await);
+            let source = Arc::new(FixedSource::new(credits(10)));
+            assert_eq!(race(&[one.clone(), two.clone()], source.clone()).await, 10);
+            for cache in [&one, &two] {
+                let view = cache.view(&bucket(), &*source).await.expect("view");
+                assert_eq!((view.held, view.available), (credits(10), Credits::ZERO));
+            }
+            space.flush().await;
+        })
+        .await;
     }
 
     #[tokio::test]
     async fn settle_commit_and_release_are_idempotent_per_request() {
-        let space = Space::new();
-        let cache = space.cache("gw1").await;
-        let source = FixedSource::new(credits(10));
-        cache
-            .reserve(&bucket(), &hold("a", credits(4)), Credits::ZERO, &source)
-            .await
-            .expect("fits");
-        cache
-            .reserve(&bucket(), &hold("b", credits(4)), Credits::ZERO, &source)
-            .await
-            .expect("fits");
-        // The same request reserving twice holds once.
-        cache
-            .reserve(&bucket(), &hold("b", credits(4)), Credits::ZERO, &source)
-            .await
-            .expect("same hold");
-        let err = cache
-            .reserve(&bucket(), &hold("c", credits(4)), Credits::ZERO, &source)
-            .await
-            .expect_err("too much");
-        assert!(matches!(err, ReserveError::Insufficient { available } if available == credits(2)));
-        // `a` costs 3 of its 4 (settled twice: counted once); `b` is released twice.
-        cache
-            .settle(&bucket(), "a", credits(3), Some("{}"))
-            .await
-            .expect("settle");
-        cache
-            .settle(&bucket(), "a", credits(3), Some("{}"))
-            .await
-            .expect("settle");
-        cache.release(&bucket(), "b").await.expect("release");
-        cache.release(&bucket(), "b").await.expect("release");
-        let view = cache.view(&bucket(), &source).await.expect("view");
-        assert_eq!(
-            (view.balance, view.held, view.available),
-            (credits(7), Credits::ZERO, credits(7))
-        );
-        // The ledger writes it: the pending cost moves into the snapshot, once.
-        let written = Snapshot::plain(credits(7), 2);
-        cache
-            .committed(&bucket(), "a", written)
-            .await
-            .expect("commit");
-        cache
-            .committed(&bucket(), "a", written)
-            .await
-            .expect("commit");
-        assert_eq!(
-            cache.view(&bucket(), &source).await.expect("view").balance,
-            credits(7)
-        );
-        // A stale snapshot never overwrites a newer one; a newer one does.
-        cache
-            .apply(&bucket(), Snapshot::plain(credits(100), 1))
-            .await
-            .expect("apply");
-        assert_eq!(
-            cache.view(&bucket(), &source).await.expect("view").balance,
-            credits(7)
-        );
-        cache
-            .apply(&bucket(), Snapshot::plain(credits(9), 3))
-            .await
-            .expect("apply");
-        assert_eq!(
-            cache.view(&bucket(), &source).await.expect("view").balance,
-            credits(9)
-        );
-        // Nothing is left behind for the request: no journal record, no index entry.
-        let keys = cache.keys.bucket(&bucket());
-        let mut conn = space.conn().await;
-        let journal: i64 = command("HLEN")
-            .arg(&keys.journal)
-            .query_async(&mut conn)
-            .await
-            .expect("hlen");
-        let index: i64 = command("ZCARD")
-            .arg(cache.keys.pending_index())
-            .query_async(&mut conn)
-            .await
-            .expect("zcard");
-        assert_eq!((journal, index), (0, 0));
-        space.flush().await;
+        crate::test_support::time_limit::limited(async move {
+            let Some(space) = Space::new() else {
+                return;
+            };
+            let cache = space.cache("gw1").await;
+            let source = FixedSource::new(credits(10));
+            cache
+                .reserve(&bucket(), &hold("a", credits(4)), Credits::ZERO, &source)
+                .await
+                .expect("fits");
+            cache
+                .reserve(&bucket(), &hold("b", credits(4)), Credits::ZERO, &source)
+                .await
+                .expect("fits");
+            // The same request reserving twice holds once.
+            cache
+                .reserve(&bucket(), &hold("b", credits(4)), Credits::ZERO, &source)
+                .await
+                .expect("same hold");
+            let err = cache
+                .reserve(&bucket(), &hold("c", credits(4)), Credits::ZERO, &source)
+                .await
+                .expect_err("too much");
+            assert!(
+                matches!(err, ReserveError::Insufficient { available } if available == credits(2))
+            );
+            // `a` costs 3 of its 4 (settled twice: counted once); `b` is released twice.
+            cache
+                .settle(&bucket(), "a", credits(3), Some("{}"))
+                .await
+                .expect("settle");
+            cache
+                .settle(&bucket(), "a", credits(3), Some("{}"))
+                .await
+                .expect("settle");
+            cache.release(&bucket(), "b").await.expect("release");
+            cache.release(&bucket(), "b").await.expect("release");
+            let view = cache.view(&bucket(), &source).await.expect("view");
+            assert_eq!(
+                (view.balance, view.held, view.available),
+                (credits(7), Credits::ZERO, credits(7))
+            );
+            // The ledger writes it: the pending cost moves into the snapshot, once.
+            let written = Snapshot::plain(credits(7), 2);
+            cache
+                .committed(&bucket(), "a", written)
+                .await
+                .expect("commit");
+            cache
+                .committed(&bucket(), "a", written)
+                .await
+                .expect("commit");
+            assert_eq!(
+                cache.view(&bucket(), &source).await.expect("view").balance,
+                credits(7)
+            );
+            // A stale snapshot never overwrites a newer one; a newer one does.
+            cache
+                .apply(&bucket(), Snapshot::plain(credits(100), 1))
+                .await
+                .expect("apply");
+            assert_eq!(
+                cache.view(&bucket(), &source).await.expect("view").balance,
+                credits(7)
+            );
+            cache
+                .apply(&bucket(), Snapshot::plain(credits(9), 3))
+                .await
+                .expect("apply");
+            assert_eq!(
+                cache.view(&bucket(), &source).await.expect("view").balance,
+                credits(9)
+            );
+            // Nothing is left behind for the request: no journal record, no index entry.
+            let keys = cache.keys.bucket(&bucket());
+            let mut conn = space.conn().await;
+            let journal: i64 = command("HLEN")
+                .arg(&keys.journal)
+                .query_async(&mut conn)
+                .await
+                .expect("hlen");
+            let index: i64 = command("ZCARD")
+                .arg(cache.keys.pending_index())
+                .query_async(&mut conn)
+                .await
+                .expect("zcard");
+            assert_eq!((journal, index), (0, 0));
+            space.flush().await;
+        })
+        .await;
     }
 
     #[tokio::test]
     async fn overdraft_floor_allows_going_negative_that_far() {
-        let space = Space::new();
-        let cache = space.cache("gw1").await;
-        let source = FixedSource::new(credits(1));
-        cache
-            .reserve(&bucket(), &hold("a", credits(3)), credits(-2), &source)
-            .await
-            .expect("within overdraft");
-        assert!(
+        crate::test_support::time_limit::limited(async move {
+            let Some(space) = Space::new() else {
+                return;
+            };
+            let cache = space.cache("gw1").await;
+            let source = FixedSource::new(credits(1));
             cache
-                .reserve(
-                    &bucket(),
-                    &hold("b", Credits::from_micros(1)),
-                    credits(-2),
-                    &source
-                )
+                .reserve(&bucket(), &hold("a", credits(3)), credits(-2), &source)
                 .await
-                .is_err()
-        );
-        let view = cache.view(&bucket(), &source).await.expect("view");
-        assert_eq!(view.available, credits(-2));
-        space.flush().await;
+                .expect("within overdraft");
+            assert!(
+                cache
+                    .reserve(
+                        &bucket(),
+                        &hold("b", Credits::from_micros(1)),
+                        credits(-2),
+                        &source
+                    )
+                    .await
+                    .is_err()
+            );
+            let view = cache.view(&bucket(), &source).await.expect("view");
+            assert_eq!(view.available, credits(-2));
+            space.flush().await;
+        })
+        .await;
     }
 
     #[tokio::test]
     async fn invalidation_reloads_external_changes() {
-        let space = Space::new();
-        let cache = space.cache("gw1").await;
-        let sibling = space.cache("gw2").await;
-        let source = FixedSource::new(credits(1));
-        assert_eq!(
-            cache.view(&bucket(), &source).await.expect("view").balance,
-            credits(1)
-        );
-        // Another process grants 5 credits.
-        source.balance.store(credits(6).micros(), Ordering::SeqCst);
-        source.rev.store(2, Ordering::SeqCst);
-        assert_eq!(
-            cache.view(&bucket(), &source).await.expect("view").balance,
-            credits(1),
-            "cached until invalidated"
-        );
-        assert_eq!(source.loads(), 1);
-        // Any instance's invalidation reaches every instance.
-        sibling.invalidate_all().await.expect("invalidate");
-        assert_eq!(
-            cache.view(&bucket(), &source).await.expect("view").balance,
-            credits(6)
-        );
-        assert_eq!(source.loads(), 2, "one reload, then cached again");
-        cache
-            .reserve(&bucket(), &hold("a", credits(6)), Credits::ZERO, &source)
-            .await
-            .expect("the granted credits are usable");
-        assert_eq!(source.loads(), 2);
-        space.flush().await;
+        crate::test_support::time_limit::limited(async move {
+            let Some(space) = Space::new() else {
+                return;
+            };
+            let cache = space.cache("gw1").await;
+            let sibling = space.cache("gw2").await;
+            let source = FixedSource::new(credits(1));
+            assert_eq!(
+                cache.view(&bucket(), &source).await.expect("view").balance,
+                credits(1)
+            );
+            // Another process grants 5 credits.
+            source.balance.store(credits(6).micros(), Ordering::SeqCst);
+            source.rev.store(2, Ordering::SeqCst);
+            assert_eq!(
+                cache.view(&bucket(), &source).await.expect("view").balance,
+                credits(1),
+                "cached until invalidated"
+            );
+            assert_eq!(source.loads(), 1);
+            // Any instance's invalidation reaches every instance.
+            sibling.invalidate_all().await.expect("invalidate");
+            assert_eq!(
+                cache.view(&bucket(), &source).await.expect("view").balance,
+                credits(6)
+            );
+            assert_eq!(source.loads(), 2, "one reload, then cached again");
+            cache
+                .reserve(&bucket(), &hold("a", credits(6)), Credits::ZERO, &source)
+                .await
+                .expect("the granted credits are usable");
+            assert_eq!(source.loads(), 2);
+            space.flush().await;
+        })
+        .await;
     }
 
     #[tokio::test]
     async fn a_flushed_redis_only_costs_a_reload() {
-        let space = Space::new();
-        let cache = space.cache("gw1").await;
-        let source = FixedSource::new(credits(10));
-        cache
-            .reserve(&bucket(), &hold("a", credits(4)), Credits::ZERO, &source)
-            .await
-            .expect("fits");
-        assert_eq!(source.loads(), 1);
-        space.flush().await;
-        let view = cache.view(&bucket(), &source).await.expect("view");
-        assert_eq!(
-            (view.balance, view.held, view.available),
-            (credits(10), Credits::ZERO, credits(10))
-        );
-        assert_eq!(source.loads(), 2);
-        cache
-            .reserve(&bucket(), &hold("b", credits(10)), Credits::ZERO, &source)
-            .await
-            .expect("fits after the reload");
-        assert!(
+        crate::test_support::time_limit::limited(async move {
+            let Some(space) = Space::new() else {
+                return;
+            };
+            let cache = space.cache("gw1").await;
+            let source = FixedSource::new(credits(10));
             cache
-                .reserve(
-                    &bucket(),
-                    &hold("c", Credits::from_micros(1)),
-                    Credits::ZERO,
-                    &source
-                )
+                .reserve(&bucket(), &hold("a", credits(4)), Credits::ZERO, &source)
                 .await
-                .is_err()
-        );
-        assert_eq!(source.loads(), 2);
-        space.flush().await;
+                .expect("fits");
+            assert_eq!(source.loads(), 1);
+            space.flush().await;
+            let view = cache.view(&bucket(), &source).await.expect("view");
+            assert_eq!(
+                (view.balance, view.held, view.available),
+                (credits(10), Credits::ZERO, credits(10))
+            );
+            assert_eq!(source.loads(), 2);
+            cache
+                .reserve(&bucket(), &hold("b", credits(10)), Credits::ZERO, &source)
+                .await
+                .expect("fits after the reload");
+            assert!(
+                cache
+                    .reserve(
+                        &bucket(),
+                        &hold("c", Credits::from_micros(1)),
+                        Credits::ZERO,
+                        &source
+                    )
+                    .await
+                    .is_err()
+            );
+            assert_eq!(source.loads(), 2);
+            space.flush().await;
+        })
+        .await;
     }
 
     #[tokio::test]
     async fn reap_releases_expired_holds_and_those_of_dead_instances_only() {
-        let space = Space::new();
-        let me = space.cache("gw_me").await;
-        let dead = space.cache("gw_dead").await;
-        let alive = space.cache("gw_alive").await;
-        let source = FixedSource::new(credits(100));
-        let bob = Bucket::Account(AccountId::parse("bob").expect("valid"));
-        let mut expired = hold("me-expired", credits(1));
-        expired.deadline_ms = 1_000;
-        let mut expired_bob = hold("me-expired-bob", credits(1));
-        expired_bob.deadline_ms = 1_000;
-        for (cache, bucket, hold) in [
-            (&me, &bucket(), expired),
-            (&me, &bob, expired_bob),
-            (&me, &bucket(), hold("me-live", credits(2))),
-            (&dead, &bucket(), hold("dead-1", credits(4))),
-            (&dead, &bob, hold("dead-2", credits(8))),
-            (&alive, &bucket(), hold("alive-1", credits(16))),
-        ] {
-            cache
-                .reserve(bucket, &hold, Credits::ZERO, &source)
+        crate::test_support::time_limit::limited(async move {
+            let Some(space) = Space::new() else {
+                return;
+            };
+            let me = space.cache("gw_me").await;
+            let dead = space.cache("gw_dead").await;
+            let alive = space.cache("gw_alive").await;
+            let source = FixedSource::new(credits(100));
+            let bob = Bucket::Account(AccountId::parse("bob").expect("valid"));
+            let mut expired = hold("me-expired", credits(1));
+            expired.deadline_ms = 1_000;
+            let mut expired_bob = hold("me-expired-bob", credits(1));
+            expired_bob.deadline_ms = 1_000;
+            for (cache, bucket, hold) in [
+                (&me, &bucket(), expired),
+                (&me, &bob, expired_bob),
+                (&me, &bucket(), hold("me-live", credits(2))),
+                (&dead, &bucket(), hold("dead-1", credits(4))),
+                (&dead, &bob, hold("dead-2", credits(8))),
+                (&alive, &bucket(), hold("alive-1", credits(16))),
+            ] {
+                cache
+                    .reserve(bucket, &hold, Credits::ZERO, &source)
+                    .await
+                    .expect("fits");
+            }
+            // `gw_dead` stops beating and its last beat is a minute old.
+            dead.shutdown();
+            let mut conn = space.conn().await;
+            let instances = me.keys.instances();
+            let _: i64 = command("ZADD")
+                .arg(&instances)
+                .arg(now_ms() - 60_000)
+                .arg("gw_dead")
+                .query_async(&mut conn)
                 .await
-                .expect("fits");
-        }
-        // `gw_dead` stops beating and its last beat is a minute old.
-        dead.shutdown();
-        let mut conn = space.conn().await;
-        let instances = me.keys.instances();
-        let _: i64 = command("ZADD")
-            .arg(&instances)
-            .arg(now_ms() - 60_000)
-            .arg("gw_dead")
-            .query_async(&mut conn)
-            .await
-            .expect("zadd");
+                .expect("zadd");
 
-        assert_eq!(me.reap_holds(now_ms()).await.expect("reap"), 4);
-        let view = me.view(&bucket(), &source).await.expect("view");
-        assert_eq!(view.held, credits(2 + 16));
-        assert_eq!(
-            me.view(&bob, &source).await.expect("view").held,
-            Credits::ZERO
-        );
-        // The dead instance is forgotten; the live ones are not.
-        let members: Vec<String> = command("ZRANGE")
-            .arg(&instances)
-            .arg(0)
-            .arg(-1)
-            .query_async(&mut conn)
-            .await
-            .expect("zrange");
-        assert!(!members.contains(&"gw_dead".to_owned()), "{members:?}");
-        assert!(members.contains(&"gw_alive".to_owned()), "{members:?}");
-        let dead_set: i64 = command("EXISTS")
-            .arg(me.keys.owner("gw_dead"))
-            .query_async(&mut conn)
-            .await
-            .expect("exists");
-        assert_eq!(dead_set, 0);
-        // My owner set keeps the bucket where I still hold, and drops the one where I do not.
-        let mine: Vec<String> = command("SMEMBERS")
-            .arg(me.keys.owner("gw_me"))
-            .query_async(&mut conn)
-            .await
-            .expect("smembers");
-        assert_eq!(mine, vec![me.keys.bucket(&bucket()).base]);
-        // Nothing more to release.
-        assert_eq!(me.reap_holds(now_ms()).await.expect("reap"), 0);
-        drop(dead);
-        space.flush().await;
+            assert_eq!(me.reap_holds(now_ms()).await.expect("reap"), 4);
+            let view = me.view(&bucket(), &source).await.expect("view");
+            assert_eq!(view.held, credits(2 + 16));
+            assert_eq!(
+                me.view(&bob, &source).await.expect("view").held,
+                Credits::ZERO
+            );
+            // The dead instance is forgotten; the live ones are not.
+            let members: Vec<String> = command("ZRANGE")
+                .arg(&instances)
+                .arg(0)
+                .arg(-1)
+                .query_async(&mut conn)
+                .await
+                .expect("zrange");
+            assert!(!members.contains(&"gw_dead".to_owned()), "{members:?}");
+            assert!(members.contains(&"gw_alive".to_owned()), "{members:?}");
+            let dead_set: i64 = command("EXISTS")
+                .arg(me.keys.owner("gw_dead"))
+                .query_async(&mut conn)
+                .await
+                .expect("exists");
+            assert_eq!(dead_set, 0);
+            // My owner set keeps the bucket where I still hold, and drops the one where I do not.
+            let mine: Vec<String> = command("SMEMBERS")
+                .arg(me.keys.owner("gw_me"))
+                .query_async(&mut conn)
+                .await
+                .expect("smembers");
+            assert_eq!(mine, vec![me.keys.bucket(&bucket()).base]);
+            // Nothing more to release.
+            assert_eq!(me.reap_holds(now_ms()).await.expect("reap"), 0);
+            drop(dead);
+            space.flush().await;
+        })
+        .await;
     }
 
     #[tokio::test]
     async fn orphans_are_old_recorded_settlements_until_committed() {
-        let space = Space::new();
-        let cache = space.cache("gw1").await;
-        let source = FixedSource::new(credits(10));
-        let key = Bucket::KeyLimit("key_1".into());
-        for bucket in [&bucket(), &key] {
+        crate::test_support::time_limit::limited(async move {
+            let Some(space) = Space::new() else {
+                return;
+            };
+            let cache = space.cache("gw1").await;
+            let source = FixedSource::new(credits(10));
+            let key = Bucket::KeyLimit("key_1".into());
+            for bucket in [&bucket(), &key] {
+                cache
+                    .reserve(bucket, &hold("req|1", credits(2)), Credits::ZERO, &source)
+                    .await
+                    .expect("fits");
+            }
             cache
-                .reserve(bucket, &hold("req|1", credits(2)), Credits::ZERO, &source)
+                .settle(&bucket(), "req|1", credits(1), Some("{\"the\":\"record\"}"))
                 .await
-                .expect("fits");
-        }
-        cache
-            .settle(&bucket(), "req|1", credits(1), Some("{\"the\":\"record\"}"))
-            .await
-            .expect("settle");
-        cache
-            .settle(&key, "req|1", credits(1), None)
-            .await
-            .expect("settle");
-        // A crash between the index entry and the settlement leaves an entry pointing nowhere.
-        let mut conn = space.conn().await;
-        let index = cache.keys.pending_index();
-        let dangling = index_member(&cache.keys.bucket(&bucket()).base, "req_lost");
-        let _: i64 = command("ZADD")
-            .arg(&index)
-            .arg(0)
-            .arg(&dangling)
-            .query_async(&mut conn)
-            .await
-            .expect("zadd");
-
-        // Too young to be an orphan (the dangling entry is old, but points at nothing).
-        assert!(
+                .expect("settle");
             cache
-                .orphans(now_ms(), 60_000)
+                .settle(&key, "req|1", credits(1), None)
                 .await
-                .expect("orphans")
-                .is_empty()
-        );
-        let gone: Option<f64> = command("ZSCORE")
-            .arg(&index)
-            .arg(&dangling)
-            .query_async(&mut conn)
-            .await
-            .expect("zscore");
-        assert_eq!(gone, None, "a dangling index entry is removed");
+                .expect("settle");
+            // A crash between the index entry and the settlement leaves an entry pointing nowhere.
+            let mut conn = space.conn().await;
+            let index = cache.keys.pending_index();
+            let dangling = index_member(&cache.keys.bucket(&bucket()).base, "req_lost");
+            let _: i64 = command("ZADD")
+                .arg(&index)
+                .arg(0)
+                .arg(&dangling)
+                .query_async(&mut conn)
+                .await
+                .expect("zadd");
 
-        let orphans = cache
-            .orphans(now_ms() + 120_000, 60_000)
-            .await
-            .expect("orphans");
-        assert_eq!(orphans.len(), 1);
-        assert_eq!(orphans[0].bucket, bucket());
-        assert_eq!(
-            (orphans[0].request_id.as_str(), orphans[0].record.as_str()),
-            ("req|1", "{\"the\":\"record\"}")
-        );
-        // A sibling can see it too.
-        let sibling = space.cache("gw2").await;
-        assert_eq!(
-            sibling
+            // Too young to be an orphan (the dangling entry is old, but points at nothing).
+            assert!(
+                cache
+                    .orphans(now_ms(), 60_000)
+                    .await
+                    .expect("orphans")
+                    .is_empty()
+            );
+            let gone: Option<f64> = command("ZSCORE")
+                .arg(&index)
+                .arg(&dangling)
+                .query_async(&mut conn)
+                .await
+                .expect("zscore");
+            assert_eq!(gone, None, "a dangling index entry is removed");
+
+            let orphans = cache
                 .orphans(now_ms() + 120_000, 60_000)
                 .await
-                .expect("orphans")
-                .len(),
-            1
-        );
-        let written = Snapshot::plain(credits(9), 2);
-        cache
-            .committed(&bucket(), "req|1", written)
-            .await
-            .expect("commit");
-        assert!(
+                .expect("orphans");
+            assert_eq!(orphans.len(), 1);
+            assert_eq!(orphans[0].bucket, bucket());
+            assert_eq!(
+                (orphans[0].request_id.as_str(), orphans[0].record.as_str()),
+                ("req|1", "{\"the\":\"record\"}")
+            );
+            // A sibling can see it too.
+            let sibling = space.cache("gw2").await;
+            assert_eq!(
+                sibling
+                    .orphans(now_ms() + 120_000, 60_000)
+                    .await
+                    .expect("orphans")
+                    .len(),
+                1
+            );
+            let written = Snapshot::plain(credits(9), 2);
             cache
-                .orphans(now_ms() + 120_000, 60_000)
+                .committed(&bucket(), "req|1", written)
                 .await
-                .expect("orphans")
-                .is_empty()
-        );
-        let left: i64 = command("ZCARD")
-            .arg(&index)
-            .query_async(&mut conn)
-            .await
-            .expect("zcard");
-        assert_eq!(left, 0);
-        space.flush().await;
+                .expect("commit");
+            assert!(
+                cache
+                    .orphans(now_ms() + 120_000, 60_000)
+                    .await
+                    .expect("orphans")
+                    .is_empty()
+            );
+            let left: i64 = command("ZCARD")
+                .arg(&index)
+                .query_async(&mut conn)
+                .await
+                .expect("zcard");
+            assert_eq!(left, 0);
+            space.flush().await;
+        })
+        .await;
     }
 
     #[tokio::test]
     async fn amounts_beyond_lua_precision_saturate() {
-        let space = Space::new();
-        let cache = space.cache("gw1").await;
-        let source = FixedSource::new(Credits::from_micros(i64::MAX));
-        let view = cache.view(&bucket(), &source).await.expect("view");
-        assert_eq!(view.balance, Credits::from_micros(MAX_EXACT_MICROS));
-        let err = cache
-            .reserve(
-                &bucket(),
-                &hold("huge", Credits::from_micros(i64::MAX)),
-                Credits::from_micros(1),
-                &source,
-            )
-            .await
-            .expect_err("2^53 - 2^53 < 1");
-        assert!(matches!(err, ReserveError::Insufficient { .. }));
-        // Below 2^53 every micro-credit counts.
-        let exact_source = FixedSource::new(Credits::from_micros(MAX_EXACT_MICROS - 1));
-        let other = Bucket::Account(AccountId::parse("exact").expect("valid"));
-        cache
-            .reserve(
-                &other,
-                &hold("a", Credits::from_micros(MAX_EXACT_MICROS - 2)),
-                Credits::ZERO,
-                &exact_source,
-            )
-            .await
-            .expect("fits");
-        let view = cache.view(&other, &exact_source).await.expect("view");
-        assert_eq!(view.available, Credits::from_micros(1));
-        space.flush().await;
+        crate::test_support::time_limit::limited(async move {
+            let Some(space) = Space::new() else {
+                return;
+            };
+            let cache = space.cache("gw1").await;
+            let source = FixedSource::new(Credits::from_micros(i64::MAX));
+            let view = cache.view(&bucket(), &source).await.expect("view");
+            assert_eq!(view.balance, Credits::from_micros(MAX_EXACT_MICROS));
+            let err = cache
+                .reserve(
+                    &bucket(),
+                    &hold("huge", Credits::from_micros(i64::MAX)),
+                    Credits::from_micros(1),
+                    &source,
+                )
+                .await
+                .expect_err("2^53 - 2^53 < 1");
+            assert!(matches!(err, ReserveError::Insufficient { .. }));
+            // Below 2^53 every micro-credit counts.
+            let exact_source = FixedSource::new(Credits::from_micros(MAX_EXACT_MICROS - 1));
+            let other = Bucket::Account(AccountId::parse("exact").expect("valid"));
+            cache
+                .reserve(
+                    &other,
+                    &hold("a", Credits::from_micros(MAX_EXACT_MICROS - 2)),
+                    Credits::ZERO,
+                    &exact_source,
+                )
+                .await
+                .expect("fits");
+            let view = cache.view(&other, &exact_source).await.expect("view");
+            assert_eq!(view.available, Credits::from_micros(1));
+            space.flush().await;
+        })
+        .await;
     }
 
     #[tokio::test]
     async fn unreachable_redis_answers_unavailable_quickly() {
-        // A port nothing listens on: bind, note the port, close.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .expect("bind")
-            .local_addr()
-            .expect("addr")
-            .port();
-        let url = format!("redis://127.0.0.1:{port}");
-        let started = Instant::now();
-        let err = RedisCache::connect(&url, "tgtest_down", "gw1")
-            .await
-            .err()
-            .expect("nothing listens");
-        assert!(matches!(err, CacheError::Unavailable(_)), "{err}");
-        assert!(started.elapsed() < Duration::from_millis(2500));
-
-        let cache = RedisCache::open(&url, "tgtest_down", "gw1")
-            .await
-            .expect("lazy");
-        let source = FixedSource::new(credits(10));
-        for _ in 0..3 {
+        crate::test_support::time_limit::limited(async move {
+            // A port nothing listens on: bind, note the port, close.
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .expect("bind")
+                .local_addr()
+                .expect("addr")
+                .port();
+            let url = format!("redis://127.0.0.1:{port}");
             let started = Instant::now();
-            let err = cache
-                .reserve(&bucket(), &hold("a", credits(1)), Credits::ZERO, &source)
+            let err = RedisCache::connect(&url, "tgtest_down", "gw1")
                 .await
-                .expect_err("down");
-            assert!(
-                matches!(err, ReserveError::Cache(CacheError::Unavailable(_))),
-                "{err}"
-            );
+                .err()
+                .expect("nothing listens");
+            assert!(matches!(err, CacheError::Unavailable(_)), "{err}");
             assert!(started.elapsed() < Duration::from_millis(2500));
-            let started = Instant::now();
-            assert!(matches!(
-                cache.view(&bucket(), &source).await,
-                Err(CacheError::Unavailable(_))
-            ));
-            assert!(
-                cache
-                    .settle(&bucket(), "a", credits(1), Some("{}"))
+
+            let cache = RedisCache::open(&url, "tgtest_down", "gw1")
+                .await
+                .expect("lazy");
+            let source = FixedSource::new(credits(10));
+            for _ in 0..3 {
+                let started = Instant::now();
+                let err = cache
+                    .reserve(&bucket(), &hold("a", credits(1)), Credits::ZERO, &source)
                     .await
-                    .is_err()
-            );
-            assert!(cache.reap_holds(now_ms()).await.is_err());
-            assert!(started.elapsed() < Duration::from_millis(2500));
-        }
-        assert_eq!(source.loads(), 0);
+                    .expect_err("down");
+                assert!(
+                    matches!(err, ReserveError::Cache(CacheError::Unavailable(_))),
+                    "{err}"
+                );
+                assert!(started.elapsed() < Duration::from_millis(2500));
+                let started = Instant::now();
+                assert!(matches!(
+                    cache.view(&bucket(), &source).await,
+                    Err(CacheError::Unavailable(_))
+                ));
+                assert!(
+                    cache
+                        .settle(&bucket(), "a", credits(1), Some("{}"))
+                        .await
+                        .is_err()
+                );
+                assert!(cache.reap_holds(now_ms()).await.is_err());
+                assert!(started.elapsed() < Duration::from_millis(2500));
+            }
+            assert_eq!(source.loads(), 0);
+        })
+        .await;
     }
 
     /// The hold of `request_id` as stored: `amount|deadline|token|owner`.
     #[tokio::test]
     async fn a_snapshot_counting_a_lapsed_grant_is_reloaded_and_lapsed_credits_are_unavailable() {
-        let space = Space::new();
-        let cache = space.cache("gw1").await;
-        // The first load raced the grant's lapse: it still counts the grant as live, so no
-        // reservation may use it. The reload reports 4 of the 10 as lapsed, not swept yet.
-        let source = ScriptedSource::new(vec![
-            expiring(10, 1, Some(now_ms() - 1), 0),
-            expiring(10, 1, None, 4),
-        ]);
-        let err = cache
-            .reserve(&bucket(), &hold("a", credits(7)), Credits::ZERO, &source)
-            .await
-            .expect_err("lapsed credits are not available");
-        assert!(
-            matches!(err, ReserveError::Insufficient { available } if available == credits(6)),
-            "{err:?}"
-        );
-        assert_eq!(source.told().len(), 2);
-        cache
-            .reserve(&bucket(), &hold("a", credits(6)), Credits::ZERO, &source)
-            .await
-            .expect("fits");
-        let view = cache.view(&bucket(), &source).await.expect("view");
-        assert_eq!(
-            (view.balance, view.held, view.available),
-            (credits(10), credits(6), Credits::ZERO)
-        );
-        assert_eq!(source.told().len(), 2, "a fresh snapshot is not reloaded");
-        space.flush().await;
+        crate::test_support::time_limit::limited(async move {
+            let Some(space) = Space::new() else {
+                return;
+            };
+            let cache = space.cache("gw1").await;
+            // The first load raced the grant's lapse: it still counts the grant as live, so no
+            // reservation may use it. The reload reports 4 of the 10 as lapsed, not swept yet.
+            let source = ScriptedSource::new(vec![
+                expiring(10, 1, Some(now_ms() - 1), 0),
+                expiring(10, 1, None, 4),
+            ]);
+            let err = cache
+                .reserve(&bucket(), &hold("a", credits(7)), Credits::ZERO, &source)
+                .await
+                .expect_err("lapsed credits are not available");
+            assert!(
+                matches!(err, ReserveError::Insufficient { available } if available == credits(6)),
+                "{err:?}"
+            );
+            assert_eq!(source.told().len(), 2);
+            cache
+                .reserve(&bucket(), &hold("a", credits(6)), Credits::ZERO, &source)
+                .await
+                .expect("fits");
+            let view = cache.view(&bucket(), &source).await.expect("view");
+            assert_eq!(
+                (view.balance, view.held, view.available),
+                (credits(10), credits(6), Credits::ZERO)
+            );
+            assert_eq!(source.told().len(), 2, "a fresh snapshot is not reloaded");
+            space.flush().await;
+        })
+        .await;
     }
 
     #[tokio::test]
     async fn a_sweeps_fence_makes_later_reservations_reload_keeping_what_is_in_flight() {
-        let space = Space::new();
-        let cache = space.cache("gw1").await;
-        let lapses_at = now_ms() + 3_600_000;
-        let source = ScriptedSource::new(vec![
-            expiring(10, 1, Some(lapses_at), 0),
-            // After the sweep that kept 4 of the lapsed grant for the requests in flight.
-            expiring(6, 2, None, 4),
-        ]);
-        cache
-            .reserve(&bucket(), &hold("a", credits(4)), Credits::ZERO, &source)
-            .await
-            .expect("fits");
-        cache
-            .reserve(&bucket(), &hold("p", credits(1)), Credits::ZERO, &source)
-            .await
-            .expect("fits");
-        cache
-            .settle(&bucket(), "p", credits(1), None)
-            .await
-            .expect("settle");
-        // The sweep reads what is held (4) or pending (1) and fences the bucket at the lapse,
-        // even though this clock has not reached it.
-        assert_eq!(
+        crate::test_support::time_limit::limited(async move {
+            let Some(space) = Space::new() else {
+                return;
+            };
+            let cache = space.cache("gw1").await;
+            let lapses_at = now_ms() + 3_600_000;
+            let source = ScriptedSource::new(vec![
+                expiring(10, 1, Some(lapses_at), 0),
+                // After the sweep that kept 4 of the lapsed grant for the requests in flight.
+                expiring(6, 2, None, 4),
+            ]);
             cache
-                .in_flight(&bucket(), lapses_at)
+                .reserve(&bucket(), &hold("a", credits(4)), Credits::ZERO, &source)
                 .await
-                .expect("in flight"),
-            credits(5)
-        );
-        let other = Bucket::Account(AccountId::parse("nobody").expect("valid"));
-        assert_eq!(
-            cache.in_flight(&other, lapses_at).await.expect("in flight"),
-            Credits::ZERO
-        );
-        // So the next reservation reloads, telling the ledger what is in flight, and the kept
-        // credits stay unavailable: 6 - 1 pending - 4 held - 4 lapsed.
-        let err = cache
-            .reserve(&bucket(), &hold("b", credits(1)), Credits::ZERO, &source)
-            .await
-            .expect_err("nothing available");
-        assert!(
-            matches!(err, ReserveError::Insufficient { available } if available == credits(-3)),
-            "{err:?}"
-        );
-        assert_eq!(source.told(), [Credits::ZERO, credits(5)]);
-        // Once the request that reserved before the lapse is gone, the rest is available.
-        cache.release(&bucket(), "a").await.expect("release");
-        cache
-            .reserve(&bucket(), &hold("b", credits(1)), Credits::ZERO, &source)
-            .await
-            .expect("fits");
-        let view = cache.view(&bucket(), &source).await.expect("view");
-        assert_eq!(
-            (view.balance, view.held, view.available),
-            (credits(5), credits(1), Credits::ZERO)
-        );
-        space.flush().await;
+                .expect("fits");
+            cache
+                .reserve(&bucket(), &hold("p", credits(1)), Credits::ZERO, &source)
+                .await
+                .expect("fits");
+            cache
+                .settle(&bucket(), "p", credits(1), None)
+                .await
+                .expect("settle");
+            // The sweep reads what is held (4) or pending (1) and fences the bucket at the lapse,
+            // even though this clock has not reached it.
+            assert_eq!(
+                cache
+                    .in_flight(&bucket(), lapses_at)
+                    .await
+                    .expect("in flight"),
+                credits(5)
+            );
+            let other = Bucket::Account(AccountId::parse("nobody").expect("valid"));
+            assert_eq!(
+                cache.in_flight(&other, lapses_at).await.expect("in flight"),
+                Credits::ZERO
+            );
+            // So the next reservation reloads, telling the ledger what is in flight, and the kept
+            // credits stay unavailable: 6 - 1 pending - 4 held - 4 lapsed.
+            let err = cache
+                .reserve(&bucket(), &hold("b", credits(1)), Credits::ZERO, &source)
+                .await
+                .expect_err("nothing available");
+            assert!(
+                matches!(err, ReserveError::Insufficient { available } if available == credits(-3)),
+                "{err:?}"
+            );
+            assert_eq!(source.told(), [Credits::ZERO, credits(5)]);
+            // Once the request that reserved before the lapse is gone, the rest is available.
+            cache.release(&bucket(), "a").await.expect("release");
+            cache
+                .reserve(&bucket(), &hold("b", credits(1)), Credits::ZERO, &source)
+                .await
+                .expect("fits");
+            let view = cache.view(&bucket(), &source).await.expect("view");
+            assert_eq!(
+                (view.balance, view.held, view.available),
+                (credits(5), credits(1), Credits::ZERO)
+            );
+            space.flush().await;
+        })
+        .await;
     }
 
     async fn stored_hold(space: &Space, cache: &RedisCache, request_id: &str) -> Option<String> {
@@ -1879,36 +1940,41 @@ mod tests {
 
     #[tokio::test]
     async fn a_reservation_of_unknown_outcome_is_abandoned_by_its_token_only() {
-        let space = Space::new();
-        let cache = space.cache("gw1").await;
-        let source = FixedSource::new(credits(10));
-        let keys = cache.keys.bucket(&bucket());
-        cache
-            .reserve(&bucket(), &hold("a", credits(4)), Credits::ZERO, &source)
-            .await
-            .expect("fits");
-        let first = token_of(&stored_hold(&space, &cache, "a").await.expect("held"));
-        // The same request reserved again: its hold now answers to the second call.
-        cache
-            .reserve(&bucket(), &hold("a", credits(4)), Credits::ZERO, &source)
-            .await
-            .expect("same hold");
-        let second = token_of(&stored_hold(&space, &cache, "a").await.expect("held"));
-        assert_ne!(first, second);
-        cache.abandon_in_background(&keys, "a", first);
-        tokio::time::sleep(Duration::from_millis(800)).await;
-        assert_eq!(
-            cache.view(&bucket(), &source).await.expect("view").held,
-            credits(4),
-            "an earlier call's abandon leaves the hold"
-        );
-        cache.abandon_in_background(&keys, "a", second);
-        tokio::time::sleep(Duration::from_millis(800)).await;
-        assert_eq!(
-            cache.view(&bucket(), &source).await.expect("view").held,
-            Credits::ZERO
-        );
-        space.flush().await;
+        crate::test_support::time_limit::limited(async move {
+            let Some(space) = Space::new() else {
+                return;
+            };
+            let cache = space.cache("gw1").await;
+            let source = FixedSource::new(credits(10));
+            let keys = cache.keys.bucket(&bucket());
+            cache
+                .reserve(&bucket(), &hold("a", credits(4)), Credits::ZERO, &source)
+                .await
+                .expect("fits");
+            let first = token_of(&stored_hold(&space, &cache, "a").await.expect("held"));
+            // The same request reserved again: its hold now answers to the second call.
+            cache
+                .reserve(&bucket(), &hold("a", credits(4)), Credits::ZERO, &source)
+                .await
+                .expect("same hold");
+            let second = token_of(&stored_hold(&space, &cache, "a").await.expect("held"));
+            assert_ne!(first, second);
+            cache.abandon_in_background(&keys, "a", first);
+            tokio::time::sleep(Duration::from_millis(800)).await;
+            assert_eq!(
+                cache.view(&bucket(), &source).await.expect("view").held,
+                credits(4),
+                "an earlier call's abandon leaves the hold"
+            );
+            cache.abandon_in_background(&keys, "a", second);
+            tokio::time::sleep(Duration::from_millis(800)).await;
+            assert_eq!(
+                cache.view(&bucket(), &source).await.expect("view").held,
+                Credits::ZERO
+            );
+            space.flush().await;
+        })
+        .await;
     }
 
     /// A TCP relay to the test Redis that can be cut and restored, to play a Redis outage.
@@ -1951,45 +2017,50 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_outage_answers_unavailable_and_the_connection_comes_back_by_itself() {
-        let space = Space::new();
-        let relay = Relay::start(0).await;
-        let url = format!("redis://127.0.0.1:{}", relay.port);
-        let cache = RedisCache::connect(&url, &space.prefix, "gw1")
-            .await
-            .expect("through the relay");
-        let source = FixedSource::new(credits(10));
-        cache
-            .reserve(&bucket(), &hold("a", credits(4)), Credits::ZERO, &source)
-            .await
-            .expect("fits");
+        crate::test_support::time_limit::limited(async move {
+            let Some(space) = Space::new() else {
+                return;
+            };
+            let relay = Relay::start(0).await;
+            let url = format!("redis://127.0.0.1:{}", relay.port);
+            let cache = RedisCache::connect(&url, &space.prefix, "gw1")
+                .await
+                .expect("through the relay");
+            let source = FixedSource::new(credits(10));
+            cache
+                .reserve(&bucket(), &hold("a", credits(4)), Credits::ZERO, &source)
+                .await
+                .expect("fits");
 
-        relay.cut();
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        for _ in 0..3 {
-            let started = Instant::now();
-            assert!(matches!(
-                cache.view(&bucket(), &source).await,
-                Err(CacheError::Unavailable(_))
-            ));
-            assert!(started.elapsed() < Duration::from_millis(2500));
-        }
-
-        let relay = Relay::start(relay.port).await;
-        let started = Instant::now();
-        let view = loop {
-            match cache.view(&bucket(), &source).await {
-                Ok(view) => break view,
-                Err(error) => {
-                    assert!(started.elapsed() < Duration::from_secs(5), "{error}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
+            relay.cut();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            for _ in 0..3 {
+                let started = Instant::now();
+                assert!(matches!(
+                    cache.view(&bucket(), &source).await,
+                    Err(CacheError::Unavailable(_))
+                ));
+                assert!(started.elapsed() < Duration::from_millis(2500));
             }
-        };
-        // Redis itself kept everything: the hold is still there, no reload was needed.
-        assert_eq!(view.held, credits(4));
-        assert_eq!(source.loads(), 1);
-        relay.cut();
-        space.flush().await;
+
+            let relay = Relay::start(relay.port).await;
+            let started = Instant::now();
+            let view = loop {
+                match cache.view(&bucket(), &source).await {
+                    Ok(view) => break view,
+                    Err(error) => {
+                        assert!(started.elapsed() < Duration::from_secs(5), "{error}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            };
+            // Redis itself kept everything: the hold is still there, no reload was needed.
+            assert_eq!(view.held, credits(4));
+            assert_eq!(source.loads(), 1);
+            relay.cut();
+            space.flush().await;
+        })
+        .await;
     }
 
     /// The same semantics on Redis Cluster, where a bucket's keys must share a slot. Needs a
@@ -1998,59 +2069,63 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     #[ignore = "needs a Redis Cluster (TOLLGATE_TEST_REDIS_CLUSTER)"]
     async fn redis_cluster_keeps_the_semantics() {
-        let Ok(url) = std::env::var("TOLLGATE_TEST_REDIS_CLUSTER") else {
-            return;
-        };
-        let prefix = format!("tgtest_{}", uuid::Uuid::new_v4().simple());
-        let connect = |instance: &'static str| {
-            let (url, prefix) = (url.clone(), prefix.clone());
-            async move {
-                RedisCache::connect(&url, &prefix, instance)
+        crate::test_support::time_limit::limited(async move {
+            let Ok(url) = std::env::var("TOLLGATE_TEST_REDIS_CLUSTER") else {
+                return;
+            };
+            let prefix = format!("tgtest_{}", uuid::Uuid::new_v4().simple());
+            let connect = |instance: &'static str| {
+                let (url, prefix) = (url.clone(), prefix.clone());
+                async move {
+                    RedisCache::connect(&url, &prefix, instance)
+                        .await
+                        .expect("cluster")
+                }
+            };
+            let one = Arc::new(connect("gw1").await);
+            let two = Arc::new(connect("gw2").await);
+            let source = Arc::new(FixedSource::new(credits(10)));
+            assert_eq!(race(&[one.clone(), two.clone()], source.clone()).await, 10);
+            // The winners are any 10 of the 100: release them all, then record 10 free settlements.
+            for i in 0..100 {
+                two.release(&bucket(), &format!("r{i}"))
                     .await
-                    .expect("cluster")
+                    .expect("release");
             }
-        };
-        let one = Arc::new(connect("gw1").await);
-        let two = Arc::new(connect("gw2").await);
-        let source = Arc::new(FixedSource::new(credits(10)));
-        assert_eq!(race(&[one.clone(), two.clone()], source.clone()).await, 10);
-        // The winners are any 10 of the 100: release them all, then record 10 free settlements.
-        for i in 0..100 {
-            two.release(&bucket(), &format!("r{i}"))
-                .await
-                .expect("release");
-        }
-        for i in 0..10 {
-            one.settle(&bucket(), &format!("s{i}"), Credits::ZERO, Some("{}"))
-                .await
-                .expect("settle");
-        }
-        // Many accounts, so many slots (and nodes): each bucket works on its own.
-        for i in 0..50 {
-            let account = Bucket::Account(AccountId::parse(&format!("acct{i}")).expect("valid"));
-            two.reserve(&account, &hold("x", credits(1)), Credits::ZERO, &*source)
+            for i in 0..10 {
+                one.settle(&bucket(), &format!("s{i}"), Credits::ZERO, Some("{}"))
+                    .await
+                    .expect("settle");
+            }
+            // Many accounts, so many slots (and nodes): each bucket works on its own.
+            for i in 0..50 {
+                let account =
+                    Bucket::Account(AccountId::parse(&format!("acct{i}")).expect("valid"));
+                two.reserve(&account, &hold("x", credits(1)), Credits::ZERO, &*source)
+                    .await
+                    .expect("fits");
+                two.settle(&account, "x", credits(1), Some("{}"))
+                    .await
+                    .expect("settle");
+            }
+            two.invalidate_all().await.expect("invalidate");
+            let view = one.view(&bucket(), &*source).await.expect("view");
+            assert_eq!(view.available, credits(10));
+            assert_eq!(
+                one.orphans(now_ms() + 120_000, 60_000)
+                    .await
+                    .expect("orphans")
+                    .len(),
+                60
+            );
+            let mut expired = hold("late", credits(1));
+            expired.deadline_ms = 1;
+            one.reserve(&bucket(), &expired, Credits::ZERO, &*source)
                 .await
                 .expect("fits");
-            two.settle(&account, "x", credits(1), Some("{}"))
-                .await
-                .expect("settle");
-        }
-        two.invalidate_all().await.expect("invalidate");
-        let view = one.view(&bucket(), &*source).await.expect("view");
-        assert_eq!(view.available, credits(10));
-        assert_eq!(
-            one.orphans(now_ms() + 120_000, 60_000)
-                .await
-                .expect("orphans")
-                .len(),
-            60
-        );
-        let mut expired = hold("late", credits(1));
-        expired.deadline_ms = 1;
-        one.reserve(&bucket(), &expired, Credits::ZERO, &*source)
-            .await
-            .expect("fits");
-        assert_eq!(one.reap_holds(now_ms()).await.expect("reap"), 1);
+            assert_eq!(one.reap_holds(now_ms()).await.expect("reap"), 1);
+        })
+        .await;
     }
 
     #[test]
@@ -2090,33 +2165,38 @@ mod tests {
     #[tokio::test]
     #[ignore = "a measurement, not a check"]
     async fn reserve_latency() {
-        let space = Space::new();
-        let cache = space.cache("gw1").await;
-        let source = FixedSource::new(credits(1_000_000));
-        cache.view(&bucket(), &source).await.expect("warm");
-        let n = 1000u32;
-        let started = Instant::now();
-        for i in 0..n {
-            cache
-                .reserve(
-                    &bucket(),
-                    &hold(&format!("r{i}"), credits(1)),
-                    Credits::ZERO,
-                    &source,
-                )
-                .await
-                .expect("fits");
-        }
-        let reserve = started.elapsed() / n;
-        let started = Instant::now();
-        for i in 0..n {
-            cache
-                .settle(&bucket(), &format!("r{i}"), credits(1), Some("{}"))
-                .await
-                .expect("settle");
-        }
-        let settle = started.elapsed() / n;
-        println!("mean of {n} sequential calls: reserve {reserve:?}, settle {settle:?}");
-        space.flush().await;
+        crate::test_support::time_limit::limited(async move {
+            let Some(space) = Space::new() else {
+                return;
+            };
+            let cache = space.cache("gw1").await;
+            let source = FixedSource::new(credits(1_000_000));
+            cache.view(&bucket(), &source).await.expect("warm");
+            let n = 1000u32;
+            let started = Instant::now();
+            for i in 0..n {
+                cache
+                    .reserve(
+                        &bucket(),
+                        &hold(&format!("r{i}"), credits(1)),
+                        Credits::ZERO,
+                        &source,
+                    )
+                    .await
+                    .expect("fits");
+            }
+            let reserve = started.elapsed() / n;
+            let started = Instant::now();
+            for i in 0..n {
+                cache
+                    .settle(&bucket(), &format!("r{i}"), credits(1), Some("{}"))
+                    .await
+                    .expect("settle");
+            }
+            let settle = started.elapsed() / n;
+            println!("mean of {n} sequential calls: reserve {reserve:?}, settle {settle:?}");
+            space.flush().await;
+        })
+        .await;
     }
 }

@@ -1151,103 +1151,112 @@ mod tests {
 
     #[tokio::test]
     async fn watcher_picks_up_edits_rejects_bad_ones_and_follows_renames() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("pricing.toml");
-        std::fs::write(&path, PRICE_2).expect("write");
-        let handle = PricingHandle::new(PriceTable::load(&path).expect("valid"));
-        let (stop, shutdown) = watch::channel(false);
-        let watcher = handle.spawn_watcher(
-            path.clone(),
-            Duration::from_millis(20),
-            shutdown,
-            Arc::default(),
-        );
+        crate::test_support::time_limit::limited(async move {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = dir.path().join("pricing.toml");
+            std::fs::write(&path, PRICE_2).expect("write");
+            let handle = PricingHandle::new(PriceTable::load(&path).expect("valid"));
+            let (stop, shutdown) = watch::channel(false);
+            let watcher = handle.spawn_watcher(
+                path.clone(),
+                Duration::from_millis(20),
+                shutdown,
+                Arc::default(),
+            );
 
-        // An edit of the same length in the same second is seen through the content hash.
-        std::fs::write(&path, PRICE_3).expect("write");
-        wait_for_version(&handle, 2).await;
-        assert_eq!(thousand_prompt_tokens(&handle), credits("3"));
+            // An edit of the same length in the same second is seen through the content hash.
+            std::fs::write(&path, PRICE_3).expect("write");
+            wait_for_version(&handle, 2).await;
+            assert_eq!(thousand_prompt_tokens(&handle), credits("3"));
 
-        // An invalid edit is rejected: same version, same prices, for many poll intervals.
-        std::fs::write(
-            &path,
-            "[default]\nprompt_per_1k = \"oops\"\ncompletion_per_1k = \"1\"\n",
-        )
-        .expect("write");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        assert_eq!(handle.version(), 2);
-        assert_eq!(thousand_prompt_tokens(&handle), credits("3"));
+            // An invalid edit is rejected: same version, same prices, for many poll intervals.
+            std::fs::write(
+                &path,
+                "[default]\nprompt_per_1k = \"oops\"\ncompletion_per_1k = \"1\"\n",
+            )
+            .expect("write");
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            assert_eq!(handle.version(), 2);
+            assert_eq!(thousand_prompt_tokens(&handle), credits("3"));
 
-        // An editor's atomic save: write a sibling file, rename it over the original.
-        let staged = dir.path().join(".pricing.toml.tmp");
-        std::fs::write(&staged, PRICE_7).expect("write");
-        std::fs::rename(&staged, &path).expect("rename");
-        wait_for_version(&handle, 3).await;
-        assert_eq!(thousand_prompt_tokens(&handle), credits("7"));
+            // An editor's atomic save: write a sibling file, rename it over the original.
+            let staged = dir.path().join(".pricing.toml.tmp");
+            std::fs::write(&staged, PRICE_7).expect("write");
+            std::fs::rename(&staged, &path).expect("rename");
+            wait_for_version(&handle, 3).await;
+            assert_eq!(thousand_prompt_tokens(&handle), credits("7"));
 
-        stop.send(true).expect("watcher is listening");
-        tokio::time::timeout(Duration::from_secs(5), watcher)
-            .await
-            .expect("watcher stops on shutdown")
-            .expect("watcher did not panic");
+            stop.send(true).expect("watcher is listening");
+            tokio::time::timeout(Duration::from_secs(5), watcher)
+                .await
+                .expect("watcher stops on shutdown")
+                .expect("watcher did not panic");
+        })
+        .await;
     }
 
     #[tokio::test]
     async fn poll_reports_rejections_once_and_survives_a_missing_file() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("pricing.toml");
-        std::fs::write(&path, PRICE_2).expect("write");
-        let handle = PricingHandle::new(PriceTable::load(&path).expect("valid"));
-        let mut seen = Snapshot::read_blocking(&path).ok().map(|s| s.fingerprint);
+        crate::test_support::time_limit::limited(async move {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = dir.path().join("pricing.toml");
+            std::fs::write(&path, PRICE_2).expect("write");
+            let handle = PricingHandle::new(PriceTable::load(&path).expect("valid"));
+            let mut seen = Snapshot::read_blocking(&path).ok().map(|s| s.fingerprint);
 
-        assert!(matches!(
-            handle.poll_once(&path, &mut seen).await,
-            PollOutcome::Unchanged
-        ));
+            assert!(matches!(
+                handle.poll_once(&path, &mut seen).await,
+                PollOutcome::Unchanged
+            ));
 
-        std::fs::write(&path, "rounding = \"ceil\"\nbogus = 1\n").expect("write");
-        match handle.poll_once(&path, &mut seen).await {
-            PollOutcome::Rejected(error) => assert_eq!(error.line(), Some(2), "{error}"),
-            other => panic!("expected a rejection, got {other:?}"),
-        }
-        // The same bad file is not re-parsed (or re-logged) on the next tick.
-        assert!(matches!(
-            handle.poll_once(&path, &mut seen).await,
-            PollOutcome::Unchanged
-        ));
+            std::fs::write(&path, "rounding = \"ceil\"\nbogus = 1\n").expect("write");
+            match handle.poll_once(&path, &mut seen).await {
+                PollOutcome::Rejected(error) => assert_eq!(error.line(), Some(2), "{error}"),
+                other => panic!("expected a rejection, got {other:?}"),
+            }
+            // The same bad file is not re-parsed (or re-logged) on the next tick.
+            assert!(matches!(
+                handle.poll_once(&path, &mut seen).await,
+                PollOutcome::Unchanged
+            ));
 
-        std::fs::remove_file(&path).expect("remove");
-        assert!(matches!(
-            handle.poll_once(&path, &mut seen).await,
-            PollOutcome::Rejected(PricingError::Read { .. })
-        ));
-        assert!(matches!(
-            handle.poll_once(&path, &mut seen).await,
-            PollOutcome::Unchanged
-        ));
-        assert_eq!(thousand_prompt_tokens(&handle), credits("2"));
+            std::fs::remove_file(&path).expect("remove");
+            assert!(matches!(
+                handle.poll_once(&path, &mut seen).await,
+                PollOutcome::Rejected(PricingError::Read { .. })
+            ));
+            assert!(matches!(
+                handle.poll_once(&path, &mut seen).await,
+                PollOutcome::Unchanged
+            ));
+            assert_eq!(thousand_prompt_tokens(&handle), credits("2"));
 
-        std::fs::write(&path, PRICE_3).expect("write");
-        assert!(matches!(
-            handle.poll_once(&path, &mut seen).await,
-            PollOutcome::Reloaded(2)
-        ));
-        assert_eq!(thousand_prompt_tokens(&handle), credits("3"));
+            std::fs::write(&path, PRICE_3).expect("write");
+            assert!(matches!(
+                handle.poll_once(&path, &mut seen).await,
+                PollOutcome::Reloaded(2)
+            ));
+            assert_eq!(thousand_prompt_tokens(&handle), credits("3"));
+        })
+        .await;
     }
 
     #[tokio::test]
     async fn watcher_stops_when_the_shutdown_sender_is_dropped() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("pricing.toml");
-        std::fs::write(&path, PRICE_2).expect("write");
-        let handle = PricingHandle::new(PriceTable::builtin_default());
-        let (stop, shutdown) = watch::channel(false);
-        let watcher =
-            handle.spawn_watcher(path, Duration::from_millis(20), shutdown, Arc::default());
-        drop(stop);
-        tokio::time::timeout(Duration::from_secs(5), watcher)
-            .await
-            .expect("watcher stops")
-            .expect("no panic");
+        crate::test_support::time_limit::limited(async move {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = dir.path().join("pricing.toml");
+            std::fs::write(&path, PRICE_2).expect("write");
+            let handle = PricingHandle::new(PriceTable::builtin_default());
+            let (stop, shutdown) = watch::channel(false);
+            let watcher =
+                handle.spawn_watcher(path, Duration::from_millis(20), shutdown, Arc::default());
+            drop(stop);
+            tokio::time::timeout(Duration::from_secs(5), watcher)
+                .await
+                .expect("watcher stops")
+                .expect("no panic");
+        })
+        .await;
     }
 }

@@ -871,90 +871,96 @@ mod tests {
     // reach the committer as one batch, which the ledger refuses for the bad one.
     #[tokio::test]
     async fn a_refused_settlement_holds_up_neither_its_batch_nor_later_ones() {
-        let fx = fixture().await;
-        let (settler, task) = spawn(
-            fx.ledger.clone(),
-            fx.cache.clone(),
-            SettlerConfig {
-                batch_max: 16,
-                set_aside_after: Duration::from_secs(2),
-            },
-        );
-        let good = settler.settle(fx.settlement("good-1", 1_000), None);
-        let bad = settler.settle(fx.settlement("bad", -1), None);
-        let also_good = settler.settle(fx.settlement("good-2", 2_000), None);
-        let quick = Duration::from_millis(1_500);
-        tokio::time::timeout(quick, good)
-            .await
-            .expect("good-1 in time")
-            .expect("told");
-        tokio::time::timeout(quick, also_good)
-            .await
-            .expect("good-2 in time")
-            .expect("told");
-        // A later settlement is not held up either.
-        let later = settler.settle(fx.settlement("good-3", 3_000), None);
-        tokio::time::timeout(quick, later)
-            .await
-            .expect("good-3 in time")
-            .expect("told");
-        assert_eq!(
-            fx.ledger
-                .account(&fx.account)
+        crate::test_support::time_limit::limited(async move {
+            let fx = fixture().await;
+            let (settler, task) = spawn(
+                fx.ledger.clone(),
+                fx.cache.clone(),
+                SettlerConfig {
+                    batch_max: 16,
+                    set_aside_after: Duration::from_secs(2),
+                },
+            );
+            let good = settler.settle(fx.settlement("good-1", 1_000), None);
+            let bad = settler.settle(fx.settlement("bad", -1), None);
+            let also_good = settler.settle(fx.settlement("good-2", 2_000), None);
+            let quick = Duration::from_millis(1_500);
+            tokio::time::timeout(quick, good)
                 .await
-                .expect("read")
-                .expect("exists")
-                .balance,
-            Credits::from_micros(10_000_000 - 6_000)
-        );
-        assert!(fx.set_aside().await.is_empty(), "set aside before its time");
+                .expect("good-1 in time")
+                .expect("told");
+            tokio::time::timeout(quick, also_good)
+                .await
+                .expect("good-2 in time")
+                .expect("told");
+            // A later settlement is not held up either.
+            let later = settler.settle(fx.settlement("good-3", 3_000), None);
+            tokio::time::timeout(quick, later)
+                .await
+                .expect("good-3 in time")
+                .expect("told");
+            assert_eq!(
+                fx.ledger
+                    .account(&fx.account)
+                    .await
+                    .expect("read")
+                    .expect("exists")
+                    .balance,
+                Credits::from_micros(10_000_000 - 6_000)
+            );
+            assert!(fx.set_aside().await.is_empty(), "set aside before its time");
 
-        // The bad one is set aside after its bound (about 2 s); its waiter is told, a flush
-        // waits for it, and the cache no longer counts its pending charge.
-        settler.flush().await;
-        assert_eq!(fx.set_aside().await, ["bad"]);
-        tokio::time::timeout(quick, bad)
-            .await
-            .expect("told in time")
-            .expect("told");
-        let entry = &fx
-            .ledger
-            .set_aside_settlements(Some(false))
-            .await
-            .expect("list")[0];
-        assert!(entry.error.contains("negative cost"), "{entry:?}");
-        assert_eq!(entry.account, "acct");
-        let record: Settlement = serde_json::from_str(&entry.record).expect("the record");
-        assert_eq!(record.cost, Credits::from_micros(-1));
-        let view = fx.view().await;
-        assert_eq!(
-            (view.balance, view.held),
-            (Credits::from_micros(10_000_000 - 6_000), Credits::ZERO)
-        );
-        let problems = fx.ledger.verify(Credits::ZERO).await.expect("verify");
-        assert_eq!(problems.len(), 1, "{problems:?}");
-        assert!(problems[0].problem.contains("settlement bad was set aside"));
-        settler.stop().await;
-        task.await.expect("settler ends");
+            // The bad one is set aside after its bound (about 2 s); its waiter is told, a flush
+            // waits for it, and the cache no longer counts its pending charge.
+            settler.flush().await;
+            assert_eq!(fx.set_aside().await, ["bad"]);
+            tokio::time::timeout(quick, bad)
+                .await
+                .expect("told in time")
+                .expect("told");
+            let entry = &fx
+                .ledger
+                .set_aside_settlements(Some(false))
+                .await
+                .expect("list")[0];
+            assert!(entry.error.contains("negative cost"), "{entry:?}");
+            assert_eq!(entry.account, "acct");
+            let record: Settlement = serde_json::from_str(&entry.record).expect("the record");
+            assert_eq!(record.cost, Credits::from_micros(-1));
+            let view = fx.view().await;
+            assert_eq!(
+                (view.balance, view.held),
+                (Credits::from_micros(10_000_000 - 6_000), Credits::ZERO)
+            );
+            let problems = fx.ledger.verify(Credits::ZERO).await.expect("verify");
+            assert_eq!(problems.len(), 1, "{problems:?}");
+            assert!(problems[0].problem.contains("settlement bad was set aside"));
+            settler.stop().await;
+            task.await.expect("settler ends");
+        })
+        .await;
     }
 
     #[tokio::test]
     async fn stopping_sets_a_refused_settlement_aside_at_once() {
-        let fx = fixture().await;
-        let (settler, task) = spawn(
-            fx.ledger.clone(),
-            fx.cache.clone(),
-            SettlerConfig {
-                batch_max: 16,
-                set_aside_after: Duration::from_secs(3600),
-            },
-        );
-        let bad = settler.settle(fx.settlement("bad", -1), None);
-        tokio::time::timeout(Duration::from_secs(5), settler.stop())
-            .await
-            .expect("stopped promptly");
-        task.await.expect("settler ends");
-        bad.await.expect("its waiter was told");
-        assert_eq!(fx.set_aside().await, ["bad"]);
+        crate::test_support::time_limit::limited(async move {
+            let fx = fixture().await;
+            let (settler, task) = spawn(
+                fx.ledger.clone(),
+                fx.cache.clone(),
+                SettlerConfig {
+                    batch_max: 16,
+                    set_aside_after: Duration::from_secs(3600),
+                },
+            );
+            let bad = settler.settle(fx.settlement("bad", -1), None);
+            tokio::time::timeout(Duration::from_secs(5), settler.stop())
+                .await
+                .expect("stopped promptly");
+            task.await.expect("settler ends");
+            bad.await.expect("its waiter was told");
+            assert_eq!(fx.set_aside().await, ["bad"]);
+        })
+        .await;
     }
 }

@@ -216,132 +216,142 @@ fn chat_request(model: &str, content: &str, max_tokens: u64, stream: bool) -> Va
 
 #[tokio::test]
 async fn reasoning_tokens_are_billed_as_completion_tokens_with_or_without_a_stream() {
-    let app = spawn_app().await;
-    let user = token("thinker");
-    app.grant("thinker", "10").await;
+    run_test(async || {
+        let app = spawn_app().await;
+        let user = token("thinker");
+        app.grant("thinker", "10").await;
 
-    // A 20-token budget: 10 reasoning tokens, 10 visible words.
-    let response = app
-        .chat(
-            &user,
-            &chat_request("mock-reasoning", "think it over", 20, false),
-        )
-        .await;
-    assert_eq!(response.status(), 200);
-    let plain_id = request_id(&response);
-    let answer: Value = response.json().await.expect("json");
-    let usage = &answer["usage"];
-    assert_eq!(usage["completion_tokens_details"]["reasoning_tokens"], 10);
-    let content = answer["choices"][0]["message"]["content"]
-        .as_str()
-        .expect("content");
-    assert_eq!(content.split_whitespace().count(), 10, "{content}");
-    let plain = reported(usage);
-    assert_eq!(plain.1, 20, "completion tokens include the reasoning");
+        // A 20-token budget: 10 reasoning tokens, 10 visible words.
+        let response = app
+            .chat(
+                &user,
+                &chat_request("mock-reasoning", "think it over", 20, false),
+            )
+            .await;
+        assert_eq!(response.status(), 200);
+        let plain_id = request_id(&response);
+        let answer: Value = response.json().await.expect("json");
+        let usage = &answer["usage"];
+        assert_eq!(usage["completion_tokens_details"]["reasoning_tokens"], 10);
+        let content = answer["choices"][0]["message"]["content"]
+            .as_str()
+            .expect("content");
+        assert_eq!(content.split_whitespace().count(), 10, "{content}");
+        let plain = reported(usage);
+        assert_eq!(plain.1, 20, "completion tokens include the reasoning");
 
-    let response = app
-        .chat(
-            &user,
-            &chat_request("mock-reasoning", "think it over", 20, true),
-        )
-        .await;
-    assert_eq!(response.status(), 200);
-    let stream_id = request_id(&response);
-    let through = response.bytes().await.expect("stream").to_vec();
-    let upstream = direct_replay(&app, "/chat/completions").await;
-    assert_eq!(through, without_usage_chunk(&upstream));
-    let visible = streamed_text(&payloads(&through));
-    assert_eq!(visible.split_whitespace().count(), 10, "{visible}");
-    let streamed = reported_in_stream(&upstream);
-    assert_eq!(streamed, plain);
+        let response = app
+            .chat(
+                &user,
+                &chat_request("mock-reasoning", "think it over", 20, true),
+            )
+            .await;
+        assert_eq!(response.status(), 200);
+        let stream_id = request_id(&response);
+        let through = response.bytes().await.expect("stream").to_vec();
+        let upstream = direct_replay(&app, "/chat/completions").await;
+        assert_eq!(through, without_usage_chunk(&upstream));
+        let visible = streamed_text(&payloads(&through));
+        assert_eq!(visible.split_whitespace().count(), 10, "{visible}");
+        let streamed = reported_in_stream(&upstream);
+        assert_eq!(streamed, plain);
 
-    let balance = released_within(&app, &user, Duration::from_secs(5)).await;
-    let usage = records(&app, &user).await;
-    assert_eq!(usage.len(), 2);
-    assert_record(&usage[0], &plain_id, plain, "reported", "completed");
-    assert_record(&usage[1], &stream_id, streamed, "reported", "completed");
-    assert_balance(&balance, 10, &usage);
-    app.assert_ledger_consistent().await;
+        let balance = released_within(&app, &user, Duration::from_secs(5)).await;
+        let usage = records(&app, &user).await;
+        assert_eq!(usage.len(), 2);
+        assert_record(&usage[0], &plain_id, plain, "reported", "completed");
+        assert_record(&usage[1], &stream_id, streamed, "reported", "completed");
+        assert_balance(&balance, 10, &usage);
+        app.assert_ledger_consistent().await;
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn responses_reasoning_tokens_are_billed_as_output_tokens() {
-    let app = spawn_app().await;
-    let user = token("reasoner");
-    app.grant("reasoner", "10").await;
-    let request = json!({"model": "mock-reasoning", "input": "why is the sky blue",
+    run_test(async || {
+        let app = spawn_app().await;
+        let user = token("reasoner");
+        app.grant("reasoner", "10").await;
+        let request = json!({"model": "mock-reasoning", "input": "why is the sky blue",
         "max_output_tokens": 30});
 
-    let response = app.post("/v1/responses", &user, &request).await;
-    assert_eq!(response.status(), 200);
-    let plain_id = request_id(&response);
-    let answer: Value = response.json().await.expect("json");
-    assert_eq!(answer["output"][0]["type"], "reasoning");
-    assert_eq!(
-        answer["usage"]["output_tokens_details"]["reasoning_tokens"],
-        15
-    );
-    let plain = reported(&answer["usage"]);
-    assert_eq!(plain.1, 30);
+        let response = app.post("/v1/responses", &user, &request).await;
+        assert_eq!(response.status(), 200);
+        let plain_id = request_id(&response);
+        let answer: Value = response.json().await.expect("json");
+        assert_eq!(answer["output"][0]["type"], "reasoning");
+        assert_eq!(
+            answer["usage"]["output_tokens_details"]["reasoning_tokens"],
+            15
+        );
+        let plain = reported(&answer["usage"]);
+        assert_eq!(plain.1, 30);
 
-    let mut streaming = request.clone();
-    streaming["stream"] = json!(true);
-    let response = app.post("/v1/responses", &user, &streaming).await;
-    assert_eq!(response.status(), 200);
-    let stream_id = request_id(&response);
-    let through = response.bytes().await.expect("stream").to_vec();
-    assert_eq!(through, direct_replay(&app, "/responses").await);
-    let streamed = reported_in_stream(&through);
-    assert_eq!(streamed, plain);
-    let visible = streamed_text(&payloads(&through));
-    assert_eq!(visible.split_whitespace().count(), 15, "{visible}");
+        let mut streaming = request.clone();
+        streaming["stream"] = json!(true);
+        let response = app.post("/v1/responses", &user, &streaming).await;
+        assert_eq!(response.status(), 200);
+        let stream_id = request_id(&response);
+        let through = response.bytes().await.expect("stream").to_vec();
+        assert_eq!(through, direct_replay(&app, "/responses").await);
+        let streamed = reported_in_stream(&through);
+        assert_eq!(streamed, plain);
+        let visible = streamed_text(&payloads(&through));
+        assert_eq!(visible.split_whitespace().count(), 15, "{visible}");
 
-    let balance = released_within(&app, &user, Duration::from_secs(5)).await;
-    let usage = records(&app, &user).await;
-    assert_eq!(usage.len(), 2);
-    assert_record(&usage[0], &plain_id, plain, "reported", "completed");
-    assert_record(&usage[1], &stream_id, streamed, "reported", "completed");
-    assert_balance(&balance, 10, &usage);
-    app.assert_ledger_consistent().await;
+        let balance = released_within(&app, &user, Duration::from_secs(5)).await;
+        let usage = records(&app, &user).await;
+        assert_eq!(usage.len(), 2);
+        assert_record(&usage[0], &plain_id, plain, "reported", "completed");
+        assert_record(&usage[1], &stream_id, streamed, "reported", "completed");
+        assert_balance(&balance, 10, &usage);
+        app.assert_ledger_consistent().await;
+    })
+    .await;
 }
 
 /// The default `on_client_disconnect = "finish"`: a client that hangs up early still owes the
 /// reasoning the upstream bills, which no count of the visible text could find.
 #[tokio::test]
 async fn a_client_that_leaves_a_reasoning_stream_pays_for_the_reasoning() {
-    let app = spawn_app().await;
-    let user = token("quitter");
-    app.grant("quitter", "10").await;
-    // 40 tokens: 20 of reasoning and 20 words, one every 50 ms; the client leaves after 2.
-    let request = chat_request("mock-slow-reasoning", "take your time", 40, true);
-    let response = app.chat(&user, &request).await;
-    assert_eq!(response.status(), 200);
-    let id = request_id(&response);
-    let mut stream = response.bytes_stream();
-    let mut received = Vec::new();
-    while streamed_text(&sse_json(&received))
-        .split_whitespace()
-        .count()
-        < 2
-    {
-        let chunk = stream.next().await.expect("more chunks").expect("chunk");
-        received.extend_from_slice(&chunk);
-    }
-    drop(stream);
+    run_test(async || {
+        let app = spawn_app().await;
+        let user = token("quitter");
+        app.grant("quitter", "10").await;
+        // 40 tokens: 20 of reasoning and 20 words, one every 50 ms; the client leaves after 2.
+        let request = chat_request("mock-slow-reasoning", "take your time", 40, true);
+        let response = app.chat(&user, &request).await;
+        assert_eq!(response.status(), 200);
+        let id = request_id(&response);
+        let mut stream = response.bytes_stream();
+        let mut received = Vec::new();
+        while streamed_text(&sse_json(&received))
+            .split_whitespace()
+            .count()
+            < 2
+        {
+            let chunk = stream.next().await.expect("more chunks").expect("chunk");
+            received.extend_from_slice(&chunk);
+        }
+        drop(stream);
 
-    let upstream = direct_replay(&app, "/chat/completions").await;
-    let reported = reported_in_stream(&upstream);
-    assert_eq!(reported.1, 40);
-    let balance = released_within(&app, &user, Duration::from_secs(10)).await;
-    let usage = records(&app, &user).await;
-    assert_eq!(usage.len(), 1);
-    assert_record(&usage[0], &id, reported, "reported", "client_disconnected");
-    assert_balance(&balance, 10, &usage);
-    app.assert_ledger_consistent().await;
+        let upstream = direct_replay(&app, "/chat/completions").await;
+        let reported = reported_in_stream(&upstream);
+        assert_eq!(reported.1, 40);
+        let balance = released_within(&app, &user, Duration::from_secs(10)).await;
+        let usage = records(&app, &user).await;
+        assert_eq!(usage.len(), 1);
+        assert_record(&usage[0], &id, reported, "reported", "client_disconnected");
+        assert_balance(&balance, 10, &usage);
+        app.assert_ledger_consistent().await;
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn audio_prompt_tokens_are_billed_as_the_upstream_reports_them() {
+    run_test(async || {
     let app = spawn_app().await;
     let user = token("listener");
     // Audio cannot be sized before the call: the hold covers the model's whole context window.
@@ -381,6 +391,8 @@ async fn audio_prompt_tokens_are_billed_as_the_upstream_reports_them() {
     );
     assert_balance(&balance, 1000, &usage);
     app.assert_ledger_consistent().await;
+    })
+    .await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -388,55 +400,58 @@ async fn audio_prompt_tokens_are_billed_as_the_upstream_reports_them() {
 
 #[tokio::test]
 async fn usage_on_the_last_content_chunk_is_forwarded_untouched_and_billed_once() {
-    let app = spawn_app().await;
-    let user = token("inline");
-    app.grant("inline", "10").await;
-    let chat = chat_request("mock-inlineusage", "say something short", 6, true);
-    let mut asked = chat.clone();
-    asked["stream_options"] = json!({"include_usage": true});
-    let completions = json!({"model": "mock-inlineusage", "prompt": "once upon a time",
+    run_test(async || {
+        let app = spawn_app().await;
+        let user = token("inline");
+        app.grant("inline", "10").await;
+        let chat = chat_request("mock-inlineusage", "say something short", 6, true);
+        let mut asked = chat.clone();
+        asked["stream_options"] = json!({"include_usage": true});
+        let completions = json!({"model": "mock-inlineusage", "prompt": "once upon a time",
         "max_tokens": 5, "stream": true});
-    let cases = [
-        ("/v1/chat/completions", "/chat/completions", &chat),
-        ("/v1/chat/completions", "/chat/completions", &asked),
-        ("/v1/completions", "/completions", &completions),
-    ];
-    let mut expected = Vec::new();
-    for (path, upstream_path, request) in cases {
-        let response = app.post(path, &user, request).await;
-        assert_eq!(response.status(), 200);
-        let id = request_id(&response);
-        let through = response.bytes().await.expect("stream").to_vec();
-        let upstream = direct_replay(&app, upstream_path).await;
-        // The usage rides on a chunk with output: it is not the gateway's to remove.
-        assert_eq!(
-            through, upstream,
-            "{path}: the client gets the upstream's bytes"
-        );
-        let with_usage: Vec<Value> = payloads(&through)
-            .into_iter()
-            .filter(|p| p["usage"].is_object())
-            .collect();
-        assert_eq!(with_usage.len(), 1, "{path}");
-        assert_ne!(with_usage[0]["choices"], json!([]), "{path}");
-        expected.push((id, reported(&with_usage[0]["usage"])));
-    }
+        let cases = [
+            ("/v1/chat/completions", "/chat/completions", &chat),
+            ("/v1/chat/completions", "/chat/completions", &asked),
+            ("/v1/completions", "/completions", &completions),
+        ];
+        let mut expected = Vec::new();
+        for (path, upstream_path, request) in cases {
+            let response = app.post(path, &user, request).await;
+            assert_eq!(response.status(), 200);
+            let id = request_id(&response);
+            let through = response.bytes().await.expect("stream").to_vec();
+            let upstream = direct_replay(&app, upstream_path).await;
+            // The usage rides on a chunk with output: it is not the gateway's to remove.
+            assert_eq!(
+                through, upstream,
+                "{path}: the client gets the upstream's bytes"
+            );
+            let with_usage: Vec<Value> = payloads(&through)
+                .into_iter()
+                .filter(|p| p["usage"].is_object())
+                .collect();
+            assert_eq!(with_usage.len(), 1, "{path}");
+            assert_ne!(with_usage[0]["choices"], json!([]), "{path}");
+            expected.push((id, reported(&with_usage[0]["usage"])));
+        }
 
-    let balance = released_within(&app, &user, Duration::from_secs(5)).await;
-    let usage = records(&app, &user).await;
-    assert_eq!(usage.len(), expected.len(), "one record per request");
-    for (record, (id, tokens)) in usage.iter().zip(&expected) {
-        assert_record(record, id, *tokens, "reported", "completed");
-    }
-    let charges = app
-        .list("/api/credits/transactions?limit=100", &user)
-        .await
-        .into_iter()
-        .filter(|t| t["type"] == "usage")
-        .count();
-    assert_eq!(charges, expected.len(), "each request charged once");
-    assert_balance(&balance, 10, &usage);
-    app.assert_ledger_consistent().await;
+        let balance = released_within(&app, &user, Duration::from_secs(5)).await;
+        let usage = records(&app, &user).await;
+        assert_eq!(usage.len(), expected.len(), "one record per request");
+        for (record, (id, tokens)) in usage.iter().zip(&expected) {
+            assert_record(record, id, *tokens, "reported", "completed");
+        }
+        let charges = app
+            .list("/api/credits/transactions?limit=100", &user)
+            .await
+            .into_iter()
+            .filter(|t| t["type"] == "usage")
+            .count();
+        assert_eq!(charges, expected.len(), "each request charged once");
+        assert_balance(&balance, 10, &usage);
+        app.assert_ledger_consistent().await;
+    })
+    .await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -444,80 +459,83 @@ async fn usage_on_the_last_content_chunk_is_forwarded_untouched_and_billed_once(
 
 #[tokio::test]
 async fn every_sse_framing_reaches_the_client_byte_exact_and_is_billed_exactly() {
-    let app = spawn_app().await;
-    let user = token("framer");
-    app.grant("framer", "100").await;
-    // Multi-byte characters in the prompt come back in the reply, so `-split` cuts inside them.
-    let prompt = "héllo 東京 🎉 wörld";
-    let wires: [(&str, &[u8]); 9] = [
-        ("mock-comments", b": keep-alive"),
-        ("mock-eventlines", b"event: message\n"),
-        ("mock-crlf", b"\r\n\r\n"),
-        ("mock-nospace", b"data:{"),
-        ("mock-merged", b""),
-        ("mock-split", b""),
-        ("mock-split-crlf", b"\r\n"),
-        (
-            "mock-crlf-nospace-eventlines-comments-merged",
-            b"event:message\r\n",
-        ),
-        (
-            "mock-split-crlf-nospace-eventlines-comments",
-            b": keep-alive\r\n\r\nevent:message\r\ndata:{",
-        ),
-    ];
-    let mut expected = Vec::new();
-    for (model, marker) in wires {
-        let chat = json!({"model": model, "max_tokens": 8, "stream": true,
-            "messages": [{"role": "user", "content": prompt}]});
-        let mut asked = chat.clone();
-        asked["stream_options"] = json!({"include_usage": true});
-        let completions =
-            json!({"model": model, "prompt": prompt, "max_tokens": 7, "stream": true});
-        let responses =
-            json!({"model": model, "input": prompt, "max_output_tokens": 6, "stream": true});
-        let cases = [
-            ("/v1/chat/completions", "/chat/completions", &chat, true),
-            ("/v1/chat/completions", "/chat/completions", &asked, false),
-            ("/v1/completions", "/completions", &completions, true),
-            ("/v1/responses", "/responses", &responses, false),
+    run_test(async || {
+        let app = spawn_app().await;
+        let user = token("framer");
+        app.grant("framer", "100").await;
+        // Multi-byte characters in the prompt come back in the reply, so `-split` cuts inside them.
+        let prompt = "héllo 東京 🎉 wörld";
+        let wires: [(&str, &[u8]); 9] = [
+            ("mock-comments", b": keep-alive"),
+            ("mock-eventlines", b"event: message\n"),
+            ("mock-crlf", b"\r\n\r\n"),
+            ("mock-nospace", b"data:{"),
+            ("mock-merged", b""),
+            ("mock-split", b""),
+            ("mock-split-crlf", b"\r\n"),
+            (
+                "mock-crlf-nospace-eventlines-comments-merged",
+                b"event:message\r\n",
+            ),
+            (
+                "mock-split-crlf-nospace-eventlines-comments",
+                b": keep-alive\r\n\r\nevent:message\r\ndata:{",
+            ),
         ];
-        for (path, upstream_path, request, stripped) in cases {
-            let response = app.post(path, &user, request).await;
-            assert_eq!(response.status(), 200, "{model} {path}");
-            let id = request_id(&response);
-            let through = response.bytes().await.expect("stream").to_vec();
-            let upstream = direct_replay(&app, upstream_path).await;
-            // Responses streams always have their own `event:` lines.
-            if path != "/v1/responses" && !marker.is_empty() {
-                let on_the_wire = upstream.windows(marker.len()).any(|w| w == marker);
-                assert!(on_the_wire, "{model} is not on the wire");
+        let mut expected = Vec::new();
+        for (model, marker) in wires {
+            let chat = json!({"model": model, "max_tokens": 8, "stream": true,
+            "messages": [{"role": "user", "content": prompt}]});
+            let mut asked = chat.clone();
+            asked["stream_options"] = json!({"include_usage": true});
+            let completions =
+                json!({"model": model, "prompt": prompt, "max_tokens": 7, "stream": true});
+            let responses =
+                json!({"model": model, "input": prompt, "max_output_tokens": 6, "stream": true});
+            let cases = [
+                ("/v1/chat/completions", "/chat/completions", &chat, true),
+                ("/v1/chat/completions", "/chat/completions", &asked, false),
+                ("/v1/completions", "/completions", &completions, true),
+                ("/v1/responses", "/responses", &responses, false),
+            ];
+            for (path, upstream_path, request, stripped) in cases {
+                let response = app.post(path, &user, request).await;
+                assert_eq!(response.status(), 200, "{model} {path}");
+                let id = request_id(&response);
+                let through = response.bytes().await.expect("stream").to_vec();
+                let upstream = direct_replay(&app, upstream_path).await;
+                // Responses streams always have their own `event:` lines.
+                if path != "/v1/responses" && !marker.is_empty() {
+                    let on_the_wire = upstream.windows(marker.len()).any(|w| w == marker);
+                    assert!(on_the_wire, "{model} is not on the wire");
+                }
+                let want = if stripped {
+                    without_usage_chunk(&upstream)
+                } else {
+                    upstream.clone()
+                };
+                assert!(
+                    through == want,
+                    "{model} {path}: the client got\n{}\ninstead of\n{}",
+                    String::from_utf8_lossy(&through).escape_debug(),
+                    String::from_utf8_lossy(&want).escape_debug()
+                );
+                let text = streamed_text(&payloads(&through));
+                assert!(text.contains("héllo"), "{model} {path}: {text}");
+                expected.push((id, reported_in_stream(&upstream)));
             }
-            let want = if stripped {
-                without_usage_chunk(&upstream)
-            } else {
-                upstream.clone()
-            };
-            assert!(
-                through == want,
-                "{model} {path}: the client got\n{}\ninstead of\n{}",
-                String::from_utf8_lossy(&through).escape_debug(),
-                String::from_utf8_lossy(&want).escape_debug()
-            );
-            let text = streamed_text(&payloads(&through));
-            assert!(text.contains("héllo"), "{model} {path}: {text}");
-            expected.push((id, reported_in_stream(&upstream)));
         }
-    }
 
-    let balance = released_within(&app, &user, Duration::from_secs(5)).await;
-    let usage = records(&app, &user).await;
-    assert_eq!(usage.len(), expected.len());
-    for (record, (id, tokens)) in usage.iter().zip(&expected) {
-        assert_record(record, id, *tokens, "reported", "completed");
-    }
-    assert_balance(&balance, 100, &usage);
-    app.assert_ledger_consistent().await;
+        let balance = released_within(&app, &user, Duration::from_secs(5)).await;
+        let usage = records(&app, &user).await;
+        assert_eq!(usage.len(), expected.len());
+        for (record, (id, tokens)) in usage.iter().zip(&expected) {
+            assert_record(record, id, *tokens, "reported", "completed");
+        }
+        assert_balance(&balance, 100, &usage);
+        app.assert_ledger_consistent().await;
+    })
+    .await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -541,139 +559,149 @@ fn rest_of_a_second(ended: Instant) -> Duration {
 /// upstream failed, and the hold is gone within a second.
 #[tokio::test]
 async fn an_error_inside_a_200_stream_bills_the_output_before_it() {
-    let app = spawn_app().await;
-    let user = token("inband");
-    app.grant("inband", "10").await;
-    let model = "mock-inbanderror";
-    let chat = chat_request(model, "tell me a long story", 30, true);
-    let completions = json!({"model": model, "prompt": "a long story", "max_tokens": 30,
+    run_test(async || {
+        let app = spawn_app().await;
+        let user = token("inband");
+        app.grant("inband", "10").await;
+        let model = "mock-inbanderror";
+        let chat = chat_request(model, "tell me a long story", 30, true);
+        let completions = json!({"model": model, "prompt": "a long story", "max_tokens": 30,
         "stream": true});
-    let responses = json!({"model": model, "input": "a long story", "max_output_tokens": 30,
+        let responses = json!({"model": model, "input": "a long story", "max_output_tokens": 30,
         "stream": true});
-    let cases = [
-        (Endpoint::ChatCompletions, &chat),
-        (Endpoint::Completions, &completions),
-        (Endpoint::Responses, &responses),
-    ];
-    let mut expected = Vec::new();
-    for (endpoint, request) in cases {
-        let path = format!("/v1/{}", endpoint.path());
-        let (status, id, through, ended) = read_all(app.post(&path, &user, request).await).await;
-        assert_eq!(status, 200, "{path}");
-        let upstream = direct_replay(&app, &format!("/{}", endpoint.path())).await;
-        assert_eq!(
-            through, upstream,
-            "{path}: the error reaches the client as sent"
-        );
-        let sent = payloads(&through);
-        let last = sent.last().expect("payloads");
-        assert!(
-            last["error"].is_object() || last["type"] == "error",
-            "{path}: ends with the error: {last}"
-        );
-        assert!(!String::from_utf8_lossy(&through).contains("[DONE]"));
-        let text = streamed_text(&sent);
-        assert_eq!(text.split_whitespace().count(), 3, "{path}: {text}");
+        let cases = [
+            (Endpoint::ChatCompletions, &chat),
+            (Endpoint::Completions, &completions),
+            (Endpoint::Responses, &responses),
+        ];
+        let mut expected = Vec::new();
+        for (endpoint, request) in cases {
+            let path = format!("/v1/{}", endpoint.path());
+            let (status, id, through, ended) =
+                read_all(app.post(&path, &user, request).await).await;
+            assert_eq!(status, 200, "{path}");
+            let upstream = direct_replay(&app, &format!("/{}", endpoint.path())).await;
+            assert_eq!(
+                through, upstream,
+                "{path}: the error reaches the client as sent"
+            );
+            let sent = payloads(&through);
+            let last = sent.last().expect("payloads");
+            assert!(
+                last["error"].is_object() || last["type"] == "error",
+                "{path}: ends with the error: {last}"
+            );
+            assert!(!String::from_utf8_lossy(&through).contains("[DONE]"));
+            let text = streamed_text(&sent);
+            assert_eq!(text.split_whitespace().count(), 3, "{path}: {text}");
 
-        released_within(&app, &user, rest_of_a_second(ended)).await;
-        let counted = (
-            count_prompt(endpoint, model, request),
-            count_text(model, &text),
-        );
-        expected.push((id, counted));
-    }
+            released_within(&app, &user, rest_of_a_second(ended)).await;
+            let counted = (
+                count_prompt(endpoint, model, request),
+                count_text(model, &text),
+            );
+            expected.push((id, counted));
+        }
 
-    let balance = released_within(&app, &user, Duration::from_secs(1)).await;
-    let usage = records(&app, &user).await;
-    assert_eq!(usage.len(), expected.len());
-    for (record, (id, tokens)) in usage.iter().zip(&expected) {
-        assert_record(record, id, *tokens, "counted", "upstream_failed");
-    }
-    assert_balance(&balance, 10, &usage);
-    app.assert_ledger_consistent().await;
+        let balance = released_within(&app, &user, Duration::from_secs(1)).await;
+        let usage = records(&app, &user).await;
+        assert_eq!(usage.len(), expected.len());
+        for (record, (id, tokens)) in usage.iter().zip(&expected) {
+            assert_record(record, id, *tokens, "counted", "upstream_failed");
+        }
+        assert_balance(&balance, 10, &usage);
+        app.assert_ledger_consistent().await;
+    })
+    .await;
 }
 
 /// `response.incomplete` carries usage: that is billed. `response.failed` carries none: the
 /// output before it is counted. Both with and without a stream; every hold gone within a second.
 #[tokio::test]
 async fn a_response_that_ends_incomplete_or_failed_bills_usage_or_output() {
-    let app = spawn_app().await;
-    let user = token("partial");
-    app.grant("partial", "10").await;
-    let mut expected = Vec::new();
-    for model in ["mock-incomplete", "mock-failed"] {
-        for stream in [true, false] {
-            let request = json!({"model": model, "input": "write me an essay",
+    run_test(async || {
+        let app = spawn_app().await;
+        let user = token("partial");
+        app.grant("partial", "10").await;
+        let mut expected = Vec::new();
+        for model in ["mock-incomplete", "mock-failed"] {
+            for stream in [true, false] {
+                let request = json!({"model": model, "input": "write me an essay",
                 "max_output_tokens": 40, "stream": stream});
-            let (status, id, through, ended) =
-                read_all(app.post("/v1/responses", &user, &request).await).await;
-            assert_eq!(status, 200, "{model} stream {stream}");
-            assert_eq!(through, direct_replay(&app, "/responses").await);
-            let response = if stream {
-                payloads(&through).pop().expect("events")["response"].clone()
-            } else {
-                serde_json::from_slice(&through).expect("json")
-            };
-            let text = response["output"][0]["content"][0]["text"]
-                .as_str()
-                .expect("partial text");
-            assert_eq!(text, "Mock reply to:");
-            let (tokens, source, status) = if model == "mock-incomplete" {
-                assert_eq!(response["status"], "incomplete");
-                (reported(&response["usage"]), "reported", "completed")
-            } else {
-                assert_eq!(response["status"], "failed");
-                assert_eq!(response["usage"], Value::Null);
-                let counted = (
-                    count_prompt(Endpoint::Responses, model, &request),
-                    count_text(model, text),
-                );
-                (counted, "counted", "upstream_failed")
-            };
-            released_within(&app, &user, rest_of_a_second(ended)).await;
-            expected.push((id, tokens, source, status));
+                let (status, id, through, ended) =
+                    read_all(app.post("/v1/responses", &user, &request).await).await;
+                assert_eq!(status, 200, "{model} stream {stream}");
+                assert_eq!(through, direct_replay(&app, "/responses").await);
+                let response = if stream {
+                    payloads(&through).pop().expect("events")["response"].clone()
+                } else {
+                    serde_json::from_slice(&through).expect("json")
+                };
+                let text = response["output"][0]["content"][0]["text"]
+                    .as_str()
+                    .expect("partial text");
+                assert_eq!(text, "Mock reply to:");
+                let (tokens, source, status) = if model == "mock-incomplete" {
+                    assert_eq!(response["status"], "incomplete");
+                    (reported(&response["usage"]), "reported", "completed")
+                } else {
+                    assert_eq!(response["status"], "failed");
+                    assert_eq!(response["usage"], Value::Null);
+                    let counted = (
+                        count_prompt(Endpoint::Responses, model, &request),
+                        count_text(model, text),
+                    );
+                    (counted, "counted", "upstream_failed")
+                };
+                released_within(&app, &user, rest_of_a_second(ended)).await;
+                expected.push((id, tokens, source, status));
+            }
         }
-    }
 
-    let balance = released_within(&app, &user, Duration::from_secs(1)).await;
-    let usage = records(&app, &user).await;
-    assert_eq!(usage.len(), expected.len());
-    for (record, (id, tokens, source, status)) in usage.iter().zip(&expected) {
-        assert_record(record, id, *tokens, source, status);
-    }
-    assert_balance(&balance, 10, &usage);
-    app.assert_ledger_consistent().await;
+        let balance = released_within(&app, &user, Duration::from_secs(1)).await;
+        let usage = records(&app, &user).await;
+        assert_eq!(usage.len(), expected.len());
+        for (record, (id, tokens, source, status)) in usage.iter().zip(&expected) {
+            assert_record(record, id, *tokens, source, status);
+        }
+        assert_balance(&balance, 10, &usage);
+        app.assert_ledger_consistent().await;
+    })
+    .await;
 }
 
 /// A `200` whose body is only an error object produced nothing and reported nothing: nothing
 /// is charged, and the client gets the body as the upstream sent it.
 #[tokio::test]
 async fn a_200_answer_that_is_an_error_costs_nothing() {
-    let app = spawn_app().await;
-    let user = token("errbody");
-    app.grant("errbody", "10").await;
-    let model = "mock-inbanderror";
-    let cases = [
-        ("chat/completions", chat_request(model, "hello", 10, false)),
-        (
-            "completions",
-            json!({"model": model, "prompt": "hello", "max_tokens": 10}),
-        ),
-        ("embeddings", json!({"model": model, "input": "hello"})),
-        ("responses", json!({"model": model, "input": "hello"})),
-    ];
-    for (path, request) in cases {
-        let (status, _, through, ended) =
-            read_all(app.post(&format!("/v1/{path}"), &user, &request).await).await;
-        assert_eq!(status, 200, "{path}");
-        assert_eq!(through, direct_replay(&app, &format!("/{path}")).await);
-        let body: Value = serde_json::from_slice(&through).expect("json");
-        assert_eq!(body["error"]["type"], "server_error", "{path}: {body}");
-        let balance = released_within(&app, &user, rest_of_a_second(ended)).await;
-        assert_eq!(balance["balance"], "10", "{path}: charged for an error");
-    }
-    assert!(app.list("/api/credits/usage", &user).await.is_empty());
-    app.assert_ledger_consistent().await;
+    run_test(async || {
+        let app = spawn_app().await;
+        let user = token("errbody");
+        app.grant("errbody", "10").await;
+        let model = "mock-inbanderror";
+        let cases = [
+            ("chat/completions", chat_request(model, "hello", 10, false)),
+            (
+                "completions",
+                json!({"model": model, "prompt": "hello", "max_tokens": 10}),
+            ),
+            ("embeddings", json!({"model": model, "input": "hello"})),
+            ("responses", json!({"model": model, "input": "hello"})),
+        ];
+        for (path, request) in cases {
+            let (status, _, through, ended) =
+                read_all(app.post(&format!("/v1/{path}"), &user, &request).await).await;
+            assert_eq!(status, 200, "{path}");
+            assert_eq!(through, direct_replay(&app, &format!("/{path}")).await);
+            let body: Value = serde_json::from_slice(&through).expect("json");
+            assert_eq!(body["error"]["type"], "server_error", "{path}: {body}");
+            let balance = released_within(&app, &user, rest_of_a_second(ended)).await;
+            assert_eq!(balance["balance"], "10", "{path}: charged for an error");
+        }
+        assert!(app.list("/api/credits/usage", &user).await.is_empty());
+        app.assert_ledger_consistent().await;
+    })
+    .await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -681,6 +709,7 @@ async fn a_200_answer_that_is_an_error_costs_nothing() {
 
 #[tokio::test]
 async fn a_stream_that_stalls_is_cut_at_the_idle_timeout_and_billed_for_its_output() {
+    run_test(async || {
     let upstreams = format!(
         "[[upstreams]]\nname = \"fake\"\nbase_url = \"{{fake}}\"\napi_key = \"{UPSTREAM_KEY}\"\n\
          models = [\"mock-*\"]\nidle_timeout_secs = 1\n"
@@ -745,6 +774,8 @@ async fn a_stream_that_stalls_is_cut_at_the_idle_timeout_and_billed_for_its_outp
     assert_eq!(after["balance"], balance["balance"]);
     assert_eq!(records(&app, &user).await.len(), 1);
     app.assert_ledger_consistent().await;
+    })
+    .await;
 }
 
 /// An upstream that reports an error in-band and then keeps the connection open: nothing after
@@ -752,32 +783,35 @@ async fn a_stream_that_stalls_is_cut_at_the_idle_timeout_and_billed_for_its_outp
 /// waiting out the idle timeout with the client hanging and the hold held.
 #[tokio::test]
 async fn an_in_band_error_on_a_connection_left_open_ends_the_stream_promptly() {
-    let app = spawn_app().await;
-    let user = token("hangopen");
-    app.grant("hangopen", "10").await;
-    let body = json!({
-        "model": "mock-inbanderror-hangopen",
-        "messages": [{"role": "user", "content": "fail and hang"}],
-        "max_tokens": 20,
-        "stream": true
-    });
-    let started = Instant::now();
-    let response = app.chat(&user, &body).await;
-    assert_eq!(response.status(), 200);
-    let bytes = response
-        .bytes()
-        .await
-        .expect("the stream ends cleanly after the error");
-    assert!(
-        started.elapsed() < Duration::from_secs(3),
-        "the stream waited {:?} for an upstream that had already failed (idle timeout is 5 s)",
-        started.elapsed()
-    );
-    assert!(String::from_utf8_lossy(&bytes).contains("\"error\""));
-    let balance = app.settled_balance(&user).await;
-    assert_eq!(balance["held"], "0");
-    let usage = app.list("/api/credits/usage", &user).await;
-    assert_eq!(usage.len(), 1);
-    assert_eq!(usage[0]["status"], "upstream_failed");
-    app.assert_ledger_consistent().await;
+    run_test(async || {
+        let app = spawn_app().await;
+        let user = token("hangopen");
+        app.grant("hangopen", "10").await;
+        let body = json!({
+            "model": "mock-inbanderror-hangopen",
+            "messages": [{"role": "user", "content": "fail and hang"}],
+            "max_tokens": 20,
+            "stream": true
+        });
+        let started = Instant::now();
+        let response = app.chat(&user, &body).await;
+        assert_eq!(response.status(), 200);
+        let bytes = response
+            .bytes()
+            .await
+            .expect("the stream ends cleanly after the error");
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "the stream waited {:?} for an upstream that had already failed (idle timeout is 5 s)",
+            started.elapsed()
+        );
+        assert!(String::from_utf8_lossy(&bytes).contains("\"error\""));
+        let balance = app.settled_balance(&user).await;
+        assert_eq!(balance["held"], "0");
+        let usage = app.list("/api/credits/usage", &user).await;
+        assert_eq!(usage.len(), 1);
+        assert_eq!(usage[0]["status"], "upstream_failed");
+        app.assert_ledger_consistent().await;
+    })
+    .await;
 }
