@@ -15,6 +15,7 @@ use axum::extract::{Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, patch, post};
+use axum::serve::ListenerExt as _;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
@@ -60,26 +61,66 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// Drops in-process caches if the ledger was changed outside this process (CLI, admin).
-    async fn sync_external_changes(&self) -> Result<(), ApiError> {
-        let epoch = match self.ledger.cache_epoch().await {
-            Ok(epoch) => epoch,
-            // The cached balances and holds still bound spending; only out-of-band changes (a
-            // CLI grant) wait until the ledger answers again.
-            Err(error) => {
-                tracing::warn!(%error, "cannot read the cache epoch; serving from cache");
-                return Ok(());
-            }
-        };
-        if self.epoch.swap(epoch, Ordering::AcqRel) != epoch {
-            self.auth.keys().clear();
-            self.cache
-                .invalidate_all()
-                .await
-                .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    /// Drops in-process caches (API keys, cached balances) if the ledger's cache epoch moved:
+    /// someone changed the ledger outside this process (the CLI, an admin route on another
+    /// instance). Called by [`spawn_epoch_watcher`] every [`EPOCH_POLL`], and by the admin routes
+    /// right after their own change, so that this instance sees it at once.
+    ///
+    /// The epoch counts as seen only once the caches are dropped: a failure is tried again.
+    pub async fn sync_external_changes(&self) -> Result<(), String> {
+        let epoch = self
+            .ledger
+            .cache_epoch()
+            .await
+            .map_err(|e| format!("cannot read the cache epoch: {e}"))?;
+        if self.epoch.load(Ordering::Acquire) == epoch {
+            return Ok(());
         }
+        self.auth.keys().clear();
+        self.cache
+            .invalidate_all()
+            .await
+            .map_err(|e| format!("cannot drop the cached balances: {e}"))?;
+        self.epoch.store(epoch, Ordering::Release);
         Ok(())
     }
+}
+
+/// How often each instance reads the ledger's cache epoch. A change made outside the process
+/// is seen within this plus one ledger read; the request path reads nothing for it.
+pub const EPOCH_POLL: Duration = Duration::from_millis(100);
+
+/// Reads the cache epoch every [`EPOCH_POLL`] until `stop`. While the ledger does not answer,
+/// the cached balances and holds still bound spending; only out-of-band changes (a CLI grant,
+/// a key revoked elsewhere) wait until it answers again. Failing and recovering are logged
+/// once each, not at every tick.
+fn spawn_epoch_watcher(
+    state: AppState,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(EPOCH_POLL);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failing = false;
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = stop.changed() => return,
+            }
+            match state.sync_external_changes().await {
+                Ok(()) if failing => {
+                    failing = false;
+                    tracing::info!("out-of-band ledger changes are seen again");
+                }
+                Ok(()) => {}
+                Err(error) if !failing => {
+                    failing = true;
+                    tracing::warn!(%error, "out-of-band ledger changes wait; serving from cache");
+                }
+                Err(_) => {}
+            }
+        }
+    })
 }
 
 /// Opens the ledger named by the config and applies its migrations: `mysql://` opens the shared
@@ -133,7 +174,8 @@ pub struct App {
     pricing_watcher: JoinHandle<()>,
     recovery: JoinHandle<()>,
     pricing_sync: Option<JoinHandle<()>>,
-    /// Tells the background tasks (pricing watcher, recovery) to stop.
+    epoch_watcher: JoinHandle<()>,
+    /// Tells the background tasks (pricing watcher, recovery, epoch watcher) to stop.
     stop_background: tokio::sync::watch::Sender<bool>,
     shutdown_grace: Duration,
 }
@@ -240,8 +282,10 @@ impl App {
         let listener = TcpListener::bind(config.server.listen)
             .await
             .with_context(|| format!("binding {}", config.server.listen))?;
+        let epoch_watcher = spawn_epoch_watcher(state.clone(), stop_background.subscribe());
         Ok(App {
             router: router(state.clone()),
+            epoch_watcher,
             listener,
             state,
             settler_task,
@@ -271,7 +315,15 @@ impl App {
     ) -> anyhow::Result<()> {
         let stopping = Arc::new(tokio::sync::Notify::new());
         let signal = stopping.clone();
-        let server = axum::serve(self.listener, self.router).with_graceful_shutdown(async move {
+        // Small writes (an SSE event, a short answer) go out at once: with Nagle's algorithm a
+        // write waits for the ACK of the previous one, which the client's delayed ACK holds
+        // back for tens of milliseconds.
+        let listener = self.listener.tap_io(|tcp| {
+            if let Err(error) = tcp.set_nodelay(true) {
+                tracing::debug!(%error, "cannot set TCP_NODELAY on an accepted connection");
+            }
+        });
+        let server = axum::serve(listener, self.router).with_graceful_shutdown(async move {
             shutdown.await;
             tracing::info!("shutting down: draining open requests");
             signal.notify_one();
@@ -299,6 +351,7 @@ impl App {
         let _ = self.stop_background.send(true);
         let _ = self.pricing_watcher.await;
         let _ = self.recovery.await;
+        let _ = self.epoch_watcher.await;
         if let Some(pricing_sync) = self.pricing_sync {
             let _ = pricing_sync.await;
         }
@@ -503,9 +556,6 @@ async fn authenticate(State(state): State<AppState>, mut request: Request, next:
     let path = request.uri().path();
     if UNAUTHENTICATED_ROUTES.contains(&path) || http::payments::WEBHOOK_ROUTES.contains(&path) {
         return next.run(request).await;
-    }
-    if let Err(error) = state.sync_external_changes().await {
-        return error.into_response();
     }
     let is_admin = path == "/admin" || path.starts_with("/admin/");
     if is_admin {
