@@ -56,6 +56,12 @@ pub enum Command {
     /// Ledger checks.
     #[command(subcommand)]
     Ledger(LedgerCommand),
+    /// Serve the built-in mock OpenAI upstream on its own, for benchmarks and trying clients
+    /// (needs no config).
+    MockUpstream {
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        listen: std::net::SocketAddr,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -162,6 +168,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::FAILURE
             }
         });
+    }
+    if let Command::MockUpstream { listen } = &cli.command {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("binding {listen}"))?;
+        println!("mock upstream listening on http://{}/v1", listener.local_addr()?);
+        tokio::select! {
+            served = crate::proxy::mock::serve(listener) => served.context("serving")?,
+            () = shutdown_signal() => {}
+        }
+        return Ok(ExitCode::SUCCESS);
     }
     let config = Config::load(&cli.config)?;
     match cli.command {
@@ -292,7 +309,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
         }
-        Command::Pricing(PricingCommand::Check { .. }) => {
+        Command::Pricing(PricingCommand::Check { .. }) | Command::MockUpstream { .. } => {
             unreachable!("handled before loading the config")
         }
     }

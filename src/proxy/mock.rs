@@ -155,8 +155,14 @@ pub fn router_with_log() -> (Router, MockLog) {
     )
 }
 
-/// Serves [`router`] on `listener` until the task is dropped or the listener fails.
+/// Serves [`router`] on `listener` until the task is dropped or the listener fails. Like the
+/// gateway, it writes small frames at once (`TCP_NODELAY`), as a provider's servers do.
 pub async fn serve(listener: tokio::net::TcpListener) -> std::io::Result<()> {
+    use axum::serve::ListenerExt as _;
+    let listener = listener.tap_io(|tcp| {
+        // Without it the mock is only slower, never wrong.
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, router()).await
 }
 
