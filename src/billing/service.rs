@@ -127,7 +127,9 @@ impl Payments {
                 let api = webhook
                     .secret_key
                     .as_deref()
-                    .map(|key| StripeApi::new(key, webhook.api_base.as_deref()))
+                    .map(|key| {
+                        StripeApi::new(key, webhook.api_base.as_deref(), webhook.api_timeout)
+                    })
                     .transpose()?;
                 Ok(StripeSetup { api, webhook })
             })

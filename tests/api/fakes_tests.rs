@@ -176,7 +176,7 @@ mod client_tests {
     use super::*;
     use tollgate::billing::lemonsqueezy::LemonSqueezyApi;
     use tollgate::billing::provider::{CheckoutRequest, ProviderError};
-    use tollgate::billing::stripe::StripeApi;
+    use tollgate::billing::stripe::{DEFAULT_API_TIMEOUT, StripeApi};
 
     fn order(order_id: &str) -> CheckoutRequest {
         CheckoutRequest {
@@ -213,7 +213,8 @@ mod client_tests {
     async fn stripe_create_is_idempotent_per_order_and_sends_the_order() {
         run_test(async || {
             let fake = FakeStripe::start().await;
-            let api = StripeApi::new("sk_test_x", Some(&fake.base)).expect("client");
+            let api =
+                StripeApi::new("sk_test_x", Some(&fake.base), DEFAULT_API_TIMEOUT).expect("client");
             let first = api.create_checkout(&order("ord_1")).await.expect("create");
             let again = api.create_checkout(&order("ord_1")).await.expect("replay");
             assert_eq!(first, again);
@@ -260,7 +261,8 @@ mod client_tests {
     async fn stripe_errors_map_to_provider_errors() {
         run_test(async || {
             let fake = FakeStripe::start().await;
-            let api = StripeApi::new("sk_test_x", Some(&fake.base)).expect("client");
+            let api =
+                StripeApi::new("sk_test_x", Some(&fake.base), DEFAULT_API_TIMEOUT).expect("client");
 
             fake.fail_next(500);
             let err = api.create_checkout(&order("ord_1")).await.expect_err("500");
@@ -308,7 +310,8 @@ mod client_tests {
                 "{err:?}"
             );
 
-            let wrong = StripeApi::new("rk_live_wrong", Some(&fake.base)).expect("client");
+            let wrong = StripeApi::new("rk_live_wrong", Some(&fake.base), DEFAULT_API_TIMEOUT)
+                .expect("client");
             match wrong.create_checkout(&order("ord_4")).await {
                 Err(ProviderError::Rejected { status, message }) => {
                     assert_eq!(status, 401);
@@ -317,7 +320,8 @@ mod client_tests {
                 other => panic!("{other:?}"),
             }
 
-            let down = StripeApi::new("sk_test_x", Some(&closed_base().await)).expect("client");
+            let down = StripeApi::new("sk_test_x", Some(&closed_base().await), DEFAULT_API_TIMEOUT)
+                .expect("client");
             let err = down
                 .create_checkout(&order("ord_5"))
                 .await
@@ -325,7 +329,7 @@ mod client_tests {
             assert!(matches!(err, ProviderError::Unavailable(_)), "{err:?}");
 
             assert!(matches!(
-                StripeApi::new("sk_test_x", Some("not a url")),
+                StripeApi::new("sk_test_x", Some("not a url"), DEFAULT_API_TIMEOUT),
                 Err(ProviderError::Config(_))
             ));
         })
