@@ -2,10 +2,16 @@
 //! them.
 //!
 //! - [`FakeStripe`]: `POST /v1/checkout/sessions` as async-stripe sends it (form-encoded,
-//!   `Idempotency-Key` honoured), answering with a `checkout.session` that async-stripe's
-//!   deserializer accepts.
-//! - [`FakeLemonSqueezy`]: `POST /v1/checkouts` (JSON:API).
-//! - Webhook builders: Stripe (`Stripe-Signature`), Lemon Squeezy (`X-Signature`), Polar /
+//!   `Idempotency-Key` honoured), answering with a complete `checkout.session`. It pushes
+//!   back on request: Stripe's own error objects and headers for 5xx and 429 (`fail_next`),
+//!   answers that come late (`delay_next`), a session without a `url`.
+//! - [`FakeLemonSqueezy`]: `POST /v1/checkouts` (JSON:API), with `fail_next` and `delay_next`.
+//! - Webhook bodies with every field the providers send: Stripe's `checkout.session`,
+//!   `charge`, `refund` and `dispute` as its spec defines them (checked against async-stripe's
+//!   generated types), in event envelopes with `previous_attributes` for `*.updated`; Lemon
+//!   Squeezy and Polar orders with every key of their documented examples
+//!   (`tests/fixtures/webhooks/{lemonsqueezy,polar}`). Both checked by `fakes_tests.rs`.
+//! - Webhook signatures: Stripe (`Stripe-Signature`), Lemon Squeezy (`X-Signature`), Polar /
 //!   Standard Webhooks (`webhook-id`, `webhook-timestamp`, `webhook-signature`). The HMACs are
 //!   computed here, independently of the crate's verifier, and checked against the shared
 //!   vectors in `tests/fixtures/webhooks/webhook-signatures.json` (by `fakes_tests.rs`).

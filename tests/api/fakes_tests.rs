@@ -1,5 +1,6 @@
 //! Tests of the fakes themselves (their signatures against the shared vectors, their webhook
-//! bodies' shape) and of the real provider API clients against them. None of them touches a
+//! bodies against Stripe's spec types and the other providers' documented examples, which the
+//! gateway must read) and of the real provider API clients against them. None of them touches a
 //! ledger or a cache, so they live in the api binary only: the production binary includes
 //! `fakes.rs` too, and would run them a second time under another name.
 
