@@ -422,6 +422,38 @@ pub fn refund(order: &Order, refunded_total: i64, currency: &str, now_ms: i64) -
     taking_back(order, next, take, EntryType::Refund, reference, description)
 }
 
+/// A refund of `amount` that the provider could not complete (failed, or canceled before it
+/// went out). It changes nothing: the refunded total that took its credits back
+/// (`charge.refunded`, cumulative) has counted it, and taking them back stays right if the
+/// merchant pays the buyer another way. Whether the buyer keeps the money instead is for a
+/// person to decide, so the event is held for review with what an admin needs to give the
+/// credits back. A refund issued again later takes nothing more while the cumulative total
+/// does not grow past what was already taken for.
+pub fn refund_failed(
+    order: &Order,
+    refund_id: &str,
+    amount: i64,
+    currency: &str,
+    reason: &str,
+) -> Step {
+    let paid = paid_amount(order)?;
+    let share = if currency.eq_ignore_ascii_case(&order.currency) {
+        pro_rata(order.total_credits(), amount.clamp(0, paid), paid)
+    } else {
+        Credits::ZERO
+    };
+    Err(Deferred::Review(format!(
+        "refund {refund_id} of {} {} on order {} failed ({reason}); the credits taken back \
+         when it was issued stay taken. If the buyer keeps the money, give back its share \
+         ({share} credits) with POST /admin/accounts/{}/credits and reference \
+         refund-failed:{refund_id}",
+        from_minor(amount, currency),
+        currency.to_ascii_uppercase(),
+        order.id,
+        order.account.as_str(),
+    )))
+}
+
 /// The buyer disputed `amount` of the payment: its credits are taken back while it is open.
 pub fn dispute_opened(
     order: &Order,
@@ -898,6 +930,38 @@ mod tests {
             assert_eq!(won.moves[0].expires_at_ms, expires);
             assert_eq!(won.moves[0].amount, order.total_credits());
         }
+    }
+
+    #[test]
+    fn a_failed_refund_changes_nothing_and_tells_the_admin_what_to_give_back() {
+        let refunded = step(refund(&paid(), 333, "usd", 5)).order;
+        let why = match refund_failed(&refunded, "re_1", 333, "usd", "expired_or_canceled_card") {
+            Err(Deferred::Review(why)) => why,
+            other => panic!("{other:?}"),
+        };
+        for expected in [
+            "refund re_1 of 3.33 USD on order ord_1 failed (expired_or_canceled_card)",
+            "stay taken",
+            // ⌊1000 × 333 / 999⌋ credits, to the micro-credit.
+            "(333.333333 credits)",
+            "POST /admin/accounts/alice/credits",
+            "refund-failed:re_1",
+        ] {
+            assert!(why.contains(expected), "{expected} not in {why}");
+        }
+        // Before its payment it waits like a refund; on an order in review it stays there.
+        assert!(matches!(
+            refund_failed(&order(), "re_1", 333, "usd", "unknown"),
+            Err(Deferred::Retry(_))
+        ));
+        let mut in_review = order();
+        in_review.status = OrderStatus::Review;
+        assert!(matches!(
+            refund_failed(&in_review, "re_1", 333, "usd", "unknown"),
+            Err(Deferred::Review(why)) if why.contains("held for review")
+        ));
+        // A re-issued refund of the same total takes nothing more.
+        assert_eq!(refund(&refunded, 333, "usd", 6), Ok(None));
     }
 
     #[test]

@@ -127,7 +127,9 @@ impl Payments {
                 let api = webhook
                     .secret_key
                     .as_deref()
-                    .map(|key| StripeApi::new(key, webhook.api_base.as_deref()))
+                    .map(|key| {
+                        StripeApi::new(key, webhook.api_base.as_deref(), webhook.api_timeout)
+                    })
                     .transpose()?;
                 Ok(StripeSetup { api, webhook })
             })
@@ -448,6 +450,16 @@ impl Payments {
                 lookup,
                 Box::new(move |o| orders::refund(o, *refunded_total, currency, now)),
             ),
+            Action::RefundFailed {
+                lookup,
+                refund_id,
+                amount,
+                currency,
+                reason,
+            } => (
+                lookup,
+                Box::new(move |o| orders::refund_failed(o, refund_id, *amount, currency, reason)),
+            ),
             Action::DisputeOpened {
                 lookup,
                 dispute_id,
@@ -483,6 +495,7 @@ impl Payments {
                 // the provider's retry applies it once the payment is in (recorded as ignored,
                 // the payment would later be credited and never clawed back).
                 Action::Refunded { .. }
+                | Action::RefundFailed { .. }
                 | Action::DisputeOpened { .. }
                 | Action::DisputeClosed { .. }
                     if lookup.order_id.is_none() && lookup.order_may_follow =>
@@ -495,6 +508,7 @@ impl Payments {
                 }
                 // Not an order of ours: another integration's payment on the same account.
                 Action::Refunded { .. }
+                | Action::RefundFailed { .. }
                 | Action::DisputeOpened { .. }
                 | Action::DisputeClosed { .. }
                     if lookup.order_id.is_none() =>

@@ -26,28 +26,36 @@ use super::provider::{CheckoutCreated, CheckoutRequest, ProviderError};
 /// Stripe's API, used when no base is configured.
 pub const DEFAULT_API_BASE: &str = "https://api.stripe.com/";
 
-/// The most one HTTP attempt may take (connect, request and the whole answer).
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// The most one HTTP attempt may take (connect, request and the whole answer) unless
+/// `[payments.stripe] api_timeout_secs` says otherwise. The buyer waits for it: a checkout
+/// that Stripe has not created by then answers 502 and leaves its order `failed`.
+pub const DEFAULT_API_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A Stripe API client for one secret key. Cheap to clone (the connection pool is shared).
 #[derive(Clone)]
 pub struct StripeApi {
     client: Client,
     api_base: String,
+    timeout: Duration,
 }
 
 impl fmt::Debug for StripeApi {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("StripeApi")
             .field("api_base", &self.api_base)
+            .field("timeout", &self.timeout)
             .finish_non_exhaustive()
     }
 }
 
 impl StripeApi {
     /// `api_base` None = Stripe's. Accepts a base like `http://127.0.0.1:1234` (with or
-    /// without a trailing `/`; a path prefix is kept).
-    pub fn new(secret_key: &str, api_base: Option<&str>) -> Result<Self, ProviderError> {
+    /// without a trailing `/`; a path prefix is kept). `timeout` bounds each API call.
+    pub fn new(
+        secret_key: &str,
+        api_base: Option<&str>,
+        timeout: Duration,
+    ) -> Result<Self, ProviderError> {
         if secret_key.trim().is_empty() {
             return Err(ProviderError::Config(
                 "the Stripe secret key is empty".into(),
@@ -56,11 +64,15 @@ impl StripeApi {
         let api_base = normalize_base(api_base.unwrap_or(DEFAULT_API_BASE), "Stripe")?;
         let client = ClientBuilder::new(secret_key)
             .url(api_base.clone())
-            .timeout(REQUEST_TIMEOUT)
+            .timeout(timeout)
             .build()
             // The builder's errors name the bad setting, never the key itself.
             .map_err(|err| ProviderError::Config(format!("Stripe client: {err}")))?;
-        Ok(StripeApi { client, api_base })
+        Ok(StripeApi {
+            client,
+            api_base,
+            timeout,
+        })
     }
 
     /// Creates a Checkout Session in `payment` mode for one order.
@@ -78,7 +90,7 @@ impl StripeApi {
             .request_strategy(RequestStrategy::Idempotent(key))
             .send(&self.client)
             .await
-            .map_err(map_error)?;
+            .map_err(|err| map_error(err, self.timeout))?;
         let id = session.id.to_string();
         match session.url {
             Some(url) if !url.is_empty() => Ok(CheckoutCreated {
@@ -131,7 +143,7 @@ fn build_session(request: &CheckoutRequest) -> CreateCheckoutSession {
         .payment_intent_data(payment_intent_data)
 }
 
-fn map_error(err: StripeError) -> ProviderError {
+fn map_error(err: StripeError, timeout: Duration) -> ProviderError {
     match err {
         StripeError::Stripe(errors, status) => {
             let message = errors
@@ -153,7 +165,7 @@ fn map_error(err: StripeError) -> ProviderError {
         }
         StripeError::Timeout => ProviderError::Unavailable(format!(
             "Stripe did not answer within {}s",
-            REQUEST_TIMEOUT.as_secs()
+            timeout.as_secs()
         )),
         StripeError::ConfigError(msg) => ProviderError::Config(format!("Stripe client: {msg}")),
     }
@@ -220,19 +232,23 @@ mod tests {
     #[test]
     fn new_rejects_bad_configuration_and_debug_hides_the_key() {
         assert!(matches!(
-            StripeApi::new("", None),
+            StripeApi::new("", None, DEFAULT_API_TIMEOUT),
             Err(ProviderError::Config(_))
         ));
         assert!(matches!(
-            StripeApi::new("sk_test_x", Some("nope")),
+            StripeApi::new("sk_test_x", Some("nope"), DEFAULT_API_TIMEOUT),
             Err(ProviderError::Config(_))
         ));
         assert!(matches!(
-            StripeApi::new("sk_test_\nx", None),
+            StripeApi::new("sk_test_\nx", None, DEFAULT_API_TIMEOUT),
             Err(ProviderError::Config(_))
         ));
-        let api =
-            StripeApi::new("sk_test_secret_value", Some("http://127.0.0.1:9")).expect("valid");
+        let api = StripeApi::new(
+            "sk_test_secret_value",
+            Some("http://127.0.0.1:9"),
+            DEFAULT_API_TIMEOUT,
+        )
+        .expect("valid");
         let debug = format!("{api:?}");
         assert!(debug.contains("127.0.0.1:9"), "{debug}");
         assert!(!debug.contains("secret_value"), "{debug}");
@@ -278,6 +294,7 @@ mod tests {
             };
             StripeError::Stripe(Box::new(errors), status)
         };
+        let map_error = |err| map_error(err, Duration::from_secs(3));
         assert!(matches!(
             map_error(api_error(500, "boom")),
             ProviderError::Unavailable(_)
@@ -297,9 +314,10 @@ mod tests {
             map_error(StripeError::ClientError("refused".into())),
             ProviderError::Unavailable(_)
         ));
+        // The configured timeout, not a fixed one, is what the message names.
         assert!(matches!(
             map_error(StripeError::Timeout),
-            ProviderError::Unavailable(_)
+            ProviderError::Unavailable(ref m) if m.contains("within 3s")
         ));
     }
 }

@@ -5,6 +5,7 @@
 //! once at start-up and names the field of anything missing.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -51,6 +52,9 @@ pub struct StripeConfig {
     pub api_base: Option<String>,
     /// Webhooks whose signed timestamp is further than this from now are refused.
     pub tolerance_secs: Option<i64>,
+    /// The most one Stripe API call may take (connect to the last byte of the answer), in
+    /// seconds. Default 10.
+    pub api_timeout_secs: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -101,6 +105,7 @@ pub struct ResolvedStripe {
     pub webhook_secrets: Vec<String>,
     pub api_base: Option<String>,
     pub tolerance_secs: i64,
+    pub api_timeout: Duration,
 }
 
 #[derive(Clone)]
@@ -196,6 +201,13 @@ impl PaymentsConfig {
                 webhook_secrets,
                 api_base: stripe.api_base.clone(),
                 tolerance_secs: tolerance("payments.stripe", stripe.tolerance_secs)?,
+                api_timeout: match stripe.api_timeout_secs {
+                    None => crate::billing::stripe::DEFAULT_API_TIMEOUT,
+                    Some(secs) if secs > 0 => Duration::from_secs(secs),
+                    Some(_) => {
+                        return Err("payments.stripe.api_timeout_secs: must be positive".into());
+                    }
+                },
             });
         }
         if let Some(ls) = &self.lemonsqueezy {
@@ -315,6 +327,12 @@ mod tests {
         assert_eq!(stripe.secret_key.as_deref(), Some("sk_test_1"));
         assert_eq!(stripe.webhook_secrets, ["whsec_a", "whsec_b", "whsec_c"]);
         assert_eq!(stripe.tolerance_secs, 300);
+        assert_eq!(stripe.api_timeout, Duration::from_secs(10));
+        let slow = parse("[stripe]\nwebhook_secrets = [\"whsec_a\"]\napi_timeout_secs = 3\n")
+            .resolve(&[], |_| None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let api_timeout = slow.stripe.map(|s| s.api_timeout);
+        assert_eq!(api_timeout, Some(Duration::from_secs(3)));
     }
 
     #[test]
@@ -347,6 +365,10 @@ mod tests {
             (
                 "default_provider = \"stripe\"\n",
                 "payments.default_provider",
+            ),
+            (
+                "[stripe]\nwebhook_secrets = [\"w\"]\napi_timeout_secs = 0\n",
+                "payments.stripe.api_timeout_secs",
             ),
         ];
         for (text, field) in cases {

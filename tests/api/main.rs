@@ -20,6 +20,7 @@ mod hold_bounds;
 mod ledger_contract;
 mod lifecycle;
 mod metering;
+mod payment_event_sequences;
 mod payments;
 mod payments_providers;
 mod set_aside;

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
+use std::time::{Duration, Instant};
 
 use rust_decimal::Decimal;
 use serde_json::{Value, json};
@@ -14,7 +15,9 @@ use crate::helpers::*;
 pub const WHSEC: &str = "whsec_tollgate_test_current";
 pub const WHSEC_OLD: &str = "whsec_tollgate_test_previous";
 
-pub fn shop_config(stripe_base: &str, extra: &str) -> String {
+/// The shop's config; `stripe_extra` goes into its `[payments.stripe]` table, `extra` at the
+/// end.
+pub fn shop_config(stripe_base: &str, stripe_extra: &str, extra: &str) -> String {
     format!(
         r#"
 [[packages]]
@@ -40,6 +43,7 @@ cancel_url = "https://app.test/cancelled"
 secret_key = "sk_test_tollgate"
 webhook_secrets = ["{WHSEC}", "{WHSEC_OLD}"]
 api_base = "{stripe_base}"
+{stripe_extra}
 
 [invoices]
 tax_rate_percent = "19"
@@ -64,9 +68,14 @@ pub async fn shop() -> Shop {
 }
 
 pub async fn shop_with(extra: &str) -> Shop {
+    shop_with_stripe("", extra).await
+}
+
+/// A shop whose `[payments.stripe]` table also has `stripe_extra`.
+pub async fn shop_with_stripe(stripe_extra: &str, extra: &str) -> Shop {
     let stripe = FakeStripe::start().await;
     let app = spawn_app_with(Options {
-        extra: shop_config(&stripe.base, extra),
+        extra: shop_config(&stripe.base, stripe_extra, extra),
         ..Options::default()
     })
     .await;
@@ -1044,6 +1053,107 @@ async fn a_wrong_amount_or_unknown_package_is_kept_for_review_and_not_credited()
 }
 
 #[tokio::test]
+async fn a_session_stripe_completed_without_payment_is_held_for_review_not_credited() {
+    run_test(async || {
+        let shop = shop().await;
+        let user = "buyer-free-ride";
+        let (order_id, session) = shop.checkout(user, "starter").await;
+        // A promotion code for 100 % entered on Stripe's page: Stripe completes the session
+        // with nothing paid and no PaymentIntent.
+        let free = checkout_session_object(
+            &session.id,
+            &order_id,
+            user,
+            "starter",
+            0,
+            "usd",
+            "no_payment_required",
+            "",
+        );
+        let (status, body) = shop
+            .event("evt_free", "checkout.session.completed", free.clone())
+            .await;
+        assert_eq!(
+            (status, body["outcome"].as_str()),
+            (200, Some("review")),
+            "{body}"
+        );
+        let order = shop.order(user, &order_id).await;
+        assert_eq!(order["status"], "review");
+        assert!(
+            order["review_reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("paid 0.00 USD but the order is for 9.99 USD")),
+            "{order}"
+        );
+        assert_eq!(shop.balance_of(user).await, Decimal::ZERO);
+        assert!(
+            shop.app
+                .list("/api/credits/transactions", &token(user))
+                .await
+                .is_empty()
+        );
+        // Told again, or by the other event Stripe may send for it: still nothing.
+        let (_, body) = shop
+            .event("evt_free", "checkout.session.completed", free.clone())
+            .await;
+        assert_eq!(body["outcome"], "duplicate");
+        shop.accepted(
+            "evt_free_async",
+            "checkout.session.async_payment_succeeded",
+            free,
+        )
+        .await;
+        assert_eq!(shop.balance_of(user).await, Decimal::ZERO);
+        assert_eq!(shop.order(user, &order_id).await["status"], "review");
+        shop.app.assert_ledger_consistent().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_free_package_is_credited_by_its_session_completed_without_payment() {
+    run_test(async || {
+        // No coupon makes a package free (they are refused), but a package may cost nothing:
+        // its order is for 0, and Stripe completes its session with nothing to pay.
+        let shop = shop_with(
+            "[[packages]]\nid = \"trial\"\nname = \"Trial\"\ncredits = \"50\"\nprice = \"0\"\ncurrency = \"USD\"\n",
+        )
+        .await;
+        let user = "buyer-trial";
+        let (order_id, session) = shop.checkout(user, "trial").await;
+        assert_eq!(session.amount, 0);
+        let free = checkout_session_object(
+            &session.id,
+            &order_id,
+            user,
+            "trial",
+            0,
+            "usd",
+            "no_payment_required",
+            "",
+        );
+        assert_eq!(
+            shop.accepted("evt_trial", "checkout.session.completed", free.clone())
+                .await,
+            "processed"
+        );
+        assert_eq!(shop.balance_of(user).await, dec("50"));
+        let order = shop.order(user, &order_id).await;
+        assert_eq!(order["status"], "paid");
+        assert_eq!(order["amount_paid"], "0.00");
+        assert_eq!(
+            shop.accepted("evt_trial_again", "checkout.session.completed", free)
+                .await,
+            "processed"
+        );
+        assert_eq!(shop.balance_of(user).await, dec("50"));
+        shop.app.assert_ledger_consistent().await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn unknown_event_types_are_acknowledged_and_ignored() {
     run_test(async || {
         let shop = shop().await;
@@ -1111,6 +1221,79 @@ async fn a_failing_provider_answers_502_and_leaves_a_failed_order() {
             )
             .await;
         assert_eq!(response.status(), 401);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_checkout_stripe_answers_too_late_fails_in_time_and_its_late_session_credits_once() {
+    run_test(async || {
+        let shop = shop_with_stripe("api_timeout_secs = 1", "").await;
+        let user = "buyer-slow-stripe";
+        // Stripe creates the session but answers after 3 s: Tollgate stops waiting at 1 s.
+        shop.stripe.delay_next(Duration::from_secs(3));
+        let started = Instant::now();
+        let response = shop
+            .app
+            .post(
+                "/api/payment/create-checkout",
+                &token(user),
+                &json!({"package_id": "starter"}),
+            )
+            .await;
+        let waited = started.elapsed();
+        let error = openai_error(response, 502).await;
+        assert!(
+            error["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("did not answer within 1s")),
+            "{error}"
+        );
+        assert!(
+            waited >= Duration::from_secs(1) && waited < Duration::from_millis(2500),
+            "answered after {waited:?}"
+        );
+        let orders = shop.app.list("/api/payment/orders", &token(user)).await;
+        assert_eq!(orders.len(), 1);
+        assert_eq!(orders[0]["status"], "failed");
+        let first_order = orders[0]["id"].as_str().expect("order id").to_owned();
+        let late = shop.stripe.sessions().remove(0);
+        assert_eq!(late.metadata["order_id"], first_order);
+
+        // The buyer starts again: a new order and a new session, paid as usual.
+        let (second_order, second) = shop.checkout(user, "starter").await;
+        assert_ne!(second_order, first_order);
+        assert_ne!(second.id, late.id);
+        assert_eq!(shop.stripe.sessions().len(), 2);
+
+        // The late session was paid after all: its webhook credits the order it names, once.
+        let paid_late = shop.paid_session(&late, user, 999);
+        assert_eq!(
+            shop.accepted("evt_late", "checkout.session.completed", paid_late.clone())
+                .await,
+            "processed"
+        );
+        assert_eq!(shop.balance_of(user).await, dec("1000"));
+        let (_, body) = shop
+            .event("evt_late", "checkout.session.completed", paid_late.clone())
+            .await;
+        assert_eq!(body["outcome"], "duplicate");
+        shop.accepted(
+            "evt_late_again",
+            "checkout.session.async_payment_succeeded",
+            paid_late,
+        )
+        .await;
+        assert_eq!(shop.balance_of(user).await, dec("1000"));
+        assert_eq!(shop.order(user, &first_order).await["status"], "paid");
+        assert_eq!(shop.order(user, &second_order).await["status"], "pending");
+        let entries = shop
+            .app
+            .list("/api/credits/transactions", &token(user))
+            .await;
+        assert_eq!(entries.len(), 1, "{entries:?}");
+        assert_eq!(entries[0]["reference"], format!("stripe:{}", late.id));
+        shop.app.assert_ledger_consistent().await;
     })
     .await;
 }
@@ -1294,13 +1477,13 @@ async fn a_credit_left_pending_by_a_crash_is_applied_by_the_recovery_task() {
                  NULL, 0)",
             )
             .await;
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        let deadline = Instant::now() + Duration::from_secs(15);
         while shop.balance_of(user).await != dec("5") {
             assert!(
-                std::time::Instant::now() < deadline,
+                Instant::now() < deadline,
                 "the pending credit was never applied"
             );
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let entries = shop
             .app

@@ -16,7 +16,7 @@ const LS_SIGNING_SECRET: &str = "ls_signing_secret_tollgate_test";
 const LS_API_KEY: &str = "ls_test_tollgate_key";
 const LS_STORE_ID: &str = "4242";
 const LS_STARTER_VARIANT: &str = "111";
-const POLAR_SECRET: &str = "polar_whs_tollgate_test_secret";
+pub const POLAR_SECRET: &str = "polar_whs_tollgate_test_secret";
 
 /// The packages sold, and where buyers return; `providers` adds the `[payments.*]` tables.
 fn providers_config(providers: &str) -> String {
@@ -57,7 +57,7 @@ variants = {{ starter = "{LS_STARTER_VARIANT}" }}
     )
 }
 
-fn polar_table(secret: &str, encoding: &str) -> String {
+pub fn polar_table(secret: &str, encoding: &str) -> String {
     format!(
         r#"
 [payments.polar]
@@ -67,7 +67,7 @@ secret_encoding = "{encoding}"
     )
 }
 
-async fn app_with(providers: &str) -> TestApp {
+pub async fn app_with(providers: &str) -> TestApp {
     spawn_app_with(Options {
         extra: providers_config(providers),
         ..Options::default()
@@ -76,17 +76,17 @@ async fn app_with(providers: &str) -> TestApp {
 }
 
 /// A gateway selling through the fake Lemon Squeezy.
-async fn lemon_shop() -> (TestApp, FakeLemonSqueezy) {
+pub async fn lemon_shop() -> (TestApp, FakeLemonSqueezy) {
     let lemon = FakeLemonSqueezy::start().await;
     let app = app_with(&lemonsqueezy_table(&lemon.base)).await;
     (app, lemon)
 }
 
-async fn balance_of(app: &TestApp, user: &str) -> Decimal {
+pub async fn balance_of(app: &TestApp, user: &str) -> Decimal {
     credits(&app.balance(&token(user)).await["balance"])
 }
 
-async fn order_of(app: &TestApp, user: &str, order_id: &str) -> Value {
+pub async fn order_of(app: &TestApp, user: &str, order_id: &str) -> Value {
     let response = app
         .get(&format!("/api/payment/orders/{order_id}"), &token(user))
         .await;
@@ -95,7 +95,7 @@ async fn order_of(app: &TestApp, user: &str, order_id: &str) -> Value {
 }
 
 /// Starts a checkout; returns the response body.
-async fn checkout(app: &TestApp, user: &str, body: Value) -> Value {
+pub async fn checkout(app: &TestApp, user: &str, body: Value) -> Value {
     let response = app
         .post("/api/payment/create-checkout", &token(user), &body)
         .await;
@@ -120,7 +120,7 @@ async fn post_lemonsqueezy(
 }
 
 /// Sends a correctly signed Lemon Squeezy webhook; returns the status and body.
-async fn lemonsqueezy_event(app: &TestApp, body: &str) -> (u16, Value) {
+pub async fn lemonsqueezy_event(app: &TestApp, body: &str) -> (u16, Value) {
     let signature = lemonsqueezy_signature(LS_SIGNING_SECRET, body);
     let response = post_lemonsqueezy(app, body, Some(&signature)).await;
     status_and_json(response).await
@@ -135,7 +135,7 @@ async fn status_and_json(response: reqwest::Response) -> (u16, Value) {
     (status, body)
 }
 
-fn ls_paid(ls_order_id: &str, total: i64, custom_data: Value) -> String {
+pub fn ls_paid(ls_order_id: &str, total: i64, custom_data: Value) -> String {
     lemonsqueezy_order_event(
         "order_created",
         ls_order_id,
@@ -161,7 +161,7 @@ async fn post_polar(app: &TestApp, body: &str, headers: &[(String, String)]) -> 
 
 /// Sends a Polar webhook signed with `secret` (as Polar encodes it, or as Standard Webhooks
 /// does) at `timestamp`; returns the status and body.
-async fn polar_event(
+pub async fn polar_event(
     app: &TestApp,
     secret: &str,
     encoding_is_polar: bool,
@@ -668,7 +668,7 @@ async fn a_polar_refund_before_its_order_is_paid_is_retried_until_the_payment_ar
     .await;
 }
 
-fn polar_paid(polar_order_id: &str, net_amount: i64, metadata: Value) -> String {
+pub fn polar_paid(polar_order_id: &str, net_amount: i64, metadata: Value) -> String {
     polar_order_event(
         "order.paid",
         polar_order_id,

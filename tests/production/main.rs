@@ -32,6 +32,8 @@ mod hold_bounds;
 mod lifecycle;
 #[path = "../api/metering.rs"]
 mod metering;
+#[path = "../api/payment_event_sequences.rs"]
+mod payment_event_sequences;
 #[path = "../api/payments.rs"]
 mod payments;
 #[path = "../api/payments_providers.rs"]

@@ -53,6 +53,16 @@ pub enum Action {
         refunded_total: i64,
         currency: String,
     },
+    /// A refund the provider could not complete (failed, or canceled before it went out). The
+    /// refunded total that took credits back arrives separately (Stripe's `charge.refunded`).
+    RefundFailed {
+        lookup: OrderLookup,
+        refund_id: String,
+        amount: i64,
+        currency: String,
+        /// The provider's failure reason, or the status when it gives none.
+        reason: String,
+    },
     DisputeOpened {
         lookup: OrderLookup,
         dispute_id: String,

@@ -1,4 +1,13 @@
 //! Stripe events: Checkout Sessions, refunds and disputes.
+//!
+//! A refund reaches Tollgate twice: as the charge's cumulative `amount_refunded`
+//! (`charge.refunded`), the only event that takes credits back, and as a `refund` object
+//! (`refund.*`, `charge.refund.updated`) whose status says whether it went through. Only a
+//! refund that failed or was canceled matters there: it is held for review.
+//!
+//! A dispute opens with `charge.dispute.created` or `charge.dispute.funds_withdrawn`,
+//! whichever arrives first (the other finds the same dispute id and changes nothing), and
+//! closes with `charge.dispute.closed` or `charge.dispute.funds_reinstated` (a won one).
 
 use serde_json::Value;
 
@@ -33,11 +42,31 @@ pub fn parse(body: &[u8]) -> Result<ParsedEvent, Malformed> {
             refunded_total: required_int(object, &["amount_refunded"])?,
             currency: required_str(object, &["currency"])?,
         },
-        "charge.dispute.created" => Action::DisputeOpened {
+        "refund.created" | "refund.updated" | "refund.failed" | "charge.refund.updated" => {
+            let action = refund_changed(object)?;
+            if let Action::RefundFailed { refund_id, .. } = &action {
+                // Stripe tells of one failure up to three times (`refund.updated`,
+                // `refund.failed`, `charge.refund.updated`): keyed by the refund, the first
+                // is held for review and the others are duplicates.
+                return Ok(ParsedEvent {
+                    event_id: format!("refund_failed:{refund_id}"),
+                    event_type,
+                    action,
+                });
+            }
+            action
+        }
+        "charge.dispute.created" | "charge.dispute.funds_withdrawn" => Action::DisputeOpened {
             lookup: charge_lookup(object),
             dispute_id: required_str(object, &["id"])?,
             amount: required_int(object, &["amount"])?,
             currency: required_str(object, &["currency"])?,
+        },
+        // Stripe returns the disputed funds when the merchant wins.
+        "charge.dispute.funds_reinstated" => Action::DisputeClosed {
+            lookup: charge_lookup(object),
+            dispute_id: required_str(object, &["id"])?,
+            won: true,
         },
         "charge.dispute.closed" => {
             let status = required_str(object, &["status"])?;
@@ -115,7 +144,30 @@ fn session_paid(session: &Value, completed: bool) -> Result<Action, Malformed> {
     })
 }
 
-/// A charge's or dispute's order: by metadata if present, else by its PaymentIntent.
+/// A `refund` object: failed or canceled is for an admin, any other status is news that
+/// `charge.refunded` already carried.
+fn refund_changed(refund: &Value) -> Result<Action, Malformed> {
+    let refund_id = required_str(refund, &["id"])?;
+    // Nullable in Stripe's spec: a refund without a status has not failed.
+    let status = str_at(refund, &["status"]).unwrap_or("without a status");
+    if status != "failed" && status != "canceled" {
+        return Ok(Action::Ignore(format!(
+            "refund {refund_id} is {status}; charge.refunded carries the refunded total"
+        )));
+    }
+    Ok(Action::RefundFailed {
+        lookup: charge_lookup(refund),
+        amount: required_int(refund, &["amount"])?,
+        currency: required_str(refund, &["currency"])?,
+        reason: str_at(refund, &["failure_reason"])
+            .unwrap_or(status)
+            .to_owned(),
+        refund_id,
+    })
+}
+
+/// A charge's, refund's or dispute's order: by metadata if present, else by its
+/// PaymentIntent.
 fn charge_lookup(object: &Value) -> OrderLookup {
     let payment_ref = id_or_object(object, "payment_intent").filter(|id| !id.is_empty());
     OrderLookup {
@@ -212,6 +264,117 @@ mod tests {
         // A charge made without a PaymentIntent never came from a Checkout Session.
         assert!(!refund(Value::Null).order_may_follow);
         assert!(!refund(json!("")).order_may_follow);
+    }
+
+    fn refund(status: &str, failure_reason: Value) -> Value {
+        json!({"id": "re_1", "object": "refund", "amount": 333, "currency": "usd",
+               "charge": "ch_1", "payment_intent": "pi_1", "status": status,
+               "failure_reason": failure_reason, "metadata": {}})
+    }
+
+    #[test]
+    fn a_failed_or_canceled_refund_is_keyed_by_the_refund_whichever_event_tells_of_it() {
+        for kind in [
+            "refund.failed",
+            "refund.updated",
+            "charge.refund.updated",
+            "refund.created",
+        ] {
+            for (status, reason, expected) in [
+                (
+                    "failed",
+                    json!("expired_or_canceled_card"),
+                    "expired_or_canceled_card",
+                ),
+                ("canceled", Value::Null, "canceled"),
+            ] {
+                let parsed = parse(&event(kind, refund(status, reason)))
+                    .unwrap_or_else(|e| panic!("{kind}: {e}"));
+                assert_eq!(parsed.event_id, "refund_failed:re_1", "{kind}");
+                assert_eq!(parsed.event_type, kind);
+                match parsed.action {
+                    Action::RefundFailed {
+                        lookup,
+                        refund_id,
+                        amount,
+                        currency,
+                        reason,
+                    } => {
+                        assert_eq!(refund_id, "re_1");
+                        assert_eq!((amount, currency.as_str()), (333, "usd"));
+                        assert_eq!(reason, expected);
+                        assert_eq!(lookup.payment_ref.as_deref(), Some("pi_1"));
+                        assert!(lookup.order_may_follow);
+                    }
+                    other => panic!("{kind} {status}: {other:?}"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_refund_on_its_way_or_through_is_left_to_charge_refunded() {
+        let mut no_status = refund("failed", Value::Null);
+        no_status["status"] = Value::Null;
+        for object in [
+            refund("pending", Value::Null),
+            refund("requires_action", Value::Null),
+            refund("succeeded", Value::Null),
+            no_status,
+        ] {
+            let parsed = parse(&event("charge.refund.updated", object.clone()))
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(parsed.event_id, "evt_1");
+            assert!(
+                matches!(&parsed.action, Action::Ignore(why) if why.contains("charge.refunded")),
+                "{object}: {:?}",
+                parsed.action
+            );
+        }
+        let no_id = json!({"status": "failed", "amount": 333, "currency": "usd"});
+        assert!(parse(&event("refund.failed", no_id)).is_err());
+    }
+
+    #[test]
+    fn funds_withdrawn_opens_and_funds_reinstated_wins_the_same_dispute() {
+        let dispute = json!({"id": "dp_1", "object": "dispute", "amount": 999, "currency": "usd",
+                             "charge": "ch_1", "payment_intent": "pi_1", "status": "needs_response",
+                             "metadata": {}});
+        let opened = |kind: &str| match parse(&event(kind, dispute.clone())) {
+            Ok(ParsedEvent {
+                action:
+                    Action::DisputeOpened {
+                        dispute_id, amount, ..
+                    },
+                ..
+            }) => (dispute_id, amount),
+            other => panic!("{kind}: {other:?}"),
+        };
+        assert_eq!(opened("charge.dispute.created"), ("dp_1".to_owned(), 999));
+        assert_eq!(
+            opened("charge.dispute.funds_withdrawn"),
+            ("dp_1".to_owned(), 999)
+        );
+        let reinstated = parse(&event("charge.dispute.funds_reinstated", dispute.clone()))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            matches!(&reinstated.action, Action::DisputeClosed { dispute_id, won: true, .. }
+                if dispute_id == "dp_1"),
+            "{:?}",
+            reinstated.action
+        );
+        let updated =
+            parse(&event("charge.dispute.updated", dispute)).unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(updated.action, Action::Ignore(_)));
+        // An inquiry closed without a chargeback counts as won.
+        let closed = json!({"id": "dp_2", "amount": 999, "currency": "usd",
+                            "payment_intent": "pi_1", "status": "warning_closed"});
+        let parsed =
+            parse(&event("charge.dispute.closed", closed)).unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(
+            parsed.action,
+            Action::DisputeClosed { won: true, .. }
+        ));
     }
 
     #[test]
