@@ -173,7 +173,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .with_context(|| format!("binding {listen}"))?;
-        println!("mock upstream listening on http://{}/v1", listener.local_addr()?);
+        println!(
+            "mock upstream listening on http://{}/v1",
+            listener.local_addr()?
+        );
         tokio::select! {
             served = crate::proxy::mock::serve(listener) => served.context("serving")?,
             () = shutdown_signal() => {}

@@ -61,7 +61,7 @@ pub fn parse(body: &[u8]) -> Result<ParsedEvent, Malformed> {
             event_id = format!("{event_id}:{refunded_total}");
             Action::Refunded {
                 lookup,
-                refunded_total,
+                refunded_total: without_tax(refunded_total, attributes),
                 currency: required_str(attributes, &["currency"])?,
             }
         }
@@ -79,6 +79,20 @@ fn claim(event: &Value) -> Claim {
         account_id: metadata(event, &["meta", "custom_data"], "account_id"),
         package_id: metadata(event, &["meta", "custom_data"], "package_id"),
     }
+}
+
+/// `refunded` (out of the order's `total`, tax included: Lemon Squeezy refunds the tax with the
+/// price) in the units of the order's amount, which excludes the tax: ⌊refunded × (total − tax)
+/// / total⌋. A full refund is exactly the amount paid for the credits; a partial one rounds
+/// down, in the buyer's favour.
+fn without_tax(refunded: i64, attributes: &Value) -> i64 {
+    let total = int_at(attributes, &["total"]).unwrap_or(0);
+    let tax = int_at(attributes, &["tax"]).unwrap_or(0);
+    if tax <= 0 || total <= tax {
+        return refunded;
+    }
+    let net = i128::from(refunded) * i128::from(total - tax) / i128::from(total);
+    i64::try_from(net).unwrap_or(refunded)
 }
 
 /// The amount paid for the credits: the total less any tax Lemon Squeezy added.
@@ -114,6 +128,31 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    /// The tax comes back with the price, and the order's amount is the price without it: a
+    /// refund counts against the order in the same units, so a partial refund takes only its
+    /// share of the credits.
+    #[test]
+    fn a_refund_of_a_taxed_order_is_counted_without_its_tax() {
+        let refunded = |refunded_amount: i64| {
+            let body = json!({"meta": {"event_name": "order_refunded", "custom_data": {"order_id": "ord_1"}},
+                              "data": {"id": "42", "attributes": {"refunded_amount": refunded_amount,
+                                       "currency": "USD", "total": 1189, "subtotal": 999, "tax": 190}}});
+            let parsed = parse(body.to_string().as_bytes()).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(
+                parsed.event_id,
+                format!("order_refunded:42:{refunded_amount}")
+            );
+            match parsed.action {
+                Action::Refunded { refunded_total, .. } => refunded_total,
+                other => panic!("{other:?}"),
+            }
+        };
+        // 400 of 1189 paid is 400 × 999 / 1189 = 336.09… of the 999 the credits cost.
+        assert_eq!(refunded(400), 336);
+        assert_eq!(refunded(1189), 999);
+        assert_eq!(refunded(0), 0);
     }
 
     #[test]
