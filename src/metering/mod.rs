@@ -185,11 +185,7 @@ impl Meter {
     /// at most every 2 s (so a hold a sibling released is noticed quickly), at least every
     /// 100 ms. The first tick comes one period after the hold was taken.
     pub fn renewal_ticker(&self) -> tokio::time::Interval {
-        let third = Duration::from_secs(self.inner.config.hold_ttl_secs) / 3;
-        let every = third.clamp(Duration::from_millis(100), Duration::from_secs(2));
-        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        ticker
+        renewal_ticker(Duration::from_secs(self.inner.config.hold_ttl_secs))
     }
 
     /// When a hold taken or renewed now expires: a whole hold lifetime out.
@@ -248,12 +244,8 @@ impl Meter {
         &self.inner.source
     }
 
-    /// The prompt count the estimate uses: the tokenizer's count plus the configured margin.
     fn padded_prompt(&self, prompt_tokens: u64) -> u64 {
-        let margin = prompt_tokens
-            .saturating_mul(u64::from(self.inner.config.estimate_margin_percent))
-            / 100;
-        prompt_tokens.saturating_add(margin).saturating_add(8)
+        padded_prompt(prompt_tokens, self.inner.config.estimate_margin_percent)
     }
 
     /// Holds the request's maximum cost against the key's limit and the account's balance.
@@ -550,10 +542,56 @@ impl HoldFailure {
     }
 }
 
+/// See [`Meter::renewal_ticker`].
+fn renewal_ticker(hold_ttl: Duration) -> tokio::time::Interval {
+    let every = (hold_ttl / 3).clamp(Duration::from_millis(100), Duration::from_secs(2));
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker
+}
+
+/// The prompt count the estimate uses: the tokenizer's count, plus `margin_percent` of it
+/// (rounded down), plus 8 for the chat template's framing.
+fn padded_prompt(prompt_tokens: u64, margin_percent: u32) -> u64 {
+    let margin = prompt_tokens.saturating_mul(u64::from(margin_percent)) / 100;
+    prompt_tokens.saturating_add(margin).saturating_add(8)
+}
+
 #[cfg(test)]
 mod tests {
-    use super::RENEWAL_GRACE;
+    use std::time::Duration;
+
+    use super::{RENEWAL_GRACE, padded_prompt, renewal_ticker};
     use crate::cache::redis::INSTANCE_DEAD_AFTER_MS;
+
+    #[test]
+    fn the_prompt_estimate_adds_the_margin_and_the_framing() {
+        assert_eq!(padded_prompt(1000, 10), 1108);
+        assert_eq!(padded_prompt(1999, 10), 2206);
+        assert_eq!(padded_prompt(9, 10), 17);
+        assert_eq!(padded_prompt(0, 0), 8);
+        assert_eq!(padded_prompt(u64::MAX, 50), u64::MAX);
+    }
+
+    /// A stream renews its hold a third of the way through the hold's life, not as it starts.
+    #[tokio::test(start_paused = true)]
+    async fn renewals_tick_a_third_of_a_hold_lifetime_apart() {
+        crate::test_support::time_limit::limited(async move {
+            for (ttl, every) in [
+                (Duration::from_secs(3), Duration::from_secs(1)),
+                (Duration::from_secs(60), Duration::from_secs(2)),
+                (Duration::from_millis(60), Duration::from_millis(100)),
+            ] {
+                let started = tokio::time::Instant::now();
+                let mut ticker = renewal_ticker(ttl);
+                ticker.tick().await;
+                assert_eq!(started.elapsed(), every, "first tick, hold of {ttl:?}");
+                ticker.tick().await;
+                assert_eq!(started.elapsed(), every * 2, "second tick, hold of {ttl:?}");
+            }
+        })
+        .await;
+    }
 
     #[test]
     fn a_stream_stops_before_siblings_would_release_its_hold() {

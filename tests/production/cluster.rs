@@ -304,6 +304,17 @@ async fn a_pricing_reload_reaches_sibling_instances_without_waiting_for_their_po
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        // Each instance names itself, and the list holds both under those names.
+        let here = pricing(app.base.clone()).await;
+        let there = pricing(sibling.base.clone()).await;
+        assert_ne!(here["instance"], there["instance"]);
+        let listed = here["instances"].as_object().cloned().expect("map");
+        for own in [&here["instance"], &there["instance"]] {
+            assert!(
+                own.as_str().is_some_and(|id| listed.contains_key(id)),
+                "{own} is not among {listed:?}"
+            );
+        }
         sibling.stop().await;
     })
     .await;
