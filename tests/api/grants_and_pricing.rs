@@ -474,3 +474,50 @@ async fn ledger_verify_reports_usage_that_took_a_balance_below_the_overdraft() {
     })
     .await;
 }
+
+/// `overdraft` lets an account spend that far below zero and no further: a request whose hold
+/// fits in it goes through with no credits at all, one whose hold does not is refused.
+#[tokio::test]
+async fn an_overdraft_lets_requests_spend_that_far_below_zero_and_no_further() {
+    run_test(async || {
+        let app = spawn_app_with(Options {
+            extra: "overdraft = \"1\"".into(),
+            ..Options::default()
+        })
+        .await;
+        let user = token("overdrawn");
+        let small = json!({"model": "mock-1", "max_tokens": 16,
+                           "messages": [{"role": "user", "content": "hi"}]});
+        // About 0.03 credits each (1 credit per 1000 tokens): 20 of them fit in the overdraft.
+        for _ in 0..20 {
+            let response = app.chat(&user, &small).await;
+            assert_eq!(
+                response.status(),
+                200,
+                "{}",
+                response.text().await.unwrap_or_default()
+            );
+        }
+        let balance = app.settled_balance(&user).await;
+        assert!(credits(&balance["balance"]) < Decimal::ZERO, "{balance}");
+        // A hold of 2,000 output tokens (2 credits) does not fit in what is left of it.
+        let big = json!({"model": "mock-1", "max_tokens": 2000,
+                         "messages": [{"role": "user", "content": "hi"}]});
+        openai_error(app.chat(&user, &big).await, 402).await;
+        // Nor do small requests once the overdraft is used up: the balance stays above -1.
+        loop {
+            let response = app.chat(&user, &small).await;
+            if response.status() == 402 {
+                break;
+            }
+            assert_eq!(response.status(), 200);
+        }
+        let balance = app.settled_balance(&user).await;
+        assert!(
+            credits(&balance["balance"]) >= Decimal::from(-1),
+            "{balance}"
+        );
+        app.assert_ledger_consistent().await;
+    })
+    .await;
+}
