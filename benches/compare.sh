@@ -8,7 +8,8 @@
 # streaming, and 1 connection non-streaming. Prints one table with throughput, p50 and p99, each
 # Tollgate row's ratio to nginx, and what the ledger billed.
 #
-# Usage: benches/compare.sh            (DURATION=10 seconds per run, CONNECTIONS=32)
+# Usage: benches/compare.sh            (DURATION=10 seconds per run, CONNECTIONS=32;
+#        TOLLGATE=path/to/tollgate to measure a binary already built)
 # Installs nginx-light and wrk from the OS packages if they are missing (needs apt-get and root).
 # Sends traffic to 127.0.0.1 only; everything it starts stops when it ends.
 
@@ -30,8 +31,10 @@ if ! need nginx || ! need wrk; then
 fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
-cargo build --release --locked --bin tollgate >&2
-TOLLGATE=$PWD/target/release/tollgate
+if [ -z "${TOLLGATE:-}" ]; then
+    cargo build --release --locked --bin tollgate >&2
+    TOLLGATE=$PWD/target/release/tollgate
+fi
 
 DIR=$(mktemp -d -t tollgate-compare-XXXXXX)
 chmod 755 "$DIR"

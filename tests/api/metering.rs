@@ -181,6 +181,42 @@ async fn cap_max_tokens_policy_lowers_the_cap_instead_of_refusing() {
     .await;
 }
 
+/// With several choices the affordable output is shared: each gets the same, lower cap, and
+/// together they stay within the balance.
+#[tokio::test]
+async fn cap_max_tokens_policy_shares_the_affordable_output_among_the_choices() {
+    run_test(async || {
+        let app = spawn_app_with(Options {
+            extra: "on_insufficient = \"cap_max_tokens\"".into(),
+            ..Options::default()
+        })
+        .await;
+        let user = token("chooser");
+        // 0.1 credits at 1 credit per 1000 tokens: 100 tokens, prompt included.
+        app.grant("chooser", "0.1").await;
+        let ask = |n: u64| {
+            json!({"model": "mock-1", "n": n, "max_tokens": 100000,
+                   "messages": [{"role": "user", "content": "hi"}]})
+        };
+        let mut caps = Vec::new();
+        for n in [1, 3] {
+            let response = app.chat(&user, &ask(n)).await;
+            assert_eq!(response.status(), 200, "n = {n}");
+            let sent = app.upstream.log.last().expect("upstream called");
+            caps.push(sent.body["max_tokens"].as_u64().expect("max_tokens sent"));
+            // Give back what the request cost, so both see the same balance.
+            let usage = app.list("/api/credits/usage", &user).await;
+            app.grant("chooser", usage[0]["cost"].as_str().expect("cost"))
+                .await;
+        }
+        let (one, three) = (caps[0], caps[1]);
+        assert!(one > 0 && one < 100, "one choice: cap {one}");
+        assert_eq!(three, one / 3, "three choices share one choice's output");
+        app.assert_ledger_consistent().await;
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn upstream_error_before_output_is_free_and_releases_the_hold() {
     run_test(async || {
