@@ -732,6 +732,35 @@ fn invoice_draft(order: &Order, settings: &InvoiceSettings, now_ms: i64) -> Invo
 mod tests {
     use super::*;
 
+    /// The names stored in the database are the names the API shows (serde's), and each reads
+    /// back as what was stored.
+    #[test]
+    fn stored_names_are_the_api_names_and_read_back() {
+        let api_name = |value: serde_json::Value| value.as_str().map(str::to_owned);
+        for status in [
+            OrderStatus::Pending,
+            OrderStatus::Paid,
+            OrderStatus::PartiallyRefunded,
+            OrderStatus::Refunded,
+            OrderStatus::Disputed,
+            OrderStatus::ChargedBack,
+            OrderStatus::Failed,
+            OrderStatus::Expired,
+            OrderStatus::Review,
+        ] {
+            let json = serde_json::to_value(status).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(api_name(json).as_deref(), Some(status.as_str()));
+            assert_eq!(OrderStatus::parse(status.as_str()), Some(status));
+        }
+        for provider in [Provider::Stripe, Provider::LemonSqueezy, Provider::Polar] {
+            let json = serde_json::to_value(provider).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(api_name(json).as_deref(), Some(provider.as_str()));
+            assert_eq!(Provider::parse(provider.as_str()), Some(provider));
+        }
+        assert_eq!(OrderStatus::parse("settled"), None);
+        assert_eq!(Provider::parse("paypal"), None);
+    }
+
     fn order() -> Order {
         Order {
             id: "ord_1".into(),
