@@ -854,6 +854,41 @@ mod tests {
         ));
     }
 
+    /// A coupon's bonus is a grant of its own, under a reference tied to its payment: two
+    /// orders' bonuses never share one (the ledger would apply the second as a replay), and a
+    /// refund finds the bonus among the grants the order created.
+    #[test]
+    fn each_payment_grants_its_bonus_under_a_reference_of_its_own() {
+        let bonus_move = |session: &str| {
+            let mut with_bonus = order();
+            with_bonus.bonus_credits = Credits::from_micros(100_000_000);
+            let mut paid_by = facts(999);
+            paid_by.provider_order_id = session.into();
+            let t = step(pay(
+                &with_bonus,
+                &paid_by,
+                &InvoiceSettings::default(),
+                1_000,
+            ));
+            let [purchase, bonus] = t.moves.as_slice() else {
+                panic!("{:?}", t.moves)
+            };
+            assert_eq!(bonus.entry_type, EntryType::Bonus);
+            assert_ne!(bonus.reference, purchase.reference);
+            assert_eq!(
+                t.order.granting_entries(),
+                vec![
+                    (EntryType::Purchase, purchase.reference.clone()),
+                    (EntryType::Bonus, bonus.reference.clone())
+                ]
+            );
+            bonus.reference.clone()
+        };
+        let (one, two) = (bonus_move("cs_1"), bonus_move("cs_2"));
+        assert_ne!(one, two);
+        assert!(one.starts_with("stripe:cs_1"), "{one}");
+    }
+
     #[test]
     fn a_wrong_amount_holds_the_order_for_review_without_credit() {
         let t = step(pay(
