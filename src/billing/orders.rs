@@ -946,6 +946,30 @@ mod tests {
         assert_eq!(won.order.status, OrderStatus::Refunded);
     }
 
+    /// A dispute over part of the payment, then a refund of part of the rest: the refund takes
+    /// its own share on top of what the dispute holds; winning gives back the dispute's share.
+    #[test]
+    fn a_refund_beside_a_partial_dispute_takes_its_own_share() {
+        let all: i64 = 1_000_000_000;
+        // Disputed: 333 of 999 paid, a third of the credits.
+        let disputed = step(dispute_opened(&paid(), "dp_1", 333, "usd", 5)).order;
+        assert_eq!(disputed.dispute_credits, Credits::from_micros(all / 3));
+        // Refunded: 333 more, another third, which the dispute never held.
+        let refunded = step(refund(&disputed, 333, "usd", 6));
+        let taken: i64 = refunded.moves.iter().map(|m| -m.amount.micros()).sum();
+        assert_eq!(taken, all / 3);
+        assert_eq!(
+            refunded.order.dispute_credits,
+            Credits::from_micros(all / 3)
+        );
+        let won = step(dispute_closed(&refunded.order, "dp_1", true, 7));
+        assert_eq!(won.moves[0].amount, Credits::from_micros(all / 3));
+        assert_eq!(won.order.status, OrderStatus::PartiallyRefunded);
+        // Without a refund, a won dispute leaves the order simply paid.
+        let won = step(dispute_closed(&disputed, "dp_1", true, 7));
+        assert_eq!(won.order.status, OrderStatus::Paid);
+    }
+
     #[test]
     fn claw_backs_draw_from_the_grants_the_payment_created_first() {
         let mut with_bonus = order();

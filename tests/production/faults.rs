@@ -189,6 +189,93 @@ async fn a_hang_up_while_the_settlement_is_being_recorded_loses_nothing() {
     .await;
 }
 
+/// When Redis cannot journal a settlement, only the ledger makes it safe from a crash: the
+/// stream's last event (`[DONE]`) waits for the ledger's commit, here held up by locked tables,
+/// rather than going out as soon as the Redis write has failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_redis_a_stream_ends_only_once_the_ledger_has_its_settlement() {
+    run_test(async || {
+        use futures_util::StreamExt;
+        let Some(redis) = PrivateRedis::start() else {
+            return;
+        };
+        let app = spawn_app_with(Options {
+            redis_url: Some(redis.url()),
+            ..Options::default()
+        })
+        .await;
+        let user = token("unjournaled");
+        app.grant("unjournaled", "100").await;
+        let body = serde_json::json!({
+            "model": "mock-slow",
+            "messages": [{"role": "user", "content": "a few slow words"}],
+            "max_tokens": 6,
+            "stream": true
+        });
+        let response = app.chat(&user, &body).await;
+        assert_eq!(response.status(), 200);
+        let mut stream = response.bytes_stream();
+        let first = stream.next().await.expect("a first chunk").expect("chunk");
+
+        // From now: Redis takes no write for 4 s (the settlement's record fails after its 2 s
+        // call limit), and the ledger's tables stay locked for 5 s.
+        let client = redis::Client::open(redis.url()).expect("url");
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect");
+        let _: () = redis::cmd("CLIENT")
+            .arg("PAUSE")
+            .arg(4000)
+            .arg("WRITE")
+            .query_async(&mut conn)
+            .await
+            .expect("CLIENT PAUSE");
+        let url = app.config.database.url.clone();
+        let (locked, is_locked) = tokio::sync::oneshot::channel();
+        let pause = tokio::spawn(async move {
+            use sqlx::Connection;
+            let mut conn = sqlx::MySqlConnection::connect(&url).await.expect("connect");
+            sqlx::query(
+                "LOCK TABLES accounts READ, credit_transactions READ, usage_records READ, \
+                 api_keys READ, cache_epoch READ",
+            )
+            .execute(&mut conn)
+            .await
+            .expect("lock");
+            locked.send(()).expect("the test waits for the lock");
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            sqlx::query("UNLOCK TABLES")
+                .execute(&mut conn)
+                .await
+                .expect("unlock");
+            Instant::now()
+        });
+        is_locked.await.expect("the tables were locked");
+
+        let mut received = first.to_vec();
+        while let Some(chunk) = stream.next().await {
+            received.extend_from_slice(&chunk.expect("chunk"));
+        }
+        let ended = Instant::now();
+        assert!(
+            String::from_utf8_lossy(&received).contains("[DONE]"),
+            "{}",
+            String::from_utf8_lossy(&received)
+        );
+        let unlocked = pause.await.expect("pause task");
+        assert!(
+            ended >= unlocked,
+            "the stream ended {:?} before the ledger could take its settlement",
+            unlocked - ended
+        );
+        let usage = app.list("/api/credits/usage", &user).await;
+        assert_eq!(usage.len(), 1, "billed once: {usage:?}");
+        app.assert_ledger_consistent().await;
+    })
+    .await;
+}
+
 /// A stream whose hold disappears (a sibling released it, taking this instance for dead) is no
 /// longer covered: it is cut at its next renewal and billed for what it delivered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
