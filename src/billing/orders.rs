@@ -970,6 +970,31 @@ mod tests {
         assert_eq!(won.order.status, OrderStatus::Paid);
     }
 
+    /// A checkout finished without money yet: the pending order learns the provider's ids, once;
+    /// a later event adds a payment reference it lacked; an order past pending stays as it is.
+    #[test]
+    fn awaiting_payment_records_the_providers_ids_on_a_pending_order_only() {
+        let mut pending = order();
+        pending.provider_order_id = None;
+        let noted = step(awaiting_payment(&pending, "cs_1", Some("pi_1"), 5)).order;
+        assert_eq!(noted.provider_order_id.as_deref(), Some("cs_1"));
+        assert_eq!(noted.payment_ref.as_deref(), Some("pi_1"));
+        assert_eq!(noted.status, OrderStatus::Pending);
+        // The same news again, with or without the reference: nothing to change.
+        assert_eq!(awaiting_payment(&noted, "cs_1", Some("pi_1"), 6), Ok(None));
+        assert_eq!(awaiting_payment(&noted, "cs_1", None, 6), Ok(None));
+        // Another session for the order, or the reference arriving later: recorded.
+        let moved = step(awaiting_payment(&noted, "cs_2", None, 7)).order;
+        assert_eq!(moved.provider_order_id.as_deref(), Some("cs_2"));
+        assert_eq!(moved.payment_ref.as_deref(), Some("pi_1"));
+        let mut without_ref = noted.clone();
+        without_ref.payment_ref = None;
+        let referenced = step(awaiting_payment(&without_ref, "cs_1", Some("pi_9"), 8)).order;
+        assert_eq!(referenced.payment_ref.as_deref(), Some("pi_9"));
+        // Paid already: a late "awaiting" event changes nothing.
+        assert_eq!(awaiting_payment(&paid(), "cs_3", Some("pi_3"), 9), Ok(None));
+    }
+
     #[test]
     fn claw_backs_draw_from_the_grants_the_payment_created_first() {
         let mut with_bonus = order();
