@@ -995,6 +995,35 @@ mod tests {
         assert_eq!(awaiting_payment(&paid(), "cs_3", Some("pi_3"), 9), Ok(None));
     }
 
+    /// An order held for review was never credited: a refund or dispute of its payment takes
+    /// nothing and waits for the admin, as does one of an order not paid yet.
+    #[test]
+    fn refunds_and_disputes_of_an_uncredited_order_take_nothing() {
+        let in_review = step(pay(
+            &order(),
+            &facts(500),
+            &InvoiceSettings::default(),
+            1_000,
+        ))
+        .order;
+        assert_eq!(in_review.status, OrderStatus::Review);
+        assert_eq!(in_review.paid_amount, Some(500));
+        assert!(matches!(
+            refund(&in_review, 500, "usd", 2_000),
+            Err(Deferred::Review(_))
+        ));
+        assert!(matches!(
+            dispute_opened(&in_review, "dp_1", 500, "usd", 2_000),
+            Err(Deferred::Review(_))
+        ));
+        let mut unpaid = order();
+        unpaid.paid_amount = Some(999);
+        assert!(matches!(
+            refund(&unpaid, 999, "usd", 2_000),
+            Err(Deferred::Retry(_))
+        ));
+    }
+
     #[test]
     fn claw_backs_draw_from_the_grants_the_payment_created_first() {
         let mut with_bonus = order();

@@ -867,6 +867,48 @@ mod tests {
         }
     }
 
+    /// A recovery pass says what it did: the holds it released, the orphans it wrote.
+    #[tokio::test]
+    async fn a_recovery_pass_counts_the_holds_it_released() {
+        crate::test_support::time_limit::limited(async move {
+            let fx = fixture().await;
+            let source = LedgerSource {
+                ledger: fx.ledger.clone(),
+                signup_grant: Credits::ZERO,
+            };
+            for (id, deadline_ms) in [("gone", 1), ("running", i64::MAX)] {
+                let hold = crate::cache::HoldSpec {
+                    request_id: id.into(),
+                    amount: Credits::from_whole(1).expect("small"),
+                    owner: "test".into(),
+                    deadline_ms,
+                };
+                fx.cache
+                    .reserve(
+                        &Bucket::Account(fx.account.clone()),
+                        &hold,
+                        Credits::ZERO,
+                        &source,
+                    )
+                    .await
+                    .expect("fits");
+            }
+            let recovered = recover(&*fx.ledger, &*fx.cache, Duration::from_secs(60))
+                .await
+                .expect("recovers");
+            assert_eq!(
+                recovered,
+                Recovered {
+                    reaped: 1,
+                    written: 0,
+                    set_aside: 0
+                }
+            );
+            assert_eq!(fx.view().await.held, Credits::from_whole(1).expect("small"));
+        })
+        .await;
+    }
+
     // On a current-thread runtime nothing runs before the test awaits, so the three settlements
     // reach the committer as one batch, which the ledger refuses for the bad one.
     #[tokio::test]
