@@ -1024,6 +1024,29 @@ mod tests {
         ));
     }
 
+    /// The invoice of a payment: issued when the payment arrived (its year numbers it), and
+    /// the tax included in the price worked out of the total.
+    #[test]
+    fn a_payment_invoices_the_price_with_its_tax_on_the_day_it_arrived() {
+        let settings = InvoiceSettings {
+            tax_rate_percent: rust_decimal::Decimal::from(19),
+            ..InvoiceSettings::default()
+        };
+        let mut priced = order();
+        (priced.list_amount, priced.amount) = (11_900, 11_900);
+        // 2027-03-15T12:00:00Z
+        let at_ms = 1_805_112_000_000;
+        let draft = step(pay(&priced, &facts(11_900), &settings, at_ms))
+            .invoice
+            .expect("an invoice");
+        assert_eq!(draft.year, 2027);
+        assert_eq!(draft.invoice.issued_at, "2027-03-15T12:00:00Z");
+        let invoice = &draft.invoice;
+        assert_eq!(invoice.total.to_string(), "119.00");
+        assert_eq!(invoice.tax.to_string(), "19.00");
+        assert_eq!(invoice.total_excluding_tax.to_string(), "100.00");
+    }
+
     #[test]
     fn claw_backs_draw_from_the_grants_the_payment_created_first() {
         let mut with_bonus = order();
