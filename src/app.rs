@@ -63,11 +63,12 @@ pub struct AppState {
 impl AppState {
     /// Drops in-process caches (API keys, cached balances) if the ledger's cache epoch moved:
     /// someone changed the ledger outside this process (the CLI, an admin route on another
-    /// instance). Called by [`spawn_epoch_watcher`] every [`EPOCH_POLL`], and by the admin routes
-    /// right after their own change, so that this instance sees it at once.
+    /// instance). Called by [`spawn_epoch_watcher`] every [`EPOCH_POLL`]. (An admin route
+    /// updates this instance's caches itself: a grant applies its snapshot, a revoke clears
+    /// the keys.)
     ///
     /// The epoch counts as seen only once the caches are dropped: a failure is tried again.
-    pub async fn sync_external_changes(&self) -> Result<(), String> {
+    async fn sync_external_changes(&self) -> Result<(), String> {
         let epoch = self
             .ledger
             .cache_epoch()

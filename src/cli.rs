@@ -1,7 +1,8 @@
 //! The `tollgate` command line: `serve`, `migrate` and the admin commands.
 //!
 //! Admin commands write the same ledger a running gateway uses, through the same operations as
-//! the `/admin` routes, and bump the shared cache epoch so the gateway sees them at once.
+//! the `/admin` routes, and bump the shared cache epoch, which running gateways read every
+//! 100 ms.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
