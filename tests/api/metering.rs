@@ -205,6 +205,7 @@ async fn cap_max_tokens_policy_shares_the_affordable_output_among_the_choices() 
             let sent = app.upstream.log.last().expect("upstream called");
             caps.push(sent.body["max_tokens"].as_u64().expect("max_tokens sent"));
             // Give back what the request cost, so both see the same balance.
+            app.settled_balance(&user).await;
             let usage = app.list("/api/credits/usage", &user).await;
             app.grant("chooser", usage[0]["cost"].as_str().expect("cost"))
                 .await;
