@@ -3,7 +3,7 @@
 //! its usual address, start a private one, or skip; under `CI=true`, fail).
 //!
 //! Std only (plus `tempfile` and `uuid`), so that the library's unit tests include it
-//! (`src/lib.rs`) as well as the integration test binaries (`tests/*/main.rs`).
+//! (`src/lib.rs`) as well as the integration test binaries (through `tests/api/helpers.rs`).
 
 use std::collections::BTreeSet;
 use std::io::Write as _;
