@@ -72,27 +72,7 @@ async fn a_paused_mysql_delays_settlements_but_loses_none() {
         app.settled_balance(&user).await;
 
         // Freeze writes to this test's ledger tables from another connection for three seconds.
-        let url = app.config.database.url.clone();
-        let (locked, is_locked) = tokio::sync::oneshot::channel();
-        let pause = tokio::spawn(async move {
-            use sqlx::Connection;
-            let mut conn = sqlx::MySqlConnection::connect(&url).await.expect("connect");
-            sqlx::query(
-                "LOCK TABLES accounts READ, credit_transactions READ, usage_records READ, \
-                 api_keys READ, cache_epoch READ",
-            )
-            .execute(&mut conn)
-            .await
-            .expect("lock");
-            locked.send(()).expect("the test waits for the lock");
-            // The pause under test: how long the ledger cannot take a write.
-            tokio::time::sleep(Duration::from_secs(3)).await;
-            sqlx::query("UNLOCK TABLES")
-                .execute(&mut conn)
-                .await
-                .expect("unlock");
-        });
-        is_locked.await.expect("the tables were locked");
+        let pause = lock_ledger_tables(&app, Duration::from_secs(3)).await;
         // Requests keep being served while the ledger cannot take their settlements.
         let started = Instant::now();
         for _ in 0..10 {
@@ -145,18 +125,7 @@ async fn a_hang_up_while_the_settlement_is_being_recorded_loses_nothing() {
 
         // Writes to Redis stall for 1.5 s from now: the stream ends (about 300 ms on) while its
         // settlement cannot be recorded yet.
-        let client = redis::Client::open(redis.url()).expect("url");
-        let mut conn = client
-            .get_multiplexed_async_connection()
-            .await
-            .expect("connect");
-        let _: () = redis::cmd("CLIENT")
-            .arg("PAUSE")
-            .arg(1500)
-            .arg("WRITE")
-            .query_async(&mut conn)
-            .await
-            .expect("CLIENT PAUSE");
+        pause_redis_writes(&redis, Duration::from_millis(1500)).await;
         let paused_until = Instant::now() + Duration::from_millis(1500);
         let mut received = first.to_vec();
         let give_up = Instant::now() + Duration::from_millis(800);
@@ -219,39 +188,8 @@ async fn without_redis_a_stream_ends_only_once_the_ledger_has_its_settlement() {
 
         // From now: Redis takes no write for 4 s (the settlement's record fails after its 2 s
         // call limit), and the ledger's tables stay locked for 5 s.
-        let client = redis::Client::open(redis.url()).expect("url");
-        let mut conn = client
-            .get_multiplexed_async_connection()
-            .await
-            .expect("connect");
-        let _: () = redis::cmd("CLIENT")
-            .arg("PAUSE")
-            .arg(4000)
-            .arg("WRITE")
-            .query_async(&mut conn)
-            .await
-            .expect("CLIENT PAUSE");
-        let url = app.config.database.url.clone();
-        let (locked, is_locked) = tokio::sync::oneshot::channel();
-        let pause = tokio::spawn(async move {
-            use sqlx::Connection;
-            let mut conn = sqlx::MySqlConnection::connect(&url).await.expect("connect");
-            sqlx::query(
-                "LOCK TABLES accounts READ, credit_transactions READ, usage_records READ, \
-                 api_keys READ, cache_epoch READ",
-            )
-            .execute(&mut conn)
-            .await
-            .expect("lock");
-            locked.send(()).expect("the test waits for the lock");
-            tokio::time::sleep(Duration::from_secs(5)).await;
-            sqlx::query("UNLOCK TABLES")
-                .execute(&mut conn)
-                .await
-                .expect("unlock");
-            Instant::now()
-        });
-        is_locked.await.expect("the tables were locked");
+        pause_redis_writes(&redis, Duration::from_millis(4000)).await;
+        let pause = lock_ledger_tables(&app, Duration::from_secs(5)).await;
 
         let mut received = first.to_vec();
         while let Some(chunk) = stream.next().await {
@@ -343,4 +281,48 @@ async fn a_stream_whose_hold_is_gone_is_cut_and_billed_for_what_it_delivered() {
         app.assert_ledger_consistent().await;
     })
     .await;
+}
+
+/// Freezes writes to the test's ledger tables from another connection for `hold` (the pause
+/// under test: how long the ledger cannot take a write). Returns once they are locked; the
+/// task ends at the unlock and gives its time.
+async fn lock_ledger_tables(app: &TestApp, hold: Duration) -> tokio::task::JoinHandle<Instant> {
+    let url = app.config.database.url.clone();
+    let (locked, is_locked) = tokio::sync::oneshot::channel();
+    let pause = tokio::spawn(async move {
+        use sqlx::Connection;
+        let mut conn = sqlx::MySqlConnection::connect(&url).await.expect("connect");
+        sqlx::query(
+            "LOCK TABLES accounts READ, credit_transactions READ, usage_records READ, \
+             api_keys READ, cache_epoch READ",
+        )
+        .execute(&mut conn)
+        .await
+        .expect("lock");
+        locked.send(()).expect("the test waits for the lock");
+        tokio::time::sleep(hold).await;
+        sqlx::query("UNLOCK TABLES")
+            .execute(&mut conn)
+            .await
+            .expect("unlock");
+        Instant::now()
+    });
+    is_locked.await.expect("the tables were locked");
+    pause
+}
+
+/// Makes `redis` take no write for `pause` from now (`CLIENT PAUSE … WRITE`).
+async fn pause_redis_writes(redis: &PrivateRedis, pause: Duration) {
+    let client = redis::Client::open(redis.url()).expect("url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(pause.as_millis().to_string())
+        .arg("WRITE")
+        .query_async(&mut conn)
+        .await
+        .expect("CLIENT PAUSE");
 }
