@@ -8,6 +8,7 @@ pub mod grants;
 pub mod mysql;
 mod payments;
 pub mod set_aside;
+mod settle_plan;
 pub mod sqlite;
 mod verify;
 

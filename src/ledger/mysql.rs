@@ -19,7 +19,7 @@
 //!   transaction back and runs it again after a short random pause; the re-run sees the winner's
 //!   row and reports a replay instead of an error.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -33,8 +33,11 @@ use sqlx::{
 };
 
 use super::grants::{
-    GrantRow, drawing_order, expiry_entry_text, plan_credit, plan_debit, plan_debit_from,
-    plan_expiry,
+    GrantRow, drawing_order, expiry_entry_text, plan_credit, plan_debit_from, plan_expiry,
+};
+use super::settle_plan::{
+    self, AccountState as BatchAccount, AccountWrite, BatchState, KeySpend, KeyWrite, PlannedDraw,
+    PlannedEntry,
 };
 use super::verify::Checks;
 use super::{
@@ -481,25 +484,86 @@ async fn lock_live_grants(
     Ok(grants)
 }
 
-/// Writes the planned `remaining` of the grants in `ids`, in ascending id order.
-async fn write_remaining<'a>(
+/// Writes the planned `remaining` of grants, `(id, remaining)` in ascending id order, one
+/// statement per [`CHUNK`].
+async fn write_remaining(
     conn: &mut MySqlConnection,
-    grants: impl Iterator<Item = &'a GrantRow>,
-    ids: &BTreeSet<i64>,
+    grants: &[(i64, i64)],
 ) -> Result<(), LedgerError> {
-    let planned: HashMap<i64, i64> = grants
-        .filter(|g| ids.contains(&g.id))
-        .map(|g| (g.id, g.remaining))
-        .collect();
-    for id in ids {
-        let remaining = planned
-            .get(id)
-            .ok_or_else(|| LedgerError::Corrupt(format!("grant {id} was not locked")))?;
-        sqlx::query("UPDATE credit_grants SET remaining = ? WHERE id = ?")
-            .bind(remaining)
-            .bind(id)
-            .execute(&mut *conn)
-            .await?;
+    for chunk in grants.chunks(CHUNK) {
+        let mut update = QueryBuilder::<MySql>::new("UPDATE credit_grants SET remaining = CASE id");
+        for (id, remaining) in chunk {
+            update.push(" WHEN ").push_bind(*id);
+            update.push(" THEN ").push_bind(*remaining);
+        }
+        update.push(" END WHERE id IN (");
+        let mut list = update.separated(", ");
+        for (id, _) in chunk {
+            list.push_bind(*id);
+        }
+        update.push(")");
+        update.build().execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// Writes a settle batch's accounts (each locked by the batch), one statement per [`CHUNK`].
+async fn write_accounts(
+    conn: &mut MySqlConnection,
+    accounts: &[AccountWrite<'_>],
+    now: i64,
+) -> Result<(), LedgerError> {
+    for chunk in accounts.chunks(CHUNK) {
+        let mut update = QueryBuilder::<MySql>::new("UPDATE accounts SET balance = CASE id");
+        for a in chunk {
+            update.push(" WHEN ").push_bind(a.account.as_str());
+            update.push(" THEN ").push_bind(a.balance.micros());
+        }
+        update.push(" END, debt = CASE id");
+        for a in chunk {
+            update.push(" WHEN ").push_bind(a.account.as_str());
+            update.push(" THEN ").push_bind(a.debt);
+        }
+        update.push(" END, rev = CASE id");
+        for a in chunk {
+            update.push(" WHEN ").push_bind(a.account.as_str());
+            update.push(" THEN ").push_bind(a.rev);
+        }
+        update.push(" END, updated_at = ").push_bind(now);
+        update.push(" WHERE id IN (");
+        let mut list = update.separated(", ");
+        for a in chunk {
+            list.push_bind(a.account.as_str());
+        }
+        update.push(")");
+        update.build().execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// Writes a settle batch's key spends (each locked by the batch), one statement per [`CHUNK`].
+async fn write_key_spend(
+    conn: &mut MySqlConnection,
+    keys: &[KeyWrite<'_>],
+) -> Result<(), LedgerError> {
+    for chunk in keys.chunks(CHUNK) {
+        let mut update = QueryBuilder::<MySql>::new("UPDATE api_keys SET spent = CASE id");
+        for k in chunk {
+            update.push(" WHEN ").push_bind(k.key);
+            update.push(" THEN ").push_bind(k.spent);
+        }
+        update.push(" END, rev = CASE id");
+        for k in chunk {
+            update.push(" WHEN ").push_bind(k.key);
+            update.push(" THEN ").push_bind(k.rev);
+        }
+        update.push(" END WHERE id IN (");
+        let mut list = update.separated(", ");
+        for k in chunk {
+            list.push_bind(k.key);
+        }
+        update.push(")");
+        update.build().execute(&mut *conn).await?;
     }
     Ok(())
 }
@@ -642,7 +706,13 @@ async fn append_entry(
     }
     if let Some((plan, grants)) = debit {
         let drawn: BTreeSet<i64> = plan.draws.iter().map(|(grant, _)| *grant).collect();
-        write_remaining(conn, grants.iter(), &drawn).await?;
+        let remaining: BTreeMap<i64, i64> = grants
+            .iter()
+            .filter(|g| drawn.contains(&g.id))
+            .map(|g| (g.id, g.remaining))
+            .collect();
+        let remaining: Vec<(i64, i64)> = remaining.into_iter().collect();
+        write_remaining(conn, &remaining).await?;
         insert_draws(conn, id, &plan.draws).await?;
     }
     let entry = LedgerEntry {
@@ -674,26 +744,6 @@ fn grant_from_row(row: &MySqlRow) -> Result<GrantRecord, LedgerError> {
     })
 }
 
-/// An API key's spend state, read under its row lock.
-struct KeySpend {
-    limit: Option<i64>,
-    spent: i64,
-    rev: i64,
-    changed: bool,
-}
-
-impl KeySpend {
-    /// The remaining spend, if the key has a limit (as the SQLite adapter reports it).
-    fn limit_snapshot(&self) -> Option<Snapshot> {
-        self.limit.map(|limit| {
-            Snapshot::plain(
-                Credits::from_micros(limit.saturating_sub(self.spent)),
-                self.rev,
-            )
-        })
-    }
-}
-
 /// Locks the given API keys (ascending, after the accounts: the one order every transaction
 /// takes them in).
 async fn lock_keys(
@@ -718,7 +768,6 @@ async fn lock_keys(
                     limit: row.try_get("spend_limit")?,
                     spent: row.try_get("spent")?,
                     rev: row.try_get("rev")?,
-                    changed: false,
                 },
             );
         }
@@ -750,26 +799,6 @@ async fn settled_request_ids(
     Ok(settled)
 }
 
-/// One usage entry a settle batch is about to write.
-struct PlannedEntry<'a> {
-    settlement: &'a Settlement,
-    /// `-cost`.
-    amount: i64,
-    before: Credits,
-    after: Credits,
-}
-
-fn usage_description(s: &Settlement) -> String {
-    format!(
-        "{} {}: {} prompt + {} completion tokens ({})",
-        s.endpoint,
-        s.model,
-        s.usage.prompt_tokens,
-        s.usage.completion_tokens,
-        s.source.as_str()
-    )
-}
-
 async fn insert_usage_entries(
     conn: &mut MySqlConnection,
     entries: &[PlannedEntry<'_>],
@@ -788,7 +817,7 @@ async fn insert_usage_entries(
                 .push_bind(entry.amount)
                 .push_bind(entry.before.micros())
                 .push_bind(entry.after.micros())
-                .push_bind(usage_description(s))
+                .push_bind(entry.description())
                 .push_bind(s.request_id.as_str())
                 .push_bind(now);
         });
@@ -847,13 +876,6 @@ async fn insert_usage_records(
         insert.build().execute(&mut *conn).await?;
     }
     Ok(())
-}
-
-/// One grant draw of a usage entry a settle batch is about to write.
-struct PlannedDraw<'a> {
-    settlement: &'a Settlement,
-    grant_id: i64,
-    amount: i64,
 }
 
 /// Writes the grant draws of a batch's usage entries, each finding its entry's id by the entry's
@@ -1018,164 +1040,32 @@ impl MySqlLedger {
             .collect();
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
-        let mut locked = lock_accounts(&mut tx, &accounts).await?;
-        let settled = settled_request_ids(&mut tx, batch).await?;
-        let mut seen: HashSet<&str> = HashSet::with_capacity(batch.len());
-        let applied_flags: Vec<bool> = batch
-            .iter()
-            .map(|s| {
-                let id = s.request_id.as_str();
-                !settled.contains(id) && seen.insert(id)
-            })
-            .collect();
-        // The grants the batch's charges draw from, locked after the accounts; every account's
-        // are read, since each outcome reports the account's expiry outlook.
-        let mut grants = lock_live_grants(&mut tx, &accounts).await?;
-        let mut key_spend = lock_keys(&mut tx, &keys).await?;
-
-        // Plan the whole batch in Rust first: which settlements apply, each entry's
-        // before/after (chained through the batch), the grants each draws from (as the earlier
-        // ones left them), each account's debt, each key's new spend. An overflow fails here,
-        // before anything is written.
-        let mut applied: Vec<&Settlement> = Vec::with_capacity(batch.len());
-        let mut entries: Vec<PlannedEntry<'_>> = Vec::with_capacity(batch.len());
-        let mut draws: Vec<PlannedDraw<'_>> = Vec::new();
-        let mut drawn: BTreeSet<i64> = BTreeSet::new();
-        let mut touched: BTreeSet<&AccountId> = BTreeSet::new();
-        for (s, fresh) in batch.iter().zip(&applied_flags) {
-            if !fresh {
-                continue;
-            }
-            applied.push(s);
-            touched.insert(&s.account);
-            if s.cost == Credits::ZERO {
-                continue;
-            }
-            if s.cost.is_negative() {
-                return Err(LedgerError::Corrupt(format!(
-                    "settlement {} has a negative cost",
-                    s.request_id.as_str()
-                )));
-            }
-            let snapshot = locked
-                .balances
-                .get_mut(&s.account)
-                .ok_or_else(|| not_locked(&s.account))?;
-            let before = snapshot.balance;
-            let after = before
-                .checked_sub(s.cost)
-                .ok_or_else(|| overflow(&s.account))?;
-            let amount = s
-                .cost
-                .micros()
-                .checked_neg()
-                .ok_or_else(|| overflow(&s.account))?;
-            // From the grants live when the request started: it reserved against them.
-            let plan = plan_debit(
-                grants.entry(s.account.clone()).or_default(),
-                s.cost.micros(),
-                s.started_at_ms.min(now),
-            );
-            let debt = locked
-                .debts
-                .get_mut(&s.account)
-                .ok_or_else(|| not_locked(&s.account))?;
-            *debt = debt
-                .checked_add(plan.uncovered)
-                .ok_or_else(|| overflow(&s.account))?;
-            snapshot.balance = after;
-            entries.push(PlannedEntry {
-                settlement: s,
-                amount,
-                before,
-                after,
-            });
-            for (grant_id, amount) in plan.draws {
-                drawn.insert(grant_id);
-                draws.push(PlannedDraw {
-                    settlement: s,
-                    grant_id,
-                    amount,
-                });
-            }
-            if let Some(key) = s.api_key_id.as_deref()
-                && let Some(spend) = key_spend.get_mut(key)
-            {
-                spend.spent = spend
-                    .spent
-                    .checked_add(s.cost.micros())
-                    .ok_or_else(|| overflow(&s.account))?;
-                spend.changed = true;
-            }
+        let locked = lock_accounts(&mut tx, &accounts).await?;
+        let mut state = BatchState {
+            settled: settled_request_ids(&mut tx, batch).await?,
+            // Locked after the accounts; every account's are read, since each outcome reports
+            // the account's expiry outlook.
+            grants: lock_live_grants(&mut tx, &accounts).await?,
+            keys: lock_keys(&mut tx, &keys).await?,
+            ..BatchState::default()
+        };
+        for (account, snapshot) in &locked.balances {
+            let read = BatchAccount {
+                balance: snapshot.balance,
+                rev: snapshot.rev,
+                debt: locked.debt(account)?,
+            };
+            state.accounts.insert(account.clone(), read);
         }
-
-        insert_usage_entries(&mut tx, &entries, now).await?;
-        insert_usage_records(&mut tx, &applied, now).await?;
-        insert_usage_draws(&mut tx, &draws).await?;
-        write_remaining(&mut tx, grants.values().flatten(), &drawn).await?;
-        // Each touched account's balance and debt move once for the whole batch.
-        for account in &touched {
-            let snapshot = locked
-                .balances
-                .get_mut(*account)
-                .ok_or_else(|| not_locked(account))?;
-            snapshot.rev = next_rev(snapshot.rev, account)?;
-            let debt = locked
-                .debts
-                .get(*account)
-                .ok_or_else(|| not_locked(account))?;
-            sqlx::query(
-                "UPDATE accounts SET balance = ?, debt = ?, rev = ?, updated_at = ? WHERE id = ?",
-            )
-            .bind(snapshot.balance.micros())
-            .bind(debt)
-            .bind(snapshot.rev)
-            .bind(now)
-            .bind(account.as_str())
-            .execute(&mut *tx)
-            .await?;
-        }
-        let mut changed_keys: Vec<(&String, &mut KeySpend)> = key_spend
-            .iter_mut()
-            .filter(|(_, spend)| spend.changed)
-            .collect();
-        changed_keys.sort_by(|a, b| a.0.cmp(b.0));
-        for (key, spend) in changed_keys {
-            spend.rev = spend
-                .rev
-                .checked_add(1)
-                .ok_or_else(|| LedgerError::Overflow(format!("api key {key}")))?;
-            sqlx::query("UPDATE api_keys SET spent = ?, rev = ? WHERE id = ?")
-                .bind(spend.spent)
-                .bind(spend.rev)
-                .bind(key.as_str())
-                .execute(&mut *tx)
-                .await?;
-        }
+        let plan = settle_plan::plan(batch, state, now)?;
+        insert_usage_entries(&mut tx, &plan.entries, now).await?;
+        insert_usage_records(&mut tx, &plan.records, now).await?;
+        insert_usage_draws(&mut tx, &plan.draws).await?;
+        write_remaining(&mut tx, &plan.grants).await?;
+        write_accounts(&mut tx, &plan.accounts, now).await?;
+        write_key_spend(&mut tx, &plan.keys).await?;
         tx.commit().await?;
-
-        batch
-            .iter()
-            .zip(applied_flags)
-            .map(|(s, applied)| {
-                let account = locked.get(&s.account)?;
-                Ok(SettleOutcome {
-                    request_id: s.request_id.clone(),
-                    applied,
-                    account: Snapshot::of_account(
-                        account.balance,
-                        account.rev,
-                        grants.get(&s.account).map_or(&[], Vec::as_slice),
-                        now,
-                    ),
-                    key_limit: s
-                        .api_key_id
-                        .as_deref()
-                        .and_then(|key| key_spend.get(key))
-                        .and_then(KeySpend::limit_snapshot),
-                })
-            })
-            .collect()
+        Ok(plan.outcomes)
     }
 
     /// Sweeps one account's due grants in one transaction (see [`Ledger::expire_account`]).

@@ -12,13 +12,14 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures_util::TryStreamExt;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::query_builder::Separated;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row, SqlSafeStr, SqliteConnection, SqlitePool};
+use sqlx::{QueryBuilder, Row, SqlSafeStr, Sqlite, SqliteConnection, SqlitePool};
 
 use super::grants::{
-    GrantRow, drawing_order, expiry_entry_text, plan_credit, plan_debit, plan_debit_from,
-    plan_expiry,
+    GrantRow, drawing_order, expiry_entry_text, plan_credit, plan_debit_from, plan_expiry,
 };
+use super::settle_plan::{self, AccountState as BatchAccount, BatchState, KeySpend, SettlePlan};
 use super::verify::Checks;
 use super::{
     AccountRecord, ApiKeyRecord, Bucket, EntryType, GrantOutcome, GrantRecord, GrantRequest,
@@ -512,49 +513,265 @@ fn grant_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<GrantRecord, LedgerEr
     })
 }
 
-/// An API key's spend as a settle batch sees it (read once per batch, written once).
-struct KeySpend {
-    limit: Option<i64>,
-    spent: i64,
-    rev: i64,
-    changed: bool,
-}
+/// Most rows (or list items) one statement of a settle batch carries, well under SQLite's limit
+/// on bound parameters.
+const CHUNK: usize = 256;
 
-impl KeySpend {
-    fn limit_snapshot(&self) -> Option<Snapshot> {
-        self.limit.map(|limit| {
-            Snapshot::plain(
-                Credits::from_micros(limit.saturating_sub(self.spent)),
-                self.rev,
-            )
-        })
-    }
-}
-
-async fn read_key_spend(
+/// Reads what a settle batch's plan depends on (see [`settle_plan`]), creating the batch's
+/// missing accounts, inside the caller's `BEGIN IMMEDIATE` transaction: nothing read can change
+/// before it commits. One statement per kind (per [`CHUNK`]), whatever the batch's size.
+async fn read_batch_state(
     conn: &mut SqliteConnection,
-    key_id: &str,
-) -> Result<Option<KeySpend>, LedgerError> {
-    let row = sqlx::query("SELECT spend_limit, spent, rev FROM api_keys WHERE id = ?")
-        .bind(key_id)
-        .fetch_optional(&mut *conn)
-        .await?;
-    row.map(|row| {
-        Ok(KeySpend {
-            limit: row.try_get("spend_limit")?,
-            spent: row.try_get("spent")?,
-            rev: row.try_get("rev")?,
-            changed: false,
-        })
-    })
-    .transpose()
+    batch: &[Settlement],
+) -> Result<BatchState, LedgerError> {
+    let accounts: Vec<&AccountId> = batch
+        .iter()
+        .map(|s| &s.account)
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let keys: Vec<&str> = batch
+        .iter()
+        .filter_map(|s| s.api_key_id.as_deref())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let mut state = BatchState::default();
+    for chunk in accounts.chunks(CHUNK) {
+        // One statement, so the balances and the grants come from the same state.
+        let mut query = QueryBuilder::<Sqlite>::new(
+            "SELECT a.id AS account_id, a.balance, a.rev, a.debt, g.id AS grant_id, g.remaining, \
+             g.expires_at, g.created_at FROM accounts a LEFT JOIN credit_grants g \
+             ON g.account_id = a.id AND g.expired_at IS NULL AND g.remaining > 0 WHERE a.id IN (",
+        );
+        let mut list = query.separated(", ");
+        for account in chunk {
+            list.push_bind(account.as_str());
+        }
+        query.push(")");
+        for row in query.build().fetch_all(&mut *conn).await? {
+            let raw: String = row.try_get("account_id")?;
+            let account = AccountId::parse(&raw)
+                .map_err(|_| LedgerError::Corrupt(format!("account id `{raw}`")))?;
+            if !state.accounts.contains_key(&account) {
+                let read = BatchAccount {
+                    balance: credits(&row, "balance")?,
+                    rev: row.try_get("rev")?,
+                    debt: row.try_get("debt")?,
+                };
+                state.accounts.insert(account.clone(), read);
+            }
+            if let Some(id) = row.try_get::<Option<i64>, _>("grant_id")? {
+                state.grants.entry(account).or_default().push(GrantRow {
+                    id,
+                    remaining: row.try_get("remaining")?,
+                    expires_at_ms: row.try_get("expires_at")?,
+                    created_at_ms: row.try_get("created_at")?,
+                });
+            }
+        }
+    }
+    for grants in state.grants.values_mut() {
+        drawing_order(grants);
+    }
+    let missing: Vec<&AccountId> = accounts
+        .iter()
+        .copied()
+        .filter(|account| !state.accounts.contains_key(*account))
+        .collect();
+    let now = now_ms();
+    for chunk in missing.chunks(CHUNK) {
+        let mut insert = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO accounts (id, balance, rev, created_at, updated_at) ",
+        );
+        insert.push_values(chunk, |mut row, account| {
+            row.push_bind(account.as_str())
+                .push("0")
+                .push("0")
+                .push_bind(now)
+                .push_bind(now);
+        });
+        insert.build().execute(&mut *conn).await?;
+        for account in chunk {
+            let created = BatchAccount {
+                balance: Credits::ZERO,
+                rev: 0,
+                debt: 0,
+            };
+            state.accounts.insert((*account).clone(), created);
+        }
+    }
+    for chunk in batch.chunks(CHUNK) {
+        let mut query = QueryBuilder::<Sqlite>::new(
+            "SELECT request_id FROM usage_records WHERE request_id IN (",
+        );
+        let mut list = query.separated(", ");
+        for s in chunk {
+            list.push_bind(s.request_id.as_str());
+        }
+        query.push(")");
+        for row in query.build().fetch_all(&mut *conn).await? {
+            state.settled.insert(row.try_get("request_id")?);
+        }
+    }
+    for chunk in keys.chunks(CHUNK) {
+        let mut query = QueryBuilder::<Sqlite>::new(
+            "SELECT id, spend_limit, spent, rev FROM api_keys WHERE id IN (",
+        );
+        let mut list = query.separated(", ");
+        for key in chunk {
+            list.push_bind(*key);
+        }
+        query.push(")");
+        for row in query.build().fetch_all(&mut *conn).await? {
+            let spend = KeySpend {
+                limit: row.try_get("spend_limit")?,
+                spent: row.try_get("spent")?,
+                rev: row.try_get("rev")?,
+            };
+            state.keys.insert(row.try_get("id")?, spend);
+        }
+    }
+    Ok(state)
 }
 
-/// An account a settle batch touches: its state and, once a charge needs them, its live grants.
-struct Touched {
-    state: AccountState,
-    grants: Option<Vec<GrantRow>>,
-    drawn: BTreeSet<i64>,
+/// Writes a settle batch's plan: one multi-row statement per table (per [`CHUNK`]).
+async fn write_settle_plan(
+    conn: &mut SqliteConnection,
+    plan: &SettlePlan<'_>,
+    now: i64,
+) -> Result<(), LedgerError> {
+    for chunk in plan.entries.chunks(CHUNK) {
+        let mut insert = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO credit_transactions (account_id, type, amount, balance_before, \
+             balance_after, description, reference, created_at) ",
+        );
+        insert.push_values(chunk, |mut row, entry| {
+            let s = entry.settlement;
+            row.push_bind(s.account.as_str())
+                .push("'usage'")
+                .push_bind(entry.amount)
+                .push_bind(entry.before.micros())
+                .push_bind(entry.after.micros())
+                .push_bind(entry.description())
+                .push_bind(s.request_id.as_str())
+                .push_bind(now);
+        });
+        insert.build().execute(&mut *conn).await?;
+    }
+    for chunk in plan.records.chunks(CHUNK) {
+        let mut insert = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO usage_records (request_id, account_id, api_key_id, endpoint, model, \
+             upstream, prompt_tokens, completion_tokens, cached_tokens, cost, uncharged, hold, \
+             source, stream, status, started_at, finished_at, settled_at, transaction_id) ",
+        );
+        insert.push_values(chunk, |mut row, s| {
+            row.push_bind(s.request_id.as_str())
+                .push_bind(s.account.as_str())
+                .push_bind(s.api_key_id.as_deref())
+                .push_bind(s.endpoint.as_str())
+                .push_bind(s.model.as_str())
+                .push_bind(s.upstream.as_str())
+                .push_bind(i64::try_from(s.usage.prompt_tokens).unwrap_or(i64::MAX))
+                .push_bind(i64::try_from(s.usage.completion_tokens).unwrap_or(i64::MAX))
+                .push_bind(i64::try_from(s.usage.cached_tokens).unwrap_or(i64::MAX))
+                .push_bind(s.cost.micros())
+                .push_bind(s.uncharged.micros())
+                .push_bind(s.hold.micros())
+                .push_bind(s.source.as_str())
+                .push_bind(s.stream)
+                .push_bind(s.status.as_str())
+                .push_bind(s.started_at_ms)
+                .push_bind(s.finished_at_ms)
+                .push_bind(now);
+            push_usage_entry_id(&mut row, s);
+        });
+        insert.build().execute(&mut *conn).await?;
+    }
+    for chunk in plan.draws.chunks(CHUNK) {
+        let mut insert = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO grant_draws (transaction_id, grant_id, amount) ",
+        );
+        insert.push_values(chunk, |mut row, draw| {
+            push_usage_entry_id(&mut row, draw.settlement);
+            row.push_bind(draw.grant_id).push_bind(draw.amount);
+        });
+        insert.build().execute(&mut *conn).await?;
+    }
+    for chunk in plan.grants.chunks(CHUNK) {
+        let mut update =
+            QueryBuilder::<Sqlite>::new("UPDATE credit_grants SET remaining = CASE id");
+        for (id, remaining) in chunk {
+            update.push(" WHEN ").push_bind(*id);
+            update.push(" THEN ").push_bind(*remaining);
+        }
+        update.push(" END WHERE id IN (");
+        let mut list = update.separated(", ");
+        for (id, _) in chunk {
+            list.push_bind(*id);
+        }
+        update.push(")");
+        update.build().execute(&mut *conn).await?;
+    }
+    for chunk in plan.accounts.chunks(CHUNK) {
+        let mut update = QueryBuilder::<Sqlite>::new("UPDATE accounts SET balance = CASE id");
+        for a in chunk {
+            update.push(" WHEN ").push_bind(a.account.as_str());
+            update.push(" THEN ").push_bind(a.balance.micros());
+        }
+        update.push(" END, debt = CASE id");
+        for a in chunk {
+            update.push(" WHEN ").push_bind(a.account.as_str());
+            update.push(" THEN ").push_bind(a.debt);
+        }
+        update.push(" END, rev = CASE id");
+        for a in chunk {
+            update.push(" WHEN ").push_bind(a.account.as_str());
+            update.push(" THEN ").push_bind(a.rev);
+        }
+        update.push(" END, updated_at = ").push_bind(now);
+        update.push(" WHERE id IN (");
+        let mut list = update.separated(", ");
+        for a in chunk {
+            list.push_bind(a.account.as_str());
+        }
+        update.push(")");
+        update.build().execute(&mut *conn).await?;
+    }
+    for chunk in plan.keys.chunks(CHUNK) {
+        let mut update = QueryBuilder::<Sqlite>::new("UPDATE api_keys SET spent = CASE id");
+        for k in chunk {
+            update.push(" WHEN ").push_bind(k.key);
+            update.push(" THEN ").push_bind(k.spent);
+        }
+        update.push(" END, rev = CASE id");
+        for k in chunk {
+            update.push(" WHEN ").push_bind(k.key);
+            update.push(" THEN ").push_bind(k.rev);
+        }
+        update.push(" END WHERE id IN (");
+        let mut list = update.separated(", ");
+        for k in chunk {
+            list.push_bind(k.key);
+        }
+        update.push(")");
+        update.build().execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// Pushes, as one value of a multi-row insert, the id of `s`'s usage entry (found by the
+/// entry's unique key), or `NULL` for a settlement without a charge.
+fn push_usage_entry_id(row: &mut Separated<'_, Sqlite, &str>, s: &Settlement) {
+    if s.cost == Credits::ZERO {
+        row.push("NULL");
+        return;
+    }
+    row.push("(SELECT t.id FROM credit_transactions t WHERE t.account_id = ")
+        .push_bind_unseparated(s.account.as_str())
+        .push_unseparated(" AND t.type = 'usage' AND t.reference = ")
+        .push_bind_unseparated(s.request_id.as_str())
+        .push_unseparated(")");
 }
 
 impl SqliteLedger {
@@ -787,201 +1004,16 @@ impl Ledger for SqliteLedger {
     }
 
     async fn settle_batch(&self, batch: &[Settlement]) -> Result<Vec<SettleOutcome>, LedgerError> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
         let now = now_ms();
-        // Balances, debts and grants move once per account per batch; entries chain through
-        // this map, and each charge draws from the grants as the earlier ones left them.
-        let mut touched: BTreeMap<AccountId, Touched> = BTreeMap::new();
-        let mut keys: BTreeMap<String, Option<KeySpend>> = BTreeMap::new();
-        let mut applied = Vec::with_capacity(batch.len());
-        for s in batch {
-            // The usage record references the account, so the account must exist first.
-            if !touched.contains_key(&s.account) {
-                insert_account(&mut tx, &s.account).await?;
-            }
-            let inserted = sqlx::query(
-                "INSERT INTO usage_records (request_id, account_id, api_key_id, endpoint, model, upstream, \
-                 prompt_tokens, completion_tokens, cached_tokens, cost, uncharged, hold, source, stream, \
-                 status, started_at, finished_at, settled_at) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (request_id) DO NOTHING",
-            )
-            .bind(s.request_id.as_str())
-            .bind(s.account.as_str())
-            .bind(s.api_key_id.as_deref())
-            .bind(&s.endpoint)
-            .bind(&s.model)
-            .bind(&s.upstream)
-            .bind(i64::try_from(s.usage.prompt_tokens).unwrap_or(i64::MAX))
-            .bind(i64::try_from(s.usage.completion_tokens).unwrap_or(i64::MAX))
-            .bind(i64::try_from(s.usage.cached_tokens).unwrap_or(i64::MAX))
-            .bind(s.cost.micros())
-            .bind(s.uncharged.micros())
-            .bind(s.hold.micros())
-            .bind(s.source.as_str())
-            .bind(s.stream)
-            .bind(&s.status)
-            .bind(s.started_at_ms)
-            .bind(s.finished_at_ms)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected()
-                == 1;
-            applied.push(inserted);
-            if !inserted {
-                continue;
-            }
-            if !touched.contains_key(&s.account) {
-                let state = read_state(&mut tx, &s.account).await?;
-                touched.insert(
-                    s.account.clone(),
-                    Touched {
-                        state,
-                        grants: None,
-                        drawn: BTreeSet::new(),
-                    },
-                );
-            }
-            if s.cost == Credits::ZERO {
-                continue;
-            }
-            if s.cost.is_negative() {
-                return Err(LedgerError::Corrupt(format!(
-                    "settlement {} has a negative cost",
-                    s.request_id.as_str()
-                )));
-            }
-            let amount = s
-                .cost
-                .micros()
-                .checked_neg()
-                .ok_or_else(|| overflow(&s.account))?;
-            let account = touched
-                .get_mut(&s.account)
-                .ok_or_else(|| LedgerError::Corrupt(format!("account {} vanished", s.account)))?;
-            if account.grants.is_none() {
-                account.grants = Some(live_grants(&mut tx, &s.account).await?);
-            }
-            let grants = account.grants.get_or_insert_with(Vec::new);
-            let before = account.state.snapshot.balance;
-            let after = before
-                .checked_sub(s.cost)
-                .ok_or_else(|| overflow(&s.account))?;
-            // From the grants live when the request started: it reserved against them.
-            let plan = plan_debit(grants, s.cost.micros(), s.started_at_ms.min(now));
-            account.state.debt = account
-                .state
-                .debt
-                .checked_add(plan.uncovered)
-                .ok_or_else(|| overflow(&s.account))?;
-            account.state.snapshot.balance = after;
-            account
-                .drawn
-                .extend(plan.draws.iter().map(|(grant, _)| *grant));
-            if let Some(key) = &s.api_key_id {
-                if !keys.contains_key(key) {
-                    let spend = read_key_spend(&mut tx, key).await?;
-                    keys.insert(key.clone(), spend);
-                }
-                // An unknown key has no spend to track.
-                if let Some(Some(spend)) = keys.get_mut(key) {
-                    spend.spent = spend
-                        .spent
-                        .checked_add(s.cost.micros())
-                        .ok_or_else(|| overflow(&s.account))?;
-                    spend.changed = true;
-                }
-            }
-            let description = format!(
-                "{} {}: {} prompt + {} completion tokens ({})",
-                s.endpoint,
-                s.model,
-                s.usage.prompt_tokens,
-                s.usage.completion_tokens,
-                s.source.as_str()
-            );
-            let entry_id = insert_entry(
-                &mut tx,
-                &s.account,
-                EntryType::Usage,
-                amount,
-                before,
-                after,
-                &description,
-                Some(s.request_id.as_str()),
-                now,
-            )
-            .await?;
-            sqlx::query("UPDATE usage_records SET transaction_id = ? WHERE request_id = ?")
-                .bind(entry_id)
-                .bind(s.request_id.as_str())
-                .execute(&mut *tx)
-                .await?;
-            insert_draws(&mut tx, entry_id, &plan.draws).await?;
-        }
-        for (account, t) in &mut touched {
-            t.state.snapshot.rev = t
-                .state
-                .snapshot
-                .rev
-                .checked_add(1)
-                .ok_or_else(|| overflow(account))?;
-            write_account(&mut tx, account, t.state, now).await?;
-            let grants = match t.grants.take() {
-                Some(grants) => {
-                    write_remaining(&mut tx, &grants, &t.drawn).await?;
-                    grants
-                }
-                None => live_grants(&mut tx, account).await?,
-            };
-            t.state.snapshot =
-                Snapshot::of_account(t.state.snapshot.balance, t.state.snapshot.rev, &grants, now);
-        }
-        for (key, spend) in &mut keys {
-            if let Some(spend) = spend
-                && spend.changed
-            {
-                spend.rev = spend
-                    .rev
-                    .checked_add(1)
-                    .ok_or_else(|| LedgerError::Overflow(format!("api key {key}")))?;
-                sqlx::query("UPDATE api_keys SET spent = ?, rev = ? WHERE id = ?")
-                    .bind(spend.spent)
-                    .bind(spend.rev)
-                    .bind(key)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-        }
-        let mut outcomes = Vec::with_capacity(batch.len());
-        for (s, applied) in batch.iter().zip(applied) {
-            let account = match touched.get(&s.account) {
-                Some(t) => t.state.snapshot,
-                None => read_account(&mut tx, &s.account)
-                    .await?
-                    .unwrap_or(Snapshot::plain(Credits::ZERO, 0)),
-            };
-            let key_limit = match &s.api_key_id {
-                Some(key) => {
-                    if !keys.contains_key(key) {
-                        let spend = read_key_spend(&mut tx, key).await?;
-                        keys.insert(key.clone(), spend);
-                    }
-                    keys.get(key)
-                        .and_then(Option::as_ref)
-                        .and_then(KeySpend::limit_snapshot)
-                }
-                None => None,
-            };
-            outcomes.push(SettleOutcome {
-                request_id: s.request_id.clone(),
-                applied,
-                account,
-                key_limit,
-            });
-        }
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let state = read_batch_state(&mut tx, batch).await?;
+        let plan = settle_plan::plan(batch, state, now)?;
+        write_settle_plan(&mut tx, &plan, now).await?;
         tx.commit().await?;
-        Ok(outcomes)
+        Ok(plan.outcomes)
     }
 
     async fn transactions(
@@ -1115,7 +1147,7 @@ impl Ledger for SqliteLedger {
         // One read transaction: in WAL mode every read below sees the snapshot the first one
         // took, so settlements committing meanwhile cannot make the tables disagree.
         let mut tx = self.pool.begin().await?;
-        let mut checks = Checks::read::<sqlx::Sqlite>(&mut tx, overdraft).await?;
+        let mut checks = Checks::read::<Sqlite>(&mut tx, overdraft).await?;
         {
             let mut rows = sqlx::query("SELECT grant_id, amount FROM grant_draws").fetch(&mut *tx);
             while let Some(row) = rows.try_next().await? {
@@ -1124,8 +1156,8 @@ impl Ledger for SqliteLedger {
             }
         }
         let mut problems = checks.finish();
-        problems.extend(super::payments::verify::<sqlx::Sqlite>(&mut tx).await?);
-        problems.extend(set_aside::verify::<sqlx::Sqlite>(&mut tx).await?);
+        problems.extend(super::payments::verify::<Sqlite>(&mut tx).await?);
+        problems.extend(set_aside::verify::<Sqlite>(&mut tx).await?);
 
         let orphans = sqlx::query(
             "SELECT u.request_id, u.account_id FROM usage_records u \

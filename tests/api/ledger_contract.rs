@@ -698,6 +698,65 @@ contract!(settle_batch_applies_each_request_once, |fx| {
     assert_consistent(fx).await;
 });
 
+// A batch bigger than one statement's share (each adapter writes a batch with one multi-row
+// statement per table per 256 rows): every row of every share is written, once.
+contract!(
+    a_batch_spanning_many_statements_settles_every_row_once,
+    |fx| {
+        const ACCOUNTS: usize = 300;
+        let id = |n: usize| format!("big-{n}");
+        for n in 0..ACCOUNTS {
+            // Two grants each, so a charge of 15 draws from both: over 256 draws per batch.
+            for amount in [10, 1_000] {
+                let mut request = grant(&id(n), EntryType::Purchase, amount, None);
+                request.expires_at_ms = (amount == 10).then(|| now_ms() + 3_600_000);
+                fx.ledger.grant(&request).await.expect("grant");
+            }
+        }
+        fx.ledger
+            .create_api_key(&api_key("big-key", "big-0", Some(1_000_000)))
+            .await
+            .expect("key");
+        let mut batch = Vec::new();
+        for n in 0..ACCOUNTS {
+            let key = (n % 2 == 0).then_some("big-key");
+            batch.push(settlement(&format!("big-a-{n}"), &id(n), 15, key));
+            batch.push(settlement(&format!("big-b-{n}"), &id(n), 1, None));
+        }
+        // A repeat inside the batch and a new account among them.
+        batch.push(settlement("big-a-7", &id(7), 15, None));
+        batch.push(settlement("big-new", "big-new", 0, None));
+        let outcomes = fx.ledger.settle_batch(&batch).await.expect("settle");
+        assert_eq!(outcomes.len(), 2 * ACCOUNTS + 2);
+        assert_eq!(outcomes.iter().filter(|o| !o.applied).count(), 1);
+        for n in 0..ACCOUNTS {
+            assert_eq!(
+                balance(fx, &id(n)).await,
+                1_010 - 16,
+                "balance of {}",
+                id(n)
+            );
+        }
+        // Each first charge emptied the expiring grant and took 5 from the other; the second, 1.
+        for n in [0, ACCOUNTS / 2, ACCOUNTS - 1] {
+            assert_eq!(remainders(fx, &id(n)).await, [(0, 0), (994, 0)]);
+        }
+        let first = usage_entry(fx, "big-a-299", &id(ACCOUNTS - 1)).await;
+        let draws = draws_of(fx, first.id).await;
+        assert_eq!(draws.iter().map(|(_, amount)| amount).sum::<i64>(), 15);
+        assert_eq!(draws.len(), 2);
+        let key = fx
+            .ledger
+            .api_key_by_hash("hash-of-big-key")
+            .await
+            .expect("key")
+            .expect("exists");
+        assert_eq!(key.spent.micros(), 15 * (ACCOUNTS as i64 / 2));
+        assert_eq!(balance(fx, "big-new").await, 0);
+        assert_consistent(fx).await;
+    }
+);
+
 contract!(concurrent concurrent_settle_batches_add_up, |fx| {
     const TASKS: usize = 8;
     const PER_TASK: usize = 50;
