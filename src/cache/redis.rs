@@ -20,7 +20,9 @@
 //! expiry in ms or empty, lapsed micro-credits not swept yet), always replaced together; `fence`
 //! the latest cutoff of an expiry sweep that read the bucket's holds; `gen` the invalidation
 //! generation the snapshot was loaded in; `held` and `pend` the sums of the two hashes. The
-//! global keys are each used alone, never inside a bucket's script:
+//! global keys live in other slots; on a single server the reserve, settle and committed
+//! scripts also touch the ones their step needs (so a request costs two round trips: reserve,
+//! settle), in a cluster they are each used alone, in a command of their own:
 //!
 //! | key | type | content |
 //! |---|---|---|
@@ -44,8 +46,8 @@
 //! scripts write numbers back with `string.format('%d')` (never `tostring`, which rounds to 14
 //! digits).
 //!
-//! Work that spans slots is ordered so that a crash between two steps leaves only something a
-//! later pass can see and fix: the bucket joins the owner's set before the hold is taken, and
+//! In a cluster, work that spans slots is ordered so that a crash between two steps leaves only
+//! something a later pass can see and fix (on a single server each is one script, one step): the bucket joins the owner's set before the hold is taken, and
 //! the index entry of a pending settlement is written before the settlement, then removed after
 //! the commit (an entry pointing at nothing is skipped and removed by [`orphans`]). A reserve
 //! whose answer is lost (a timeout after Redis ran it) is abandoned in the background: its hold
@@ -54,8 +56,8 @@
 //!
 //! # Staleness and misses
 //!
-//! The generation is read first (it lives in another slot) and passed to the reserve and view
-//! scripts, which answer "load" when the bucket has no snapshot, one from an older generation,
+//! The generation is read first (by the reserve script itself on a single server; in a cluster
+//! it lives in another slot) and passed to the reserve and view scripts, which answer "load" when the bucket has no snapshot, one from an older generation,
 //! or one counting a grant that has lapsed (`nexp` reached by the caller's clock, also passed
 //! in, or by `fence`); the adapter then fences the bucket and reads what it holds or has pending
 //! (`fence.lua`), loads the snapshot from the ledger (which sweeps the lapsed grants first,
@@ -182,6 +184,13 @@ static SCRIPTS: LazyLock<Scripts> = LazyLock::new(|| Scripts {
 enum Conn {
     Single(ConnectionManager),
     Cluster(ClusterConnection),
+}
+
+impl Conn {
+    /// One server: a script may touch any key. In a cluster a script touches one slot only.
+    fn is_single(&self) -> bool {
+        matches!(self, Conn::Single(_))
+    }
 }
 
 impl ConnectionLike for Conn {
@@ -820,12 +829,25 @@ impl BalanceCache for RedisCache {
     ) -> Result<(), ReserveError> {
         let keys = self.keys.bucket(bucket);
         let reserving = self.start_reserving(&keys.base);
-        // The bucket joins this instance's owner set before any hold exists, so a crash right
-        // after the script still leaves the hold findable by a sibling's reaper.
         let owner_key = self.keys.owner(&self.instance);
-        let mut sadd = command("SADD");
-        sadd.arg(&owner_key).arg(&keys.base);
-        let (generation, _) = tokio::try_join!(self.generation(), query::<i64>(&self.conn, &sadd))?;
+        let generation_key = self.keys.generation();
+        // On a single server the script reads the generation and adds the bucket to this
+        // instance's owner set itself: one round trip. In a cluster those keys live in other
+        // slots, so they are read and written first; either way the bucket joins the owner set
+        // before any hold exists, so a crash right after still leaves the hold findable by a
+        // sibling's reaper.
+        let (script_keys, generation): (Vec<&str>, i64) = if self.conn.is_single() {
+            (
+                vec![&keys.base, &keys.holds, &generation_key, &owner_key],
+                0,
+            )
+        } else {
+            let mut sadd = command("SADD");
+            sadd.arg(&owner_key).arg(&keys.base);
+            let (generation, _) =
+                tokio::try_join!(self.generation(), query::<i64>(&self.conn, &sadd))?;
+            (vec![&keys.base, &keys.holds], generation)
+        };
         let (amount, floor, deadline, generation_arg) = (
             exact(hold.amount.micros()).to_string(),
             exact(floor.micros()).to_string(),
@@ -836,7 +858,7 @@ impl BalanceCache for RedisCache {
             let reply: Vec<i64> = match eval_attempt(
                 &self.conn,
                 &SCRIPTS.reserve,
-                &[&keys.base, &keys.holds],
+                &script_keys,
                 &[
                     &hold.request_id,
                     &amount,
@@ -846,6 +868,7 @@ impl BalanceCache for RedisCache {
                     &generation_arg,
                     &reserving.token.to_string(),
                     &now_ms().to_string(),
+                    &keys.base,
                 ],
             )
             .await
@@ -865,7 +888,7 @@ impl BalanceCache for RedisCache {
                         available: Credits::from_micros(*available),
                     });
                 }
-                [0] => self.load(bucket, &keys, generation, source).await?,
+                [0, generation] => self.load(bucket, &keys, *generation, source).await?,
                 other => return Err(unavailable(format_args!("reserve answered {other:?}")).into()),
             }
         }
@@ -880,31 +903,39 @@ impl BalanceCache for RedisCache {
         record: Option<&str>,
     ) -> Result<(), CacheError> {
         let keys = self.keys.bucket(bucket);
-        if record.is_some() {
+        let index = self.keys.pending_index();
+        let member = index_member(&keys.base, request_id);
+        let settled_at = now_ms().to_string();
+        let mut script_keys = vec![
+            keys.base.as_str(),
+            &keys.holds,
+            &keys.pending,
+            &keys.journal,
+            &keys.progress,
+        ];
+        if self.conn.is_single() {
+            // The script indexes the record in the same step.
+            script_keys.push(&index);
+        } else if record.is_some() {
             // Indexed before the settlement exists: a crash in between leaves an index entry
             // pointing at nothing (skipped and removed by `orphans`), never an unindexed record.
             // NX keeps the first settle time of a repeated settle.
             let mut zadd = command("ZADD");
-            zadd.arg(self.keys.pending_index())
-                .arg("NX")
-                .arg(now_ms())
-                .arg(index_member(&keys.base, request_id));
+            zadd.arg(&index).arg("NX").arg(&settled_at).arg(&member);
             query::<i64>(&self.conn, &zadd).await?;
         }
         let cost = exact(cost.micros()).to_string();
-        let mut args = vec![request_id, cost.as_str()];
-        args.extend(record);
         eval::<i64>(
             &self.conn,
             &SCRIPTS.settle,
+            &script_keys,
             &[
-                &keys.base,
-                &keys.holds,
-                &keys.pending,
-                &keys.journal,
-                &keys.progress,
+                request_id,
+                &cost,
+                record.unwrap_or(""),
+                &member,
+                &settled_at,
             ],
-            &args,
         )
         .await
         .map(drop)
@@ -951,23 +982,30 @@ impl BalanceCache for RedisCache {
     ) -> Result<(), CacheError> {
         let keys = self.keys.bucket(bucket);
         let [balance, rev, next_expiry, lapsed] = snapshot_args(&snapshot);
+        let index = self.keys.pending_index();
+        let member = index_member(&keys.base, request_id);
+        let single = self.conn.is_single();
+        let mut script_keys = vec![
+            keys.base.as_str(),
+            &keys.pending,
+            &keys.journal,
+            &keys.holds,
+            &keys.progress,
+        ];
+        if single {
+            // The script drops the index entry in the same step.
+            script_keys.push(&index);
+        }
         let journaled: i64 = eval(
             &self.conn,
             &SCRIPTS.committed,
-            &[
-                &keys.base,
-                &keys.pending,
-                &keys.journal,
-                &keys.holds,
-                &keys.progress,
-            ],
-            &[request_id, &balance, &rev, &next_expiry, &lapsed],
+            &script_keys,
+            &[request_id, &balance, &rev, &next_expiry, &lapsed, &member],
         )
         .await?;
-        if journaled > 0 {
+        if journaled > 0 && !single {
             let mut zrem = command("ZREM");
-            zrem.arg(self.keys.pending_index())
-                .arg(index_member(&keys.base, request_id));
+            zrem.arg(&index).arg(&member);
             query::<i64>(&self.conn, &zrem).await?;
         }
         Ok(())
@@ -2066,6 +2104,110 @@ mod tests {
     /// The same semantics on Redis Cluster, where a bucket's keys must share a slot. Needs a
     /// cluster: `TOLLGATE_TEST_REDIS_CLUSTER=redis+cluster://127.0.0.1:7101,127.0.0.1:7102`
     /// (its keys are left behind: use a throwaway cluster).
+    /// The commands clients sent on this test's keys while `work` ran, as Redis's `MONITOR`
+    /// reports them: one per round trip (the calls scripts make, and heartbeats, which run on
+    /// their own clock, are left out).
+    async fn commands_during(space: &Space, work: impl Future<Output = ()>) -> Vec<String> {
+        let client = Client::open(space.url).expect("url");
+        let mut monitor = client
+            .get_async_monitor()
+            .await
+            .expect("monitor")
+            .into_on_message::<String>();
+        let done = format!("{}-done", space.prefix);
+        work.await;
+        let mut conn = space.conn().await;
+        let _: String = command("ECHO")
+            .arg(&done)
+            .query_async(&mut conn)
+            .await
+            .expect("echo");
+        let mut seen = Vec::new();
+        while let Some(line) = monitor.next().await {
+            if line.contains(&done) {
+                return seen;
+            }
+            if line.contains(&space.prefix)
+                && !line.contains(" lua]")
+                && !line.contains(":instances")
+            {
+                seen.push(line);
+            }
+        }
+        panic!("the monitor ended before the marker");
+    }
+
+    /// The command name of a `MONITOR` line (`<time> [<db> <client>] "NAME" "arg" …`).
+    fn command_name(line: &str) -> &str {
+        line.split('"').nth(1).unwrap_or(line)
+    }
+
+    #[tokio::test]
+    async fn a_request_costs_two_round_trips_and_its_commit_one_on_one_server() {
+        crate::test_support::time_limit::limited(async move {
+            let Some(space) = Space::new() else {
+                return;
+            };
+            let cache = space.cache("gw1").await;
+            let source = FixedSource::new(credits(10));
+            // The first call loads the bucket (and Redis the scripts); later ones do not.
+            cache
+                .reserve(&bucket(), &hold("warm", credits(1)), Credits::ZERO, &source)
+                .await
+                .expect("fits");
+            cache
+                .settle(&bucket(), "warm", credits(1), Some("{}"))
+                .await
+                .expect("settle");
+            cache
+                .committed(&bucket(), "warm", Snapshot::plain(credits(9), 2))
+                .await
+                .expect("commit");
+
+            let request = commands_during(&space, async {
+                cache
+                    .reserve(&bucket(), &hold("r", credits(4)), Credits::ZERO, &source)
+                    .await
+                    .expect("fits");
+                cache
+                    .settle(&bucket(), "r", credits(3), Some("{}"))
+                    .await
+                    .expect("settle");
+            })
+            .await;
+            let names: Vec<&str> = request.iter().map(|line| command_name(line)).collect();
+            assert_eq!(names, ["EVALSHA", "EVALSHA"], "{request:#?}");
+            // The journal record is indexed for a sibling's recovery, and the bucket is in this
+            // instance's owner set, by those two scripts.
+            assert_eq!(cache.orphans(i64::MAX, 0).await.expect("orphans").len(), 1);
+            let mut conn = space.conn().await;
+            let owned: Vec<String> = command("SMEMBERS")
+                .arg(cache.keys.owner("gw1"))
+                .query_async(&mut conn)
+                .await
+                .expect("owner set");
+            assert_eq!(owned, [cache.keys.bucket(&bucket()).base]);
+
+            let commit = commands_during(&space, async {
+                cache
+                    .committed(&bucket(), "r", Snapshot::plain(credits(6), 3))
+                    .await
+                    .expect("commit");
+            })
+            .await;
+            let names: Vec<&str> = commit.iter().map(|line| command_name(line)).collect();
+            assert_eq!(names, ["EVALSHA"], "{commit:#?}");
+            assert!(
+                cache
+                    .orphans(i64::MAX, 0)
+                    .await
+                    .expect("orphans")
+                    .is_empty()
+            );
+        })
+        .await;
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     #[ignore = "needs a Redis Cluster (TOLLGATE_TEST_REDIS_CLUSTER)"]
     async fn redis_cluster_keeps_the_semantics() {

@@ -164,24 +164,30 @@ pub async fn record(
             return false;
         }
     };
-    let account = Bucket::Account(settlement.account.clone());
-    let mut ok = true;
-    if let Err(error) = cache
-        .settle(&account, id, settlement.cost, Some(&journal))
-        .await
-    {
-        tracing::error!(%error, request_id = id, "cannot record a settlement in the cache");
-        ok = false;
-    }
-    if let Some(key) = limited_key
-        && let Err(error) = cache
-            .settle(&Bucket::KeyLimit(key.to_owned()), id, settlement.cost, None)
-            .await
-    {
-        tracing::error!(%error, request_id = id, "cannot record a key's spend in the cache");
-        ok = false;
-    }
-    ok
+    // Both at once: on Redis they share the connection's pipeline.
+    let account = async {
+        let bucket = Bucket::Account(settlement.account.clone());
+        let recorded = cache
+            .settle(&bucket, id, settlement.cost, Some(&journal))
+            .await;
+        if let Err(error) = &recorded {
+            tracing::error!(%error, request_id = id, "cannot record a settlement in the cache");
+        }
+        recorded.is_ok()
+    };
+    let key = async {
+        let Some(key) = limited_key else {
+            return true;
+        };
+        let bucket = Bucket::KeyLimit(key.to_owned());
+        let recorded = cache.settle(&bucket, id, settlement.cost, None).await;
+        if let Err(error) = &recorded {
+            tracing::error!(%error, request_id = id, "cannot record a key's spend in the cache");
+        }
+        recorded.is_ok()
+    };
+    let (account, key) = tokio::join!(account, key);
+    account && key
 }
 
 /// Tells the cache that written settlements are in the ledger.
@@ -192,17 +198,22 @@ async fn mark_committed(
     outcome: &SettleOutcome,
 ) {
     let id = settlement.request_id.as_str();
-    let account = Bucket::Account(settlement.account.clone());
-    if let Err(error) = cache.committed(&account, id, outcome.account).await {
-        tracing::warn!(%error, request_id = id, "cannot mark a settlement committed in the cache");
-    }
-    if let (Some(key), Some(snapshot)) = (limited_key, outcome.key_limit)
-        && let Err(error) = cache
-            .committed(&Bucket::KeyLimit(key.to_owned()), id, snapshot)
-            .await
-    {
-        tracing::warn!(%error, request_id = id, "cannot mark a key's spend committed in the cache");
-    }
+    let account = async {
+        let bucket = Bucket::Account(settlement.account.clone());
+        if let Err(error) = cache.committed(&bucket, id, outcome.account).await {
+            tracing::warn!(%error, request_id = id, "cannot mark a settlement committed in the cache");
+        }
+    };
+    let key = async {
+        if let (Some(key), Some(snapshot)) = (limited_key, outcome.key_limit)
+            && let Err(error) = cache
+                .committed(&Bucket::KeyLimit(key.to_owned()), id, snapshot)
+                .await
+        {
+            tracing::warn!(%error, request_id = id, "cannot mark a key's spend committed in the cache");
+        }
+    };
+    tokio::join!(account, key);
 }
 
 /// Sets aside a settlement the ledger refuses on its own ([`crate::ledger::set_aside`]), and
@@ -710,8 +721,10 @@ impl Committer {
         }
     }
 
+    /// Marks a committed batch in the cache, all at once (on Redis the calls share the
+    /// connection's pipeline), then tells the waiters.
     async fn committed(&self, batch: &mut [Queued], outcomes: &[SettleOutcome]) {
-        for (queued, outcome) in batch.iter_mut().zip(outcomes) {
+        join_all(batch.iter().zip(outcomes).map(|(queued, outcome)| {
             if !outcome.applied {
                 tracing::info!(request_id = %queued.settlement.request_id, "settlement replayed; ledger unchanged");
             }
@@ -721,7 +734,9 @@ impl Committer {
                 queued.limited_key.as_deref(),
                 outcome,
             )
-            .await;
+        }))
+        .await;
+        for queued in batch {
             if let Some(durable) = queued.durable.take() {
                 let _ = durable.send(());
             }
