@@ -5,6 +5,7 @@
 //! policy); the caller's credential never goes upstream.
 
 pub mod bounds;
+mod chunk_skim;
 pub mod mock;
 pub mod sse;
 pub mod stream;

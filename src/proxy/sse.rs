@@ -11,6 +11,7 @@ use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
 use serde::de::IgnoredAny;
 
+use super::chunk_skim::{self, Skim};
 use super::usage::{Endpoint, RawUsage, lenient_str};
 use crate::domain::TokenUsage;
 
@@ -381,6 +382,18 @@ impl SseObserver {
     }
 
     fn handle_chunk(&mut self, json: &str) -> bool {
+        match chunk_skim::chat_chunk(json) {
+            Skim::Nothing => false,
+            Skim::Content(text) => {
+                push_output(&mut self.summary, Some(&text));
+                false
+            }
+            Skim::Parse => self.parse_chunk(json),
+        }
+    }
+
+    /// [`Self::handle_chunk`] by parsing the JSON (every shape the fast path does not take).
+    fn parse_chunk(&mut self, json: &str) -> bool {
         let Ok(chunk) = serde_json::from_str::<ChunkIn<'_>>(json) else {
             return false;
         };
@@ -537,6 +550,54 @@ mod tests {
     ];
     const USAGE_EVENT: usize = 5;
     const CHAT_TEXT: &str = "Héllo, 東京 \"wörld\"\n🎉{\"city\":";
+
+    #[test]
+    fn the_fast_path_meters_every_chunk_as_the_full_parse_does() {
+        let chunk = |delta: &str| {
+            format!(
+                r#"{{"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,"model":"m","system_fingerprint":"fp","choices":[{{"index":0,"delta":{delta},"logprobs":null,"finish_reason":null}}],"usage":null}}"#
+            )
+        };
+        let mut payloads: Vec<String> = CHAT_EVENTS.iter().map(|p| (*p).to_owned()).collect();
+        for text in [
+            r#""""#,
+            r#"" the""#,
+            r#""\u00e9\ud83c\udf89 \"q\" \\ \n\t""#,
+            r#""東京""#,
+            r#""\ud800""#,
+            "null",
+            "7",
+        ] {
+            payloads.push(chunk(&format!(r#"{{"content":{text}}}"#)));
+            payloads.push(chunk(&format!(
+                r#"{{"role":"assistant","content":{text}}}"#
+            )));
+            payloads.push(chunk(&format!(r#"{{"content":{text},"refusal":null}}"#)));
+        }
+        payloads.extend([
+            chunk("{}"),
+            chunk(r#"{"content":"a"},"logprobs":{"content":[{"token":"a"}]}"#),
+            chunk(r#"{"content":"a"}},{"index":1,"delta":{"content":"b"}"#),
+            chunk(r#"{"content":"a"}},{"index":1,"delta":{}"#),
+            r#"{"choices":[{"index":0,"delta":{"content":"a"}}],"usage":{"prompt_tokens":3,"completion_tokens":4}}"#.to_owned(),
+            r#"{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4},"error":null}"#.to_owned(),
+            r#"{"error":{"message":"overloaded","type":"server_error"}}"#.to_owned(),
+            r#"{"choices":[{"index":0,"delta":{"content":"a"}}],"usage":nul}"#.to_owned(),
+        ]);
+        for endpoint in [Endpoint::ChatCompletions, Endpoint::Completions] {
+            for payload in &payloads {
+                let mut fast = SseObserver::new(endpoint, false);
+                let mut full = SseObserver::new(endpoint, false);
+                let fast_usage_only = fast.handle_chunk(payload);
+                let full_usage_only = full.parse_chunk(payload);
+                assert_eq!(
+                    (fast_usage_only, fast.summary),
+                    (full_usage_only, full.summary),
+                    "{payload}"
+                );
+            }
+        }
+    }
 
     /// One SSE event per payload, every line ended with `eol`.
     fn sse(payloads: &[&str], eol: &str) -> Vec<Vec<u8>> {
