@@ -6,7 +6,8 @@
 # MariaDB and Redis answer, Tollgate on MariaDB + Redis, all pointing at the same upstream. Then
 # wrk sends the same small chat completion to each: 32 connections non-streaming, 32 connections
 # streaming, and 1 connection non-streaming. Prints one table with throughput, p50 and p99, each
-# Tollgate row's ratio to nginx, and what the ledger billed.
+# Tollgate row's ratio to nginx, and what the ledger billed. Then holds SLOW_STREAMS (1000) slow
+# streams open through each Tollgate and reports its resident memory, idle and at the peak.
 #
 # Usage: benches/compare.sh            (DURATION=10 seconds per run, CONNECTIONS=32;
 #        TOLLGATE=path/to/tollgate to measure a binary already built)
@@ -128,6 +129,7 @@ models = ["mock-*"]
 EOF
     RUST_LOG=warn "$TOLLGATE" --config "$DIR/$name.toml" serve >"$DIR/$name.log" 2>&1 &
     PIDS+=($!)
+    printf -v "PID_$name" '%s' "$!"
     wait_for "$port"
     "$TOLLGATE" --config "$DIR/$name.toml" credits grant bench 1000000000 >/dev/null
     printf -v "PORT_$name" '%s' "$port"
@@ -144,6 +146,16 @@ else
     echo "MariaDB or Redis not answering: Tollgate on MariaDB + Redis is left out" >&2
 fi
 TOKEN=$("$TOLLGATE" --config "$DIR/embedded.toml" token mint --sub bench --ttl 1d)
+
+# Resident memory of a process, in MiB.
+rss_mib() { # pid [field, default VmRSS]
+    awk -v f="${2:-VmRSS}:" '$1 == f {printf "%d", $2 / 1024}' "/proc/$1/status"
+}
+sleep 1
+for backend in "${BACKENDS[@]}"; do
+    pid_var="PID_$backend"
+    printf -v "IDLE_$backend" '%s' "$(rss_mib "${!pid_var}")"
+done
 
 # --- load --------------------------------------------------------------------------------------
 for stream in false true; do
@@ -195,6 +207,34 @@ for shape in "false $CONNECTIONS" "true $CONNECTIONS" "false 1"; do
     done
 done
 
+# --- memory under many slow streams -------------------------------------------------------------
+# SLOW_STREAMS connections, each with a stream in flight all the time: the mock upstream's
+# `-slow` knob sends one frame per 50 ms, so each stream of 100 words lasts about 5 s.
+SLOW_STREAMS=${SLOW_STREAMS:-1000}
+ulimit -n $((SLOW_STREAMS * 4 + 1024)) 2>/dev/null || true
+cat >"$DIR/slow.lua" <<EOF
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer $TOKEN"
+wrk.body = '{"model":"mock-slow","messages":[{"role":"user","content":"benchmark this request please"}],"max_tokens":100,"stream":true}'
+EOF
+MEMORY=""
+for backend in "${BACKENDS[@]}"; do
+    pid_var="PID_$backend" port_var="PORT_$backend" idle_var="IDLE_$backend"
+    wrk -t2 -c"$SLOW_STREAMS" -d12s --timeout 30s -s "$DIR/slow.lua" \
+        "http://127.0.0.1:${!port_var}$PATH_" >"$DIR/slow-$backend.out" &
+    WRK=$!
+    peak=0
+    while kill -0 "$WRK" 2>/dev/null; do
+        now=$(rss_mib "${!pid_var}")
+        if [ "$now" -gt "$peak" ]; then peak=$now; fi
+        sleep 0.2
+    done
+    wait "$WRK" || true
+    completed=$(awk '/requests in/ {print $1}' "$DIR/slow-$backend.out")
+    MEMORY+="tollgate-$backend: RSS idle ${!idle_var} MiB; with $SLOW_STREAMS slow streams open, peak ${peak} MiB (VmHWM $(rss_mib "${!pid_var}" VmHWM) MiB, $completed streams completed)"$'\n'
+done
+
 # --- the books ---------------------------------------------------------------------------------
 sleep 1
 BOOKS=""
@@ -226,3 +266,5 @@ awk -F'|' '
     }' "$RESULTS"
 echo
 printf '%s' "$BOOKS"
+echo
+printf '%s' "$MEMORY"

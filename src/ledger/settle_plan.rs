@@ -8,7 +8,7 @@
 //!
 //! The plan: which settlements apply (a request id settled before, or twice in the batch, applies
 //! once); each charge's usage entry, its before/after chained through the batch; the grants each
-//! charge draws from, as the earlier ones left them (DESIGN.md I5); each touched account's new
+//! charge draws from, as the earlier ones left them; each touched account's new
 //! balance, debt and revision, moved once per batch; each key's new spend. All arithmetic is
 //! checked, and an overflow or a negative cost fails the plan before anything is written.
 

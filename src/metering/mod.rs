@@ -394,22 +394,31 @@ impl Meter {
     ) -> Result<(), HoldFailure> {
         let cache = &self.inner.cache;
         let source = &self.inner.source;
-        // A key's limit has no overdraft: its floor is zero.
-        if let Some(key) = key {
-            cache
-                .reserve(key, hold, Credits::ZERO, source)
+        let on_account = cache.reserve(account, hold, floor, source);
+        let Some(key) = key else {
+            return on_account
                 .await
-                .map_err(|e| HoldFailure::from_reserve(e, true))?;
+                .map_err(|e| HoldFailure::from_reserve(e, false));
+        };
+        // Both at once (on Redis, one round trip); a key's limit has no overdraft: its floor is
+        // zero. When one refuses, the other's hold goes again; the key's refusal is the one
+        // reported when both refuse.
+        let on_key = cache.reserve(key, hold, Credits::ZERO, source);
+        let (on_account, on_key) = tokio::join!(on_account, on_key);
+        let (undo, failure) = match (on_key, on_account) {
+            (Ok(()), Ok(())) => return Ok(()),
+            (Err(e), on_account) => (
+                on_account.is_ok().then_some(account),
+                HoldFailure::from_reserve(e, true),
+            ),
+            (Ok(()), Err(e)) => (Some(key), HoldFailure::from_reserve(e, false)),
+        };
+        if let Some(bucket) = undo
+            && let Err(error) = cache.release(bucket, &hold.request_id).await
+        {
+            tracing::warn!(%error, "could not release a hold; it expires at its deadline");
         }
-        if let Err(e) = cache.reserve(account, hold, floor, source).await {
-            if let Some(key) = key
-                && let Err(error) = cache.release(key, &hold.request_id).await
-            {
-                tracing::warn!(%error, "could not release a key hold; it expires at its deadline");
-            }
-            return Err(HoldFailure::from_reserve(e, false));
-        }
-        Ok(())
+        Err(failure)
     }
 
     async fn insufficient(
