@@ -278,8 +278,6 @@ impl App {
             payments,
             epoch: Arc::new(AtomicI64::new(epoch)),
         };
-        // Load the tokenizer now rather than inside the first request.
-        tokio::task::spawn_blocking(proxy::tokens::warm_up);
         let listener = TcpListener::bind(config.server.listen)
             .await
             .with_context(|| format!("binding {}", config.server.listen))?;
