@@ -238,4 +238,34 @@ mod tests {
         assert!(AccountId::parse("a b").is_err());
         assert!(AccountId::parse(&"x".repeat(129)).is_err());
     }
+
+    #[test]
+    fn account_ids_may_be_written_in_any_script_but_without_blanks_or_controls() {
+        for id in ["josé", "用户-7", "ünïcødé_ok"] {
+            assert_eq!(
+                AccountId::parse(id).map(|a| a.to_string()),
+                Ok(id.to_owned())
+            );
+        }
+        // An ideographic or no-break space, a C1 control.
+        for id in ["a\u{3000}b", "a\u{a0}b", "a\u{80}b"] {
+            assert_eq!(AccountId::parse(id), Err(InvalidAccountId), "{id:?}");
+        }
+    }
+
+    #[test]
+    fn a_requests_tokens_add_up_without_overflowing() {
+        let usage = TokenUsage {
+            prompt_tokens: 1_000,
+            completion_tokens: 24,
+            cached_tokens: 600,
+        };
+        assert_eq!(usage.total(), 1_024);
+        let huge = TokenUsage {
+            prompt_tokens: u64::MAX,
+            completion_tokens: 1,
+            cached_tokens: 0,
+        };
+        assert_eq!(huge.total(), u64::MAX);
+    }
 }

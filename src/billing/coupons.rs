@@ -390,6 +390,144 @@ mod tests {
     }
 
     #[test]
+    fn a_coupon_applies_from_its_first_millisecond() {
+        let starter = package("starter", "9.99");
+        let mut c = coupon(CouponKind::Percent);
+        c.valid_from_ms = Some(5_000);
+        assert_eq!(
+            evaluate(&c, &starter, &[], 0, 4_999),
+            Err("this coupon is not valid yet".to_owned())
+        );
+        assert_eq!(
+            evaluate(&c, &starter, &[], 0, 5_000).map(|d| d.amount_off),
+            Ok(249)
+        );
+    }
+
+    #[test]
+    fn a_free_package_still_takes_a_bonus_coupon() {
+        let trial = package("trial", "0");
+        assert_eq!(
+            evaluate(&coupon(CouponKind::Bonus), &trial, &[], 0, 0),
+            Ok(Discount {
+                amount_off: 0,
+                bonus_credits: Credits::from_micros(100_000_000)
+            })
+        );
+    }
+
+    #[test]
+    fn kinds_are_stored_under_their_api_names_and_read_back() {
+        for kind in [CouponKind::Percent, CouponKind::Fixed, CouponKind::Bonus] {
+            assert_eq!(
+                serde_json::to_value(kind).ok(),
+                Some(serde_json::json!(kind.as_str()))
+            );
+            assert_eq!(CouponKind::parse(kind.as_str()), Some(kind));
+        }
+        assert_eq!(CouponKind::parse("free"), None);
+    }
+
+    /// What `POST /admin/coupons` makes of `body`, or the field it refuses.
+    fn define(body: serde_json::Value) -> Result<Coupon, &'static str> {
+        let spec: CouponSpec = serde_json::from_value(body).map_err(|_| "json")?;
+        let packages = [package("starter", "9.99"), package("pro", "39.99")];
+        spec.into_coupon(&packages, 1_000)
+            .map_err(|(_, field)| field)
+    }
+
+    #[test]
+    fn a_coupon_definition_keeps_its_terms() {
+        let c = define(serde_json::json!({
+            "code": "spring-25", "kind": "percent", "percent_off": "12.5",
+            "valid_from": "2026-01-01T00:00:00Z", "valid_until": "2026-01-02T00:00:00.250Z",
+            "max_uses": 1, "max_uses_per_account": 1, "min_package": "pro"
+        }))
+        .expect("valid");
+        assert_eq!(c.code, "SPRING-25");
+        assert_eq!(c.percent_off_bp, Some(1_250));
+        assert_eq!(c.valid_from_ms, Some(1_767_225_600_000));
+        assert_eq!(c.valid_until_ms, Some(1_767_312_000_250));
+        assert_eq!((c.max_uses, c.max_uses_per_account), (Some(1), Some(1)));
+        assert_eq!(c.min_package.as_deref(), Some("pro"));
+        assert!(
+            c.active,
+            "a coupon is active unless the admin says otherwise"
+        );
+        assert_eq!((c.uses, c.created_at_ms), (0, 1_000));
+
+        // 100 % off is a valid definition ([`evaluate`] refuses to make a package free).
+        let all =
+            define(serde_json::json!({"code": "ALL", "kind": "percent", "percent_off": "100"}));
+        assert_eq!(all.map(|c| c.percent_off_bp), Ok(Some(10_000)));
+        let fixed = define(serde_json::json!({
+            "code": "F", "kind": "fixed", "amount_off": "2.50", "currency": "USD"
+        }))
+        .expect("valid");
+        assert_eq!(
+            (fixed.amount_off, fixed.currency.as_deref()),
+            (Some(250), Some("USD"))
+        );
+        let bonus = define(serde_json::json!({
+            "code": "B", "kind": "bonus", "bonus_credits": "5", "active": false
+        }))
+        .expect("valid");
+        assert_eq!(
+            (bonus.bonus_credits, bonus.active),
+            (Credits::from_micros(5_000_000), false)
+        );
+    }
+
+    #[test]
+    fn a_coupon_definition_out_of_bounds_is_refused_with_the_field_named() {
+        let bonus = |extra: serde_json::Value| {
+            let mut body = serde_json::json!({"code": "B", "kind": "bonus", "bonus_credits": "5"});
+            if let (Some(body), Some(extra)) = (body.as_object_mut(), extra.as_object()) {
+                body.extend(extra.clone());
+            }
+            body
+        };
+        let percent =
+            |off: &str| serde_json::json!({"code": "P", "kind": "percent", "percent_off": off});
+        let fixed = |amount: &str, currency: &str| serde_json::json!({"code": "F", "kind": "fixed", "amount_off": amount, "currency": currency});
+        for (body, field) in [
+            (percent("0"), "percent_off"),
+            (percent("100.01"), "percent_off"),
+            (percent("150"), "percent_off"),
+            (percent("12.345"), "percent_off"),
+            (fixed("0.00", "USD"), "amount_off"),
+            (fixed("1.00", "usd"), "currency"),
+            (fixed("1.00", "USDT"), "currency"),
+            (
+                bonus(serde_json::json!({"bonus_credits": "0"})),
+                "bonus_credits",
+            ),
+            (bonus(serde_json::json!({"max_uses": 0})), "max_uses"),
+            (
+                bonus(serde_json::json!({"max_uses_per_account": 0})),
+                "max_uses_per_account",
+            ),
+            (
+                bonus(serde_json::json!({
+                    "valid_from": "2026-01-01T00:00:00Z", "valid_until": "2026-01-01T00:00:00Z"
+                })),
+                "valid_until",
+            ),
+            (
+                bonus(serde_json::json!({"valid_from": "tomorrow"})),
+                "valid_from",
+            ),
+            (
+                bonus(serde_json::json!({"min_package": "gold"})),
+                "min_package",
+            ),
+            (bonus(serde_json::json!({"code": "A B"})), "code"),
+        ] {
+            assert_eq!(define(body.clone()).err(), Some(field), "{body}");
+        }
+    }
+
+    #[test]
     fn codes_are_normalized() {
         assert_eq!(normalize_code(" spring-25 ").as_deref(), Some("SPRING-25"));
         assert_eq!(normalize_code("no spaces"), None);

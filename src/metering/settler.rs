@@ -798,7 +798,7 @@ mod tests {
         ledger: SharedLedger,
         cache: SharedCache,
         account: AccountId,
-        _dir: tempfile::TempDir,
+        dir: tempfile::TempDir,
     }
 
     /// A fresh SQLite ledger where `acct` has 10 credits, and an in-process cache that has
@@ -828,7 +828,7 @@ mod tests {
             ledger,
             cache,
             account,
-            _dir: dir,
+            dir,
         };
         fixture.view().await;
         fixture
@@ -869,6 +869,33 @@ mod tests {
                 started_at_ms: now_ms(),
                 finished_at_ms: now_ms(),
             }
+        }
+
+        /// Renames the ledger's table of set-aside settlements away (`away`) or back, from a
+        /// connection of its own: while it is away, setting a settlement aside fails though the
+        /// ledger still answers.
+        async fn take_set_aside_table(&self, away: bool) {
+            use sqlx::Connection as _;
+            let url = format!("sqlite://{}", self.dir.path().join("ledger.db").display());
+            let mut conn = sqlx::SqliteConnection::connect(&url)
+                .await
+                .expect("a second connection");
+            let sql = if away {
+                "ALTER TABLE settlements_set_aside RENAME TO set_aside_away"
+            } else {
+                "ALTER TABLE set_aside_away RENAME TO settlements_set_aside"
+            };
+            sqlx::query(sql).execute(&mut conn).await.expect("rename");
+            conn.close().await.expect("close");
+        }
+
+        async fn balance(&self) -> Credits {
+            self.ledger
+                .account(&self.account)
+                .await
+                .expect("read")
+                .expect("exists")
+                .balance
         }
 
         async fn set_aside(&self) -> Vec<String> {
@@ -994,6 +1021,139 @@ mod tests {
             assert!(problems[0].problem.contains("settlement bad was set aside"));
             settler.stop().await;
             task.await.expect("settler ends");
+        })
+        .await;
+    }
+
+    /// A settlement waiting for its retry, an hour from being set aside, does not stop the
+    /// committer: every settlement sent meanwhile is written.
+    #[tokio::test]
+    async fn settlements_keep_being_written_while_a_refused_one_waits() {
+        crate::test_support::time_limit::limited(async move {
+            let fx = fixture().await;
+            let (settler, task) = spawn(
+                fx.ledger.clone(),
+                fx.cache.clone(),
+                SettlerConfig {
+                    batch_max: 16,
+                    set_aside_after: Duration::from_secs(3600),
+                },
+            );
+            let bad = settler.settle(fx.settlement("bad", -1), None);
+            // Refused alone, it now waits apart for its retry.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            for (id, cost) in [("good-1", 1_000), ("good-2", 2_000), ("good-3", 3_000)] {
+                let durable = settler.settle(fx.settlement(id, cost), None);
+                tokio::time::timeout(Duration::from_millis(1_500), durable)
+                    .await
+                    .expect("in time")
+                    .unwrap_or_else(|_| panic!("{id} was dropped unwritten"));
+            }
+            assert_eq!(fx.balance().await, Credits::from_micros(10_000_000 - 6_000));
+            assert!(fx.set_aside().await.is_empty(), "set aside before its time");
+            settler.stop().await;
+            task.await.expect("settler ends");
+            bad.await.expect("told");
+            assert_eq!(fx.set_aside().await, ["bad"]);
+        })
+        .await;
+    }
+
+    /// Without `stop`, dropping every handle ends the settler all the same: what was queued is
+    /// written, and what the ledger refuses is set aside at once (no later try would come).
+    #[tokio::test]
+    async fn a_settler_whose_handles_are_all_dropped_writes_what_was_queued_and_ends() {
+        crate::test_support::time_limit::limited(async move {
+            let fx = fixture().await;
+            let config = || SettlerConfig {
+                batch_max: 16,
+                set_aside_after: Duration::from_secs(3600),
+            };
+            let (settler, task) = spawn(fx.ledger.clone(), fx.cache.clone(), config());
+            let good = settler.settle(fx.settlement("good-1", 1_000), None);
+            drop(settler);
+            tokio::time::timeout(Duration::from_secs(5), task)
+                .await
+                .expect("ends once no handle is left")
+                .expect("no panic");
+            good.await.expect("told");
+            assert_eq!(fx.balance().await, Credits::from_micros(10_000_000 - 1_000));
+
+            let (settler, task) = spawn(fx.ledger.clone(), fx.cache.clone(), config());
+            let good = settler.settle(fx.settlement("good-2", 2_000), None);
+            let bad = settler.settle(fx.settlement("bad", -1), None);
+            drop(settler);
+            tokio::time::timeout(Duration::from_secs(5), task)
+                .await
+                .expect("ends once no handle is left, though one settlement is refused")
+                .expect("no panic");
+            good.await.expect("told");
+            bad.await.expect("told");
+            assert_eq!(fx.balance().await, Credits::from_micros(10_000_000 - 3_000));
+            assert_eq!(fx.set_aside().await, ["bad"]);
+        })
+        .await;
+    }
+
+    /// A refused settlement that cannot be set aside either (the ledger answers but fails the
+    /// write) is kept and tried again, its waiter and flushes still waiting, until it can be.
+    #[tokio::test]
+    async fn a_refused_settlement_that_cannot_be_set_aside_yet_is_kept_until_it_can() {
+        crate::test_support::time_limit::limited(async move {
+            let fx = fixture().await;
+            fx.take_set_aside_table(true).await;
+            let (settler, task) = spawn(
+                fx.ledger.clone(),
+                fx.cache.clone(),
+                SettlerConfig {
+                    batch_max: 16,
+                    set_aside_after: Duration::from_millis(200),
+                },
+            );
+            let mut bad = settler.settle(fx.settlement("bad", -1), None);
+            // Past its bound, setting it aside has failed several times.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            assert!(
+                matches!(bad.try_recv(), Err(oneshot::error::TryRecvError::Empty)),
+                "told before it was set aside"
+            );
+            fx.take_set_aside_table(false).await;
+            tokio::time::timeout(Duration::from_secs(10), settler.flush())
+                .await
+                .expect("set aside once it can be");
+            assert_eq!(fx.set_aside().await, ["bad"]);
+            bad.await.expect("told");
+            assert_eq!(fx.balance().await, Credits::from_whole(10).expect("small"));
+            settler.stop().await;
+            task.await.expect("settler ends");
+        })
+        .await;
+    }
+
+    /// At the stop no later try would come: a refused settlement that cannot be set aside is
+    /// given up (its record logged; a shared cache still journals it), and the stop ends.
+    #[tokio::test]
+    async fn stopping_gives_up_a_refused_settlement_that_cannot_be_set_aside() {
+        crate::test_support::time_limit::limited(async move {
+            let fx = fixture().await;
+            fx.take_set_aside_table(true).await;
+            let (settler, task) = spawn(
+                fx.ledger.clone(),
+                fx.cache.clone(),
+                SettlerConfig {
+                    batch_max: 16,
+                    set_aside_after: Duration::from_secs(3600),
+                },
+            );
+            let bad = settler.settle(fx.settlement("bad", -1), None);
+            tokio::time::timeout(Duration::from_secs(5), settler.stop())
+                .await
+                .expect("stopped promptly");
+            task.await.expect("settler ends");
+            bad.await.expect("its waiter was told");
+            fx.take_set_aside_table(false).await;
+            assert!(fx.set_aside().await.is_empty());
+            assert_eq!(fx.balance().await, Credits::from_whole(10).expect("small"));
         })
         .await;
     }
