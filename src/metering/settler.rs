@@ -116,6 +116,17 @@ pub struct SettlerConfig {
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
+/// The pause after `backoff`: twice as long, up to [`MAX_BACKOFF`]. Never shorter, so a ledger
+/// that keeps failing is tried less and less often, never in a tight loop.
+fn doubled(backoff: Duration) -> Duration {
+    (backoff * 2).min(MAX_BACKOFF)
+}
+
+/// When to try again, `backoff` after `now`.
+fn retry_after(now: Instant, backoff: Duration) -> Instant {
+    now + backoff
+}
+
 pub fn spawn(
     ledger: SharedLedger,
     cache: SharedCache,
@@ -578,7 +589,7 @@ impl Committer {
                 Err(error) => {
                     tracing::error!(%error, pending = settlements.len(), "ledger write failed; retrying");
                     tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    backoff = doubled(backoff);
                 }
             }
         }
@@ -610,8 +621,8 @@ impl Committer {
             seq: self.next_seq,
             error,
             since: now,
-            retry_at: now + FIRST_BACKOFF,
-            backoff: FIRST_BACKOFF * 2,
+            retry_at: retry_after(now, FIRST_BACKOFF),
+            backoff: doubled(FIRST_BACKOFF),
         });
         self.next_seq += 1;
     }
@@ -662,7 +673,7 @@ impl Committer {
                 }
                 let now = Instant::now();
                 let backoff = refused.backoff;
-                refused.backoff = (backoff * 2).min(MAX_BACKOFF);
+                refused.backoff = doubled(backoff);
                 match verdict(
                     answers,
                     stopping,
@@ -676,7 +687,7 @@ impl Committer {
                         return Some(refused);
                     }
                     // Kept for another try should setting it aside fail.
-                    Verdict::SetAside => refused.retry_at = now + backoff,
+                    Verdict::SetAside => refused.retry_at = retry_after(now, backoff),
                 }
             }
         }
@@ -779,6 +790,27 @@ mod tests {
             verdict(true, true, since, at(1), backoff, bound),
             Verdict::SetAside
         );
+    }
+
+    #[test]
+    fn each_retry_waits_longer_than_the_last_up_to_the_cap() {
+        let mut pauses = vec![FIRST_BACKOFF];
+        while pauses.len() < 10 {
+            let next = doubled(*pauses.last().expect("one"));
+            pauses.push(next);
+        }
+        let millis: Vec<u128> = pauses.iter().map(Duration::as_millis).collect();
+        assert_eq!(
+            millis,
+            [50, 100, 200, 400, 800, 1600, 3200, 5000, 5000, 5000]
+        );
+        // A retry is due one pause after the failure, never before it.
+        let now = Instant::now();
+        assert_eq!(
+            retry_after(now, Duration::from_millis(800)),
+            now + Duration::from_millis(800)
+        );
+        assert!(retry_after(now, FIRST_BACKOFF) > now);
     }
 
     #[test]
