@@ -2204,6 +2204,7 @@ mod tests {
                     .expect("orphans")
                     .is_empty()
             );
+            space.flush().await;
         })
         .await;
     }
