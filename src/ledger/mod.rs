@@ -9,6 +9,7 @@ pub mod mysql;
 mod payments;
 pub mod set_aside;
 mod settle_plan;
+mod settle_writes;
 pub mod sqlite;
 mod verify;
 

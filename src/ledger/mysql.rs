@@ -39,6 +39,7 @@ use super::settle_plan::{
     self, AccountState as BatchAccount, AccountWrite, BatchState, KeySpend, KeyWrite, PlannedDraw,
     PlannedEntry,
 };
+use super::settle_writes;
 use super::verify::Checks;
 use super::{
     AccountRecord, ApiKeyRecord, Bucket, EntryType, GrantOutcome, GrantRecord, GrantRequest,
@@ -491,17 +492,7 @@ async fn write_remaining(
     grants: &[(i64, i64)],
 ) -> Result<(), LedgerError> {
     for chunk in grants.chunks(CHUNK) {
-        let mut update = QueryBuilder::<MySql>::new("UPDATE credit_grants SET remaining = CASE id");
-        for (id, remaining) in chunk {
-            update.push(" WHEN ").push_bind(*id);
-            update.push(" THEN ").push_bind(*remaining);
-        }
-        update.push(" END WHERE id IN (");
-        let mut list = update.separated(", ");
-        for (id, _) in chunk {
-            list.push_bind(*id);
-        }
-        update.push(")");
+        let mut update = settle_writes::grants_remaining::<MySql>(chunk);
         update.build().execute(&mut *conn).await?;
     }
     Ok(())
@@ -514,28 +505,7 @@ async fn write_accounts(
     now: i64,
 ) -> Result<(), LedgerError> {
     for chunk in accounts.chunks(CHUNK) {
-        let mut update = QueryBuilder::<MySql>::new("UPDATE accounts SET balance = CASE id");
-        for a in chunk {
-            update.push(" WHEN ").push_bind(a.account.as_str());
-            update.push(" THEN ").push_bind(a.balance.micros());
-        }
-        update.push(" END, debt = CASE id");
-        for a in chunk {
-            update.push(" WHEN ").push_bind(a.account.as_str());
-            update.push(" THEN ").push_bind(a.debt);
-        }
-        update.push(" END, rev = CASE id");
-        for a in chunk {
-            update.push(" WHEN ").push_bind(a.account.as_str());
-            update.push(" THEN ").push_bind(a.rev);
-        }
-        update.push(" END, updated_at = ").push_bind(now);
-        update.push(" WHERE id IN (");
-        let mut list = update.separated(", ");
-        for a in chunk {
-            list.push_bind(a.account.as_str());
-        }
-        update.push(")");
+        let mut update = settle_writes::accounts::<MySql>(chunk, now);
         update.build().execute(&mut *conn).await?;
     }
     Ok(())
@@ -547,22 +517,7 @@ async fn write_key_spend(
     keys: &[KeyWrite<'_>],
 ) -> Result<(), LedgerError> {
     for chunk in keys.chunks(CHUNK) {
-        let mut update = QueryBuilder::<MySql>::new("UPDATE api_keys SET spent = CASE id");
-        for k in chunk {
-            update.push(" WHEN ").push_bind(k.key);
-            update.push(" THEN ").push_bind(k.spent);
-        }
-        update.push(" END, rev = CASE id");
-        for k in chunk {
-            update.push(" WHEN ").push_bind(k.key);
-            update.push(" THEN ").push_bind(k.rev);
-        }
-        update.push(" END WHERE id IN (");
-        let mut list = update.separated(", ");
-        for k in chunk {
-            list.push_bind(k.key);
-        }
-        update.push(")");
+        let mut update = settle_writes::key_spend::<MySql>(chunk);
         update.build().execute(&mut *conn).await?;
     }
     Ok(())

@@ -31,6 +31,7 @@ use super::grants::{
     GrantRow, drawing_order, expiry_entry_text, plan_credit, plan_debit_from, plan_expiry,
 };
 use super::settle_plan::{self, AccountState as BatchAccount, BatchState, KeySpend, SettlePlan};
+use super::settle_writes;
 use super::verify::Checks;
 use super::{
     AccountRecord, ApiKeyRecord, Bucket, EntryType, GrantOutcome, GrantRecord, GrantRequest,
@@ -719,62 +720,15 @@ async fn write_settle_plan(
         insert.build().execute(&mut *conn).await?;
     }
     for chunk in plan.grants.chunks(CHUNK) {
-        let mut update =
-            QueryBuilder::<Sqlite>::new("UPDATE credit_grants SET remaining = CASE id");
-        for (id, remaining) in chunk {
-            update.push(" WHEN ").push_bind(*id);
-            update.push(" THEN ").push_bind(*remaining);
-        }
-        update.push(" END WHERE id IN (");
-        let mut list = update.separated(", ");
-        for (id, _) in chunk {
-            list.push_bind(*id);
-        }
-        update.push(")");
+        let mut update = settle_writes::grants_remaining::<Sqlite>(chunk);
         update.build().execute(&mut *conn).await?;
     }
     for chunk in plan.accounts.chunks(CHUNK) {
-        let mut update = QueryBuilder::<Sqlite>::new("UPDATE accounts SET balance = CASE id");
-        for a in chunk {
-            update.push(" WHEN ").push_bind(a.account.as_str());
-            update.push(" THEN ").push_bind(a.balance.micros());
-        }
-        update.push(" END, debt = CASE id");
-        for a in chunk {
-            update.push(" WHEN ").push_bind(a.account.as_str());
-            update.push(" THEN ").push_bind(a.debt);
-        }
-        update.push(" END, rev = CASE id");
-        for a in chunk {
-            update.push(" WHEN ").push_bind(a.account.as_str());
-            update.push(" THEN ").push_bind(a.rev);
-        }
-        update.push(" END, updated_at = ").push_bind(now);
-        update.push(" WHERE id IN (");
-        let mut list = update.separated(", ");
-        for a in chunk {
-            list.push_bind(a.account.as_str());
-        }
-        update.push(")");
+        let mut update = settle_writes::accounts::<Sqlite>(chunk, now);
         update.build().execute(&mut *conn).await?;
     }
     for chunk in plan.keys.chunks(CHUNK) {
-        let mut update = QueryBuilder::<Sqlite>::new("UPDATE api_keys SET spent = CASE id");
-        for k in chunk {
-            update.push(" WHEN ").push_bind(k.key);
-            update.push(" THEN ").push_bind(k.spent);
-        }
-        update.push(" END, rev = CASE id");
-        for k in chunk {
-            update.push(" WHEN ").push_bind(k.key);
-            update.push(" THEN ").push_bind(k.rev);
-        }
-        update.push(" END WHERE id IN (");
-        let mut list = update.separated(", ");
-        for k in chunk {
-            list.push_bind(k.key);
-        }
-        update.push(")");
+        let mut update = settle_writes::key_spend::<Sqlite>(chunk);
         update.build().execute(&mut *conn).await?;
     }
     Ok(())
