@@ -143,13 +143,17 @@ impl fmt::Display for AccountId {
 }
 
 /// The id of one proxied request; the idempotency key of its settlement (DESIGN.md I2).
+///
+/// `req_` and a version 7 UUID: unique across instances, and ordered by creation time, so the
+/// ledger's indexes on it (usage records, usage entries) grow at their end instead of at a
+/// random page each: a settle batch then writes a few pages, not one per settlement.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct RequestId(String);
 
 impl RequestId {
     pub fn new() -> Self {
-        RequestId(format!("req_{}", uuid::Uuid::new_v4().simple()))
+        RequestId(format!("req_{}", uuid::Uuid::now_v7().simple()))
     }
 
     pub fn from_string(raw: String) -> Self {
@@ -191,6 +195,18 @@ impl TokenUsage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn request_ids_are_unique_and_sort_in_creation_order() {
+        let ids: Vec<RequestId> = (0..1000).map(|_| RequestId::new()).collect();
+        for pair in ids.windows(2) {
+            assert!(pair[0].as_str() < pair[1].as_str(), "{pair:?}");
+        }
+        assert!(
+            ids.iter()
+                .all(|id| id.as_str().len() == 36 && id.as_str().starts_with("req_"))
+        );
+    }
 
     #[test]
     fn parses_and_prints_decimal_strings_exactly() {

@@ -126,9 +126,18 @@ impl SqliteLedger {
             .max_connections(max_connections.max(1))
             .connect_with(options.clone())
             .await?;
+        // Its statements' text varies with the batch's size (one row or list item per
+        // settlement), so its statement cache holds more than the default 100; a connection in
+        // this process needs no liveness test before each batch.
         let settle_pool = SqlitePoolOptions::new()
             .max_connections(1)
-            .connect_lazy_with(options.clone().synchronous(SqliteSynchronous::Normal));
+            .test_before_acquire(false)
+            .connect_lazy_with(
+                options
+                    .clone()
+                    .synchronous(SqliteSynchronous::Normal)
+                    .statement_cache_capacity(SETTLE_STATEMENT_CACHE),
+            );
         Ok(SqliteLedger {
             pool,
             settle_pool,
@@ -537,6 +546,10 @@ fn grant_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<GrantRecord, LedgerEr
 /// Most rows (or list items) one statement of a settle batch carries, well under SQLite's limit
 /// on bound parameters.
 const CHUNK: usize = 256;
+
+/// Prepared statements the settle connection keeps: about ten kinds, each in as many shapes as
+/// there are batch sizes.
+const SETTLE_STATEMENT_CACHE: usize = 1024;
 
 /// Reads what a settle batch's plan depends on (see [`settle_plan`]), creating the batch's
 /// missing accounts, inside the caller's `BEGIN IMMEDIATE` transaction: nothing read can change

@@ -11,7 +11,7 @@ use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
 use serde::de::IgnoredAny;
 
-use super::chunk_skim::{self, Skim};
+use super::chunk_skim::{ChatSkimmer, Skim};
 use super::usage::{Endpoint, RawUsage, lenient_str};
 use crate::domain::TokenUsage;
 
@@ -81,6 +81,8 @@ pub struct SseObserver {
     held: Vec<u8>,
     /// Strip mode: the current event outgrew `MAX_HELD_EVENT` and is being forwarded as it comes.
     event_forwarded: bool,
+    /// The fast path for chat and completions chunks.
+    skimmer: ChatSkimmer,
     summary: StreamSummary,
 }
 
@@ -106,6 +108,7 @@ impl SseObserver {
             event_ends: Vec::new(),
             held: Vec::new(),
             event_forwarded: false,
+            skimmer: ChatSkimmer::default(),
             summary: StreamSummary::default(),
         }
     }
@@ -367,28 +370,27 @@ impl SseObserver {
         if trimmed.first() != Some(&b'{') {
             return false;
         }
-        // Validating UTF-8 once here lets serde_json skip validating every key and string.
-        let Ok(trimmed) = std::str::from_utf8(trimmed) else {
-            return false;
-        };
         match self.endpoint {
             Endpoint::ChatCompletions | Endpoint::Completions => self.handle_chunk(trimmed),
             Endpoint::Responses => {
-                self.handle_responses_event(trimmed);
+                if let Ok(json) = std::str::from_utf8(trimmed) {
+                    self.handle_responses_event(json);
+                }
                 false
             }
             Endpoint::Embeddings => false,
         }
     }
 
-    fn handle_chunk(&mut self, json: &str) -> bool {
-        match chunk_skim::chat_chunk(json) {
+    fn handle_chunk(&mut self, json: &[u8]) -> bool {
+        match self.skimmer.skim(json) {
             Skim::Nothing => false,
             Skim::Content(text) => {
                 push_output(&mut self.summary, Some(&text));
                 false
             }
-            Skim::Parse => self.parse_chunk(json),
+            // Validating UTF-8 once here lets serde_json skip validating every key and string.
+            Skim::Parse => std::str::from_utf8(json).is_ok_and(|json| self.parse_chunk(json)),
         }
     }
 
@@ -584,17 +586,26 @@ mod tests {
             r#"{"error":{"message":"overloaded","type":"server_error"}}"#.to_owned(),
             r#"{"choices":[{"index":0,"delta":{"content":"a"}}],"usage":nul}"#.to_owned(),
         ]);
+        // Each payload also comes after a content delta with the same prefix, which the fast
+        // path remembers.
+        let seed = chunk(r#"{"content":"seed"}"#);
         for endpoint in [Endpoint::ChatCompletions, Endpoint::Completions] {
             for payload in &payloads {
-                let mut fast = SseObserver::new(endpoint, false);
-                let mut full = SseObserver::new(endpoint, false);
-                let fast_usage_only = fast.handle_chunk(payload);
-                let full_usage_only = full.parse_chunk(payload);
-                assert_eq!(
-                    (fast_usage_only, fast.summary),
-                    (full_usage_only, full.summary),
-                    "{payload}"
-                );
+                for seeded in [false, true] {
+                    let mut fast = SseObserver::new(endpoint, false);
+                    let mut full = SseObserver::new(endpoint, false);
+                    if seeded {
+                        fast.handle_chunk(seed.as_bytes());
+                        full.parse_chunk(&seed);
+                    }
+                    let fast_usage_only = fast.handle_chunk(payload.as_bytes());
+                    let full_usage_only = full.parse_chunk(payload);
+                    assert_eq!(
+                        (fast_usage_only, fast.summary),
+                        (full_usage_only, full.summary),
+                        "{payload} (after a delta: {seeded})"
+                    );
+                }
             }
         }
     }
