@@ -492,7 +492,8 @@ async fn write_remaining(
     grants: &[(i64, i64)],
 ) -> Result<(), LedgerError> {
     for chunk in grants.chunks(CHUNK) {
-        let mut update = settle_writes::grants_remaining::<MySql>(chunk);
+        let mut update = QueryBuilder::<MySql>::new("");
+        settle_writes::grants_remaining(&mut update, chunk);
         update.build().execute(&mut *conn).await?;
     }
     Ok(())
@@ -505,7 +506,8 @@ async fn write_accounts(
     now: i64,
 ) -> Result<(), LedgerError> {
     for chunk in accounts.chunks(CHUNK) {
-        let mut update = settle_writes::accounts::<MySql>(chunk, now);
+        let mut update = QueryBuilder::<MySql>::new("");
+        settle_writes::accounts(&mut update, chunk, now);
         update.build().execute(&mut *conn).await?;
     }
     Ok(())
@@ -517,7 +519,8 @@ async fn write_key_spend(
     keys: &[KeyWrite<'_>],
 ) -> Result<(), LedgerError> {
     for chunk in keys.chunks(CHUNK) {
-        let mut update = settle_writes::key_spend::<MySql>(chunk);
+        let mut update = QueryBuilder::<MySql>::new("");
+        settle_writes::key_spend(&mut update, chunk);
         update.build().execute(&mut *conn).await?;
     }
     Ok(())

@@ -669,18 +669,34 @@ async fn read_batch_state(
     Ok(state)
 }
 
-/// Writes a settle batch's plan: one multi-row statement per table (per [`CHUNK`]).
+/// Writes a settle batch's plan: one multi-row statement per table (per [`CHUNK`]), all sent
+/// as one query, so the whole write costs one hand-off to sqlx's worker thread for the
+/// connection instead of one per statement (about 0.25 ms less per response at one connection).
+///
+/// sqlx's SQLite driver runs every statement of a query, binding each one's `?` parameters in
+/// turn from the query's one argument list. sqlx calls that behaviour deprecated (its issue
+/// 3108) and may one day refuse such a query: the ledger contract tests (a batch spanning many
+/// statements, verify after every settle) would then fail, and this should become one query
+/// per statement again.
 async fn write_settle_plan(
     conn: &mut SqliteConnection,
     plan: &SettlePlan<'_>,
     now: i64,
 ) -> Result<(), LedgerError> {
+    let mut writes = QueryBuilder::<Sqlite>::new("");
+    // Starts the next statement of the query.
+    let next = |writes: &mut QueryBuilder<Sqlite>| {
+        if !writes.sql().as_str().is_empty() {
+            writes.push("; ");
+        }
+    };
     for chunk in plan.entries.chunks(CHUNK) {
-        let mut insert = QueryBuilder::<Sqlite>::new(
+        next(&mut writes);
+        writes.push(
             "INSERT INTO credit_transactions (account_id, type, amount, balance_before, \
              balance_after, description, reference, created_at) ",
         );
-        insert.push_values(chunk, |mut row, entry| {
+        writes.push_values(chunk, |mut row, entry| {
             let s = entry.settlement;
             row.push_bind(s.account.as_str())
                 .push("'usage'")
@@ -691,15 +707,15 @@ async fn write_settle_plan(
                 .push_bind(s.request_id.as_str())
                 .push_bind(now);
         });
-        insert.build().execute(&mut *conn).await?;
     }
     for chunk in plan.records.chunks(CHUNK) {
-        let mut insert = QueryBuilder::<Sqlite>::new(
+        next(&mut writes);
+        writes.push(
             "INSERT INTO usage_records (request_id, account_id, api_key_id, endpoint, model, \
              upstream, prompt_tokens, completion_tokens, cached_tokens, cost, uncharged, hold, \
              source, stream, status, started_at, finished_at, settled_at, transaction_id) ",
         );
-        insert.push_values(chunk, |mut row, s| {
+        writes.push_values(chunk, |mut row, s| {
             row.push_bind(s.request_id.as_str())
                 .push_bind(s.account.as_str())
                 .push_bind(s.api_key_id.as_deref())
@@ -720,29 +736,29 @@ async fn write_settle_plan(
                 .push_bind(now);
             push_usage_entry_id(&mut row, s);
         });
-        insert.build().execute(&mut *conn).await?;
     }
     for chunk in plan.draws.chunks(CHUNK) {
-        let mut insert = QueryBuilder::<Sqlite>::new(
-            "INSERT INTO grant_draws (transaction_id, grant_id, amount) ",
-        );
-        insert.push_values(chunk, |mut row, draw| {
+        next(&mut writes);
+        writes.push("INSERT INTO grant_draws (transaction_id, grant_id, amount) ");
+        writes.push_values(chunk, |mut row, draw| {
             push_usage_entry_id(&mut row, draw.settlement);
             row.push_bind(draw.grant_id).push_bind(draw.amount);
         });
-        insert.build().execute(&mut *conn).await?;
     }
     for chunk in plan.grants.chunks(CHUNK) {
-        let mut update = settle_writes::grants_remaining::<Sqlite>(chunk);
-        update.build().execute(&mut *conn).await?;
+        next(&mut writes);
+        settle_writes::grants_remaining(&mut writes, chunk);
     }
     for chunk in plan.accounts.chunks(CHUNK) {
-        let mut update = settle_writes::accounts::<Sqlite>(chunk, now);
-        update.build().execute(&mut *conn).await?;
+        next(&mut writes);
+        settle_writes::accounts(&mut writes, chunk, now);
     }
     for chunk in plan.keys.chunks(CHUNK) {
-        let mut update = settle_writes::key_spend::<Sqlite>(chunk);
-        update.build().execute(&mut *conn).await?;
+        next(&mut writes);
+        settle_writes::key_spend(&mut writes, chunk);
+    }
+    if !writes.sql().as_str().is_empty() {
+        writes.build().execute(&mut *conn).await?;
     }
     Ok(())
 }
