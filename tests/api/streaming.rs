@@ -394,3 +394,93 @@ async fn a_stream_longer_than_the_hold_lifetime_keeps_its_hold() {
     })
     .await;
 }
+
+/// An upstream that answers one chat stream with every event in a single write: `events`, each
+/// an HTTP chunk of its own, as a provider's frames that reached the gateway together.
+async fn burst_upstream(events: Vec<String>) -> (String, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}/v1", listener.local_addr().expect("addr"));
+    let task = tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.expect("accept");
+        // The request: headers, then a body of `content-length` bytes.
+        let mut request = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = socket.read(&mut buf).await.expect("read");
+            assert!(n > 0, "the request ended early");
+            request.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&request).to_lowercase();
+            if let Some(end) = text.find("\r\n\r\n") {
+                let length: usize = text
+                    .lines()
+                    .find_map(|line| line.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                if request.len() >= end + 4 + length {
+                    break;
+                }
+            }
+        }
+        let mut response = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
+            transfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+            .to_vec();
+        for event in &events {
+            response.extend_from_slice(format!("{:x}\r\n{event}\r\n", event.len()).as_bytes());
+        }
+        response.extend_from_slice(b"0\r\n\r\n");
+        socket.write_all(&response).await.expect("write");
+        socket.shutdown().await.expect("close");
+    });
+    (url, task)
+}
+
+#[tokio::test]
+async fn frames_that_arrive_together_leave_in_one_write() {
+    run_test(async || {
+        let chunk = |delta: &str, finish: &str| {
+            format!(
+                "data: {{\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"mock-1\",\"choices\":[{{\"index\":0,\"delta\":{delta},\"finish_reason\":{finish}}}]}}\n\n"
+            )
+        };
+        let mut events = vec![chunk(r#"{"role":"assistant","content":""}"#, "null")];
+        for word in ["one", " two", " three", " four", " five", " six", " seven", " eight"] {
+            events.push(chunk(&format!(r#"{{"content":"{word}"}}"#), "null"));
+        }
+        events.push(chunk("{}", r#""stop""#));
+        let usage = "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"mock-1\",\"choices\":[],\"usage\":{\"prompt_tokens\":100,\"completion_tokens\":900,\"total_tokens\":1000}}\n\n";
+        events.push(usage.to_owned());
+        events.push("data: [DONE]\n\n".to_owned());
+        let (url, upstream) = burst_upstream(events.clone()).await;
+        let app = spawn_app_with(Options {
+            upstreams: Some(format!(
+                "[[upstreams]]\nname = \"burst\"\nbase_url = \"{url}\"\nmodels = [\"mock-*\"]\n"
+            )),
+            ..Options::default()
+        })
+        .await;
+        let alice = token("alice");
+        app.grant("alice", "10").await;
+
+        let mut response = app.chat(&alice, &stream_body("mock-1", 1000)).await;
+        assert_eq!(response.status(), 200);
+        let mut writes = 0;
+        let mut body = Vec::new();
+        while let Some(part) = response.chunk().await.expect("stream") {
+            writes += 1;
+            body.extend_from_slice(&part);
+        }
+        // Every event but the usage chunk the gateway asked for, in order.
+        let expected: String = events.iter().filter(|e| e.as_str() != usage).cloned().collect();
+        assert_eq!(String::from_utf8_lossy(&body), expected);
+        // The events before the terminal one in one write, then the held-back `[DONE]`.
+        assert_eq!(writes, 2, "one write for the burst, one for its end");
+        // Billed the usage the upstream reported: 1000 tokens at 1 credit per 1000.
+        assert_eq!(credits(&app.settled_balance(&alice).await["balance"]), rust_decimal::Decimal::from(9));
+        upstream.await.expect("the upstream task");
+        app.assert_ledger_consistent().await;
+    })
+    .await;
+}
