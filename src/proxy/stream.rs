@@ -245,14 +245,9 @@ fn frames(state: Metered) -> impl Stream<Item = Result<Bytes, std::io::Error>> +
             };
             match next {
                 Next::Frame(Some(Ok(frame))) => {
-                    let Ok(data) = frame.into_data() else {
+                    let Some(out) = observe_frame(&mut state, frame) else {
                         continue;
                     };
-                    let out = state.observer.observe(data);
-                    if state.observer.completed() {
-                        state.tail.extend_from_slice(&out);
-                        continue;
-                    }
                     let out = gather_ready_frames(&mut state, out).await;
                     if out.is_empty() {
                         continue;
@@ -309,6 +304,19 @@ fn frames(state: Metered) -> impl Stream<Item = Result<Bytes, std::io::Error>> +
     })
 }
 
+/// Observes one upstream frame; returns what the client gets for it now, or `None` when it
+/// holds no data or the answer is complete (the terminal event and what follows wait in `tail`
+/// until the settlement is durable).
+fn observe_frame(state: &mut Metered, frame: http_body::Frame<Bytes>) -> Option<Bytes> {
+    let data = frame.into_data().ok()?;
+    let out = state.observer.observe(data);
+    if state.observer.completed() {
+        state.tail.extend_from_slice(&out);
+        return None;
+    }
+    Some(out)
+}
+
 /// Most frames gathered into one write.
 const MAX_GATHERED_FRAMES: usize = 64;
 /// Scheduler turns without a new frame after which the frames gathered so far are sent. A frame
@@ -328,17 +336,13 @@ async fn gather_ready_frames(state: &mut Metered, first: Bytes) -> Bytes {
         match state.upstream.frame().now_or_never() {
             Some(Some(Ok(frame))) => {
                 idle_turns = 0;
-                let Ok(data) = frame.into_data() else {
-                    continue;
-                };
-                let out = state.observer.observe(data);
-                if state.observer.completed() {
-                    state.tail.extend_from_slice(&out);
+                if let Some(out) = observe_frame(state, frame) {
+                    gathered
+                        .get_or_insert_with(|| BytesMut::from(&first[..]))
+                        .extend_from_slice(&out);
+                } else if state.observer.completed() {
                     break;
                 }
-                gathered
-                    .get_or_insert_with(|| BytesMut::from(&first[..]))
-                    .extend_from_slice(&out);
             }
             Some(end_or_error) => {
                 state.pending = Some(Next::Frame(end_or_error));
