@@ -319,6 +319,9 @@ fn observe_frame(state: &mut Metered, frame: http_body::Frame<Bytes>) -> Option<
 
 /// Most frames gathered into one write.
 const MAX_GATHERED_FRAMES: usize = 64;
+/// Bytes past which no more frames are gathered: a write is then large enough to pay for
+/// itself, and a stream of large frames never holds more than this (plus one frame) in memory.
+const MAX_GATHERED_BYTES: usize = 64 * 1024;
 /// Scheduler turns without a new frame after which the frames gathered so far are sent. A frame
 /// the upstream's connection has already read takes up to two turns to be handed over (measured
 /// by `streaming::frames_that_arrive_together_leave_in_one_write`).
@@ -333,6 +336,9 @@ async fn gather_ready_frames(state: &mut Metered, first: Bytes) -> Bytes {
     let mut gathered: Option<BytesMut> = None;
     let mut idle_turns = 0;
     for _ in 0..MAX_GATHERED_FRAMES {
+        if gathered.as_ref().map_or(first.len(), BytesMut::len) >= MAX_GATHERED_BYTES {
+            break;
+        }
         match state.upstream.frame().now_or_never() {
             Some(Some(Ok(frame))) => {
                 idle_turns = 0;

@@ -484,3 +484,82 @@ async fn frames_that_arrive_together_leave_in_one_write() {
     })
     .await;
 }
+
+/// Sends a chat request over a raw connection and returns the sizes of the HTTP chunks of the
+/// answer's body, in order: one per write the gateway made.
+async fn chunk_sizes_on_the_wire(app: &TestApp, bearer: &str, body: &Value) -> Vec<usize> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = app.base.trim_start_matches("http://").to_owned();
+    let mut socket = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    let body = body.to_string();
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {bearer}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    socket.write_all(request.as_bytes()).await.expect("send");
+    let mut raw = Vec::new();
+    socket.read_to_end(&mut raw).await.expect("read");
+    let head_end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("headers");
+    let head = String::from_utf8_lossy(&raw[..head_end]).to_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("transfer-encoding: chunked"), "{head}");
+    let mut rest = &raw[head_end + 4..];
+    let mut sizes = Vec::new();
+    loop {
+        let line_end = rest
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .expect("chunk size");
+        let size_text = String::from_utf8_lossy(&rest[..line_end]).into_owned();
+        let size = usize::from_str_radix(size_text.trim(), 16).expect("hex size");
+        if size == 0 {
+            return sizes;
+        }
+        sizes.push(size);
+        rest = &rest[line_end + 2 + size + 2..];
+    }
+}
+
+#[tokio::test]
+async fn gathering_frames_stops_at_64_kib() {
+    run_test(async || {
+        // Six content deltas of 40,000 characters each, all in one segment.
+        let text = "x".repeat(40_000);
+        let chunk = |delta: &str| {
+            format!(
+                "data: {{\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"mock-1\",\"choices\":[{{\"index\":0,\"delta\":{delta},\"finish_reason\":null}}]}}\n\n"
+            )
+        };
+        let mut events = vec![chunk(&format!(r#"{{"content":"{text}"}}"#)); 6];
+        events.push("data: [DONE]\n\n".to_owned());
+        let event_len = events[0].len();
+        let (url, upstream) = burst_upstream(events).await;
+        let app = spawn_app_with(Options {
+            upstreams: Some(format!(
+                "[[upstreams]]\nname = \"burst\"\nbase_url = \"{url}\"\nmodels = [\"mock-*\"]\n"
+            )),
+            ..Options::default()
+        })
+        .await;
+        let alice = token("alice");
+        app.grant("alice", "1000").await;
+
+        let sizes = chunk_sizes_on_the_wire(&app, &alice, &stream_body("mock-1", 50_000)).await;
+        // Every event arrived, gathered, but no write went past 64 KiB by more than one event.
+        assert_eq!(sizes.iter().sum::<usize>(), 6 * event_len + "data: [DONE]\n\n".len());
+        assert!(sizes.len() < 7, "frames were gathered: {sizes:?}");
+        assert!(
+            sizes.iter().all(|&size| size < 64 * 1024 + event_len),
+            "{sizes:?}"
+        );
+        upstream.await.expect("the upstream task");
+        app.assert_ledger_consistent().await;
+    })
+    .await;
+}
