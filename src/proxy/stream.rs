@@ -107,6 +107,8 @@ struct Metered {
     /// What the upstream's body gave while frames were being gathered into one write (its end
     /// or an error), to be handled next.
     pending: Option<Next>,
+    /// When the previous upstream frame arrived.
+    last_frame_at: Option<tokio::time::Instant>,
 }
 
 impl Drop for Metered {
@@ -212,6 +214,7 @@ pub fn metered_body(
         renew,
         renewed_at: tokio::time::Instant::now(),
         pending: None,
+        last_frame_at: None,
     };
     Body::from_stream(frames(state))
 }
@@ -245,10 +248,15 @@ fn frames(state: Metered) -> impl Stream<Item = Result<Bytes, std::io::Error>> +
             };
             match next {
                 Next::Frame(Some(Ok(frame))) => {
+                    let now = tokio::time::Instant::now();
+                    let back_to_back = state
+                        .last_frame_at
+                        .replace(now)
+                        .is_some_and(|previous| now - previous < BACK_TO_BACK);
                     let Some(out) = observe_frame(&mut state, frame) else {
                         continue;
                     };
-                    let out = gather_ready_frames(&mut state, out).await;
+                    let out = gather_ready_frames(&mut state, out, back_to_back).await;
                     if out.is_empty() {
                         continue;
                     }
@@ -326,13 +334,17 @@ const MAX_GATHERED_BYTES: usize = 64 * 1024;
 /// the upstream's connection has already read takes up to two turns to be handed over (measured
 /// by `streaming::frames_that_arrive_together_leave_in_one_write`).
 const IDLE_TURNS: u32 = 2;
+/// A frame that arrives within this of the previous one is part of a burst: more may be waiting.
+const BACK_TO_BACK: Duration = Duration::from_millis(1);
 
 /// Appends to `first` the frames the upstream's connection has already read, so that they leave
 /// in one write to the client instead of one write each (frames that reach the gateway together,
 /// in one segment or back to back, are handed over by hyper's client one at a time). Waits for
-/// no frame that has not arrived: between frames it only lets the other tasks run
-/// ([`tokio::task::yield_now`]), and sends what it has after [`IDLE_TURNS`] turns bring nothing.
-async fn gather_ready_frames(state: &mut Metered, first: Bytes) -> Bytes {
+/// no frame that has not arrived: in a burst (`back_to_back`) it lets the other tasks run between
+/// frames ([`tokio::task::yield_now`]) and sends what it has after [`IDLE_TURNS`] turns bring
+/// nothing; otherwise (a stream that trickles) it takes only what is ready at once.
+async fn gather_ready_frames(state: &mut Metered, first: Bytes, back_to_back: bool) -> Bytes {
+    let turns = if back_to_back { IDLE_TURNS } else { 0 };
     let mut gathered: Option<BytesMut> = None;
     let mut idle_turns = 0;
     for _ in 0..MAX_GATHERED_FRAMES {
@@ -342,6 +354,7 @@ async fn gather_ready_frames(state: &mut Metered, first: Bytes) -> Bytes {
         match state.upstream.frame().now_or_never() {
             Some(Some(Ok(frame))) => {
                 idle_turns = 0;
+                state.last_frame_at = Some(tokio::time::Instant::now());
                 if let Some(out) = observe_frame(state, frame) {
                     gathered
                         .get_or_insert_with(|| BytesMut::from(&first[..]))
@@ -354,7 +367,7 @@ async fn gather_ready_frames(state: &mut Metered, first: Bytes) -> Bytes {
                 state.pending = Some(Next::Frame(end_or_error));
                 break;
             }
-            None if idle_turns < IDLE_TURNS => {
+            None if idle_turns < turns => {
                 tokio::task::yield_now().await;
                 idle_turns += 1;
             }

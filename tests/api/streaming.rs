@@ -475,8 +475,9 @@ async fn frames_that_arrive_together_leave_in_one_write() {
         // Every event but the usage chunk the gateway asked for, in order.
         let expected: String = events.iter().filter(|e| e.as_str() != usage).cloned().collect();
         assert_eq!(String::from_utf8_lossy(&body), expected);
-        // The events before the terminal one in one write, then the held-back `[DONE]`.
-        assert_eq!(writes, 2, "one write for the burst, one for its end");
+        // The first event alone (nothing came before it to tell a burst from a trickle), the
+        // rest before the terminal one in one write, then the held-back `[DONE]`.
+        assert_eq!(writes, 3, "the first event, the rest of the burst, its end");
         // Billed the usage the upstream reported: 1000 tokens at 1 credit per 1000.
         assert_eq!(credits(&app.settled_balance(&alice).await["balance"]), rust_decimal::Decimal::from(9));
         upstream.await.expect("the upstream task");
