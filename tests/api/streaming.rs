@@ -437,6 +437,19 @@ async fn burst_upstream(events: Vec<String>) -> (String, tokio::task::JoinHandle
     (url, task)
 }
 
+/// A gateway whose only upstream is a [`burst_upstream`] answering with `events`.
+async fn burst_app(events: Vec<String>) -> (TestApp, tokio::task::JoinHandle<()>) {
+    let (url, upstream) = burst_upstream(events).await;
+    let app = spawn_app_with(Options {
+        upstreams: Some(format!(
+            "[[upstreams]]\nname = \"burst\"\nbase_url = \"{url}\"\nmodels = [\"mock-*\"]\n"
+        )),
+        ..Options::default()
+    })
+    .await;
+    (app, upstream)
+}
+
 #[tokio::test]
 async fn frames_that_arrive_together_leave_in_one_write() {
     run_test(async || {
@@ -453,14 +466,7 @@ async fn frames_that_arrive_together_leave_in_one_write() {
         let usage = "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"mock-1\",\"choices\":[],\"usage\":{\"prompt_tokens\":100,\"completion_tokens\":900,\"total_tokens\":1000}}\n\n";
         events.push(usage.to_owned());
         events.push("data: [DONE]\n\n".to_owned());
-        let (url, upstream) = burst_upstream(events.clone()).await;
-        let app = spawn_app_with(Options {
-            upstreams: Some(format!(
-                "[[upstreams]]\nname = \"burst\"\nbase_url = \"{url}\"\nmodels = [\"mock-*\"]\n"
-            )),
-            ..Options::default()
-        })
-        .await;
+        let (app, upstream) = burst_app(events.clone()).await;
         let alice = token("alice");
         app.grant("alice", "10").await;
 
@@ -540,14 +546,7 @@ async fn gathering_frames_stops_at_64_kib() {
         let mut events = vec![chunk(&format!(r#"{{"content":"{text}"}}"#)); 6];
         events.push("data: [DONE]\n\n".to_owned());
         let event_len = events[0].len();
-        let (url, upstream) = burst_upstream(events).await;
-        let app = spawn_app_with(Options {
-            upstreams: Some(format!(
-                "[[upstreams]]\nname = \"burst\"\nbase_url = \"{url}\"\nmodels = [\"mock-*\"]\n"
-            )),
-            ..Options::default()
-        })
-        .await;
+        let (app, upstream) = burst_app(events).await;
         let alice = token("alice");
         app.grant("alice", "1000").await;
 
