@@ -36,8 +36,7 @@ use super::grants::{
     GrantRow, drawing_order, expiry_entry_text, plan_credit, plan_debit_from, plan_expiry,
 };
 use super::settle_plan::{
-    self, AccountState as BatchAccount, AccountWrite, BatchState, KeySpend, KeyWrite, PlannedDraw,
-    PlannedEntry,
+    self, AccountState as BatchAccount, AccountWrite, BatchState, KeySpend, KeyWrite, SettlePlan,
 };
 use super::settle_writes;
 use super::verify::Checks;
@@ -341,10 +340,6 @@ fn next_rev(rev: i64, account: &AccountId) -> Result<i64, LedgerError> {
         .ok_or_else(|| LedgerError::Overflow(account.to_string()))
 }
 
-fn to_i64(value: u64) -> i64 {
-    i64::try_from(value).unwrap_or(i64::MAX)
-}
-
 fn overflow(account: &AccountId) -> LedgerError {
     LedgerError::Overflow(account.to_string())
 }
@@ -422,16 +417,8 @@ async fn lock_accounts(
     }
     let now = now_ms();
     for chunk in missing.chunks(CHUNK) {
-        let mut insert = QueryBuilder::<MySql>::new(
-            "INSERT INTO accounts (id, balance, rev, created_at, updated_at) ",
-        );
-        insert.push_values(chunk, |mut row, account| {
-            row.push_bind(account.as_str())
-                .push("0")
-                .push("0")
-                .push_bind(now)
-                .push_bind(now);
-        });
+        let mut insert = QueryBuilder::<MySql>::new("");
+        settle_writes::new_accounts(&mut insert, chunk, now);
         insert.build().execute(&mut *conn).await?;
         for account in chunk {
             let account = (*account).clone();
@@ -757,108 +744,26 @@ async fn settled_request_ids(
     Ok(settled)
 }
 
-async fn insert_usage_entries(
+/// Writes a settle plan's new rows: usage entries, then the records and draws that find those
+/// entries' ids, one multi-row statement per table (per [`CHUNK`]).
+async fn insert_settle_rows(
     conn: &mut MySqlConnection,
-    entries: &[PlannedEntry<'_>],
+    plan: &SettlePlan<'_>,
     now: i64,
 ) -> Result<(), LedgerError> {
-    for chunk in entries.chunks(CHUNK) {
-        let mut insert = QueryBuilder::<MySql>::new(
-            "INSERT INTO credit_transactions \
-             (account_id, `type`, amount, balance_before, balance_after, description, reference, \
-             created_at) ",
-        );
-        insert.push_values(chunk, |mut row, entry| {
-            let s = entry.settlement;
-            row.push_bind(s.account.as_str())
-                .push("'usage'")
-                .push_bind(entry.amount)
-                .push_bind(entry.before.micros())
-                .push_bind(entry.after.micros())
-                .push_bind(entry.description())
-                .push_bind(s.request_id.as_str())
-                .push_bind(now);
-        });
+    for chunk in plan.entries.chunks(CHUNK) {
+        let mut insert = QueryBuilder::<MySql>::new("");
+        settle_writes::usage_entries(&mut insert, chunk, now);
         insert.build().execute(&mut *conn).await?;
     }
-    Ok(())
-}
-
-/// Writes the usage records of the applied settlements. Each charged record finds its ledger
-/// entry's id by the entry's unique key (account, `usage`, request id) in a subquery, because a
-/// multi-row insert's auto-increment ids are not guaranteed to be consecutive (interleaved lock
-/// mode, Galera's increments).
-async fn insert_usage_records(
-    conn: &mut MySqlConnection,
-    applied: &[&Settlement],
-    now: i64,
-) -> Result<(), LedgerError> {
-    for chunk in applied.chunks(CHUNK) {
-        let mut insert = QueryBuilder::<MySql>::new(
-            "INSERT INTO usage_records (request_id, account_id, api_key_id, endpoint, model, \
-             upstream, prompt_tokens, completion_tokens, cached_tokens, cost, uncharged, hold, \
-             source, stream, status, started_at, finished_at, settled_at, transaction_id) ",
-        );
-        insert.push_values(chunk, |mut row, s| {
-            row.push_bind(s.request_id.as_str())
-                .push_bind(s.account.as_str())
-                .push_bind(s.api_key_id.as_deref())
-                .push_bind(s.endpoint.as_str())
-                .push_bind(s.model.as_str())
-                .push_bind(s.upstream.as_str())
-                .push_bind(to_i64(s.usage.prompt_tokens))
-                .push_bind(to_i64(s.usage.completion_tokens))
-                .push_bind(to_i64(s.usage.cached_tokens))
-                .push_bind(s.cost.micros())
-                .push_bind(s.uncharged.micros())
-                .push_bind(s.hold.micros())
-                .push_bind(s.source.as_str())
-                .push_bind(s.stream)
-                .push_bind(s.status.as_str())
-                .push_bind(s.started_at_ms)
-                .push_bind(s.finished_at_ms)
-                .push_bind(now);
-            if s.cost == Credits::ZERO {
-                row.push("NULL");
-            } else {
-                row.push(
-                    "(SELECT t.id FROM credit_transactions t \
-                     WHERE t.account_id = ",
-                )
-                .push_bind_unseparated(s.account.as_str())
-                .push_unseparated(" AND t.`type` = 'usage' AND t.reference = ")
-                .push_bind_unseparated(s.request_id.as_str())
-                .push_unseparated(")");
-            }
-        });
+    for chunk in plan.records.chunks(CHUNK) {
+        let mut insert = QueryBuilder::<MySql>::new("");
+        settle_writes::usage_records(&mut insert, chunk, now);
         insert.build().execute(&mut *conn).await?;
     }
-    Ok(())
-}
-
-/// Writes the grant draws of a batch's usage entries, each finding its entry's id by the entry's
-/// unique key, as [`insert_usage_records`] does.
-async fn insert_usage_draws(
-    conn: &mut MySqlConnection,
-    draws: &[PlannedDraw<'_>],
-) -> Result<(), LedgerError> {
-    for chunk in draws.chunks(CHUNK) {
-        let mut insert = QueryBuilder::<MySql>::new(
-            "INSERT INTO grant_draws (transaction_id, grant_id, amount) ",
-        );
-        insert.push_values(chunk, |mut row, draw| {
-            let s = draw.settlement;
-            row.push(
-                "(SELECT t.id FROM credit_transactions t \
-                 WHERE t.account_id = ",
-            )
-            .push_bind_unseparated(s.account.as_str())
-            .push_unseparated(" AND t.`type` = 'usage' AND t.reference = ")
-            .push_bind_unseparated(s.request_id.as_str())
-            .push_unseparated(")")
-            .push_bind(draw.grant_id)
-            .push_bind(draw.amount);
-        });
+    for chunk in plan.draws.chunks(CHUNK) {
+        let mut insert = QueryBuilder::<MySql>::new("");
+        settle_writes::usage_draws(&mut insert, chunk);
         insert.build().execute(&mut *conn).await?;
     }
     Ok(())
@@ -1016,9 +921,7 @@ impl MySqlLedger {
             state.accounts.insert(account.clone(), read);
         }
         let plan = settle_plan::plan(batch, state, now)?;
-        insert_usage_entries(&mut tx, &plan.entries, now).await?;
-        insert_usage_records(&mut tx, &plan.records, now).await?;
-        insert_usage_draws(&mut tx, &plan.draws).await?;
+        insert_settle_rows(&mut tx, &plan, now).await?;
         write_remaining(&mut tx, &plan.grants).await?;
         write_accounts(&mut tx, &plan.accounts, now).await?;
         write_key_spend(&mut tx, &plan.keys).await?;

@@ -23,7 +23,6 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures_util::TryStreamExt;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
-use sqlx::query_builder::Separated;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{QueryBuilder, Row, SqlSafeStr, Sqlite, SqliteConnection, SqlitePool};
 
@@ -615,16 +614,8 @@ async fn read_batch_state(
         .collect();
     let now = now_ms();
     for chunk in missing.chunks(CHUNK) {
-        let mut insert = QueryBuilder::<Sqlite>::new(
-            "INSERT INTO accounts (id, balance, rev, created_at, updated_at) ",
-        );
-        insert.push_values(chunk, |mut row, account| {
-            row.push_bind(account.as_str())
-                .push("0")
-                .push("0")
-                .push_bind(now)
-                .push_bind(now);
-        });
+        let mut insert = QueryBuilder::<Sqlite>::new("");
+        settle_writes::new_accounts(&mut insert, chunk, now);
         insert.build().execute(&mut *conn).await?;
         for account in chunk {
             let created = BatchAccount {
@@ -692,58 +683,15 @@ async fn write_settle_plan(
     };
     for chunk in plan.entries.chunks(CHUNK) {
         next(&mut writes);
-        writes.push(
-            "INSERT INTO credit_transactions (account_id, type, amount, balance_before, \
-             balance_after, description, reference, created_at) ",
-        );
-        writes.push_values(chunk, |mut row, entry| {
-            let s = entry.settlement;
-            row.push_bind(s.account.as_str())
-                .push("'usage'")
-                .push_bind(entry.amount)
-                .push_bind(entry.before.micros())
-                .push_bind(entry.after.micros())
-                .push_bind(entry.description())
-                .push_bind(s.request_id.as_str())
-                .push_bind(now);
-        });
+        settle_writes::usage_entries(&mut writes, chunk, now);
     }
     for chunk in plan.records.chunks(CHUNK) {
         next(&mut writes);
-        writes.push(
-            "INSERT INTO usage_records (request_id, account_id, api_key_id, endpoint, model, \
-             upstream, prompt_tokens, completion_tokens, cached_tokens, cost, uncharged, hold, \
-             source, stream, status, started_at, finished_at, settled_at, transaction_id) ",
-        );
-        writes.push_values(chunk, |mut row, s| {
-            row.push_bind(s.request_id.as_str())
-                .push_bind(s.account.as_str())
-                .push_bind(s.api_key_id.as_deref())
-                .push_bind(s.endpoint.as_str())
-                .push_bind(s.model.as_str())
-                .push_bind(s.upstream.as_str())
-                .push_bind(i64::try_from(s.usage.prompt_tokens).unwrap_or(i64::MAX))
-                .push_bind(i64::try_from(s.usage.completion_tokens).unwrap_or(i64::MAX))
-                .push_bind(i64::try_from(s.usage.cached_tokens).unwrap_or(i64::MAX))
-                .push_bind(s.cost.micros())
-                .push_bind(s.uncharged.micros())
-                .push_bind(s.hold.micros())
-                .push_bind(s.source.as_str())
-                .push_bind(s.stream)
-                .push_bind(s.status.as_str())
-                .push_bind(s.started_at_ms)
-                .push_bind(s.finished_at_ms)
-                .push_bind(now);
-            push_usage_entry_id(&mut row, s);
-        });
+        settle_writes::usage_records(&mut writes, chunk, now);
     }
     for chunk in plan.draws.chunks(CHUNK) {
         next(&mut writes);
-        writes.push("INSERT INTO grant_draws (transaction_id, grant_id, amount) ");
-        writes.push_values(chunk, |mut row, draw| {
-            push_usage_entry_id(&mut row, draw.settlement);
-            row.push_bind(draw.grant_id).push_bind(draw.amount);
-        });
+        settle_writes::usage_draws(&mut writes, chunk);
     }
     for chunk in plan.grants.chunks(CHUNK) {
         next(&mut writes);
@@ -761,20 +709,6 @@ async fn write_settle_plan(
         writes.build().execute(&mut *conn).await?;
     }
     Ok(())
-}
-
-/// Pushes, as one value of a multi-row insert, the id of `s`'s usage entry (found by the
-/// entry's unique key), or `NULL` for a settlement without a charge.
-fn push_usage_entry_id(row: &mut Separated<'_, Sqlite, &str>, s: &Settlement) {
-    if s.cost == Credits::ZERO {
-        row.push("NULL");
-        return;
-    }
-    row.push("(SELECT t.id FROM credit_transactions t WHERE t.account_id = ")
-        .push_bind_unseparated(s.account.as_str())
-        .push_unseparated(" AND t.type = 'usage' AND t.reference = ")
-        .push_bind_unseparated(s.request_id.as_str())
-        .push_unseparated(")");
 }
 
 impl SqliteLedger {
