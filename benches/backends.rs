@@ -29,11 +29,12 @@ use sqlx::{AssertSqlSafe, Connection, MySqlConnection};
 use tollgate::cache::local::LocalCache;
 use tollgate::cache::redis::RedisCache;
 use tollgate::cache::{BalanceCache, HoldSpec, SnapshotSource};
+use tollgate::domain::time::now_ms;
 use tollgate::domain::{AccountId, Credits, RequestId, TokenUsage};
 use tollgate::ledger::mysql::MySqlLedger;
 use tollgate::ledger::{
     Bucket, EntryType, GrantRequest, InFlight, Ledger, LedgerError, Settlement, Snapshot,
-    UsageSource, now_ms,
+    UsageSource,
 };
 
 const MYSQL_SERVER: &str = "mysql://root@127.0.0.1:3306";

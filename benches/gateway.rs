@@ -146,7 +146,7 @@ async fn main() {
         .await
         .expect("bind");
     let upstream_url = format!("http://{}/v1", upstream.local_addr().expect("addr"));
-    tokio::spawn(async move { tollgate::proxy::mock::serve(upstream).await });
+    tokio::spawn(async move { tollgate::mock::serve(upstream).await });
 
     let dir = tempfile::tempdir().expect("temp dir");
     let pricing = dir.path().join("pricing.toml");

@@ -9,8 +9,8 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use tollgate::proxy::Endpoint;
 use tollgate::proxy::sse::SseObserver;
-use tollgate::proxy::usage::Endpoint;
 
 const TARGET_BYTES: usize = 10 * 1024 * 1024;
 const CHUNK_BYTES: usize = 16 * 1024;

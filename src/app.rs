@@ -5,87 +5,30 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::AtomicI64;
 use std::time::Duration;
 
-use ::http::HeaderValue;
 use anyhow::Context;
 use axum::Router;
-use axum::extract::{Request, State};
-use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, patch, post};
 use axum::serve::ListenerExt as _;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use tower_http::trace::{DefaultOnResponse, TraceLayer};
-use tracing::Instrument;
-use tracing::Level;
 
+use crate::auth::Authenticator;
 use crate::auth::api_keys::ApiKeyCache;
 use crate::auth::jwt::{JwtSettings, JwtVerifier};
-use crate::auth::{Authenticator, Principal, UNAUTHENTICATED_ROUTES};
 use crate::cache::SharedCache;
 use crate::config::Config;
-use crate::domain::RequestId;
-use crate::http::error::ApiError;
 use crate::ledger::sqlite::SqliteLedger;
 use crate::ledger::{Ledger, SharedLedger};
 use crate::metering::Meter;
 use crate::metering::pricing::{PriceTable, PricingHandle};
 use crate::metering::pricing_sync::{self, PricingRegistry};
-use crate::metering::settler::{self, SettlerConfig, SettlerHandle};
+use crate::metering::settler::{self, SettlerConfig};
+use crate::proxy::Proxy;
 use crate::proxy::upstream::Upstreams;
-use crate::{admin, http, proxy};
-
-pub const REQUEST_ID_HEADER: &str = "x-request-id";
-
-/// Shared by every handler; cheap to clone.
-#[derive(Clone)]
-pub struct AppState {
-    pub ledger: SharedLedger,
-    pub cache: SharedCache,
-    pub meter: Meter,
-    pub auth: Arc<Authenticator>,
-    pub upstreams: Arc<Upstreams>,
-    pub settler: SettlerHandle,
-    pub body_limit: usize,
-    /// Where instances announce their price versions (with Redis only).
-    pub pricing_registry: Option<PricingRegistry>,
-    pub pricing_path: std::path::PathBuf,
-    /// Credit packages on sale, from the config.
-    pub packages: Arc<Vec<crate::billing::packages::Package>>,
-    pub payments: Arc<crate::billing::service::Payments>,
-    /// The last cache epoch seen; a different one in the ledger means someone else changed it.
-    epoch: Arc<AtomicI64>,
-}
-
-impl AppState {
-    /// Drops in-process caches (API keys, cached balances) if the ledger's cache epoch moved:
-    /// someone changed the ledger outside this process (the CLI, an admin route on another
-    /// instance). Called by [`spawn_epoch_watcher`] every [`EPOCH_POLL`]. (An admin route
-    /// updates this instance's caches itself: a grant applies its snapshot, a revoke clears
-    /// the keys.)
-    ///
-    /// The epoch counts as seen only once the caches are dropped: a failure is tried again.
-    async fn sync_external_changes(&self) -> Result<(), String> {
-        let epoch = self
-            .ledger
-            .cache_epoch()
-            .await
-            .map_err(|e| format!("cannot read the cache epoch: {e}"))?;
-        if self.epoch.load(Ordering::Acquire) == epoch {
-            return Ok(());
-        }
-        self.auth.keys().clear();
-        self.cache
-            .invalidate_all()
-            .await
-            .map_err(|e| format!("cannot drop the cached balances: {e}"))?;
-        self.epoch.store(epoch, Ordering::Release);
-        Ok(())
-    }
-}
+use crate::routes;
+use crate::state::AppState;
 
 /// How often each instance reads the ledger's cache epoch. A change made outside the process
 /// is seen within this plus one ledger read; the request path reads nothing for it.
@@ -264,14 +207,19 @@ impl App {
             .resolve_upstreams(|name| std::env::var(name).ok())
             .map_err(|e| anyhow::anyhow!("config: {e}"))?;
         let epoch = ledger.cache_epoch().await?;
+        let upstreams = Arc::new(Upstreams::new(upstreams));
         let state = AppState {
             ledger,
             cache,
+            proxy: Proxy::new(
+                meter.clone(),
+                upstreams.clone(),
+                config.server.body_limit_bytes,
+            ),
             meter,
             auth: Arc::new(auth),
-            upstreams: Arc::new(Upstreams::new(upstreams)),
+            upstreams,
             settler,
-            body_limit: config.server.body_limit_bytes,
             pricing_registry,
             pricing_path: config.metering.pricing_file.clone(),
             packages,
@@ -283,7 +231,7 @@ impl App {
             .with_context(|| format!("binding {}", config.server.listen))?;
         let epoch_watcher = spawn_epoch_watcher(state.clone(), stop_background.subscribe());
         Ok(App {
-            router: router(state.clone()),
+            router: routes::router(state.clone()),
             epoch_watcher,
             listener,
             state,
@@ -436,7 +384,7 @@ fn spawn_recovery(
 pub async fn sweep_expired_grants(ledger: &dyn Ledger, cache: &dyn crate::cache::BalanceCache) {
     let in_flight = crate::cache::InFlightHolds(cache);
     match ledger
-        .expire_grants(crate::ledger::now_ms(), &in_flight)
+        .expire_grants(crate::domain::time::now_ms(), &in_flight)
         .await
     {
         Ok(changed) => {
@@ -454,126 +402,4 @@ pub async fn sweep_expired_grants(ledger: &dyn Ledger, cache: &dyn crate::cache:
         }
         Err(error) => tracing::warn!(%error, "expiry sweep failed; retrying next time"),
     }
-}
-
-fn router(state: AppState) -> Router {
-    let v1 = Router::new()
-        .route("/chat/completions", post(proxy::chat_completions))
-        .route("/completions", post(proxy::completions))
-        .route("/embeddings", post(proxy::embeddings))
-        .route("/responses", post(proxy::responses))
-        .route("/models", get(proxy::models))
-        .route("/billing/coupons/apply", post(http::billing::apply_coupon))
-        .route(
-            "/billing/invoices/generate",
-            post(http::billing::generate_statement),
-        )
-        .route("/billing/invoices", get(http::billing::statements));
-    let credits = Router::new()
-        .route("/balance", get(http::credits::balance))
-        .route("/transactions", get(http::credits::transactions))
-        .route("/usage", get(http::credits::usage))
-        .route("/packages", get(http::credits::packages));
-    let payment = Router::new()
-        .route("/create-checkout", post(http::payments::create_checkout))
-        .route("/orders", get(http::payments::orders))
-        .route("/orders/{id}", get(http::payments::order))
-        .route("/invoices/{id}", get(http::payments::invoice))
-        .route("/invoices/{id}/download", get(http::payments::invoice_pdf))
-        .route("/webhook", post(http::payments::stripe_webhook))
-        .route(
-            "/webhook/lemonsqueezy",
-            post(http::payments::lemonsqueezy_webhook),
-        )
-        .route("/webhook/polar", post(http::payments::polar_webhook));
-    let admin = Router::new()
-        .route("/accounts/{account}", get(admin::routes::account))
-        .route("/accounts/{account}/credits", post(admin::routes::grant))
-        .route("/accounts/{account}/keys", post(admin::routes::create_key))
-        .route("/keys/{key_id}", delete(admin::routes::revoke_key))
-        .route("/pricing", get(admin::routes::pricing))
-        .route("/pricing/reload", post(admin::routes::reload_pricing))
-        .route("/payments/events", get(admin::routes::payment_events))
-        .route("/orders/{id}", get(admin::routes::order))
-        .route(
-            "/coupons",
-            get(admin::routes::coupons).post(admin::routes::create_coupon),
-        )
-        .route("/coupons/{code}", patch(admin::routes::update_coupon))
-        .route(
-            "/settlements/set-aside",
-            get(admin::routes::set_aside_settlements),
-        )
-        .route(
-            "/settlements/set-aside/{request_id}/resolve",
-            post(admin::routes::resolve_set_aside),
-        );
-    Router::new()
-        .route("/healthz", get(http::health::healthz))
-        .route("/readyz", get(http::health::readyz))
-        .nest("/v1", v1)
-        .nest("/api/credits", credits)
-        .nest("/api/payment", payment)
-        .nest("/admin", admin)
-        .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
-        .layer(middleware::from_fn_with_state(state.clone(), authenticate))
-        .layer(TraceLayer::new_for_http().make_span_with(|request: &Request| {
-            let id = request
-                .extensions()
-                .get::<RequestId>()
-                .map(ToString::to_string)
-                .unwrap_or_default();
-            tracing::info_span!("request", method = %request.method(), path = %request.uri().path(), request_id = %id)
-        }).on_response(DefaultOnResponse::new().level(Level::INFO)))
-        .layer(middleware::from_fn(request_id))
-        .with_state(state)
-}
-
-async fn not_found() -> ApiError {
-    ApiError::NotFound("Unknown route".into())
-}
-
-async fn method_not_allowed(method: ::http::Method) -> ApiError {
-    ApiError::MethodNotAllowed(method.to_string())
-}
-
-/// Gives every request an id (the settlement's idempotency key), returned as `x-request-id`.
-async fn request_id(mut request: Request, next: Next) -> Response {
-    let id = RequestId::new();
-    request.extensions_mut().insert(id.clone());
-    let span = tracing::debug_span!("request_id", request_id = %id);
-    let mut response = next.run(request).instrument(span).await;
-    if let Ok(value) = HeaderValue::from_str(id.as_str()) {
-        response.headers_mut().insert(REQUEST_ID_HEADER, value);
-    }
-    response
-}
-
-/// Authenticates every route except [`UNAUTHENTICATED_ROUTES`].
-async fn authenticate(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
-    let path = request.uri().path();
-    if UNAUTHENTICATED_ROUTES.contains(&path) || http::payments::WEBHOOK_ROUTES.contains(&path) {
-        return next.run(request).await;
-    }
-    let is_admin = path == "/admin" || path.starts_with("/admin/");
-    if is_admin {
-        match state.auth.admin(request.headers()).await {
-            Ok(principal) => {
-                request.extensions_mut().insert(principal);
-            }
-            Err(error) => return error.into_response(),
-        }
-    } else {
-        match state.auth.user(request.headers()).await {
-            Ok(caller) => {
-                request
-                    .extensions_mut()
-                    .insert(Principal::User(caller.clone()));
-                request.extensions_mut().insert(caller);
-            }
-            Err(error) => return error.into_response(),
-        }
-    }
-    next.run(request).await
 }

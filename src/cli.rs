@@ -13,6 +13,7 @@ use clap::{Parser, Subcommand};
 
 use crate::app::{self, App};
 use crate::config::Config;
+use crate::domain::time::parse_duration;
 use crate::domain::{AccountId, Credits};
 use crate::ledger::{Bucket, EntryType, GrantRequest};
 use crate::metering::pricing::PriceTable;
@@ -136,23 +137,6 @@ pub enum LedgerCommand {
     Verify,
 }
 
-/// Parses `90`, `90s`, `30m`, `24h`, `7d`.
-pub fn parse_duration(raw: &str) -> Result<Duration, String> {
-    let raw = raw.trim();
-    let (digits, unit) = raw.split_at(raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len()));
-    let value: u64 = digits
-        .parse()
-        .map_err(|_| format!("`{raw}` is not a duration like 30m, 24h or 7d"))?;
-    let seconds = match unit {
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86400,
-        _ => return Err(format!("`{raw}`: unknown unit `{unit}` (use s, m, h or d)")),
-    };
-    Ok(Duration::from_secs(value.saturating_mul(seconds)))
-}
-
 fn account(raw: &str) -> anyhow::Result<AccountId> {
     AccountId::parse(raw).map_err(|e| anyhow::anyhow!("account `{raw}`: {e}"))
 }
@@ -179,7 +163,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             listener.local_addr()?
         );
         tokio::select! {
-            served = crate::proxy::mock::serve(listener) => served.context("serving")?,
+            served = crate::mock::serve(listener) => served.context("serving")?,
             () = shutdown_signal() => {}
         }
         return Ok(ExitCode::SUCCESS);
@@ -234,7 +218,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     reference,
                     expires_at_ms: expires_in.map(|lifetime| {
                         let ms = i64::try_from(lifetime.as_millis()).unwrap_or(i64::MAX);
-                        crate::ledger::now_ms().saturating_add(ms)
+                        crate::domain::time::now_ms().saturating_add(ms)
                     }),
                     draw_first_from: Vec::new(),
                 },
@@ -339,19 +323,5 @@ async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => {},
         () = terminate => {},
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations_parse_with_units() {
-        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
-        assert_eq!(parse_duration("30m"), Ok(Duration::from_secs(1800)));
-        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(604_800)));
-        assert!(parse_duration("3w").is_err());
-        assert!(parse_duration("h").is_err());
     }
 }

@@ -22,10 +22,12 @@ pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod domain;
-pub mod http;
 pub mod ledger;
 pub mod metering;
+pub mod mock;
 pub mod proxy;
+pub mod routes;
+pub mod state;
 pub mod telemetry;
 
 /// For the unit tests, as for the integration tests: MariaDB and Redis found, started or

@@ -1,6 +1,6 @@
 //! Bearer credentials → [`Principal`]: a user's JWT, a gateway API key, or the admin token.
 //!
-//! Authentication is on by default: the middleware in `app.rs` runs it for every route except
+//! Authentication is on by default: the middleware in `routes` runs it for every route except
 //! [`UNAUTHENTICATED_ROUTES`], so a new route cannot silently skip it.
 
 pub mod api_keys;
@@ -12,8 +12,7 @@ use http::HeaderMap;
 use subtle_eq::constant_time_eq;
 
 use crate::domain::AccountId;
-use crate::http::error::ApiError;
-use crate::ledger::ApiKeyRecord;
+use crate::ledger::{ApiKeyRecord, LedgerError};
 use api_keys::ApiKeyCache;
 use jwt::JwtVerifier;
 
@@ -48,6 +47,24 @@ impl Caller {
     }
 }
 
+/// Why a caller was not let in. The edge answers each in OpenAI's shape (401, 403, 503).
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// The credentials are missing or wrong.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// Valid credentials without the right to this route.
+    #[error("{0}")]
+    Forbidden(String),
+    /// Our side cannot check the credentials right now (a key server does not answer); the
+    /// caller did nothing wrong.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The ledger could not be asked about an API key.
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+}
+
 pub struct Authenticator {
     jwt: Option<JwtVerifier>,
     keys: ApiKeyCache,
@@ -75,11 +92,11 @@ impl Authenticator {
     }
 
     /// Authenticates a `/v1` or `/api` caller.
-    pub async fn user(&self, headers: &HeaderMap) -> Result<Caller, ApiError> {
+    pub async fn user(&self, headers: &HeaderMap) -> Result<Caller, AuthError> {
         let token = bearer(headers)?;
         if api_keys::looks_like_key(token) {
             let key = self.keys.lookup(token).await?.ok_or_else(|| {
-                ApiError::Unauthorized("Incorrect or revoked API key provided".into())
+                AuthError::Unauthenticated("Incorrect or revoked API key provided".into())
             })?;
             return Ok(Caller {
                 account: key.account.clone(),
@@ -87,20 +104,21 @@ impl Authenticator {
             });
         }
         let jwt = self.jwt.as_ref().ok_or_else(|| {
-            ApiError::Unauthorized("Invalid bearer token (JWT auth is not configured)".into())
+            AuthError::Unauthenticated("Invalid bearer token (JWT auth is not configured)".into())
         })?;
         let verified = jwt.verify(token).await.map_err(|e| match e {
             // Our side cannot check the token right now; the caller did nothing wrong.
-            jwt::JwtError::KeysUnavailable => ApiError::Unavailable(e.to_string()),
-            e => ApiError::Unauthorized(format!("Invalid bearer token: {e}")),
+            jwt::JwtError::KeysUnavailable => AuthError::Unavailable(e.to_string()),
+            e => AuthError::Unauthenticated(format!("Invalid bearer token: {e}")),
         })?;
-        let account = AccountId::parse(&verified.subject)
-            .map_err(|e| ApiError::Unauthorized(format!("Invalid bearer token: subject: {e}")))?;
+        let account = AccountId::parse(&verified.subject).map_err(|e| {
+            AuthError::Unauthenticated(format!("Invalid bearer token: subject: {e}"))
+        })?;
         Ok(Caller { account, key: None })
     }
 
     /// Authenticates an `/admin` caller: the admin token, or a JWT with the admin role.
-    pub async fn admin(&self, headers: &HeaderMap) -> Result<Principal, ApiError> {
+    pub async fn admin(&self, headers: &HeaderMap) -> Result<Principal, AuthError> {
         let token = bearer(headers)?;
         if let Some(admin_token) = &self.admin_token
             && constant_time_eq(token.as_bytes(), admin_token.as_bytes())
@@ -114,28 +132,30 @@ impl Authenticator {
             if verified.role.as_deref() == Some(role.as_str()) {
                 return Ok(Principal::Admin);
             }
-            return Err(ApiError::Forbidden(
+            return Err(AuthError::Forbidden(
                 "This token does not have the admin role".into(),
             ));
         }
-        Err(ApiError::Unauthorized("Invalid admin credentials".into()))
+        Err(AuthError::Unauthenticated(
+            "Invalid admin credentials".into(),
+        ))
     }
 }
 
-fn bearer(headers: &HeaderMap) -> Result<&str, ApiError> {
+fn bearer(headers: &HeaderMap) -> Result<&str, AuthError> {
     let value = headers.get(http::header::AUTHORIZATION).ok_or_else(|| {
-        ApiError::Unauthorized("Missing bearer token in the Authorization header".into())
+        AuthError::Unauthenticated("Missing bearer token in the Authorization header".into())
     })?;
     let value = value
         .to_str()
-        .map_err(|_| ApiError::Unauthorized("Malformed Authorization header".into()))?;
+        .map_err(|_| AuthError::Unauthenticated("Malformed Authorization header".into()))?;
     let token = value
         .strip_prefix("Bearer ")
         .or_else(|| value.strip_prefix("bearer "))
         .map(str::trim)
         .filter(|t| !t.is_empty())
         .ok_or_else(|| {
-            ApiError::Unauthorized("The Authorization header must be `Bearer <token>`".into())
+            AuthError::Unauthenticated("The Authorization header must be `Bearer <token>`".into())
         })?;
     Ok(token)
 }

@@ -27,7 +27,8 @@ use crate::cache::SharedCache;
 use crate::config::Config;
 use crate::config::payments::{ResolvedLemonSqueezy, ResolvedPolar, ResolvedStripe};
 use crate::domain::AccountId;
-use crate::ledger::{Bucket, LedgerError, SharedLedger, now_ms};
+use crate::domain::time::now_ms;
+use crate::ledger::{Bucket, LedgerError, SharedLedger};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PaymentError {

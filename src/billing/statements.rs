@@ -109,8 +109,8 @@ pub fn build(
         id: format!("stmt_{month}"),
         account_id: account_id.to_owned(),
         billing_month: month.to_owned(),
-        period_start: crate::http::rfc3339(bounds.0),
-        period_end: crate::http::rfc3339(bounds.1),
+        period_start: crate::domain::time::rfc3339(bounds.0),
+        period_end: crate::domain::time::rfc3339(bounds.1),
         status: if now_ms >= bounds.1 {
             "final"
         } else {
@@ -121,7 +121,7 @@ pub fn build(
         total_tokens: lines.iter().map(|l| l.total_tokens).sum(),
         lines,
         total,
-        generated_at: crate::http::rfc3339(now_ms),
+        generated_at: crate::domain::time::rfc3339(now_ms),
     }
 }
 
@@ -132,8 +132,8 @@ mod tests {
     #[test]
     fn months_are_calendar_months_in_utc() {
         let (start, end) = month_bounds("2026-12").unwrap_or_default();
-        assert_eq!(crate::http::rfc3339(start), "2026-12-01T00:00:00Z");
-        assert_eq!(crate::http::rfc3339(end), "2027-01-01T00:00:00Z");
+        assert_eq!(crate::domain::time::rfc3339(start), "2026-12-01T00:00:00Z");
+        assert_eq!(crate::domain::time::rfc3339(end), "2027-01-01T00:00:00Z");
         for bad in ["2026-13", "2026-1", "26-11", "2026/11", "", "2026-00"] {
             assert_eq!(month_bounds(bad), None, "{bad}");
         }

@@ -20,7 +20,8 @@ use super::{
     BalanceCache, BalanceView, CacheError, HoldSpec, Orphan, ReserveError, SnapshotSource,
 };
 use crate::domain::Credits;
-use crate::ledger::{Bucket, InFlight, LedgerError, Snapshot, now_ms};
+use crate::domain::time::now_ms;
+use crate::ledger::{Bucket, InFlight, LedgerError, Snapshot};
 
 /// Loads per reservation before giving up (each retry only follows a grant lapsing, or a sweep's
 /// fence, between a load and the reservation).

@@ -113,8 +113,9 @@ use futures_util::stream::{self, StreamExt};
 use super::{
     BalanceCache, BalanceView, CacheError, HoldSpec, Orphan, ReserveError, SnapshotSource,
 };
+use crate::domain::time::now_ms;
 use crate::domain::{AccountId, Credits};
-use crate::ledger::{Bucket, InFlight, Snapshot, now_ms};
+use crate::ledger::{Bucket, InFlight, Snapshot};
 
 /// Largest magnitude Lua (doubles) holds exactly; amounts beyond it are saturated.
 pub const MAX_EXACT_MICROS: i64 = 1 << 53;

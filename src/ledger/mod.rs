@@ -499,8 +499,3 @@ pub trait Ledger: Send + Sync + 'static {
     /// Orders, payment events and invoices, kept in the same database.
     fn payments(&self) -> &dyn crate::billing::store::PaymentStore;
 }
-
-pub fn now_ms() -> i64 {
-    let now = time::OffsetDateTime::now_utc();
-    i64::try_from(now.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
-}

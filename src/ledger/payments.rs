@@ -728,7 +728,7 @@ macro_rules! impl_payment_store {
                     Ok(None) => return Ok(UpdateOutcome::Applied(Box::new(current))),
                     Err(deferred) => return Ok(UpdateOutcome::Deferred(deferred)),
                 };
-                let now = $crate::ledger::now_ms();
+                let now = $crate::domain::time::now_ms();
                 let mut order = transition.order;
                 if let Some(draft) = transition.invoice
                     && current.invoice_id.is_none()

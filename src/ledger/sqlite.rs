@@ -35,8 +35,9 @@ use super::verify::Checks;
 use super::{
     AccountRecord, ApiKeyRecord, Bucket, EntryType, GrantOutcome, GrantRecord, GrantRequest,
     Ledger, LedgerEntry, LedgerError, Page, SetAside, SettleOutcome, Settlement, Snapshot,
-    UsageRecord, VerifyProblem, now_ms, set_aside,
+    UsageRecord, VerifyProblem, set_aside,
 };
+use crate::domain::time::now_ms;
 use crate::domain::{AccountId, Credits};
 
 /// Migrations embedded at compile time, so the binary needs no `migrations/` folder at run time:

@@ -19,12 +19,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use rust_decimal::Decimal;
 
-use crate::cache::{HoldSpec, ReserveError, SharedCache, SnapshotSource};
+use crate::cache::{CacheError, HoldSpec, ReserveError, SharedCache, SnapshotSource};
 use crate::config::{InsufficientPolicy, MeteringConfig, UnsizedInputPolicy};
+use crate::domain::time::now_ms;
 use crate::domain::{AccountId, Credits, RequestId, TokenUsage};
-use crate::http::error::ApiError;
 use crate::ledger::{
-    Bucket, InFlight, LedgerError, Settlement, SharedLedger, Snapshot, UsageSource, now_ms,
+    Bucket, InFlight, LedgerError, Settlement, SharedLedger, Snapshot, UsageSource,
 };
 use pricing::{PriceTable, PricingHandle};
 use settler::{Durable, Job, SettlerHandle};
@@ -203,9 +203,7 @@ impl Meter {
         let record = progress
             .map(|finished| serde_json::to_string(&Self::priced(hold, finished)))
             .transpose()
-            .map_err(|e| {
-                RenewError::Unreachable(crate::cache::CacheError::Unavailable(e.to_string()))
-            })?;
+            .map_err(|e| RenewError::Unreachable(CacheError::Unavailable(e.to_string())))?;
         for bucket in buckets(&hold.account, hold.limited_key.as_deref()) {
             // The progress record lives with the account's hold.
             let progress = match bucket {
@@ -258,7 +256,7 @@ impl Meter {
         &self,
         request: CostRequest<'_>,
         request_id: RequestId,
-    ) -> Result<Reserved, ApiError> {
+    ) -> Result<Reserved, HoldRefused> {
         // Before the reservation: a settlement may draw from grants live at this instant, and
         // the hold is only taken against grants still live then (ledger::grants).
         let started_at_ms = now_ms();
@@ -266,15 +264,7 @@ impl Meter {
         let price = table.price_for(request.model);
         let prompt = match request.unsized_input {
             Some(field) if self.inner.config.on_unsized_input == UnsizedInputPolicy::Reject => {
-                return Err(ApiError::BadRequest {
-                    message: format!(
-                        "This gateway cannot size the input in `{field}` (images, audio, files, \
-                         earlier responses, conversations, stored prompts or hosted tools) before \
-                         the call, so it cannot bound its cost and does not accept it"
-                    ),
-                    param: Some(field),
-                    code: Some("unsupported_input"),
-                });
+                return Err(HoldRefused::UnsizedInput { field });
             }
             Some(_) => self
                 .padded_prompt(request.prompt_tokens)
@@ -357,7 +347,7 @@ impl Meter {
                             .insufficient(request.account, available, capped_estimate, key_limited)
                             .await);
                     }
-                    Err(HoldFailure::Other(e)) => return Err(e),
+                    Err(HoldFailure::Other(e)) => return Err(HoldRefused::Cache(e)),
                 }
             }
             Err(HoldFailure::Insufficient {
@@ -368,7 +358,7 @@ impl Meter {
                     .insufficient(request.account, available, estimate, key_limited)
                     .await);
             }
-            Err(HoldFailure::Other(e)) => return Err(e),
+            Err(HoldFailure::Other(e)) => return Err(HoldRefused::Cache(e)),
         };
         Ok(Reserved {
             hold: Hold {
@@ -427,9 +417,9 @@ impl Meter {
         available: Credits,
         estimate: Credits,
         key_limited: bool,
-    ) -> ApiError {
+    ) -> HoldRefused {
         if key_limited {
-            return ApiError::InsufficientCredits {
+            return HoldRefused::InsufficientCredits {
                 balance: available,
                 available,
                 estimate,
@@ -444,7 +434,7 @@ impl Meter {
             Ok(view) => view.balance,
             Err(_) => available,
         };
-        ApiError::InsufficientCredits {
+        HoldRefused::InsufficientCredits {
             balance,
             available,
             estimate,
@@ -514,6 +504,31 @@ impl Meter {
     }
 }
 
+/// Why a request was refused its hold, so it is not forwarded.
+#[derive(Debug, thiserror::Error)]
+pub enum HoldRefused {
+    /// Some input cannot be sized before the call (`on_unsized_input = "reject"`), so its cost
+    /// cannot be bounded. `field` names the request field.
+    #[error(
+        "This gateway cannot size the input in `{field}` (images, audio, files, earlier \
+         responses, conversations, stored prompts or hosted tools) before the call, so it \
+         cannot bound its cost and does not accept it"
+    )]
+    UnsizedInput { field: &'static str },
+    /// The balance (or the key's spending limit) cannot cover the request's maximum cost.
+    #[error(
+        "insufficient credits: balance {balance}, available {available}, this request needs up to {estimate}"
+    )]
+    InsufficientCredits {
+        balance: Credits,
+        available: Credits,
+        estimate: Credits,
+    },
+    /// The balance cache (or the ledger behind it) did not answer: fail closed.
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+}
+
 /// Why a hold could not be renewed.
 #[derive(Debug, thiserror::Error)]
 pub enum RenewError {
@@ -523,7 +538,7 @@ pub enum RenewError {
     Lost,
     /// The cache did not answer; the hold stands until its deadline.
     #[error("cannot renew the hold: {0}")]
-    Unreachable(crate::cache::CacheError),
+    Unreachable(CacheError),
 }
 
 /// How long a request may go without renewing its hold before it must stop: less than the
@@ -536,7 +551,7 @@ enum HoldFailure {
         available: Credits,
         key_limited: bool,
     },
-    Other(ApiError),
+    Other(CacheError),
 }
 
 impl HoldFailure {
@@ -546,7 +561,7 @@ impl HoldFailure {
                 available,
                 key_limited,
             },
-            ReserveError::Cache(e) => HoldFailure::Other(ApiError::from(e)),
+            ReserveError::Cache(e) => HoldFailure::Other(e),
         }
     }
 }

@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 use sha2::{Digest, Sha256};
 
 use super::pricing::{PriceTable, PricingHandle};
-use crate::ledger::now_ms;
+use crate::domain::time::now_ms;
 
 /// An instance that has not re-announced for this long is left out of the version list.
 const STALE_AFTER_MS: i64 = 30_000;

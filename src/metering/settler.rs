@@ -37,10 +37,10 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::cache::{BalanceCache, SharedCache};
+use crate::domain::time::now_ms;
 use crate::domain::{AccountId, Credits};
 use crate::ledger::{
     Bucket, Ledger, LedgerError, SetAside, SettleOutcome, Settlement, SharedLedger, Snapshot,
-    now_ms,
 };
 
 /// Resolves once its settlement is durable (see the module docs). A settler that stopped

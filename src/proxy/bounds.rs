@@ -7,8 +7,15 @@
 
 use serde_json::Value;
 
-use super::usage::Endpoint;
-use crate::http::error::ApiError;
+use super::Endpoint;
+
+/// A request field this gateway cannot accept, with why (answered as 400 `invalid_value`).
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct InvalidField {
+    pub field: &'static str,
+    pub message: String,
+}
 
 /// The most choices one request may ask for (`n`, `best_of`); OpenAI's own limit.
 pub const MAX_CHOICES: u64 = 128;
@@ -17,7 +24,7 @@ pub const MAX_MODEL_BYTES: usize = 256;
 
 /// How many choices the upstream generates (and bills): `n`, or `max(n, best_of)` on the
 /// completions endpoint, where `best_of` candidates are generated and `n` returned.
-pub fn generated_choices(endpoint: Endpoint, request: &Value) -> Result<u64, ApiError> {
+pub fn generated_choices(endpoint: Endpoint, request: &Value) -> Result<u64, InvalidField> {
     let n = match endpoint {
         Endpoint::ChatCompletions | Endpoint::Completions => count(request, "n")?,
         Endpoint::Responses | Endpoint::Embeddings => 1,
@@ -29,16 +36,15 @@ pub fn generated_choices(endpoint: Endpoint, request: &Value) -> Result<u64, Api
     Ok(n.max(best_of))
 }
 
-fn count(request: &Value, name: &'static str) -> Result<u64, ApiError> {
+fn count(request: &Value, name: &'static str) -> Result<u64, InvalidField> {
     match request.get(name) {
         None | Some(Value::Null) => Ok(1),
         Some(value) => value
             .as_u64()
             .filter(|n| (1..=MAX_CHOICES).contains(n))
-            .ok_or_else(|| ApiError::BadRequest {
+            .ok_or_else(|| InvalidField {
+                field: name,
                 message: format!("`{name}` must be an integer from 1 to {MAX_CHOICES}"),
-                param: Some(name),
-                code: Some("invalid_value"),
             }),
     }
 }
@@ -55,16 +61,15 @@ pub fn cap_fields(endpoint: Endpoint) -> &'static [&'static str] {
 
 /// The output cap per choice the request sets, if any. With both chat fields set, the smaller
 /// one binds.
-pub fn requested_cap(endpoint: Endpoint, request: &Value) -> Result<Option<u64>, ApiError> {
+pub fn requested_cap(endpoint: Endpoint, request: &Value) -> Result<Option<u64>, InvalidField> {
     let mut cap: Option<u64> = None;
     for &name in cap_fields(endpoint) {
         match request.get(name) {
             None | Some(Value::Null) => {}
             Some(value) => {
-                let tokens = value.as_u64().ok_or_else(|| ApiError::BadRequest {
+                let tokens = value.as_u64().ok_or_else(|| InvalidField {
+                    field: name,
                     message: format!("`{name}` must be a non-negative integer"),
-                    param: Some(name),
-                    code: Some("invalid_value"),
                 })?;
                 cap = Some(cap.map_or(tokens, |c| c.min(tokens)));
             }
@@ -134,15 +139,14 @@ fn media_part(content: Option<&Value>, field: &'static str) -> Option<&'static s
 }
 
 /// Refuses identifiers the ledger could not store.
-pub fn check_model_name(model: &str) -> Result<(), ApiError> {
+pub fn check_model_name(model: &str) -> Result<(), InvalidField> {
     if model.len() > MAX_MODEL_BYTES {
-        return Err(ApiError::BadRequest {
+        return Err(InvalidField {
+            field: "model",
             message: format!(
                 "`model` is {} bytes long; the most this gateway accepts is {MAX_MODEL_BYTES}",
                 model.len()
             ),
-            param: Some("model"),
-            code: Some("invalid_value"),
         });
     }
     Ok(())
@@ -180,13 +184,7 @@ mod tests {
         for bad in [json!(0), json!(-1), json!(1.5), json!("2"), json!(129)] {
             let error = generated_choices(Endpoint::ChatCompletions, &json!({ "n": bad }));
             assert!(
-                matches!(
-                    error,
-                    Err(ApiError::BadRequest {
-                        param: Some("n"),
-                        ..
-                    })
-                ),
+                matches!(error, Err(InvalidField { field: "n", .. })),
                 "{bad}"
             );
         }

@@ -11,8 +11,9 @@ use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
 use serde::de::IgnoredAny;
 
+use super::Endpoint;
 use super::chunk_skim::{ChatSkimmer, Skim};
-use super::usage::{Endpoint, RawUsage, lenient_str};
+use super::usage::{RawUsage, lenient_str};
 use crate::domain::TokenUsage;
 
 /// An event longer than this cannot be a usage-only chunk (those are well under 1 KiB), so it is

@@ -16,75 +16,10 @@ use futures_util::{FutureExt, Stream};
 use http_body_util::BodyExt;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
+use super::charge::Charge;
 use super::sse::SseObserver;
-use super::usage::Endpoint;
 use crate::config::DisconnectPolicy;
-use crate::domain::TokenUsage;
-use crate::ledger::UsageSource;
-use crate::metering::settler::Durable;
-use crate::metering::{Finished, Hold, Meter, RENEWAL_GRACE, RenewError};
-
-/// Everything needed to settle a request once its output is known.
-pub struct Billing {
-    pub meter: Meter,
-    pub hold: Hold,
-    pub api_key_id: Option<String>,
-    pub endpoint: Endpoint,
-    pub model: String,
-    pub upstream: String,
-    /// The tokenizer's count of the prompt, used when the upstream reports no usage.
-    pub prompt_tokens: u64,
-    pub stream: bool,
-}
-
-impl Billing {
-    /// What to charge: reported usage, or counted usage when there is output (or the client
-    /// hung up); `None` when nothing is owed (an upstream that failed before producing output).
-    fn charge(
-        &self,
-        reported: Option<TokenUsage>,
-        output_text: &str,
-        saw_output: bool,
-        status: &'static str,
-    ) -> Option<Finished> {
-        let (usage, source) = match reported {
-            Some(usage) => (usage, UsageSource::Reported),
-            None if saw_output || status == "client_disconnected" => {
-                let usage = TokenUsage {
-                    prompt_tokens: self.prompt_tokens,
-                    completion_tokens: super::tokens::count_text(&self.model, output_text),
-                    cached_tokens: 0,
-                };
-                (usage, UsageSource::Counted)
-            }
-            None => return None,
-        };
-        Some(Finished {
-            api_key_id: self.api_key_id.clone(),
-            endpoint: self.endpoint.path(),
-            model: self.model.clone(),
-            upstream: self.upstream.clone(),
-            usage,
-            source,
-            stream: self.stream,
-            status,
-        })
-    }
-
-    /// Queues the settlement (or, when nothing is owed, releases the hold by dropping it).
-    /// The returned [`Durable`] resolves once a crash can no longer lose the settlement; a
-    /// context that cannot wait (a `Drop`) ignores it.
-    pub fn settle(
-        self,
-        reported: Option<TokenUsage>,
-        output_text: &str,
-        saw_output: bool,
-        status: &'static str,
-    ) -> Option<Durable> {
-        let finished = self.charge(reported, output_text, saw_output, status)?;
-        Some(self.meter.finish(self.hold, finished))
-    }
-}
+use crate::metering::{RENEWAL_GRACE, RenewError};
 
 /// How long to wait, after the terminal event, for the upstream to end its response.
 const END_AFTER_TERMINAL_EVENT: Duration = Duration::from_secs(1);
@@ -92,7 +27,7 @@ const END_AFTER_TERMINAL_EVENT: Duration = Duration::from_secs(1);
 struct Metered {
     upstream: Body,
     observer: SseObserver,
-    billing: Option<Billing>,
+    charge: Option<Charge>,
     idle_timeout: Duration,
     status: &'static str,
     /// From the terminal event on, what the client gets is held back here until the
@@ -113,24 +48,22 @@ struct Metered {
 
 impl Drop for Metered {
     fn drop(&mut self) {
-        let Some(billing) = self.billing.take() else {
+        let Some(charge) = self.charge.take() else {
             return;
         };
-        let config = billing.meter.config();
+        let config = charge.meter.config();
         let finish = config.on_client_disconnect == DisconnectPolicy::Finish;
         let bound = Duration::from_secs(config.disconnect_finish_secs);
         if finish && let Ok(runtime) = tokio::runtime::Handle::try_current() {
             // The client hung up: read the rest of the answer for the usage the upstream
             // reports (reasoning and media tokens included), as the upstream bills it.
             let upstream = std::mem::replace(&mut self.upstream, Body::empty());
-            let observer = std::mem::replace(
-                &mut self.observer,
-                SseObserver::new(billing.endpoint, false),
-            );
+            let observer =
+                std::mem::replace(&mut self.observer, SseObserver::new(charge.endpoint, false));
             runtime.spawn(finish_after_disconnect(
                 upstream,
                 observer,
-                billing,
+                charge,
                 bound,
                 self.idle_timeout,
             ));
@@ -138,7 +71,7 @@ impl Drop for Metered {
         }
         let (_, summary) = self.observer.finish();
         // Queued now; nobody is left to wait for it.
-        let _ = billing.settle(
+        let _ = charge.settle(
             summary.usage,
             &summary.output_text,
             summary.saw_output,
@@ -152,13 +85,13 @@ impl Drop for Metered {
 async fn finish_after_disconnect(
     mut upstream: Body,
     mut observer: SseObserver,
-    billing: Billing,
+    charge: Charge,
     bound: Duration,
     idle_timeout: Duration,
 ) {
     let deadline = tokio::time::Instant::now() + bound;
-    let mut cut = Box::pin(billing.meter.cut_signal());
-    let mut renew = billing.meter.renewal_ticker();
+    let mut cut = Box::pin(charge.meter.cut_signal());
+    let mut renew = charge.meter.renewal_ticker();
     while !observer.completed() && !observer.failed() {
         let frame = tokio::select! {
             frame = tokio::time::timeout(idle_timeout, upstream.frame()) => frame,
@@ -166,7 +99,7 @@ async fn finish_after_disconnect(
             () = &mut cut => break,
             _ = renew.tick() => {
                 // The hold must outlive the drain; once it is gone, stop and bill what came.
-                if let Err(RenewError::Lost) = billing.meter.renew(&billing.hold, None).await {
+                if let Err(RenewError::Lost) = charge.meter.renew(&charge.hold, None).await {
                     break;
                 }
                 continue;
@@ -184,7 +117,7 @@ async fn finish_after_disconnect(
     // Cancels the upstream call if it is still running.
     drop(upstream);
     let (_, summary) = observer.finish();
-    let _ = billing.settle(
+    let _ = charge.settle(
         summary.usage,
         &summary.output_text,
         summary.saw_output,
@@ -195,17 +128,17 @@ async fn finish_after_disconnect(
 /// Wraps an upstream SSE body; `strip_usage_chunk` removes the usage chunk the gateway asked for.
 pub fn metered_body(
     upstream: Body,
-    billing: Billing,
+    charge: Charge,
     strip_usage_chunk: bool,
     idle_timeout: Duration,
 ) -> Body {
-    let observer = SseObserver::new(billing.endpoint, strip_usage_chunk);
-    let cut = Box::pin(billing.meter.cut_signal());
-    let renew = billing.meter.renewal_ticker();
+    let observer = SseObserver::new(charge.endpoint, strip_usage_chunk);
+    let cut = Box::pin(charge.meter.cut_signal());
+    let renew = charge.meter.renewal_ticker();
     let state = Metered {
         upstream,
         observer,
-        billing: Some(billing),
+        charge: Some(charge),
         idle_timeout,
         // Until the stream ends by itself, a drop means the client went away.
         status: "client_disconnected",
@@ -378,7 +311,7 @@ async fn gather_ready_frames(state: &mut Metered, first: Bytes, back_to_back: bo
 }
 
 /// The status of a stream that ended by itself: `upstream_failed` when the upstream said so in
-/// the stream (an error chunk or event, `response.failed`), else `completed`. Billing is the
+/// the stream (an error chunk or event, `response.failed`), else `completed`. Charge is the
 /// same either way (usage if reported, else the output); only the record tells them apart.
 fn ended_status(observer: &SseObserver) -> &'static str {
     if observer.failed() {
@@ -391,13 +324,13 @@ fn ended_status(observer: &SseObserver) -> &'static str {
 /// Renews the stream's hold; false when the stream must stop because its hold is no longer
 /// covered: gone, or unrenewable for so long that siblings may have released it.
 async fn renew_hold(state: &mut Metered) -> bool {
-    let Some(billing) = &state.billing else {
+    let Some(charge) = &state.charge else {
         return true;
     };
     // What this stream has delivered so far, billed by a sibling if this instance dies.
-    let progress = if billing.meter.keeps_progress() {
+    let progress = if charge.meter.keeps_progress() {
         let summary = state.observer.summary();
-        billing.charge(
+        charge.finished(
             summary.usage,
             &summary.output_text,
             summary.saw_output,
@@ -406,21 +339,21 @@ async fn renew_hold(state: &mut Metered) -> bool {
     } else {
         None
     };
-    match billing.meter.renew(&billing.hold, progress).await {
+    match charge.meter.renew(&charge.hold, progress).await {
         Ok(()) => {
             state.renewed_at = tokio::time::Instant::now();
             true
         }
         Err(RenewError::Lost) => {
-            tracing::error!(request_id = %billing.hold.request_id, "a running stream's hold is gone; cutting it");
+            tracing::error!(request_id = %charge.hold.request_id, "a running stream's hold is gone; cutting it");
             false
         }
         Err(error) if state.renewed_at.elapsed() >= RENEWAL_GRACE => {
-            tracing::error!(%error, request_id = %billing.hold.request_id, "a running stream's hold could not be renewed in time; cutting it");
+            tracing::error!(%error, request_id = %charge.hold.request_id, "a running stream's hold could not be renewed in time; cutting it");
             false
         }
         Err(error) => {
-            tracing::warn!(%error, request_id = %billing.hold.request_id, "cannot renew a running stream's hold; retrying");
+            tracing::warn!(%error, request_id = %charge.hold.request_id, "cannot renew a running stream's hold; retrying");
             true
         }
     }
@@ -434,8 +367,8 @@ async fn renew_hold(state: &mut Metered) -> bool {
 /// up during the wait (dropping this future) changes nothing.
 async fn settle_now(state: &mut Metered) -> Option<Bytes> {
     let (rest, summary) = state.observer.finish();
-    let durable = state.billing.take().and_then(|billing| {
-        billing.settle(
+    let durable = state.charge.take().and_then(|charge| {
+        charge.settle(
             summary.usage,
             &summary.output_text,
             summary.saw_output,

@@ -11,7 +11,7 @@ use serde_json::{Map, Value};
 use tiktoken_rs::CoreBPE;
 use tiktoken_rs::tokenizer::{Tokenizer, get_tokenizer};
 
-use super::usage::Endpoint;
+use super::Endpoint;
 
 /// Framing tokens around every chat message (`<|start|>{role}<|message|>…<|end|>`), per OpenAI's
 /// cookbook "How to count tokens with tiktoken" for every current chat model.

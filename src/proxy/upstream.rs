@@ -2,7 +2,7 @@
 //!
 //! The first upstream whose patterns match a model serves it; the others that match are
 //! fallbacks, tried in order on a connect error, 429 or 5xx (all before any byte reached the
-//! client). The built-in `mock` upstream is served in-process by [`super::mock`].
+//! client). The built-in `mock` upstream is served in-process by [`crate::mock`].
 
 use std::time::Duration;
 
@@ -16,7 +16,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tower::ServiceExt;
 
-use super::usage::Endpoint;
+use super::Endpoint;
 use crate::config::ResolvedUpstream;
 
 #[derive(Debug, thiserror::Error)]
@@ -61,7 +61,7 @@ impl Upstreams {
         Upstreams {
             upstreams,
             client,
-            mock: super::mock::router(),
+            mock: crate::mock::router(),
         }
     }
 

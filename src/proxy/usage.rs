@@ -11,27 +11,8 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 
+use super::Endpoint;
 use crate::domain::TokenUsage;
-
-/// The metered OpenAI endpoints (paths relative to `/v1/`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Endpoint {
-    ChatCompletions,
-    Completions,
-    Embeddings,
-    Responses,
-}
-
-impl Endpoint {
-    pub fn path(self) -> &'static str {
-        match self {
-            Endpoint::ChatCompletions => "chat/completions",
-            Endpoint::Completions => "completions",
-            Endpoint::Embeddings => "embeddings",
-            Endpoint::Responses => "responses",
-        }
-    }
-}
 
 /// Reads the `usage` object of a non-streaming response; `None` when it is missing, null or
 /// carries none of the endpoint's token fields.

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use rust_decimal::Decimal;
 use serde_json::{Value, json};
+use tollgate::proxy::Endpoint;
 use tollgate::proxy::tokens::{count_prompt, count_text};
-use tollgate::proxy::usage::Endpoint;
 
 use crate::helpers::*;
 

@@ -133,7 +133,7 @@ async fn lapse_of_only_grant(app: &TestApp, account: &str) -> i64 {
 /// Polls the clock (no fixed sleep) until `at_ms` has passed.
 async fn wait_until(at_ms: i64) {
     eventually(Duration::from_secs(10), async || {
-        match tollgate::ledger::now_ms() > at_ms {
+        match tollgate::domain::time::now_ms() > at_ms {
             true => Ok(()),
             false => Err(format!("{at_ms} never came")),
         }

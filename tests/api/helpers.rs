@@ -9,10 +9,11 @@ use serde_json::{Value, json};
 use tempfile::TempDir;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tollgate::app::{App, AppState};
+use tollgate::app::App;
 use tollgate::config::Config;
 use tollgate::ledger::Ledger;
-use tollgate::proxy::mock::{self, MockLog};
+use tollgate::mock::{self, MockLog};
+use tollgate::state::AppState;
 
 /// Which backends a test binary runs the gateway on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

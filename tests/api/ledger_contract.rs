@@ -13,12 +13,13 @@ use std::sync::Arc;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::{AssertSqlSafe, MySqlPool, SqlSafeStr, SqlitePool};
 use tempfile::TempDir;
+use tollgate::domain::time::now_ms;
 use tollgate::domain::{AccountId, Credits, RequestId, TokenUsage};
 use tollgate::ledger::mysql::MySqlLedger;
 use tollgate::ledger::sqlite::SqliteLedger;
 use tollgate::ledger::{
     ApiKeyRecord, Bucket, EntryType, GrantRecord, GrantRequest, InFlight, Ledger, LedgerEntry,
-    LedgerError, NothingInFlight, Page, SetAside, Settlement, UsageSource, now_ms,
+    LedgerError, NothingInFlight, Page, SetAside, Settlement, UsageSource,
 };
 
 use crate::helpers::{

@@ -82,7 +82,7 @@ async fn no_usage_from_the_upstream_means_tokens_are_counted() {
         );
         let request = chat_body("mock-nousage", "count me please");
         let prompt = tollgate::proxy::tokens::count_prompt(
-            tollgate::proxy::usage::Endpoint::ChatCompletions,
+            tollgate::proxy::Endpoint::ChatCompletions,
             "mock-nousage",
             &request,
         );

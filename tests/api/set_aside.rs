@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 use futures_util::future::join_all;
 use serde_json::{Value, json};
 use tollgate::cache::HoldSpec;
+use tollgate::domain::time::now_ms;
 use tollgate::domain::{AccountId, Credits, RequestId, TokenUsage};
-use tollgate::ledger::{Bucket, Page, Settlement, UsageSource, now_ms};
+use tollgate::ledger::{Bucket, Page, Settlement, UsageSource};
 use tollgate::metering::settler;
 
 use crate::helpers::*;

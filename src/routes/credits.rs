@@ -6,11 +6,11 @@ use axum::extract::{Query, State};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::rfc3339;
-use crate::app::AppState;
 use crate::auth::Caller;
-use crate::http::error::ApiError;
+use crate::domain::time::rfc3339;
 use crate::ledger::{Bucket, LedgerEntry, Page, UsageRecord};
+use crate::routes::error::ApiError;
+use crate::state::AppState;
 
 const DEFAULT_LIMIT: u32 = 20;
 const MAX_LIMIT: u32 = 100;

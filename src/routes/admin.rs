@@ -6,12 +6,12 @@ use http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::AdminError;
-use crate::app::AppState;
+use crate::admin::{self, AdminError};
 use crate::domain::{AccountId, Credits};
-use crate::http::credits::entry_json;
-use crate::http::error::{ApiError, ApiJson};
 use crate::ledger::{Bucket, EntryType, GrantRequest};
+use crate::routes::credits::entry_json;
+use crate::routes::error::{ApiError, ApiJson};
+use crate::state::AppState;
 
 impl From<AdminError> for ApiError {
     fn from(error: AdminError) -> Self {
@@ -71,7 +71,7 @@ fn expiry(body: &GrantBody) -> Result<Option<i64>, ApiError> {
                     })?;
             let ms = i64::try_from(time.unix_timestamp_nanos() / 1_000_000)
                 .map_err(|_| invalid(format!("expires_at `{at}` is out of range"), "expires_at"))?;
-            if ms <= crate::ledger::now_ms() {
+            if ms <= crate::domain::time::now_ms() {
                 return Err(invalid(
                     format!("expires_at `{at}` is in the past"),
                     "expires_at",
@@ -80,13 +80,13 @@ fn expiry(body: &GrantBody) -> Result<Option<i64>, ApiError> {
             Ok(Some(ms))
         }
         (None, Some(lifetime)) => {
-            let duration =
-                crate::cli::parse_duration(lifetime).map_err(|e| invalid(e, "expires_in"))?;
+            let duration = crate::domain::time::parse_duration(lifetime)
+                .map_err(|e| invalid(e, "expires_in"))?;
             if duration.is_zero() {
                 return Err(invalid("expires_in must be positive".into(), "expires_in"));
             }
             let ms = i64::try_from(duration.as_millis()).unwrap_or(i64::MAX);
-            Ok(Some(crate::ledger::now_ms().saturating_add(ms)))
+            Ok(Some(crate::domain::time::now_ms().saturating_add(ms)))
         }
         (None, None) => Ok(None),
     }
@@ -121,7 +121,7 @@ pub async fn grant(
             });
         }
     };
-    let outcome = super::grant(
+    let outcome = admin::grant(
         &*state.ledger,
         GrantRequest {
             account: account.clone(),
@@ -175,7 +175,7 @@ pub async fn account(
         "balance": view.balance,
         "held": view.held,
         "available": view.available,
-        "created_at": crate::http::rfc3339(record.created_at_ms),
+        "created_at": crate::domain::time::rfc3339(record.created_at_ms),
         "api_keys": keys.iter().map(key_json).collect::<Vec<_>>(),
         "grants": grants.iter().map(grant_json).collect::<Vec<_>>(),
     })))
@@ -184,12 +184,12 @@ pub async fn account(
 fn grant_json(grant: &crate::ledger::GrantRecord) -> Value {
     let mut value = serde_json::to_value(grant).unwrap_or(Value::Null);
     if let Some(object) = value.as_object_mut() {
-        let time = |ms: Option<i64>| ms.map(crate::http::rfc3339);
+        let time = |ms: Option<i64>| ms.map(crate::domain::time::rfc3339);
         object.insert("expires_at".into(), json!(time(grant.expires_at_ms)));
         object.insert("expired_at".into(), json!(time(grant.expired_at_ms)));
         object.insert(
             "created_at".into(),
-            json!(crate::http::rfc3339(grant.created_at_ms)),
+            json!(crate::domain::time::rfc3339(grant.created_at_ms)),
         );
     }
     value
@@ -204,7 +204,7 @@ fn key_json(key: &crate::ledger::ApiKeyRecord) -> Value {
         "spend_limit": key.spend_limit,
         "spent": key.spent,
         "models": key.allowed_models,
-        "created_at": crate::http::rfc3339(key.created_at_ms),
+        "created_at": crate::domain::time::rfc3339(key.created_at_ms),
         "revoked": key.is_revoked(),
     })
 }
@@ -224,7 +224,7 @@ pub async fn create_key(
     ApiJson(body): ApiJson<CreateKeyBody>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let account = account_id(&account)?;
-    let created = super::create_key(
+    let created = admin::create_key(
         &*state.ledger,
         account,
         body.name,
@@ -243,7 +243,7 @@ pub async fn revoke_key(
     State(state): State<AppState>,
     Path(key_id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    if !super::revoke_key(&*state.ledger, &key_id).await? {
+    if !admin::revoke_key(&*state.ledger, &key_id).await? {
         return Err(ApiError::NotFound(format!("no live API key `{key_id}`")));
     }
     state.auth.keys().clear();
@@ -299,7 +299,7 @@ pub async fn reload_pricing(State(state): State<AppState>) -> Result<Json<Value>
 pub struct EventsQuery {
     outcome: Option<String>,
     #[serde(flatten)]
-    page: crate::http::credits::PageQuery,
+    page: crate::routes::credits::PageQuery,
 }
 
 /// `GET /admin/payments/events[?outcome=review]`: provider events as processed, newest first;
@@ -332,13 +332,13 @@ pub async fn payment_events(
                 object.remove("received_at_ms");
                 object.insert(
                     "received_at".into(),
-                    json!(crate::http::rfc3339(event.received_at_ms)),
+                    json!(crate::domain::time::rfc3339(event.received_at_ms)),
                 );
             }
             value
         })
         .collect();
-    Ok(crate::http::credits::list(data, last, page.limit))
+    Ok(crate::routes::credits::list(data, last, page.limit))
 }
 
 /// `GET /admin/orders/{id}`: any account's order.
@@ -348,7 +348,7 @@ pub async fn order(
 ) -> Result<Json<Value>, ApiError> {
     match state.ledger.payments().order(&id).await? {
         Some(order) => {
-            let mut value = crate::http::payments::order_json(&order);
+            let mut value = crate::routes::payments::order_json(&order);
             value["account_id"] = json!(order.account);
             Ok(Json(value))
         }
@@ -357,7 +357,7 @@ pub async fn order(
 }
 
 pub fn coupon_json(coupon: &crate::billing::coupons::Coupon) -> Value {
-    let time = |ms: Option<i64>| ms.map(crate::http::rfc3339);
+    let time = |ms: Option<i64>| ms.map(crate::domain::time::rfc3339);
     json!({
         "code": coupon.code,
         "kind": coupon.kind,
@@ -376,7 +376,7 @@ pub fn coupon_json(coupon: &crate::billing::coupons::Coupon) -> Value {
         "min_package": coupon.min_package,
         "active": coupon.active,
         "uses": coupon.uses,
-        "created_at": crate::http::rfc3339(coupon.created_at_ms),
+        "created_at": crate::domain::time::rfc3339(coupon.created_at_ms),
     })
 }
 
@@ -386,7 +386,7 @@ pub async fn create_coupon(
     ApiJson(spec): ApiJson<crate::billing::coupons::CouponSpec>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let coupon = spec
-        .into_coupon(&state.packages, crate::ledger::now_ms())
+        .into_coupon(&state.packages, crate::domain::time::now_ms())
         .map_err(|(message, param)| ApiError::BadRequest {
             message,
             param: Some(param),
@@ -424,7 +424,7 @@ pub async fn update_coupon(
         .ok_or_else(|| ApiError::NotFound(format!("no coupon {code}")))?;
     let store = state.ledger.payments();
     if !store
-        .set_coupon_active(&code, patch.active, crate::ledger::now_ms())
+        .set_coupon_active(&code, patch.active, crate::domain::time::now_ms())
         .await?
     {
         return Err(ApiError::NotFound(format!("no coupon {code}")));
@@ -453,9 +453,9 @@ fn set_aside_json(entry: &crate::ledger::SetAside) -> Value {
         "account": entry.account,
         "settlement": settlement,
         "error": entry.error,
-        "set_aside_at": crate::http::rfc3339(entry.set_aside_at_ms),
+        "set_aside_at": crate::domain::time::rfc3339(entry.set_aside_at_ms),
         "resolved": entry.resolved_at_ms.is_some(),
-        "resolved_at": entry.resolved_at_ms.map(crate::http::rfc3339),
+        "resolved_at": entry.resolved_at_ms.map(crate::domain::time::rfc3339),
         "resolved_note": entry.resolved_note,
     })
 }
@@ -508,7 +508,7 @@ pub async fn resolve_set_aside(
     }
     match state
         .ledger
-        .resolve_set_aside(&request_id, note, crate::ledger::now_ms())
+        .resolve_set_aside(&request_id, note, crate::domain::time::now_ms())
         .await?
     {
         Some(entry) => Ok(Json(set_aside_json(&entry))),

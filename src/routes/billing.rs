@@ -8,11 +8,11 @@ use axum::extract::State;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::app::AppState;
 use crate::auth::Caller;
 use crate::billing::money::from_minor;
 use crate::billing::statements;
-use crate::http::error::{ApiError, ApiJson};
+use crate::routes::error::{ApiError, ApiJson};
+use crate::state::AppState;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -66,7 +66,7 @@ pub async fn generate_statement(
         param: Some("billing_month"),
         code: None,
     })?;
-    let now = crate::ledger::now_ms();
+    let now = crate::domain::time::now_ms();
     if bounds.0 > now {
         return Err(ApiError::BadRequest {
             message: format!("billing_month `{month}` has not started yet"),

@@ -14,8 +14,6 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::credits::{PageQuery, list};
-use super::rfc3339;
-use crate::app::AppState;
 use crate::auth::Caller;
 use crate::billing::money::from_minor;
 use crate::billing::orders::{Order, Provider};
@@ -23,7 +21,9 @@ use crate::billing::provider::ProviderError;
 use crate::billing::service::{Handled, PaymentError};
 use crate::billing::signatures::{self, SignatureError, StandardWebhookHeaders};
 use crate::billing::webhooks::{self, ParsedEvent};
-use crate::http::error::{ApiError, ApiJson};
+use crate::domain::time::rfc3339;
+use crate::routes::error::{ApiError, ApiJson};
+use crate::state::AppState;
 
 /// Webhook routes: no caller credentials, the provider's signature instead.
 pub const WEBHOOK_ROUTES: &[&str] = &[
@@ -310,7 +310,7 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> &'a str {
 }
 
 fn unix_now() -> i64 {
-    crate::ledger::now_ms() / 1000
+    crate::domain::time::now_ms() / 1000
 }
 
 fn not_configured(provider: Provider) -> ApiError {

@@ -11,7 +11,13 @@ use axum::response::{IntoResponse, Response};
 use http::StatusCode;
 use serde_json::json;
 
+use crate::auth::AuthError;
+use crate::cache::CacheError;
 use crate::domain::Credits;
+use crate::ledger::LedgerError;
+use crate::metering::HoldRefused;
+use crate::proxy::ProxyError;
+use crate::proxy::upstream::UpstreamError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -130,11 +136,11 @@ impl IntoResponse for ApiError {
     }
 }
 
-impl From<crate::ledger::LedgerError> for ApiError {
-    fn from(error: crate::ledger::LedgerError) -> Self {
+impl From<LedgerError> for ApiError {
+    fn from(error: LedgerError) -> Self {
         match error {
             // The database is down or busy: the client may retry; details stay in our logs.
-            crate::ledger::LedgerError::Database(e) => {
+            LedgerError::Database(e) => {
                 tracing::warn!(error = %e, "ledger unavailable");
                 ApiError::Unavailable("ledger unavailable; try again shortly".into())
             }
@@ -143,14 +149,80 @@ impl From<crate::ledger::LedgerError> for ApiError {
     }
 }
 
-impl From<crate::cache::CacheError> for ApiError {
-    fn from(error: crate::cache::CacheError) -> Self {
+impl From<CacheError> for ApiError {
+    fn from(error: CacheError) -> Self {
         match error {
             // Fail closed: no reservation can be made, so no request is forwarded.
-            crate::cache::CacheError::Unavailable(_) => {
+            CacheError::Unavailable(_) => {
                 ApiError::Unavailable("balance cache unavailable; try again shortly".into())
             }
-            crate::cache::CacheError::Load(e) => ApiError::from(e),
+            CacheError::Load(e) => ApiError::from(e),
+        }
+    }
+}
+
+impl From<AuthError> for ApiError {
+    fn from(error: AuthError) -> Self {
+        match error {
+            AuthError::Unauthenticated(message) => ApiError::Unauthorized(message),
+            AuthError::Forbidden(message) => ApiError::Forbidden(message),
+            AuthError::Unavailable(message) => ApiError::Unavailable(message),
+            AuthError::Ledger(e) => ApiError::from(e),
+        }
+    }
+}
+
+impl From<HoldRefused> for ApiError {
+    fn from(error: HoldRefused) -> Self {
+        match error {
+            HoldRefused::UnsizedInput { field } => ApiError::BadRequest {
+                message: error.to_string(),
+                param: Some(field),
+                code: Some("unsupported_input"),
+            },
+            HoldRefused::InsufficientCredits {
+                balance,
+                available,
+                estimate,
+            } => ApiError::InsufficientCredits {
+                balance,
+                available,
+                estimate,
+            },
+            HoldRefused::Cache(e) => ApiError::from(e),
+        }
+    }
+}
+
+impl From<ProxyError> for ApiError {
+    fn from(error: ProxyError) -> Self {
+        let upstream = |status: StatusCode, message: String| ApiError::Upstream { status, message };
+        match error {
+            ProxyError::BodyTooLarge(limit) => ApiError::PayloadTooLarge(limit),
+            ProxyError::BodyUnreadable | ProxyError::NotJson(_) | ProxyError::NotAnObject => {
+                ApiError::bad_request(error.to_string())
+            }
+            ProxyError::MissingModel => ApiError::BadRequest {
+                message: error.to_string(),
+                param: Some("model"),
+                code: None,
+            },
+            ProxyError::InvalidField(invalid) => ApiError::BadRequest {
+                message: invalid.message,
+                param: Some(invalid.field),
+                code: Some("invalid_value"),
+            },
+            ProxyError::ModelNotAllowed(_) => ApiError::Forbidden(error.to_string()),
+            ProxyError::ModelNotFound(model) => ApiError::ModelNotFound(model),
+            ProxyError::HoldRefused(refused) => ApiError::from(refused),
+            ProxyError::Upstream(e @ UpstreamError::Timeout { .. }) => {
+                upstream(StatusCode::GATEWAY_TIMEOUT, e.to_string())
+            }
+            ProxyError::AnswerTimedOut => upstream(StatusCode::GATEWAY_TIMEOUT, error.to_string()),
+            ProxyError::Upstream(e) => upstream(StatusCode::BAD_GATEWAY, e.to_string()),
+            ProxyError::AnswerUnreadable => upstream(StatusCode::BAD_GATEWAY, error.to_string()),
+            ProxyError::ShuttingDown => ApiError::Unavailable(error.to_string()),
+            ProxyError::Internal(detail) => ApiError::Internal(detail),
         }
     }
 }

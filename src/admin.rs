@@ -2,13 +2,10 @@
 //! same way. Each operation bumps the shared cache epoch, so every running gateway drops its
 //! in-process caches at its next request.
 
-pub mod routes;
-
 use crate::auth::api_keys;
+use crate::domain::time::now_ms;
 use crate::domain::{AccountId, Credits};
-use crate::ledger::{
-    ApiKeyRecord, EntryType, GrantOutcome, GrantRequest, Ledger, LedgerError, now_ms,
-};
+use crate::ledger::{ApiKeyRecord, EntryType, GrantOutcome, GrantRequest, Ledger, LedgerError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
