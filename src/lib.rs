@@ -1,18 +1,23 @@
 //! Tollgate: an OpenAI-compatible gateway that meters every token in credits.
 //!
-//! Crate map, in the order a request travels:
-//! - [`app`]: builds state and the router, binds, serves, shuts down gracefully.
-//! - [`config`]: `config/tollgate.toml` loading, env overrides and validation.
-//! - [`auth`]: bearer token → principal (JWT verifier, gateway API keys, admin token).
-//! - [`proxy`]: the `/v1` routes, upstream client, SSE observer, token counting, mock upstream.
-//! - [`metering`]: prices, estimate and hold, exact cost, the batching settler.
-//! - [`ledger`]: the ledger port and its SQLite adapter (source of truth for money).
-//! - [`cache`]: the balance-cache port and its in-process adapter (holds, pending settlements).
-//! - [`http`]: the OpenAI-shaped error type, `/api/credits` routes, health checks.
-//! - [`billing`]: credit packages and payment providers' webhook signatures.
-//! - [`admin`]: admin operations shared by `/admin` routes and the CLI.
+//! Crate map, top down: the edge first, the modules every other one uses last. Each module
+//! uses only modules below it (`tests/module_layers.rs` checks it; docs/architecture.md has
+//! the map in full).
 //! - [`cli`]: the `tollgate` command line.
-//! - [`domain`]: money and id newtypes.
+//! - [`app`]: builds the gateway from the config, serves, shuts down gracefully.
+//! - [`routes`]: the HTTP edge: router, middleware, OpenAI-shaped errors, one file per surface.
+//! - [`state`]: what every route handler shares.
+//! - [`proxy`]: the metered forward: hold, upstream call, SSE observer, token counting.
+//! - [`admin`]: admin operations shared by `/admin` routes and the CLI.
+//! - [`auth`]: bearer token → principal (JWT verifier, gateway API keys, admin token).
+//! - [`metering`]: prices, estimate and hold, exact cost, the batching settler.
+//! - [`billing`]: credit packages, orders, coupons, invoices, payment providers and webhooks.
+//! - [`cache`]: the balance-cache port and its in-process and Redis adapters.
+//! - [`ledger`]: the ledger port and its SQLite and MySQL adapters (source of truth for money).
+//! - [`telemetry`]: logging set-up.
+//! - [`config`]: `config/tollgate.toml` loading, env overrides and validation.
+//! - [`domain`]: money, ids, token counts and time.
+//! - [`mock`]: the built-in mock upstream.
 
 pub mod admin;
 pub mod app;

@@ -1,5 +1,5 @@
-//! `/v1`: the OpenAI-compatible routes. Each forwards through the metered [`Proxy`]
-//! (crate::proxy) and answers its refusals in OpenAI's error shape.
+//! `/v1`: the OpenAI-compatible routes. Each forwards through the metered
+//! [`Proxy`](crate::proxy::Proxy) and answers its refusals in OpenAI's error shape.
 
 use axum::body::Body;
 use axum::extract::State;
