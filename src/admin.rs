@@ -1,6 +1,6 @@
 //! Admin operations, shared by the `/admin` routes and the CLI so both change the ledger the
 //! same way. Each operation bumps the shared cache epoch, so every running gateway drops its
-//! in-process caches at its next request.
+//! in-process caches within one epoch poll (`app::EPOCH_POLL`, 100 ms).
 
 use crate::auth::api_keys;
 use crate::domain::time::now_ms;

@@ -16,9 +16,10 @@ use tokio::task::JoinHandle;
 
 use crate::auth::Authenticator;
 use crate::auth::api_keys::ApiKeyCache;
-use crate::auth::jwt::{JwtSettings, JwtVerifier};
+use crate::auth::jwt::JwtVerifier;
 use crate::cache::SharedCache;
 use crate::config::Config;
+use crate::config::JwtSettings;
 use crate::ledger::sqlite::SqliteLedger;
 use crate::ledger::{Ledger, SharedLedger};
 use crate::metering::Meter;

@@ -4,9 +4,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 
 use crate::auth::Authenticator;
-use crate::billing::packages::Package;
 use crate::billing::service::Payments;
 use crate::cache::SharedCache;
+use crate::config::packages::Package;
 use crate::ledger::SharedLedger;
 use crate::metering::Meter;
 use crate::metering::pricing_sync::PricingRegistry;

@@ -1,8 +1,8 @@
 //! Gateway API keys (`tg-…`): generated here, shown once, stored only as a SHA-256 hash.
 //!
 //! Keys are cached in-process by hash; the cache is dropped whenever the shared cache epoch
-//! moves (a key revoked by the CLI or another admin call), so a revoked key stops working at
-//! the gateway's next request.
+//! moves (a key revoked by the CLI or another admin call), so a revoked key stops working
+//! within one epoch poll (`app::EPOCH_POLL`, 100 ms).
 
 use std::sync::Arc;
 

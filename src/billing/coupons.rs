@@ -9,7 +9,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::money::to_minor;
-use super::packages::Package;
+use crate::config::packages::Package;
 use crate::domain::Credits;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

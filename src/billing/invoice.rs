@@ -7,19 +7,7 @@
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
-/// A seller or buyer as printed on the invoice.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Party {
-    pub name: String,
-    /// Address lines, printed one per line.
-    #[serde(default)]
-    pub address: Vec<String>,
-    #[serde(default)]
-    pub email: Option<String>,
-    /// VAT or other tax registration number.
-    #[serde(default)]
-    pub tax_id: Option<String>,
-}
+pub use crate::domain::Party;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InvoiceLine {

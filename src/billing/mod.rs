@@ -5,7 +5,6 @@ pub mod invoice;
 pub mod lemonsqueezy;
 pub mod money;
 pub mod orders;
-pub mod packages;
 pub mod pdf;
 pub mod provider;
 pub mod service;

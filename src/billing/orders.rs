@@ -8,7 +8,7 @@
 //! Every function here is pure: it takes the order as read under the store's row lock and
 //! returns the [`Transition`] to write — the new order row, the credit moves it causes and the
 //! invoice it issues — all in one transaction. The moves are then applied to the ledger under
-//! their references, which the ledger treats as idempotency keys (DESIGN.md I2).
+//! their references, which the ledger treats as idempotency keys (docs/architecture.md I2).
 //!
 //! Claw-backs are cumulative and pro rata: a refund of `r` of a paid `p` takes back
 //! `⌊credits × r / p⌋` in total, minus what earlier refunds took, so partial refunds never
@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use super::invoice::{Invoice, InvoiceLine, Party};
 use super::money::from_minor;
+use crate::config::InvoiceSettings;
 use crate::domain::{AccountId, Credits};
 use crate::ledger::{EntryType, GrantRequest};
 
@@ -278,18 +279,6 @@ pub struct PaymentFacts {
     pub currency: String,
     pub buyer_email: Option<String>,
     pub buyer_name: Option<String>,
-}
-
-/// Invoice settings from `[invoices]`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct InvoiceSettings {
-    pub seller: Party,
-    /// Tax included in prices, in percent (`"19"`); `"0"` prints no tax.
-    #[serde(with = "rust_decimal::serde::str")]
-    pub tax_rate_percent: rust_decimal::Decimal,
-    /// Printed under the totals of every invoice.
-    pub notes: Vec<String>,
 }
 
 const DAY_MS: i64 = 86_400_000;

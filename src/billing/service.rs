@@ -18,13 +18,13 @@ use super::coupons::{self, Coupon};
 use super::lemonsqueezy::LemonSqueezyApi;
 use super::money::to_minor;
 use super::orders::{self, Deferred, Order, OrderStatus, Provider};
-use super::packages::Package;
 use super::provider::{CheckoutRequest, ProviderError};
 use super::store::{EventRecord, OrderLookup, PaymentStore, StepFn, UpdateOutcome};
 use super::stripe::StripeApi;
 use super::webhooks::{Action, Claim, ParsedEvent};
 use crate::cache::SharedCache;
 use crate::config::Config;
+use crate::config::packages::Package;
 use crate::config::payments::{ResolvedLemonSqueezy, ResolvedPolar, ResolvedStripe};
 use crate::domain::AccountId;
 use crate::domain::time::now_ms;
@@ -103,7 +103,7 @@ pub struct Payments {
     ledger: SharedLedger,
     cache: SharedCache,
     packages: Arc<Vec<Package>>,
-    invoices: orders::InvoiceSettings,
+    invoices: crate::config::InvoiceSettings,
     success_url: String,
     cancel_url: String,
     default_provider: Option<Provider>,

@@ -23,11 +23,7 @@ use sha2::Sha256;
 
 type HmacSha256 = Hmac<Sha256>;
 
-/// Stripe's default timestamp tolerance, in seconds.
-pub const STRIPE_DEFAULT_TOLERANCE_SECS: i64 = 300;
-
-/// The Standard Webhooks reference libraries' default timestamp tolerance, in seconds.
-pub const STANDARD_WEBHOOK_DEFAULT_TOLERANCE_SECS: i64 = 300;
+use crate::config::payments::PolarSecretEncoding;
 
 /// Why a webhook signature was rejected. Carries no data, so `Display` never leaks a secret.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -59,6 +55,15 @@ pub enum SecretEncoding {
     Standard,
 }
 
+impl From<PolarSecretEncoding> for SecretEncoding {
+    fn from(configured: PolarSecretEncoding) -> Self {
+        match configured {
+            PolarSecretEncoding::Polar => SecretEncoding::Polar,
+            PolarSecretEncoding::Standard => SecretEncoding::Standard,
+        }
+    }
+}
+
 /// The three Standard Webhooks request headers, as received.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StandardWebhookHeaders<'a> {
@@ -76,7 +81,7 @@ pub struct StandardWebhookHeaders<'a> {
 /// (`v0`, …) are ignored. Passes if any `v1` matches any of `secrets` (secret rotation), each
 /// used whole (including `whsec_`) as the HMAC key. The signature is checked before the
 /// timestamp; then `|now_unix − t| > tolerance_secs` is rejected (Stripe's default is
-/// [`STRIPE_DEFAULT_TOLERANCE_SECS`]; a negative tolerance acts as zero). A header with no `v1`
+/// [`DEFAULT_TOLERANCE_SECS`]; a negative tolerance acts as zero). A header with no `v1`
 /// entry yields [`SignatureError::NoMatchingSignature`].
 pub fn verify_stripe(
     payload: &[u8],
@@ -237,6 +242,7 @@ fn check_tolerance(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::payments::DEFAULT_TOLERANCE_SECS;
     use serde_json::Value;
 
     const VECTORS: &str = include_str!(concat!(
@@ -309,7 +315,7 @@ mod tests {
         now: i64,
     ) -> Result<(), SignatureError> {
         let secrets: Vec<String> = secrets.iter().map(|s| (*s).clone()).collect();
-        verify_stripe(body, header, &secrets, now, STRIPE_DEFAULT_TOLERANCE_SECS)
+        verify_stripe(body, header, &secrets, now, DEFAULT_TOLERANCE_SECS)
     }
 
     #[test]
@@ -607,7 +613,7 @@ mod tests {
             secret,
             encoding,
             now,
-            STANDARD_WEBHOOK_DEFAULT_TOLERANCE_SECS,
+            DEFAULT_TOLERANCE_SECS,
         )
     }
 

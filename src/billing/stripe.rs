@@ -26,11 +26,6 @@ use super::provider::{CheckoutCreated, CheckoutRequest, ProviderError};
 /// Stripe's API, used when no base is configured.
 pub const DEFAULT_API_BASE: &str = "https://api.stripe.com/";
 
-/// The most one HTTP attempt may take (connect, request and the whole answer) unless
-/// `[payments.stripe] api_timeout_secs` says otherwise. The buyer waits for it: a checkout
-/// that Stripe has not created by then answers 502 and leaves its order `failed`.
-pub const DEFAULT_API_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// A Stripe API client for one secret key. Cheap to clone (the connection pool is shared).
 #[derive(Clone)]
 pub struct StripeApi {
@@ -232,21 +227,33 @@ mod tests {
     #[test]
     fn new_rejects_bad_configuration_and_debug_hides_the_key() {
         assert!(matches!(
-            StripeApi::new("", None, DEFAULT_API_TIMEOUT),
+            StripeApi::new(
+                "",
+                None,
+                crate::config::payments::DEFAULT_STRIPE_API_TIMEOUT
+            ),
             Err(ProviderError::Config(_))
         ));
         assert!(matches!(
-            StripeApi::new("sk_test_x", Some("nope"), DEFAULT_API_TIMEOUT),
+            StripeApi::new(
+                "sk_test_x",
+                Some("nope"),
+                crate::config::payments::DEFAULT_STRIPE_API_TIMEOUT
+            ),
             Err(ProviderError::Config(_))
         ));
         assert!(matches!(
-            StripeApi::new("sk_test_\nx", None, DEFAULT_API_TIMEOUT),
+            StripeApi::new(
+                "sk_test_\nx",
+                None,
+                crate::config::payments::DEFAULT_STRIPE_API_TIMEOUT
+            ),
             Err(ProviderError::Config(_))
         ));
         let api = StripeApi::new(
             "sk_test_secret_value",
             Some("http://127.0.0.1:9"),
-            DEFAULT_API_TIMEOUT,
+            crate::config::payments::DEFAULT_STRIPE_API_TIMEOUT,
         )
         .expect("valid");
         let debug = format!("{api:?}");

@@ -1,5 +1,5 @@
 //! In-process balance cache (the embedded default): one `DashMap` entry per bucket, updated
-//! under the entry's shard lock so check-and-hold is a single atomic step (DESIGN.md I1).
+//! under the entry's shard lock so check-and-hold is a single atomic step (docs/architecture.md I1).
 //!
 //! Ledger loads happen outside the lock; snapshots carry the ledger's revision so a slow load
 //! can never overwrite a newer balance. Holds and pending settlements die with the process, so

@@ -1,6 +1,6 @@
 //! The balance-cache port: cached balances, in-flight holds and not-yet-written settlements.
 //!
-//! The ledger is the source of truth (DESIGN.md I5). A cache entry is a snapshot of a ledger
+//! The ledger is the source of truth (docs/architecture.md I5). A cache entry is a snapshot of a ledger
 //! balance (with its revision) plus the holds of requests in flight and the settlements that are
 //! finished but not yet in the ledger. Holds and pending settlements are keyed by request id, so
 //! every operation on them is idempotent. A reservation succeeds only if, atomically,

@@ -1,6 +1,6 @@
 //! Redis balance cache: the production adapter of [`BalanceCache`], shared by every gateway
 //! instance in front of one ledger, so that an account's holds and pending settlements are seen
-//! (and bounded, DESIGN.md I1) by all of them at once. Its semantics are those of
+//! (and bounded, docs/architecture.md I1) by all of them at once. Its semantics are those of
 //! [`LocalCache`](super::local::LocalCache); what differs is where the state lives and that it
 //! outlives a gateway process (I4).
 //!

@@ -10,10 +10,15 @@ use std::time::Duration;
 use globset::{Glob, GlobMatcher};
 use serde::Deserialize;
 
+mod invoices;
+mod jwt;
+pub mod packages;
 pub mod payments;
 
-use crate::auth::jwt::JwtSettings;
 use crate::domain::Credits;
+pub use invoices::InvoiceSettings;
+pub use jwt::JwtSettings;
+use packages::Package;
 
 /// Environment variables that override the file (secrets belong here, not in the file).
 pub const ENV_LISTEN: &str = "TOLLGATE_LISTEN";
@@ -53,12 +58,12 @@ pub struct Config {
     pub upstreams: Vec<UpstreamConfig>,
     /// Credit packages on sale (`GET /api/credits/packages`).
     #[serde(default)]
-    pub packages: Vec<crate::billing::packages::Package>,
+    pub packages: Vec<Package>,
     #[serde(default)]
     pub payments: payments::PaymentsConfig,
     /// Seller details and tax printed on invoices.
     #[serde(default)]
-    pub invoices: crate::billing::orders::InvoiceSettings,
+    pub invoices: InvoiceSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -157,7 +162,7 @@ pub struct AccountsConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct MeteringConfig {
     pub pricing_file: PathBuf,
-    /// How far below zero a balance may be reserved into (DESIGN.md I1).
+    /// How far below zero a balance may be reserved into (docs/architecture.md I1).
     pub overdraft: Credits,
     /// Percentage added to the tokenizer's prompt count when estimating the hold.
     pub estimate_margin_percent: u32,
@@ -409,7 +414,7 @@ impl Config {
         }
         self.resolve_upstreams(|name| std::env::var(name).ok())
             .map_err(error)?;
-        crate::billing::packages::validate(&self.packages).map_err(error)?;
+        packages::validate(&self.packages).map_err(error)?;
         self.resolve_payments(|name| std::env::var(name).ok())
             .map_err(error)?;
         if self.invoices.tax_rate_percent.is_sign_negative() {

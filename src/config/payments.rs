@@ -9,8 +9,6 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::billing::signatures::SecretEncoding;
-
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PaymentsConfig {
@@ -71,6 +69,15 @@ pub struct LemonSqueezyConfig {
     pub variants: BTreeMap<String, String>,
 }
 
+/// How long after its timestamp a signed webhook is still accepted, unless a provider's
+/// `tolerance_secs` says otherwise: Stripe's own default, and the Standard Webhooks libraries'.
+pub const DEFAULT_TOLERANCE_SECS: i64 = 300;
+
+/// The most one Stripe API call may take (connect, request and the whole answer) unless
+/// `[payments.stripe] api_timeout_secs` says otherwise. The buyer waits for it: a checkout
+/// that Stripe has not created by then answers 502 and leaves its order `failed`.
+pub const DEFAULT_STRIPE_API_TIMEOUT: Duration = Duration::from_secs(10);
+
 #[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum PolarSecretEncoding {
@@ -120,7 +127,7 @@ pub struct ResolvedLemonSqueezy {
 #[derive(Clone)]
 pub struct ResolvedPolar {
     pub webhook_secret: String,
-    pub encoding: SecretEncoding,
+    pub encoding: PolarSecretEncoding,
     pub tolerance_secs: i64,
 }
 
@@ -202,7 +209,7 @@ impl PaymentsConfig {
                 api_base: stripe.api_base.clone(),
                 tolerance_secs: tolerance("payments.stripe", stripe.tolerance_secs)?,
                 api_timeout: match stripe.api_timeout_secs {
-                    None => crate::billing::stripe::DEFAULT_API_TIMEOUT,
+                    None => DEFAULT_STRIPE_API_TIMEOUT,
                     Some(secs) if secs > 0 => Duration::from_secs(secs),
                     Some(_) => {
                         return Err("payments.stripe.api_timeout_secs: must be positive".into());
@@ -254,8 +261,9 @@ impl PaymentsConfig {
                 &lookup,
             )?
             .ok_or("payments.polar.webhook_secret: required")?;
-            let encoding = match polar.secret_encoding {
-                PolarSecretEncoding::Polar => SecretEncoding::Polar,
+            let encoding = polar.secret_encoding;
+            match encoding {
+                PolarSecretEncoding::Polar => {}
                 PolarSecretEncoding::Standard => {
                     use base64::Engine as _;
                     let encoded = webhook_secret
@@ -269,9 +277,8 @@ impl PaymentsConfig {
                              \"standard\" it must be `whsec_` followed by base64"
                             .into());
                     }
-                    SecretEncoding::Standard
                 }
-            };
+            }
             resolved.polar = Some(ResolvedPolar {
                 webhook_secret,
                 encoding,
@@ -295,7 +302,7 @@ impl PaymentsConfig {
 
 fn tolerance(section: &str, value: Option<i64>) -> Result<i64, String> {
     match value {
-        None => Ok(crate::billing::signatures::STRIPE_DEFAULT_TOLERANCE_SECS),
+        None => Ok(DEFAULT_TOLERANCE_SECS),
         Some(secs) if secs > 0 => Ok(secs),
         Some(_) => Err(format!("{section}.tolerance_secs: must be positive")),
     }

@@ -38,7 +38,7 @@ impl fmt::Display for AccountId {
     }
 }
 
-/// The id of one proxied request; the idempotency key of its settlement (DESIGN.md I2).
+/// The id of one proxied request; the idempotency key of its settlement (docs/architecture.md I2).
 ///
 /// `req_` and a version 7 UUID: unique across instances, and ordered by creation time, so the
 /// ledger's indexes on it (usage records, usage entries) grow at their end instead of at a

@@ -11,7 +11,7 @@
 //! grant has anything left. These functions only plan; the ledger adapters apply the plan inside
 //! the transaction that holds the account's lock.
 //!
-//! # Between a grant's lapse and its sweep (DESIGN.md I1)
+//! # Between a grant's lapse and its sweep (docs/architecture.md I1)
 //!
 //! A grant lapses at its `expires_at`; a sweep (the periodic one, or the one a cache reload
 //! runs) later takes its remainder out of the balance. Three rules keep the balance at or above

@@ -1,7 +1,7 @@
 //! The ledger port: the source of truth for balances, ledger entries, usage records and API keys.
 //!
 //! Domain code talks to `dyn Ledger`, never to a driver. Every write is idempotent: settlements
-//! are keyed by request id (DESIGN.md I2) and grants by an optional caller reference; every
+//! are keyed by request id (docs/architecture.md I2) and grants by an optional caller reference; every
 //! balance change is one ledger entry with `balance_before`/`balance_after` (I3).
 
 pub mod grants;
@@ -239,7 +239,7 @@ impl UsageSource {
 /// One finished request, ready to be written (usage record + ledger entry, atomically).
 ///
 /// Serializable because it is also the journal record kept in the balance cache until the
-/// ledger has it, so a sibling instance can write it if this one dies first (DESIGN.md I4).
+/// ledger has it, so a sibling instance can write it if this one dies first (docs/architecture.md I4).
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Settlement {
     pub request_id: RequestId,
@@ -259,7 +259,8 @@ pub struct Settlement {
     pub hold: Credits,
     pub stream: bool,
     /// `completed`, `client_disconnected`, `upstream_failed`, `upstream_timeout`,
-    /// `cut_at_shutdown`.
+    /// `cut_at_shutdown`, `hold_lost` (the stream's hold was gone, so it was cut) or
+    /// `instance_lost` (its progress, billed by a sibling after this instance died).
     pub status: String,
     pub started_at_ms: i64,
     pub finished_at_ms: i64,

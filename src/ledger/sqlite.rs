@@ -9,7 +9,7 @@
 //! Every write but one commits with `synchronous = FULL`: it is on the disk before the call
 //! returns, so a payment credited (and acknowledged to its provider) survives a power loss. The
 //! exception is the settle batch, on a connection of its own with `synchronous = NORMAL`: its
-//! commit is in the WAL file, which a crash of the process cannot lose (DESIGN.md I4), but is not
+//! commit is in the WAL file, which a crash of the process cannot lose (docs/architecture.md I4), but is not
 //! waited onto the disk, which would cost every response of the batch a disk flush (about 1 to 5
 //! ms here). A power loss or OS crash may therefore lose the settlements of the last moments,
 //! never more than that (the file stays consistent, and the next `FULL` commit flushes them too):

@@ -16,7 +16,7 @@
 //!   out.
 //!
 //! A cost above the hold explains nothing: the gateway charges at most a request's hold and
-//! records the excess as `uncharged` (DESIGN.md I1), so a usage record with `cost > hold` can
+//! records the excess as `uncharged` (docs/architecture.md I1), so a usage record with `cost > hold` can
 //! only come from tampering or an old bug, and is a problem of its own.
 
 use std::collections::{BTreeMap, HashMap};

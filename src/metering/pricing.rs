@@ -1,7 +1,7 @@
 //! Prices per model, the cost of a request in credits, and hot reload of `config/pricing.toml`.
 //!
 //! Money stays exact: prices are `Decimal` parsed from TOML strings, and a request's cost is
-//! rounded once, up, into micro-credits (DESIGN.md §5, I3). The watcher polls the file instead of
+//! rounded once, up, into micro-credits (docs/architecture.md, "Prices"; I3). The watcher polls the file instead of
 //! using inotify on purpose: polling also sees atomic renames, bind-mounted config maps and edits
 //! on network file systems, which inotify can miss.
 

@@ -14,7 +14,7 @@
 //! A settlement is *durable* once a crash of this process cannot lose it: when the cache's
 //! journal outlives the process (Redis) as soon as it is recorded there, otherwise (the
 //! in-process cache) once the ledger has committed it. The request waits for that before the
-//! last bytes of its response leave (DESIGN.md I4). [`recover`] writes the settlements a crashed
+//! last bytes of its response leave (docs/architecture.md I4). [`recover`] writes the settlements a crashed
 //! instance left in a shared cache.
 //!
 //! # A settlement the ledger refuses

@@ -2,7 +2,7 @@
 //! choices the upstream generates, the output cap per choice, whether some input cannot be
 //! sized, and identifiers small enough for the ledger's columns.
 //!
-//! The hold must be an upper bound of the charge (DESIGN.md I1), so every quantity here is read
+//! The hold must be an upper bound of the charge (docs/architecture.md I1), so every quantity here is read
 //! strictly: a malformed `n` or `max_tokens` is a 400, never a default.
 
 use serde_json::Value;

@@ -255,7 +255,7 @@ impl UpstreamCall {
                 } else {
                     "completed"
                 };
-                // The answer leaves once its settlement is durable (DESIGN.md I4).
+                // The answer leaves once its settlement is durable (docs/architecture.md I4).
                 if let Some(durable) = charge.settle(reported, &text, produced, status) {
                     let _ = durable.await;
                 }

@@ -3,7 +3,7 @@
 //! Upstream bytes pass straight through to the client while a copy is parsed for usage, generated
 //! text and completion. The one rewrite: when the gateway itself asked a chat stream for usage,
 //! the usage-only chunk that request produced is removed, which needs holding back the bytes of
-//! at most the one event being received (DESIGN.md §1).
+//! at most the one event being received (docs/architecture.md, "The request path", step 8).
 
 use std::borrow::Cow;
 

@@ -31,7 +31,7 @@ struct Metered {
     idle_timeout: Duration,
     status: &'static str,
     /// From the terminal event on, what the client gets is held back here until the
-    /// settlement is durable: the response's last bytes leave only after it (DESIGN.md I4).
+    /// settlement is durable: the response's last bytes leave only after it (docs/architecture.md I4).
     tail: BytesMut,
     /// Resolves when the gateway shuts down and cuts the requests still running.
     cut: Pin<Box<WaitForCancellationFutureOwned>>,

@@ -131,7 +131,7 @@ pub async fn usage(
 
 /// `GET /api/credits/packages`: the active credit packages, in config order.
 pub async fn packages(State(state): State<AppState>) -> Json<Value> {
-    let data: Vec<&crate::billing::packages::Package> =
+    let data: Vec<&crate::config::packages::Package> =
         state.packages.iter().filter(|p| p.active).collect();
     Json(json!({"object": "list", "data": data}))
 }

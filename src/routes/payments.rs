@@ -2,7 +2,7 @@
 //!
 //! Webhook routes are the only unauthenticated ones besides health: their signature is their
 //! credential. A webhook that is unsigned, forged, stale or malformed is answered 400/401 and
-//! logged, and changes nothing (DESIGN.md I6).
+//! logged, and changes nothing (docs/architecture.md I6).
 
 use axum::Extension;
 use axum::Json;
@@ -264,7 +264,7 @@ pub async fn polar_webhook(
         &body,
         &signed,
         &config.webhook_secret,
-        config.encoding,
+        config.encoding.into(),
         unix_now(),
         config.tolerance_secs,
     )

@@ -1,4 +1,4 @@
-//! DESIGN.md I6: bad input is answered with a clear error in OpenAI's shape and changes nothing;
+//! docs/architecture.md I6: bad input is answered with a clear error in OpenAI's shape and changes nothing;
 //! good input reaches the upstream untouched, with the gateway's credential, never the caller's.
 
 use serde_json::{Value, json};

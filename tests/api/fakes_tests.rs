@@ -735,7 +735,8 @@ mod client_tests {
     use super::*;
     use tollgate::billing::lemonsqueezy::LemonSqueezyApi;
     use tollgate::billing::provider::{CheckoutRequest, ProviderError};
-    use tollgate::billing::stripe::{DEFAULT_API_TIMEOUT, StripeApi};
+    use tollgate::billing::stripe::StripeApi;
+    use tollgate::config::payments::DEFAULT_STRIPE_API_TIMEOUT as DEFAULT_API_TIMEOUT;
 
     fn order(order_id: &str) -> CheckoutRequest {
         CheckoutRequest {

@@ -1,5 +1,5 @@
 //! The ledger contract: one set of checks, each run against both adapters (a fresh SQLite file
-//! and a fresh MariaDB/MySQL database), so the two behave the same (DESIGN.md I2, I3).
+//! and a fresh MariaDB/MySQL database), so the two behave the same (docs/architecture.md I2, I3).
 //!
 //! Each test `NAME` is a module with two tests, `NAME::sqlite` and `NAME::mysql`. The MySQL
 //! half creates its own database (`tg_<random hex>`, see `helpers::unique_test_name`) on the

@@ -1,6 +1,6 @@
 //! Selling credits through Stripe: checkout against a fake Stripe API on loopback, signed
 //! webhooks, replays, out-of-order delivery, refunds, disputes, invoices. After each story the
-//! ledger verifies (DESIGN.md I2, I3, I6).
+//! ledger verifies (docs/architecture.md I2, I3, I6).
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
