@@ -81,7 +81,7 @@ pub struct StandardWebhookHeaders<'a> {
 /// (`v0`, …) are ignored. Passes if any `v1` matches any of `secrets` (secret rotation), each
 /// used whole (including `whsec_`) as the HMAC key. The signature is checked before the
 /// timestamp; then `|now_unix − t| > tolerance_secs` is rejected (Stripe's default is
-/// [`DEFAULT_TOLERANCE_SECS`]; a negative tolerance acts as zero). A header with no `v1`
+/// [`DEFAULT_TOLERANCE_SECS`](crate::config::payments::DEFAULT_TOLERANCE_SECS); a negative tolerance acts as zero). A header with no `v1`
 /// entry yields [`SignatureError::NoMatchingSignature`].
 pub fn verify_stripe(
     payload: &[u8],

@@ -2,6 +2,8 @@
 //! binds the listener; serves until the shutdown future resolves, then drains open streams and
 //! flushes every pending settlement.
 
+pub mod tasks;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,7 +14,6 @@ use anyhow::Context;
 use axum::Router;
 use axum::serve::ListenerExt as _;
 use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
 
 use crate::auth::Authenticator;
 use crate::auth::api_keys::ApiKeyCache;
@@ -30,43 +31,7 @@ use crate::proxy::Proxy;
 use crate::proxy::upstream::Upstreams;
 use crate::routes;
 use crate::state::AppState;
-
-/// How often each instance reads the ledger's cache epoch. A change made outside the process
-/// is seen within this plus one ledger read; the request path reads nothing for it.
-pub const EPOCH_POLL: Duration = Duration::from_millis(100);
-
-/// Reads the cache epoch every [`EPOCH_POLL`] until `stop`. While the ledger does not answer,
-/// the cached balances and holds still bound spending; only out-of-band changes (a CLI grant,
-/// a key revoked elsewhere) wait until it answers again. Failing and recovering are logged
-/// once each, not at every tick.
-fn spawn_epoch_watcher(
-    state: AppState,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut ticker = tokio::time::interval(EPOCH_POLL);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut failing = false;
-        loop {
-            tokio::select! {
-                _ = ticker.tick() => {}
-                _ = stop.changed() => return,
-            }
-            match state.sync_external_changes().await {
-                Ok(()) if failing => {
-                    failing = false;
-                    tracing::info!("out-of-band ledger changes are seen again");
-                }
-                Ok(()) => {}
-                Err(error) if !failing => {
-                    failing = true;
-                    tracing::warn!(%error, "out-of-band ledger changes wait; serving from cache");
-                }
-                Err(_) => {}
-            }
-        }
-    })
-}
+pub use tasks::{EPOCH_POLL, Supervisor, sweep_expired_grants};
 
 /// Opens the ledger named by the config and applies its migrations: `mysql://` opens the shared
 /// production store, `sqlite:` the embedded file (whose directory is created if missing).
@@ -115,13 +80,8 @@ pub struct App {
     listener: TcpListener,
     router: Router,
     state: AppState,
-    settler_task: JoinHandle<()>,
-    pricing_watcher: JoinHandle<()>,
-    recovery: JoinHandle<()>,
-    pricing_sync: Option<JoinHandle<()>>,
-    epoch_watcher: JoinHandle<()>,
-    /// Tells the background tasks (pricing watcher, recovery, epoch watcher) to stop.
-    stop_background: tokio::sync::watch::Sender<bool>,
+    /// The background tasks: pricing watcher and sync, recovery, epoch watcher, settler.
+    tasks: Supervisor,
     shutdown_grace: Duration,
 }
 
@@ -135,13 +95,16 @@ impl App {
         let pricing_path = config.metering.pricing_file.clone();
         let table = PriceTable::load(&pricing_path)?;
         let pricing = PricingHandle::new(table);
-        let (stop_background, watcher_stopped) = tokio::sync::watch::channel(false);
+        let mut tasks = Supervisor::new();
         let nudge = Arc::new(tokio::sync::Notify::new());
-        let pricing_watcher = pricing.spawn_watcher(
-            pricing_path,
-            Duration::from_millis(config.metering.pricing_poll_ms.max(50)),
-            watcher_stopped,
-            nudge.clone(),
+        tasks.supervise(
+            "pricing watcher",
+            pricing.spawn_watcher(
+                pricing_path,
+                Duration::from_millis(config.metering.pricing_poll_ms.max(50)),
+                tasks.stop_signal(),
+                nudge.clone(),
+            ),
         );
         let pricing_registry = match config.cache.redis_url.as_deref().filter(|u| !u.is_empty()) {
             Some(url) => PricingRegistry::new(url, &config.cache.key_prefix)
@@ -149,15 +112,16 @@ impl App {
                 .context("cache.redis_url")?,
             None => None,
         };
-        let pricing_sync = pricing_registry.clone().map(|registry| {
-            pricing_sync::spawn(
+        if let Some(registry) = pricing_registry.clone() {
+            let sync = pricing_sync::spawn(
                 registry,
                 pricing.clone(),
                 nudge,
                 instance.clone(),
-                stop_background.subscribe(),
-            )
-        });
+                tasks.stop_signal(),
+            );
+            tasks.supervise("pricing sync", sync);
+        }
         let (settler, settler_task) = settler::spawn(
             ledger.clone(),
             cache.clone(),
@@ -185,15 +149,17 @@ impl App {
             )
             .context("config: payments")?,
         );
-        let recovery = spawn_recovery(
+        tasks.supervise_settler(settler.clone(), settler_task);
+        let recovery = tasks::spawn_recovery(
             ledger.clone(),
             cache.clone(),
             payments.clone(),
             Duration::from_millis(config.metering.recovery_interval_ms.max(100)),
             Duration::from_secs(config.metering.orphan_after_secs.max(1)),
             Duration::from_secs(config.metering.expiry_sweep_secs.max(1)),
-            stop_background.subscribe(),
+            tasks.stop_signal(),
         );
+        tasks.supervise("recovery", recovery);
         let jwt = jwt_verifier(&config.auth.jwt).await?;
         if jwt.is_none() {
             tracing::warn!("no JWT key configured: only gateway API keys can call /v1");
@@ -230,17 +196,15 @@ impl App {
         let listener = TcpListener::bind(config.server.listen)
             .await
             .with_context(|| format!("binding {}", config.server.listen))?;
-        let epoch_watcher = spawn_epoch_watcher(state.clone(), stop_background.subscribe());
+        tasks.supervise(
+            "epoch watcher",
+            tasks::spawn_epoch_watcher(state.clone(), tasks.stop_signal()),
+        );
         Ok(App {
             router: routes::router(state.clone()),
-            epoch_watcher,
             listener,
             state,
-            settler_task,
-            pricing_watcher,
-            pricing_sync,
-            recovery,
-            stop_background,
+            tasks,
             shutdown_grace: Duration::from_secs(config.server.shutdown_grace_secs),
         })
     }
@@ -296,111 +260,11 @@ impl App {
                 "requests still hold credits after being cut; their holds expire at their deadlines"
             );
         }
-        let _ = self.stop_background.send(true);
-        let _ = self.pricing_watcher.await;
-        let _ = self.recovery.await;
-        let _ = self.epoch_watcher.await;
-        if let Some(pricing_sync) = self.pricing_sync {
-            let _ = pricing_sync.await;
-        }
-        // Last: everything queued is written before the settler stops.
-        match tokio::time::timeout(SETTLER_STOP, self.state.settler.stop()).await {
-            Ok(()) => {
-                let _ = self.settler_task.await;
-                tracing::info!("all settlements written");
-            }
-            Err(_) => tracing::error!(
-                timeout = ?SETTLER_STOP,
-                "the ledger did not take the last settlements in time; stopping without them \
-                 (with Redis they stay journaled for a sibling or the next start)"
-            ),
-        }
+        // Last: the background tasks, then the settler once it has written everything queued.
+        self.tasks.stop().await;
         Ok(())
     }
 }
 
 /// How long shutdown waits for cut requests to end their holds.
 const DRAIN_AFTER_CUT: Duration = Duration::from_secs(10);
-/// How long shutdown waits for the ledger to take the last settlements.
-const SETTLER_STOP: Duration = Duration::from_secs(30);
-
-/// Every `interval`: release expired holds, write settlements orphaned by a dead instance (or
-/// set aside those the ledger refuses) and apply order credit moves left pending;
-/// every `sweep_every`: take expired grant remainders out of balances.
-fn spawn_recovery(
-    ledger: SharedLedger,
-    cache: SharedCache,
-    payments: Arc<crate::billing::service::Payments>,
-    interval: Duration,
-    orphan_age: Duration,
-    sweep_every: Duration,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut ticker = tokio::time::interval(interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_sweep: Option<tokio::time::Instant> = None;
-        loop {
-            tokio::select! {
-                _ = ticker.tick() => {}
-                _ = stop.changed() => break,
-            }
-            if *stop.borrow() {
-                break;
-            }
-            match settler::recover(&*ledger, &*cache, orphan_age).await {
-                Ok(recovered) if recovered == settler::Recovered::default() => {}
-                Ok(settler::Recovered {
-                    reaped,
-                    written,
-                    set_aside,
-                }) => {
-                    tracing::info!(
-                        reaped,
-                        written,
-                        set_aside,
-                        "recovered holds and settlements"
-                    )
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "recovery pass failed; retrying next interval")
-                }
-            }
-            // Credit moves whose webhook failed half-way and was not delivered again.
-            match payments.apply_moves(None).await {
-                Ok(0) => {}
-                Ok(applied) => tracing::info!(applied, "applied pending order credit moves"),
-                Err(error) => tracing::warn!(%error, "applying order credit moves failed"),
-            }
-            if last_sweep.is_none_or(|at| at.elapsed() >= sweep_every) {
-                last_sweep = Some(tokio::time::Instant::now());
-                sweep_expired_grants(&*ledger, &*cache).await;
-            }
-        }
-    })
-}
-
-/// Takes expired grant remainders out of the ledger and updates the cached balances, keeping
-/// back what the cache holds or has pending for requests that started before they lapsed.
-pub async fn sweep_expired_grants(ledger: &dyn Ledger, cache: &dyn crate::cache::BalanceCache) {
-    let in_flight = crate::cache::InFlightHolds(cache);
-    match ledger
-        .expire_grants(crate::domain::time::now_ms(), &in_flight)
-        .await
-    {
-        Ok(changed) => {
-            for (account, snapshot) in &changed {
-                if let Err(error) = cache
-                    .apply(&crate::ledger::Bucket::Account(account.clone()), *snapshot)
-                    .await
-                {
-                    tracing::warn!(%error, %account, "cannot update a cached balance after expiry");
-                }
-            }
-            if !changed.is_empty() {
-                tracing::info!(accounts = changed.len(), "expired grant remainders swept");
-            }
-        }
-        Err(error) => tracing::warn!(%error, "expiry sweep failed; retrying next time"),
-    }
-}
