@@ -16,6 +16,8 @@
 //! A pending settlement carries its serialized [`Settlement`](crate::ledger::Settlement), so in
 //! a shared cache (Redis) a sibling instance can write it to the ledger if its owner dies (I4).
 
+#[cfg(test)]
+mod contract;
 pub mod local;
 pub mod redis;
 
