@@ -110,12 +110,16 @@ pub(crate) fn hold(id: &str, amount: Credits) -> HoldSpec {
     }
 }
 
-/// Many requests racing for one balance: exactly as many holds as it covers.
-pub(crate) async fn concurrent_reservations_never_exceed_the_balance(cache: Arc<dyn BalanceCache>) {
-    let source = Arc::new(FixedSource::new(credits(10)));
+/// 100 requests of 1 credit each, spread over `caches` (instances sharing one store), racing
+/// for the balance of `source`: how many got their hold.
+pub(crate) async fn race<C>(caches: &[Arc<C>], source: Arc<FixedSource>) -> usize
+where
+    C: BalanceCache + ?Sized + 'static,
+{
     let tasks: Vec<_> = (0..100)
         .map(|i| {
-            let (cache, source) = (cache.clone(), source.clone());
+            let cache = caches[i % caches.len()].clone();
+            let source = source.clone();
             tokio::spawn(async move {
                 cache
                     .reserve(
@@ -133,7 +137,13 @@ pub(crate) async fn concurrent_reservations_never_exceed_the_balance(cache: Arc<
     for task in tasks {
         granted += usize::from(task.await.expect("task"));
     }
-    assert_eq!(granted, 10);
+    granted
+}
+
+/// Many requests racing for one balance: exactly as many holds as it covers.
+pub(crate) async fn concurrent_reservations_never_exceed_the_balance(cache: Arc<dyn BalanceCache>) {
+    let source = Arc::new(FixedSource::new(credits(10)));
+    assert_eq!(race(std::slice::from_ref(&cache), source.clone()).await, 10);
     let view = cache.view(&bucket(), &*source).await.expect("view");
     assert_eq!(view.available, Credits::ZERO);
     assert_eq!(view.held, credits(10));

@@ -1225,31 +1225,6 @@ mod tests {
         }
     }
 
-    async fn race(caches: &[Arc<RedisCache>], source: Arc<FixedSource>) -> usize {
-        let tasks: Vec<_> = (0..100)
-            .map(|i| {
-                let cache = caches[i % caches.len()].clone();
-                let source = source.clone();
-                tokio::spawn(async move {
-                    cache
-                        .reserve(
-                            &bucket(),
-                            &hold(&format!("r{i}"), credits(1)),
-                            Credits::ZERO,
-                            &*source,
-                        )
-                        .await
-                        .is_ok()
-                })
-            })
-            .collect();
-        let mut granted = 0;
-        for task in tasks {
-            granted += usize::from(task.await.expect("task"));
-        }
-        granted
-    }
-
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn concurrent_reservations_never_exceed_the_balance() {
         crate::test_support::time_limit::limited(async move {

@@ -13,7 +13,6 @@ use serde_json::json;
 
 use crate::auth::AuthError;
 use crate::cache::CacheError;
-use crate::domain::Credits;
 use crate::ledger::LedgerError;
 use crate::metering::HoldRefused;
 use crate::proxy::ProxyError;
@@ -25,14 +24,9 @@ pub enum ApiError {
     Unauthorized(String),
     #[error("{0}")]
     Forbidden(String),
-    #[error(
-        "insufficient credits: balance {balance}, available {available}, this request needs up to {estimate}"
-    )]
-    InsufficientCredits {
-        balance: Credits,
-        available: Credits,
-        estimate: Credits,
-    },
+    /// The balance (or a key's limit) cannot cover the request: 402.
+    #[error("{0}")]
+    InsufficientCredits(String),
     #[error("The model `{0}` does not exist or is not served by this gateway")]
     ModelNotFound(String),
     #[error("{message}")]
@@ -75,7 +69,7 @@ impl ApiError {
         match self {
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
-            ApiError::InsufficientCredits { .. } => StatusCode::PAYMENT_REQUIRED,
+            ApiError::InsufficientCredits(_) => StatusCode::PAYMENT_REQUIRED,
             ApiError::ModelNotFound(_) | ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
@@ -91,7 +85,7 @@ impl ApiError {
         match self {
             ApiError::Unauthorized(_) => ("invalid_request_error", None, Some("invalid_api_key")),
             ApiError::Forbidden(_) => ("permission_error", None, Some("permission_denied")),
-            ApiError::InsufficientCredits { .. } => {
+            ApiError::InsufficientCredits(_) => {
                 ("insufficient_quota", None, Some("insufficient_credits"))
             }
             ApiError::ModelNotFound(_) => (
@@ -180,15 +174,9 @@ impl From<HoldRefused> for ApiError {
                 param: Some(field),
                 code: Some("unsupported_input"),
             },
-            HoldRefused::InsufficientCredits {
-                balance,
-                available,
-                estimate,
-            } => ApiError::InsufficientCredits {
-                balance,
-                available,
-                estimate,
-            },
+            HoldRefused::InsufficientCredits { .. } => {
+                ApiError::InsufficientCredits(error.to_string())
+            }
             HoldRefused::Cache(e) => ApiError::from(e),
         }
     }
