@@ -18,6 +18,7 @@
 //! - [`config`]: `config/tollgate.toml` loading, env overrides and validation.
 //! - [`domain`]: money, ids, token counts and time.
 //! - [`mock`]: the built-in mock upstream.
+//! - [`net`]: the one outbound HTTP(S) client set-up.
 
 pub mod admin;
 pub mod app;
@@ -30,6 +31,7 @@ pub mod domain;
 pub mod ledger;
 pub mod metering;
 pub mod mock;
+pub mod net;
 pub mod proxy;
 pub mod routes;
 pub mod state;

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 /// Bottom first. A module may import only modules of a lower layer.
 const LAYERS: &[&[&str]] = &[
-    &["domain", "mock"],
+    &["domain", "mock", "net"],
     &["config"],
     &["telemetry", "ledger"],
     &["cache"],

@@ -8,14 +8,11 @@ use bytes::Bytes;
 use http::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, USER_AGENT};
 use http::{HeaderValue, Method, Request, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use serde_json::{Value, json};
 
 use super::provider::{CheckoutCreated, CheckoutRequest, ProviderError};
 use super::stripe::normalize_base;
+use crate::net::{HttpsClient, https_client};
 
 /// Lemon Squeezy's API, used when no base is configured.
 pub const DEFAULT_API_BASE: &str = "https://api.lemonsqueezy.com/";
@@ -32,7 +29,7 @@ const JSON_API: &str = "application/vnd.api+json";
 /// is shared).
 #[derive(Clone)]
 pub struct LemonSqueezyApi {
-    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    client: HttpsClient<Full<Bytes>>,
     checkouts_url: Uri,
     /// `Bearer <key>`, marked sensitive.
     authorization: HeaderValue,
@@ -77,19 +74,7 @@ impl LemonSqueezyApi {
             ProviderError::Config(format!("Lemon Squeezy API base {base:?} is not a URL"))
         })?;
 
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(REQUEST_TIMEOUT));
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_webpki_roots()
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build(https);
+        let client = https_client(REQUEST_TIMEOUT, Duration::from_secs(60));
         Ok(LemonSqueezyApi {
             client,
             checkouts_url,

@@ -10,14 +10,11 @@ use axum::body::Body;
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::Full;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use tower::ServiceExt;
 
 use super::Endpoint;
 use crate::config::ResolvedUpstream;
+use crate::net::{HttpsClient, https_client};
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -32,7 +29,7 @@ pub enum UpstreamError {
 /// The upstreams in config order and a shared connection pool.
 pub struct Upstreams {
     upstreams: Vec<ResolvedUpstream>,
-    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    client: HttpsClient<Full<Bytes>>,
     mock: axum::Router,
 }
 
@@ -44,20 +41,11 @@ pub struct Answer<'a> {
 
 impl Upstreams {
     pub fn new(upstreams: Vec<ResolvedUpstream>) -> Self {
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
         let connect_timeout = upstreams.iter().map(|u| u.config.connect_timeout()).max();
-        http.set_connect_timeout(connect_timeout.or(Some(Duration::from_secs(10))));
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_webpki_roots()
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build(https);
+        let client = https_client(
+            connect_timeout.unwrap_or(Duration::from_secs(10)),
+            Duration::from_secs(90),
+        );
         Upstreams {
             upstreams,
             client,

@@ -8,13 +8,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::Uri;
 use http_body_util::{BodyExt as _, Empty, Limited};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use jsonwebtoken::jwk::JwkSet;
 
 use super::*;
+use crate::net::{HttpsClient, https_client};
 
 pub(super) fn parse_jwks_url(url: &str) -> Result<Uri, String> {
     let uri: Uri = url.parse().map_err(|e| format!("not a valid URL: {e}"))?;
@@ -30,11 +27,9 @@ pub(super) fn parse_jwks_url(url: &str) -> Result<Uri, String> {
 
 // ---- remote JWKS --------------------------------------------------------------------------
 
-pub(super) type HttpsClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
-
 pub(super) struct RemoteJwks {
     url: Uri,
-    client: HttpsClient,
+    client: HttpsClient<Empty<Bytes>>,
     timing: Timing,
     /// Never held across an await; a poisoned lock is recovered because every write leaves the
     /// state consistent.
@@ -96,12 +91,7 @@ pub(super) enum FetchError {
 
 impl RemoteJwks {
     pub(super) fn new(url: Uri, timing: Timing) -> Self {
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_webpki_roots()
-            .https_or_http()
-            .enable_all_versions()
-            .build();
-        let client = Client::builder(TokioExecutor::new()).build(connector);
+        let client = https_client(timing.fetch_timeout, Duration::from_secs(90));
         Self {
             url,
             client,
