@@ -66,11 +66,7 @@ pub async fn open_ledger(config: &Config) -> anyhow::Result<SharedLedger> {
 
 /// Builds the JWT verifier, or none when no key source is configured.
 pub async fn jwt_verifier(settings: &JwtSettings) -> anyhow::Result<Option<JwtVerifier>> {
-    let configured = settings.secret.as_ref().is_some_and(|s| !s.is_empty())
-        || settings.public_key_file.is_some()
-        || settings.jwks_file.is_some()
-        || settings.jwks_url.is_some();
-    if !configured {
+    if !settings.has_key_source() {
         return Ok(None);
     }
     Ok(Some(JwtVerifier::from_settings(settings).await?))
