@@ -163,11 +163,13 @@ async fn main() {
         elapsed.as_millis()
     );
 
-    let problems = state
-        .ledger
-        .verify(tollgate::domain::Credits::ZERO)
-        .await
-        .expect("verify");
+    let problems = tollgate::billing::store::verify_books(
+        state.ledger.as_ref(),
+        state.payments.store(),
+        tollgate::domain::Credits::ZERO,
+    )
+    .await
+    .expect("verify");
     assert!(
         problems.is_empty(),
         "ledger inconsistent after the run: {problems:?}"
@@ -175,8 +177,8 @@ async fn main() {
 
     let account = tollgate::domain::AccountId::parse("bench-1").expect("id");
     let orders = state
-        .ledger
-        .payments()
+        .payments
+        .store()
         .orders(
             &account,
             tollgate::ledger::Page {
@@ -188,8 +190,8 @@ async fn main() {
         .expect("orders");
     let invoice_id = orders[0].1.invoice_id.clone().expect("invoiced");
     let invoice = state
-        .ledger
-        .payments()
+        .payments
+        .store()
         .invoice(&invoice_id)
         .await
         .expect("invoice")

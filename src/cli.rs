@@ -12,6 +12,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use crate::app::{self, App};
+use crate::billing::store::verify_books;
 use crate::config::Config;
 use crate::domain::time::parse_duration;
 use crate::domain::{AccountId, Credits};
@@ -285,8 +286,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Ledger(LedgerCommand::Verify) => {
-            let ledger = app::open_ledger(&config).await?;
-            let problems = ledger.verify(config.metering.overdraft).await?;
+            let stores = app::open_stores(&config).await?;
+            let problems = verify_books(
+                stores.ledger.as_ref(),
+                stores.payments.as_ref(),
+                config.metering.overdraft,
+            )
+            .await?;
             if problems.is_empty() {
                 println!("ledger consistent");
             } else {

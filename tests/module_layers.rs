@@ -27,14 +27,9 @@ const LAYERS: &[&[&str]] = &[
 /// Imports allowed only in tests: the shared test support (tests/support), declared in lib.rs.
 const TEST_ONLY: &[&str] = &["test_support"];
 
-/// Known upward or sideways imports, being removed. Each entry must still occur: once one is
-/// fixed, delete it here, so the list only shrinks.
-const KNOWN: &[(&str, &str)] = &[("ledger", "billing")];
-
 #[test]
 fn no_module_imports_one_beside_or_above_it() {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-    let mut found = BTreeSet::new();
     let mut problems = Vec::new();
     let mut checked = BTreeSet::new();
     for file in rust_files(&src) {
@@ -54,22 +49,11 @@ fn no_module_imports_one_beside_or_above_it() {
             match (layer(&from), layer(&to)) {
                 (Some(a), Some(b)) if b < a => {}
                 (Some(_), Some(_)) => {
-                    if KNOWN.contains(&(from.as_str(), to.as_str())) {
-                        found.insert((from.clone(), to.clone()));
-                    } else {
-                        problems.push(format!("{place}: `{from}` imports `{to}`, not below it"));
-                    }
+                    problems.push(format!("{place}: `{from}` imports `{to}`, not below it"))
                 }
                 (None, _) => problems.push(format!("{place}: `{from}` is in no layer")),
                 (_, None) => problems.push(format!("{place}: `{to}` is in no layer")),
             }
-        }
-    }
-    for &(from, to) in KNOWN {
-        if !found.contains(&(from.to_owned(), to.to_owned())) {
-            problems.push(format!(
-                "`{from}` no longer imports `{to}`: remove it from KNOWN"
-            ));
         }
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));

@@ -18,9 +18,11 @@ use tokio::net::TcpListener;
 use crate::auth::Authenticator;
 use crate::auth::api_keys::ApiKeyCache;
 use crate::auth::jwt::JwtVerifier;
+use crate::billing::store::{SharedPaymentStore, SqlPaymentStore};
 use crate::cache::SharedCache;
 use crate::config::Config;
 use crate::config::JwtSettings;
+use crate::ledger::mysql::MySqlLedger;
 use crate::ledger::sqlite::SqliteLedger;
 use crate::ledger::{Ledger, SharedLedger};
 use crate::metering::Meter;
@@ -33,19 +35,29 @@ use crate::routes;
 use crate::state::AppState;
 pub use tasks::{EPOCH_POLL, Supervisor, sweep_expired_grants};
 
-/// Opens the ledger named by the config and applies its migrations: `mysql://` opens the shared
-/// production store, `sqlite:` the embedded file (whose directory is created if missing).
-pub async fn open_ledger(config: &Config) -> anyhow::Result<SharedLedger> {
+/// The ledger and the payments store, on one database.
+pub struct Stores {
+    pub ledger: SharedLedger,
+    pub payments: SharedPaymentStore,
+}
+
+/// Opens the database named by the config and applies its migrations: `mysql://` opens the
+/// shared production store, `sqlite:` the embedded file (whose directory is created if
+/// missing). The ledger and the payments store share its connection pool.
+pub async fn open_stores(config: &Config) -> anyhow::Result<Stores> {
     let url = &config.database.url;
     let max_connections = config.database.max_connections;
-    let ledger: SharedLedger = if url.starts_with("mysql://") {
+    if url.starts_with("mysql://") {
         // The URL may carry a password: name only what follows the credentials.
         let shown = url.rsplit_once('@').map_or(url.as_str(), |(_, host)| host);
-        let ledger = crate::ledger::mysql::MySqlLedger::connect(url, max_connections)
+        let ledger = MySqlLedger::connect(url, max_connections)
             .await
             .with_context(|| format!("opening MySQL database {shown}"))?;
         ledger.migrate().await.context("applying migrations")?;
-        Arc::new(ledger)
+        Ok(Stores {
+            payments: Arc::new(SqlPaymentStore::new(ledger.pool().clone())),
+            ledger: Arc::new(ledger),
+        })
     } else if url.starts_with("sqlite:") {
         if let Some(path) = config.sqlite_path()
             && let Some(dir) = path.parent()
@@ -57,11 +69,18 @@ pub async fn open_ledger(config: &Config) -> anyhow::Result<SharedLedger> {
             .await
             .with_context(|| format!("opening database {url}"))?;
         ledger.migrate().await.context("applying migrations")?;
-        Arc::new(ledger)
+        Ok(Stores {
+            payments: Arc::new(SqlPaymentStore::new(ledger.pool().clone())),
+            ledger: Arc::new(ledger),
+        })
     } else {
         anyhow::bail!("database.url: use sqlite://PATH or mysql://USER@HOST/DB");
-    };
-    Ok(ledger)
+    }
+}
+
+/// Opens the ledger alone (see [`open_stores`]).
+pub async fn open_ledger(config: &Config) -> anyhow::Result<SharedLedger> {
+    Ok(open_stores(config).await?.ledger)
 }
 
 /// Builds the JWT verifier, or none when no key source is configured.
@@ -84,7 +103,10 @@ pub struct App {
 impl App {
     pub async fn build(config: Config) -> anyhow::Result<App> {
         let instance = format!("gw_{}", uuid::Uuid::new_v4().simple());
-        let ledger = open_ledger(&config).await?;
+        let Stores {
+            ledger,
+            payments: payment_store,
+        } = open_stores(&config).await?;
         let cache: SharedCache = crate::cache::open(&config.cache, &instance)
             .await
             .context("opening the balance cache")?;
@@ -140,6 +162,7 @@ impl App {
             crate::billing::service::Payments::new(
                 &config,
                 ledger.clone(),
+                payment_store,
                 cache.clone(),
                 packages.clone(),
             )

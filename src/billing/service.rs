@@ -19,7 +19,9 @@ use super::lemonsqueezy::LemonSqueezyApi;
 use super::money::to_minor;
 use super::orders::{self, Deferred, Order, OrderStatus, Provider};
 use super::provider::{CheckoutRequest, ProviderError};
-use super::store::{EventRecord, OrderLookup, PaymentStore, StepFn, UpdateOutcome};
+use super::store::{
+    EventRecord, OrderLookup, PaymentStore, SharedPaymentStore, StepFn, UpdateOutcome,
+};
 use super::stripe::StripeApi;
 use super::webhooks::{Action, Claim, ParsedEvent};
 use crate::cache::SharedCache;
@@ -101,6 +103,9 @@ struct LemonSqueezySetup {
 
 pub struct Payments {
     ledger: SharedLedger,
+    /// Orders and events. An order's credit moves are written here and applied afterwards
+    /// through the ledger's own idempotent grants.
+    store: SharedPaymentStore,
     cache: SharedCache,
     packages: Arc<Vec<Package>>,
     invoices: crate::config::InvoiceSettings,
@@ -116,6 +121,7 @@ impl Payments {
     pub fn new(
         config: &Config,
         ledger: SharedLedger,
+        store: SharedPaymentStore,
         cache: SharedCache,
         packages: Arc<Vec<Package>>,
     ) -> anyhow::Result<Payments> {
@@ -158,6 +164,7 @@ impl Payments {
         };
         Ok(Payments {
             ledger,
+            store,
             cache,
             packages,
             invoices: config.invoices.clone(),
@@ -170,8 +177,9 @@ impl Payments {
         })
     }
 
-    fn store(&self) -> &dyn PaymentStore {
-        self.ledger.payments()
+    /// The orders, events, coupons, invoices and statements.
+    pub fn store(&self) -> &dyn PaymentStore {
+        self.store.as_ref()
     }
 
     pub fn stripe_webhook(&self) -> Option<&ResolvedStripe> {

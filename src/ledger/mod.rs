@@ -6,7 +6,6 @@
 
 pub mod grants;
 pub mod mysql;
-mod payments;
 pub mod set_aside;
 mod settle_plan;
 mod settle_writes;
@@ -20,6 +19,7 @@ use serde::Serialize;
 
 use crate::domain::{AccountId, Credits, RequestId, TokenUsage};
 pub use set_aside::SetAside;
+pub use verify::Columns;
 
 pub type SharedLedger = Arc<dyn Ledger>;
 
@@ -407,6 +407,7 @@ pub trait Ledger: Send + Sync + 'static {
     /// with `debt ≥ 0`, and every grant's `remaining = amount − debt_paid − Σ its draws ≥ 0`;
     /// no debit took a balance below `-overdraft` without a documented cause (see `verify.rs`);
     /// and no settlement set aside is left unresolved ([`set_aside`]). Empty means consistent.
+    /// (The payment tables have their own checks: `billing::store::verify_books` runs both.)
     async fn verify(&self, overdraft: Credits) -> Result<Vec<VerifyProblem>, LedgerError>;
 
     /// Keeps a settlement the ledger refused on its own for an admin ([`set_aside`]); nothing
@@ -496,7 +497,4 @@ pub trait Ledger: Send + Sync + 'static {
             _ => Ok(snapshot),
         }
     }
-
-    /// Orders, payment events and invoices, kept in the same database.
-    fn payments(&self) -> &dyn crate::billing::store::PaymentStore;
 }

@@ -28,9 +28,7 @@ use futures_util::TryStreamExt;
 use rand::Rng;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::mysql::{MySqlConnectOptions, MySqlDatabaseError, MySqlPoolOptions, MySqlRow};
-use sqlx::{
-    Connection, Executor, MySql, MySqlConnection, MySqlPool, QueryBuilder, Row, SqlSafeStr,
-};
+use sqlx::{Executor, MySql, MySqlConnection, MySqlPool, QueryBuilder, Row, SqlSafeStr};
 
 use super::grants::{
     GrantRow, drawing_order, expiry_entry_text, plan_credit, plan_debit_from, plan_expiry,
@@ -169,6 +167,11 @@ impl MySqlLedger {
         Ok(MySqlLedger { pool })
     }
 
+    /// The connection pool, for the tables kept beside the ledger's (the payments store's).
+    pub fn pool(&self) -> &MySqlPool {
+        &self.pool
+    }
+
     /// Closes the pool, waiting for connections in use to come back.
     pub async fn close(&self) {
         self.pool.close().await;
@@ -210,8 +213,26 @@ fn backoff(attempt: u32) -> Duration {
     Duration::from_millis(base + jitter)
 }
 
+/// A read-only transaction whose reads all see one consistent snapshot. (The session default
+/// is READ COMMITTED; the `SET` applies to the next transaction only.)
+pub(crate) async fn read_snapshot(
+    pool: &MySqlPool,
+) -> Result<sqlx::Transaction<'static, MySql>, sqlx::Error> {
+    let mut conn = pool.acquire().await?;
+    conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        .await?;
+    sqlx::Transaction::begin(
+        conn,
+        Some("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY".into_sql_str()),
+    )
+    .await
+}
+
 /// [`retrying`] on deadlocks and lock wait timeouts: the payments store's transactions.
-async fn rerun_on_lock_conflict<T, F, Fut>(what: &'static str, attempt: F) -> Result<T, LedgerError>
+pub(crate) async fn rerun_on_lock_conflict<T, F, Fut>(
+    what: &'static str,
+    attempt: F,
+) -> Result<T, LedgerError>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, LedgerError>>,
@@ -1259,14 +1280,8 @@ impl Ledger for MySqlLedger {
 
     async fn verify(&self, overdraft: Credits) -> Result<Vec<VerifyProblem>, LedgerError> {
         // One consistent snapshot for every read, so settlements committing meanwhile cannot
-        // make balances, entries and grants disagree. (The session default is READ COMMITTED;
-        // this applies to the next transaction only.)
-        let mut conn = self.pool.acquire().await?;
-        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-            .await?;
-        let mut tx = conn
-            .begin_with("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
-            .await?;
+        // make balances, entries and grants disagree.
+        let mut tx = read_snapshot(&self.pool).await?;
 
         let mut checks = Checks::read::<MySql>(&mut tx, overdraft).await?;
         // SUM over BIGINT is DECIMAL on the server; it travels as text and is parsed exactly.
@@ -1286,7 +1301,6 @@ impl Ledger for MySqlLedger {
             }
         }
         let mut problems = checks.finish();
-        problems.extend(super::payments::verify::<MySql>(&mut tx).await?);
         problems.extend(set_aside::verify::<MySql>(&mut tx).await?);
 
         let orphans = sqlx::query(
@@ -1421,10 +1435,6 @@ impl Ledger for MySqlLedger {
             .collect()
     }
 
-    fn payments(&self) -> &dyn crate::billing::store::PaymentStore {
-        self
-    }
-
     async fn accounts_due(&self, now: i64) -> Result<Vec<AccountId>, LedgerError> {
         let accounts: Vec<String> = sqlx::query_scalar(
             "SELECT DISTINCT account_id FROM credit_grants \
@@ -1450,12 +1460,3 @@ impl Ledger for MySqlLedger {
         .await
     }
 }
-
-super::payments::impl_payment_store!(
-    MySqlLedger,
-    begin = "BEGIN",
-    lock = " FOR UPDATE",
-    bump_counter = "INSERT INTO invoice_counters (year, last_number) VALUES (?, 1) ON DUPLICATE KEY UPDATE last_number = last_number + 1",
-    rerun = rerun_on_lock_conflict,
-    upsert_statement = "INSERT INTO usage_statements (account_id, billing_month, document, generated_at) VALUES (?, ?, ?, ?) ON DUPLICATE KEY UPDATE document = VALUES(document), generated_at = VALUES(generated_at)"
-);

@@ -114,6 +114,12 @@ pub struct SqliteLedger {
 }
 
 impl SqliteLedger {
+    /// The pool of the database's ordinary connections, for the tables kept beside the
+    /// ledger's (the payments store's).
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
     /// Opens (creating if missing) the database at `url` (`sqlite://path`).
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self, LedgerError> {
         let options = SqliteConnectOptions::from_str(url)?
@@ -1094,7 +1100,6 @@ impl Ledger for SqliteLedger {
             }
         }
         let mut problems = checks.finish();
-        problems.extend(super::payments::verify::<Sqlite>(&mut tx).await?);
         problems.extend(set_aside::verify::<Sqlite>(&mut tx).await?);
 
         let orphans = sqlx::query(
@@ -1215,10 +1220,6 @@ impl Ledger for SqliteLedger {
             .collect()
     }
 
-    fn payments(&self) -> &dyn crate::billing::store::PaymentStore {
-        self
-    }
-
     async fn accounts_due(&self, now: i64) -> Result<Vec<AccountId>, LedgerError> {
         let accounts: Vec<String> = sqlx::query_scalar(
             "SELECT DISTINCT account_id FROM credit_grants \
@@ -1245,22 +1246,3 @@ impl Ledger for SqliteLedger {
         self.sweep(account, now, keep).await
     }
 }
-
-/// Runs `attempt` once: SQLite's one writer waits for the write lock (`busy_timeout`) instead
-/// of failing, so a transaction never needs running again.
-async fn run_once<T, F, Fut>(_what: &'static str, mut attempt: F) -> Result<T, LedgerError>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, LedgerError>>,
-{
-    attempt().await
-}
-
-super::payments::impl_payment_store!(
-    SqliteLedger,
-    begin = "BEGIN IMMEDIATE",
-    lock = "",
-    bump_counter = "INSERT INTO invoice_counters (year, last_number) VALUES (?, 1) ON CONFLICT (year) DO UPDATE SET last_number = last_number + 1",
-    rerun = run_once,
-    upsert_statement = "INSERT INTO usage_statements (account_id, billing_month, document, generated_at) VALUES (?, ?, ?, ?) ON CONFLICT (account_id, billing_month) DO UPDATE SET document = excluded.document, generated_at = excluded.generated_at"
-);

@@ -44,7 +44,7 @@ const ABOVE_HOLD: &str = "SELECT request_id, account_id, cost, hold FROM usage_r
      WHERE cost > hold ORDER BY started_at, request_id";
 
 /// The column reads the checks need, for the rows of any sqlx driver.
-pub(crate) trait Columns {
+pub trait Columns {
     fn text(&self, column: &str) -> Result<String, sqlx::Error>;
     fn int(&self, column: &str) -> Result<i64, sqlx::Error>;
     fn optional_int(&self, column: &str) -> Result<Option<i64>, sqlx::Error>;

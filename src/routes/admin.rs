@@ -319,8 +319,8 @@ pub async fn payment_events(
         });
     }
     let events = state
-        .ledger
-        .payments()
+        .payments
+        .store()
         .events(query.outcome.as_deref(), page)
         .await?;
     let last = events.last().map(|e| e.cursor);
@@ -346,7 +346,7 @@ pub async fn order(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    match state.ledger.payments().order(&id).await? {
+    match state.payments.store().order(&id).await? {
         Some(order) => {
             let mut value = crate::routes::payments::order_json(&order);
             value["account_id"] = json!(order.account);
@@ -392,7 +392,7 @@ pub async fn create_coupon(
             param: Some(param),
             code: None,
         })?;
-    if !state.ledger.payments().create_coupon(&coupon).await? {
+    if !state.payments.store().create_coupon(&coupon).await? {
         return Err(ApiError::Conflict(format!(
             "coupon {} exists already",
             coupon.code
@@ -403,7 +403,7 @@ pub async fn create_coupon(
 
 /// `GET /admin/coupons`.
 pub async fn coupons(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let coupons = state.ledger.payments().coupons().await?;
+    let coupons = state.payments.store().coupons().await?;
     let data: Vec<Value> = coupons.iter().map(coupon_json).collect();
     Ok(Json(json!({"object": "list", "data": data})))
 }
@@ -422,7 +422,7 @@ pub async fn update_coupon(
 ) -> Result<Json<Value>, ApiError> {
     let code = crate::billing::coupons::normalize_code(&code)
         .ok_or_else(|| ApiError::NotFound(format!("no coupon {code}")))?;
-    let store = state.ledger.payments();
+    let store = state.payments.store();
     if !store
         .set_coupon_active(&code, patch.active, crate::domain::time::now_ms())
         .await?

@@ -74,7 +74,7 @@ pub async fn generate_statement(
             code: None,
         });
     }
-    let store = state.ledger.payments();
+    let store = state.payments.store();
     let usage = store
         .usage_by_model(&caller.account, bounds.0, bounds.1)
         .await?;
@@ -88,7 +88,7 @@ pub async fn statements(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
 ) -> Result<Json<Value>, ApiError> {
-    let statements = state.ledger.payments().statements(&caller.account).await?;
+    let statements = state.payments.store().statements(&caller.account).await?;
     let data: Vec<Value> = statements.iter().map(statement_json).collect();
     Ok(Json(json!({"object": "list", "data": data})))
 }

@@ -133,11 +133,7 @@ pub async fn orders(
     Query(query): Query<PageQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let page = query.page()?;
-    let orders = state
-        .ledger
-        .payments()
-        .orders(&caller.account, page)
-        .await?;
+    let orders = state.payments.store().orders(&caller.account, page).await?;
     let last = orders.last().map(|(cursor, _)| *cursor);
     Ok(list(
         orders.iter().map(|(_, order)| order_json(order)).collect(),
@@ -152,7 +148,7 @@ pub async fn order(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    match state.ledger.payments().order(&id).await? {
+    match state.payments.store().order(&id).await? {
         Some(order) if order.account == caller.account => Ok(Json(order_json(&order))),
         _ => Err(ApiError::NotFound(format!("no order {id}"))),
     }
@@ -163,7 +159,7 @@ async fn own_invoice(
     caller: &Caller,
     id: &str,
 ) -> Result<crate::billing::invoice::Invoice, ApiError> {
-    match state.ledger.payments().invoice(id).await? {
+    match state.payments.store().invoice(id).await? {
         // Someone else's invoice is reported exactly like a missing one.
         Some(invoice) if invoice.account_id == caller.account.as_str() => Ok(invoice),
         _ => Err(ApiError::NotFound(format!("no invoice {id}"))),

@@ -11,7 +11,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tollgate::app::App;
 use tollgate::config::Config;
-use tollgate::ledger::Ledger;
+use tollgate::ledger::{Ledger, VerifyProblem};
 use tollgate::mock::{self, MockLog};
 use tollgate::state::AppState;
 
@@ -504,15 +504,23 @@ impl TestApp {
         }
     }
 
-    /// I3: every account's entries add up to its balance, every charge has its entry.
+    /// I3: every account's entries add up to its balance, every charge has its entry; and
+    /// the payment books agree with the ledger.
     pub async fn assert_ledger_consistent(&self) {
         self.state.settler.flush().await;
-        let problems = self
-            .ledger
-            .verify(self.config.metering.overdraft)
-            .await
-            .expect("verify runs");
+        let problems = self.verify_books().await;
         assert!(problems.is_empty(), "ledger inconsistent: {problems:?}");
+    }
+
+    /// Every problem `ledger verify` would report.
+    pub async fn verify_books(&self) -> Vec<VerifyProblem> {
+        tollgate::billing::store::verify_books(
+            self.ledger.as_ref(),
+            self.state.payments.store(),
+            self.config.metering.overdraft,
+        )
+        .await
+        .expect("verify runs")
     }
 
     /// Stops the gateway gracefully (drain, flush) and waits for it.

@@ -1449,12 +1449,7 @@ async fn ledger_verify_reports_payment_records_that_disagree() {
              VALUES ('GHOST', 'bonus', 1, 1, 1, 0, 0)",
         )
         .await;
-        let problems = shop
-            .app
-            .ledger
-            .verify(shop.app.config.metering.overdraft)
-            .await
-            .expect("verify runs");
+        let problems = shop.app.verify_books().await;
         let text = format!("{problems:?}");
         for expected in ["without gaps", "no matching ledger entry", "coupon GHOST"] {
             assert!(text.contains(expected), "{expected} not in {text}");

@@ -1,16 +1,33 @@
-//! The payments port: orders, their credit moves, processed provider events and invoices.
+//! The payments port: orders, their credit moves, processed provider events, coupons,
+//! invoices and statements.
 //!
-//! Implemented by both ledger adapters on the ledger's own database (`src/ledger/payments.rs`),
-//! reached through [`Ledger::payments`](crate::ledger::Ledger::payments).
+//! [`SqlPaymentStore`] implements it on the ledger's database, for both drivers (their
+//! differences are a [`PaymentDialect`]). The store never moves credits: an order's credit
+//! moves are written here, in the order's transaction, and applied to the ledger afterwards
+//! through the ledger's own idempotent grants ([`super::service`]).
+
+mod dialect;
+mod rows;
+mod sql;
+mod transitions;
+mod verify;
+
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use serde::Serialize;
+
+pub use dialect::PaymentDialect;
+pub use sql::SqlPaymentStore;
 
 use super::coupons::Coupon;
 use super::invoice::Invoice;
 use super::orders::{CreditMove, Deferred, Order, Provider, Step};
 use crate::domain::AccountId;
-use crate::ledger::{LedgerError, Page};
+use crate::domain::Credits;
+use crate::ledger::{Ledger, LedgerError, Page, VerifyProblem};
+
+pub type SharedPaymentStore = Arc<dyn PaymentStore>;
 
 /// Decides an order's next state from its current one (see [`super::orders`]). May run more
 /// than once when the database asks for a transaction to be re-run.
@@ -159,4 +176,20 @@ pub trait PaymentStore: Send + Sync {
 
     /// Uses of `code` the account holds (orders not failed or expired).
     async fn coupon_uses_by(&self, code: &str, account: &AccountId) -> Result<i64, LedgerError>;
+
+    /// The payment books' own problems: an applied credit move missing from the ledger, a paid
+    /// order without its invoice, a gap in a year's invoice numbers, a coupon whose use count
+    /// differs from the orders holding it.
+    async fn verify(&self) -> Result<Vec<VerifyProblem>, LedgerError>;
+}
+
+/// Every problem in the books: the ledger's own (see [`Ledger::verify`]) and the payments'.
+pub async fn verify_books(
+    ledger: &dyn Ledger,
+    payments: &dyn PaymentStore,
+    overdraft: Credits,
+) -> Result<Vec<VerifyProblem>, LedgerError> {
+    let mut problems = ledger.verify(overdraft).await?;
+    problems.extend(payments.verify().await?);
+    Ok(problems)
 }
