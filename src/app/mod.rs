@@ -23,6 +23,7 @@ use crate::cache::SharedCache;
 use crate::config::Config;
 use crate::config::JwtSettings;
 use crate::ledger::mysql::MySqlLedger;
+use crate::ledger::sql::SqlAdapter as _;
 use crate::ledger::sqlite::SqliteLedger;
 use crate::ledger::{Ledger, SharedLedger};
 use crate::metering::Meter;
@@ -53,7 +54,9 @@ pub async fn open_stores(config: &Config) -> anyhow::Result<Stores> {
         let ledger = MySqlLedger::connect(url, max_connections)
             .await
             .with_context(|| format!("opening MySQL database {shown}"))?;
-        ledger.migrate().await.context("applying migrations")?;
+        Ledger::migrate(&ledger)
+            .await
+            .context("applying migrations")?;
         Ok(Stores {
             payments: Arc::new(SqlPaymentStore::new(ledger.pool().clone())),
             ledger: Arc::new(ledger),
@@ -68,7 +71,9 @@ pub async fn open_stores(config: &Config) -> anyhow::Result<Stores> {
         let ledger = SqliteLedger::connect(url, max_connections)
             .await
             .with_context(|| format!("opening database {url}"))?;
-        ledger.migrate().await.context("applying migrations")?;
+        Ledger::migrate(&ledger)
+            .await
+            .context("applying migrations")?;
         Ok(Stores {
             payments: Arc::new(SqlPaymentStore::new(ledger.pool().clone())),
             ledger: Arc::new(ledger),

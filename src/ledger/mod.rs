@@ -9,6 +9,7 @@ pub mod mysql;
 pub mod set_aside;
 mod settle_plan;
 mod settle_writes;
+pub mod sql;
 pub mod sqlite;
 mod verify;
 

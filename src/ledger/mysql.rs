@@ -24,7 +24,6 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures_util::TryStreamExt;
 use rand::Rng;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::mysql::{MySqlConnectOptions, MySqlDatabaseError, MySqlPoolOptions, MySqlRow};
@@ -37,11 +36,11 @@ use super::settle_plan::{
     self, AccountState as BatchAccount, AccountWrite, BatchState, KeySpend, KeyWrite, SettlePlan,
 };
 use super::settle_writes;
-use super::verify::Checks;
+use super::sql::SqlAdapter;
+use super::sql::rows::{ENTRY_BY_REFERENCE, credits, entry_from_row, parse_account};
 use super::{
-    AccountRecord, ApiKeyRecord, Bucket, EntryType, GrantOutcome, GrantRecord, GrantRequest,
-    Ledger, LedgerEntry, LedgerError, Page, SetAside, SettleOutcome, Settlement, Snapshot,
-    UsageRecord, VerifyProblem, set_aside,
+    ApiKeyRecord, EntryType, GrantOutcome, GrantRequest, LedgerEntry, LedgerError, SettleOutcome,
+    Settlement, Snapshot,
 };
 use crate::domain::time::now_ms;
 use crate::domain::{AccountId, Credits};
@@ -120,22 +119,6 @@ const CHUNK: usize = 256;
 /// again): the server default, 50 s, would stall a settle batch far longer than a retry does.
 const SET_LOCK_WAIT_TIMEOUT: &str = "SET SESSION innodb_lock_wait_timeout = 10";
 
-/// The columns [`entry_from_row`] reads, for `concat!` into `&'static str` queries.
-macro_rules! select_entries {
-    () => {
-        "SELECT id, account_id, `type`, amount, balance_before, balance_after, description, \
-         reference, created_at FROM credit_transactions "
-    };
-}
-
-/// The columns [`key_from_row`] reads.
-macro_rules! select_keys {
-    () => {
-        "SELECT id, account_id, key_hash, prefix, name, spend_limit, spent, allowed_models, \
-         created_at, revoked_at FROM api_keys "
-    };
-}
-
 pub struct MySqlLedger {
     pool: MySqlPool,
 }
@@ -165,11 +148,6 @@ impl MySqlLedger {
             .connect_with(options)
             .await?;
         Ok(MySqlLedger { pool })
-    }
-
-    /// The connection pool, for the tables kept beside the ledger's (the payments store's).
-    pub fn pool(&self) -> &MySqlPool {
-        &self.pool
     }
 
     /// Closes the pool, waiting for connections in use to come back.
@@ -213,22 +191,8 @@ fn backoff(attempt: u32) -> Duration {
     Duration::from_millis(base + jitter)
 }
 
-/// A read-only transaction whose reads all see one consistent snapshot. (The session default
-/// is READ COMMITTED; the `SET` applies to the next transaction only.)
-pub(crate) async fn read_snapshot(
-    pool: &MySqlPool,
-) -> Result<sqlx::Transaction<'static, MySql>, sqlx::Error> {
-    let mut conn = pool.acquire().await?;
-    conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-        .await?;
-    sqlx::Transaction::begin(
-        conn,
-        Some("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY".into_sql_str()),
-    )
-    .await
-}
-
-/// [`retrying`] on deadlocks and lock wait timeouts: the payments store's transactions.
+/// [`retrying`] on deadlocks and lock wait timeouts: the shared SQL's transactions
+/// ([`SqlDialect::rerun`](super::sql::SqlDialect::rerun)).
 pub(crate) async fn rerun_on_lock_conflict<T, F, Fut>(
     what: &'static str,
     attempt: F,
@@ -262,54 +226,6 @@ where
             result => return result,
         }
     }
-}
-
-fn credits(row: &MySqlRow, column: &str) -> Result<Credits, sqlx::Error> {
-    row.try_get::<i64, _>(column).map(Credits::from_micros)
-}
-
-fn parse_account(raw: &str) -> Result<AccountId, LedgerError> {
-    AccountId::parse(raw).map_err(|_| LedgerError::Corrupt(format!("account id `{raw}`")))
-}
-
-fn entry_from_row(row: &MySqlRow) -> Result<LedgerEntry, LedgerError> {
-    let raw_type: String = row.try_get("type")?;
-    let account: String = row.try_get("account_id")?;
-    Ok(LedgerEntry {
-        id: row.try_get("id")?,
-        account: parse_account(&account)?,
-        entry_type: EntryType::parse(&raw_type)
-            .ok_or_else(|| LedgerError::Corrupt(format!("entry type `{raw_type}`")))?,
-        amount: credits(row, "amount")?,
-        balance_before: credits(row, "balance_before")?,
-        balance_after: credits(row, "balance_after")?,
-        description: row.try_get("description")?,
-        reference: row.try_get("reference")?,
-        created_at_ms: row.try_get("created_at")?,
-    })
-}
-
-fn key_from_row(row: &MySqlRow) -> Result<ApiKeyRecord, LedgerError> {
-    let account: String = row.try_get("account_id")?;
-    let models: Option<String> = row.try_get("allowed_models")?;
-    let allowed_models = models
-        .map(|json| serde_json::from_str::<Vec<String>>(&json))
-        .transpose()
-        .map_err(|e| LedgerError::Corrupt(format!("api key allowed_models: {e}")))?;
-    Ok(ApiKeyRecord {
-        id: row.try_get("id")?,
-        account: parse_account(&account)?,
-        key_hash: row.try_get("key_hash")?,
-        prefix: row.try_get("prefix")?,
-        name: row.try_get("name")?,
-        spend_limit: row
-            .try_get::<Option<i64>, _>("spend_limit")?
-            .map(Credits::from_micros),
-        spent: credits(row, "spent")?,
-        allowed_models,
-        created_at_ms: row.try_get("created_at")?,
-        revoked_at_ms: row.try_get("revoked_at")?,
-    })
 }
 
 /// The balance and revision of an `accounts` row; the outlook is added once the transaction's
@@ -697,20 +613,6 @@ async fn append_entry(
     Ok((entry, snapshot))
 }
 
-fn grant_from_row(row: &MySqlRow) -> Result<GrantRecord, LedgerError> {
-    Ok(GrantRecord {
-        id: row.try_get("id")?,
-        source: row.try_get("source")?,
-        transaction_id: row.try_get("transaction_id")?,
-        amount: credits(row, "amount")?,
-        debt_paid: credits(row, "debt_paid")?,
-        remaining: credits(row, "remaining")?,
-        expires_at_ms: row.try_get("expires_at")?,
-        expired_at_ms: row.try_get("expired_at")?,
-        created_at_ms: row.try_get("created_at")?,
-    })
-}
-
 /// Locks the given API keys (ascending, after the accounts: the one order every transaction
 /// takes them in).
 async fn lock_keys(
@@ -791,23 +693,6 @@ async fn insert_settle_rows(
     Ok(())
 }
 
-async fn read_key_limit(
-    executor: impl Executor<'_, Database = MySql>,
-    key_id: &str,
-) -> Result<Snapshot, LedgerError> {
-    let row = sqlx::query("SELECT spend_limit, spent, rev FROM api_keys WHERE id = ?")
-        .bind(key_id)
-        .fetch_optional(executor)
-        .await?
-        .ok_or_else(|| LedgerError::Corrupt(format!("api key {key_id} vanished")))?;
-    let limit: Option<i64> = row.try_get("spend_limit")?;
-    let spent: i64 = row.try_get("spent")?;
-    Ok(Snapshot::plain(
-        Credits::from_micros(limit.unwrap_or(i64::MAX).saturating_sub(spent)),
-        row.try_get("rev")?,
-    ))
-}
-
 /// The account's snapshot, with the outlook of its unswept grants now.
 async fn read_account(
     executor: impl Executor<'_, Database = MySql>,
@@ -876,15 +761,12 @@ impl MySqlLedger {
         if let Some(reference) = &grant.reference {
             // Under the account's lock: a grant racing with this one for the same reference has
             // either committed (and is seen here) or waits for this transaction.
-            let existing = sqlx::query(concat!(
-                select_entries!(),
-                "WHERE account_id = ? AND `type` = ? AND reference = ?"
-            ))
-            .bind(grant.account.as_str())
-            .bind(grant.entry_type.as_str())
-            .bind(reference)
-            .fetch_optional(&mut *tx)
-            .await?;
+            let existing = sqlx::query(ENTRY_BY_REFERENCE)
+                .bind(grant.account.as_str())
+                .bind(grant.entry_type.as_str())
+                .bind(reference)
+                .fetch_optional(&mut *tx)
+                .await?;
             if let Some(row) = existing {
                 let entry = entry_from_row(&row)?;
                 let snapshot = with_outlook(&mut tx, &grant.account, before, now_ms()).await?;
@@ -1085,22 +967,16 @@ impl MySqlLedger {
         tx.commit().await?;
         Ok(())
     }
-
-    async fn bump_cache_epoch_once(&self) -> Result<i64, LedgerError> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("UPDATE cache_epoch SET epoch = epoch + 1 WHERE id = 1")
-            .execute(&mut *tx)
-            .await?;
-        let epoch = sqlx::query_scalar::<_, i64>("SELECT epoch FROM cache_epoch WHERE id = 1")
-            .fetch_one(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(epoch)
-    }
 }
 
 #[async_trait]
-impl Ledger for MySqlLedger {
+impl SqlAdapter for MySqlLedger {
+    type Db = MySql;
+
+    fn pool(&self) -> &sqlx::Pool<MySql> {
+        &self.pool
+    }
+
     async fn migrate(&self) -> Result<(), LedgerError> {
         // sqlx holds a named server lock while it migrates, so instances starting together
         // apply each migration once.
@@ -1122,33 +998,6 @@ impl Ledger for MySqlLedger {
         .await
     }
 
-    async fn account(&self, account: &AccountId) -> Result<Option<AccountRecord>, LedgerError> {
-        let row = sqlx::query("SELECT balance, rev, created_at FROM accounts WHERE id = ?")
-            .bind(account.as_str())
-            .fetch_optional(&self.pool)
-            .await?;
-        row.map(|row| {
-            Ok(AccountRecord {
-                id: account.clone(),
-                balance: credits(&row, "balance")?,
-                rev: row.try_get("rev")?,
-                created_at_ms: row.try_get("created_at")?,
-            })
-        })
-        .transpose()
-    }
-
-    async fn snapshot(
-        &self,
-        bucket: &Bucket,
-        signup_grant: Credits,
-    ) -> Result<Snapshot, LedgerError> {
-        match bucket {
-            Bucket::Account(account) => self.ensure_account(account, signup_grant).await,
-            Bucket::KeyLimit(key_id) => read_key_limit(&self.pool, key_id).await,
-        }
-    }
-
     async fn grant(&self, grant: &GrantRequest) -> Result<GrantOutcome, LedgerError> {
         retrying("grant", Retry::LockConflictsAndDuplicates, || {
             self.grant_once(grant)
@@ -1166,284 +1015,12 @@ impl Ledger for MySqlLedger {
         .await
     }
 
-    async fn transactions(
-        &self,
-        account: &AccountId,
-        page: Page,
-    ) -> Result<Vec<LedgerEntry>, LedgerError> {
-        let rows = sqlx::query(concat!(
-            select_entries!(),
-            "WHERE account_id = ? AND id < ? ORDER BY id DESC LIMIT ?"
-        ))
-        .bind(account.as_str())
-        .bind(page.before.unwrap_or(i64::MAX))
-        .bind(i64::from(page.limit))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(entry_from_row).collect()
-    }
-
-    async fn usage(
-        &self,
-        account: &AccountId,
-        page: Page,
-    ) -> Result<Vec<UsageRecord>, LedgerError> {
-        let rows = sqlx::query(
-            "SELECT id, request_id, api_key_id, endpoint, model, upstream, prompt_tokens, \
-             completion_tokens, cached_tokens, cost, uncharged, hold, source, stream, status, settled_at \
-             FROM usage_records WHERE account_id = ? AND id < ? ORDER BY id DESC LIMIT ?",
-        )
-        .bind(account.as_str())
-        .bind(page.before.unwrap_or(i64::MAX))
-        .bind(i64::from(page.limit))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(UsageRecord {
-                    cursor: row.try_get("id")?,
-                    request_id: row.try_get("request_id")?,
-                    api_key_id: row.try_get("api_key_id")?,
-                    endpoint: row.try_get("endpoint")?,
-                    model: row.try_get("model")?,
-                    upstream: row.try_get("upstream")?,
-                    prompt_tokens: row.try_get("prompt_tokens")?,
-                    completion_tokens: row.try_get("completion_tokens")?,
-                    cached_tokens: row.try_get("cached_tokens")?,
-                    cost: credits(row, "cost")?,
-                    uncharged: credits(row, "uncharged")?,
-                    hold: credits(row, "hold")?,
-                    source: row.try_get("source")?,
-                    stream: row.try_get("stream")?,
-                    status: row.try_get("status")?,
-                    settled_at_ms: row.try_get("settled_at")?,
-                })
-            })
-            .collect()
-    }
-
     async fn create_api_key(&self, key: &ApiKeyRecord) -> Result<(), LedgerError> {
         // Not re-run on a duplicate key: a second key with the same id or hash is an error.
         retrying("create_api_key", Retry::LockConflicts, || {
             self.create_api_key_once(key)
         })
         .await
-    }
-
-    async fn api_key_by_hash(&self, key_hash: &str) -> Result<Option<ApiKeyRecord>, LedgerError> {
-        let row = sqlx::query(concat!(select_keys!(), "WHERE key_hash = ?"))
-            .bind(key_hash)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.as_ref().map(key_from_row).transpose()
-    }
-
-    async fn api_keys(&self, account: &AccountId) -> Result<Vec<ApiKeyRecord>, LedgerError> {
-        let rows = sqlx::query(concat!(
-            select_keys!(),
-            "WHERE account_id = ? ORDER BY created_at, id"
-        ))
-        .bind(account.as_str())
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(key_from_row).collect()
-    }
-
-    async fn revoke_api_key(&self, key_id: &str) -> Result<bool, LedgerError> {
-        retrying("revoke_api_key", Retry::LockConflicts, || async {
-            let done = sqlx::query(
-                "UPDATE api_keys SET revoked_at = ?, rev = rev + 1 \
-                 WHERE id = ? AND revoked_at IS NULL",
-            )
-            .bind(now_ms())
-            .bind(key_id)
-            .execute(&self.pool)
-            .await?;
-            Ok(done.rows_affected() == 1)
-        })
-        .await
-    }
-
-    async fn cache_epoch(&self) -> Result<i64, LedgerError> {
-        let epoch = sqlx::query_scalar::<_, i64>("SELECT epoch FROM cache_epoch WHERE id = 1")
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(epoch)
-    }
-
-    async fn bump_cache_epoch(&self) -> Result<i64, LedgerError> {
-        retrying("bump_cache_epoch", Retry::LockConflicts, || {
-            self.bump_cache_epoch_once()
-        })
-        .await
-    }
-
-    async fn verify(&self, overdraft: Credits) -> Result<Vec<VerifyProblem>, LedgerError> {
-        // One consistent snapshot for every read, so settlements committing meanwhile cannot
-        // make balances, entries and grants disagree.
-        let mut tx = read_snapshot(&self.pool).await?;
-
-        let mut checks = Checks::read::<MySql>(&mut tx, overdraft).await?;
-        // SUM over BIGINT is DECIMAL on the server; it travels as text and is parsed exactly.
-        {
-            let mut rows = sqlx::query(
-                "SELECT grant_id, CAST(SUM(amount) AS CHAR) AS drawn FROM grant_draws \
-                 GROUP BY grant_id",
-            )
-            .fetch(&mut *tx);
-            while let Some(row) = rows.try_next().await? {
-                let grant_id: i64 = row.try_get("grant_id")?;
-                let sum: String = row.try_get("drawn")?;
-                let sum = sum.parse::<i128>().map_err(|_| {
-                    LedgerError::Corrupt(format!("grant {grant_id}: draws sum `{sum}`"))
-                })?;
-                checks.draw(grant_id, sum);
-            }
-        }
-        let mut problems = checks.finish();
-        problems.extend(set_aside::verify::<MySql>(&mut tx).await?);
-
-        let orphans = sqlx::query(
-            "SELECT u.request_id, u.account_id FROM usage_records u \
-             LEFT JOIN credit_transactions t ON t.id = u.transaction_id \
-             WHERE u.cost <> 0 \
-             AND (t.id IS NULL OR t.amount <> -u.cost OR t.reference <> u.request_id) \
-             ORDER BY u.id",
-        )
-        .fetch_all(&mut *tx)
-        .await?;
-        for row in &orphans {
-            let request: String = row.try_get("request_id")?;
-            problems.push(VerifyProblem {
-                account: row.try_get("account_id")?,
-                problem: format!("usage record {request} has no matching ledger entry"),
-            });
-        }
-
-        // SUM over BIGINT is DECIMAL on the server; it travels as text and is parsed exactly.
-        let used_rows = sqlx::query(
-            "SELECT api_key_id, CAST(SUM(cost) AS CHAR) AS used FROM usage_records \
-             WHERE api_key_id IS NOT NULL GROUP BY api_key_id",
-        )
-        .fetch_all(&mut *tx)
-        .await?;
-        let mut used_by_key: HashMap<String, i128> = HashMap::with_capacity(used_rows.len());
-        for row in &used_rows {
-            let key: String = row.try_get("api_key_id")?;
-            let used: String = row.try_get("used")?;
-            let used = used
-                .parse::<i128>()
-                .map_err(|_| LedgerError::Corrupt(format!("api key {key}: usage sum `{used}`")))?;
-            used_by_key.insert(key, used);
-        }
-        let keys = sqlx::query("SELECT id, account_id, spent FROM api_keys ORDER BY id")
-            .fetch_all(&mut *tx)
-            .await?;
-        for row in &keys {
-            let key: String = row.try_get("id")?;
-            let spent: i64 = row.try_get("spent")?;
-            let used = used_by_key.get(&key).copied().unwrap_or(0);
-            if i128::from(spent) != used {
-                problems.push(VerifyProblem {
-                    account: row.try_get("account_id")?,
-                    problem: format!(
-                        "api key {key}: spent {spent} but its usage records cost {used}"
-                    ),
-                });
-            }
-        }
-        tx.commit().await?;
-        Ok(problems)
-    }
-
-    async fn set_aside(&self, entry: &SetAside) -> Result<(), LedgerError> {
-        sqlx::query(
-            "INSERT INTO settlements_set_aside (request_id, account_id, record, error, \
-             set_aside_at) VALUES (?, ?, ?, ?, ?) ON DUPLICATE KEY UPDATE request_id = request_id",
-        )
-        .bind(&entry.request_id)
-        .bind(&entry.account)
-        .bind(&entry.record)
-        .bind(&entry.error)
-        .bind(entry.set_aside_at_ms)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    async fn set_aside_settlements(
-        &self,
-        resolved: Option<bool>,
-    ) -> Result<Vec<SetAside>, LedgerError> {
-        sqlx::query(set_aside::list_sql(resolved))
-            .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(set_aside::from_row)
-            .collect()
-    }
-
-    async fn resolve_set_aside(
-        &self,
-        request_id: &str,
-        note: &str,
-        now_ms: i64,
-    ) -> Result<Option<SetAside>, LedgerError> {
-        sqlx::query(set_aside::RESOLVE)
-            .bind(now_ms)
-            .bind(note)
-            .bind(request_id)
-            .execute(&self.pool)
-            .await?;
-        sqlx::query(set_aside::ONE)
-            .bind(request_id)
-            .fetch_optional(&self.pool)
-            .await?
-            .as_ref()
-            .map(set_aside::from_row)
-            .transpose()
-    }
-
-    async fn ping(&self) -> Result<(), LedgerError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
-        Ok(())
-    }
-
-    async fn grants(&self, account: &AccountId) -> Result<Vec<GrantRecord>, LedgerError> {
-        let rows = sqlx::query(
-            "SELECT id, source, transaction_id, amount, debt_paid, remaining, expires_at, \
-             expired_at, created_at FROM credit_grants WHERE account_id = ? ORDER BY id",
-        )
-        .bind(account.as_str())
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(grant_from_row).collect()
-    }
-
-    async fn draws(&self, transaction_id: i64) -> Result<Vec<(i64, Credits)>, LedgerError> {
-        // In drawing order.
-        let rows = sqlx::query(
-            "SELECT d.grant_id, d.amount FROM grant_draws d \
-             JOIN credit_grants g ON g.id = d.grant_id WHERE d.transaction_id = ? \
-             ORDER BY g.expires_at IS NULL, g.expires_at, g.created_at, g.id",
-        )
-        .bind(transaction_id)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|row| Ok((row.try_get("grant_id")?, credits(row, "amount")?)))
-            .collect()
-    }
-
-    async fn accounts_due(&self, now: i64) -> Result<Vec<AccountId>, LedgerError> {
-        let accounts: Vec<String> = sqlx::query_scalar(
-            "SELECT DISTINCT account_id FROM credit_grants \
-             WHERE expired_at IS NULL AND expires_at <= ? ORDER BY account_id",
-        )
-        .bind(now)
-        .fetch_all(&self.pool)
-        .await?;
-        accounts.iter().map(|raw| parse_account(raw)).collect()
     }
 
     async fn expire_account(

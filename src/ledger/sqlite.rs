@@ -21,7 +21,6 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures_util::TryStreamExt;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{QueryBuilder, Row, SqlSafeStr, Sqlite, SqliteConnection, SqlitePool};
@@ -31,11 +30,11 @@ use super::grants::{
 };
 use super::settle_plan::{self, AccountState as BatchAccount, BatchState, KeySpend, SettlePlan};
 use super::settle_writes;
-use super::verify::Checks;
+use super::sql::SqlAdapter;
+use super::sql::rows::{ENTRY_BY_REFERENCE, credits, entry_from_row};
 use super::{
-    AccountRecord, ApiKeyRecord, Bucket, EntryType, GrantOutcome, GrantRecord, GrantRequest,
-    Ledger, LedgerEntry, LedgerError, Page, SetAside, SettleOutcome, Settlement, Snapshot,
-    UsageRecord, VerifyProblem, set_aside,
+    ApiKeyRecord, EntryType, GrantOutcome, GrantRequest, LedgerEntry, LedgerError, SettleOutcome,
+    Settlement, Snapshot,
 };
 use crate::domain::time::now_ms;
 use crate::domain::{AccountId, Credits};
@@ -114,12 +113,6 @@ pub struct SqliteLedger {
 }
 
 impl SqliteLedger {
-    /// The pool of the database's ordinary connections, for the tables kept beside the
-    /// ledger's (the payments store's).
-    pub fn pool(&self) -> &SqlitePool {
-        &self.pool
-    }
-
     /// Opens (creating if missing) the database at `url` (`sqlite://path`).
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self, LedgerError> {
         let options = SqliteConnectOptions::from_str(url)?
@@ -154,52 +147,6 @@ impl SqliteLedger {
     pub async fn open_file(path: &Path) -> Result<Self, LedgerError> {
         Self::connect(&format!("sqlite://{}", path.display()), 4).await
     }
-}
-
-fn credits(row: &sqlx::sqlite::SqliteRow, column: &str) -> Result<Credits, sqlx::Error> {
-    row.try_get::<i64, _>(column).map(Credits::from_micros)
-}
-
-fn entry_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<LedgerEntry, LedgerError> {
-    let raw_type: String = row.try_get("type")?;
-    let account: String = row.try_get("account_id")?;
-    Ok(LedgerEntry {
-        id: row.try_get("id")?,
-        account: AccountId::parse(&account)
-            .map_err(|_| LedgerError::Corrupt(format!("account id `{account}`")))?,
-        entry_type: EntryType::parse(&raw_type)
-            .ok_or_else(|| LedgerError::Corrupt(format!("entry type `{raw_type}`")))?,
-        amount: credits(row, "amount")?,
-        balance_before: credits(row, "balance_before")?,
-        balance_after: credits(row, "balance_after")?,
-        description: row.try_get("description")?,
-        reference: row.try_get("reference")?,
-        created_at_ms: row.try_get("created_at")?,
-    })
-}
-
-fn key_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<ApiKeyRecord, LedgerError> {
-    let account: String = row.try_get("account_id")?;
-    let models: Option<String> = row.try_get("allowed_models")?;
-    let allowed_models = models
-        .map(|json| serde_json::from_str::<Vec<String>>(&json))
-        .transpose()
-        .map_err(|e| LedgerError::Corrupt(format!("api key allowed_models: {e}")))?;
-    Ok(ApiKeyRecord {
-        id: row.try_get("id")?,
-        account: AccountId::parse(&account)
-            .map_err(|_| LedgerError::Corrupt(format!("account id `{account}`")))?,
-        key_hash: row.try_get("key_hash")?,
-        prefix: row.try_get("prefix")?,
-        name: row.try_get("name")?,
-        spend_limit: row
-            .try_get::<Option<i64>, _>("spend_limit")?
-            .map(Credits::from_micros),
-        spent: credits(row, "spent")?,
-        allowed_models,
-        created_at_ms: row.try_get("created_at")?,
-        revoked_at_ms: row.try_get("revoked_at")?,
-    })
 }
 
 /// Inserts the account if it does not exist; returns true if it was created now.
@@ -535,20 +482,6 @@ async fn append_entry(
     Ok((entry, snapshot))
 }
 
-fn grant_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<GrantRecord, LedgerError> {
-    Ok(GrantRecord {
-        id: row.try_get("id")?,
-        source: row.try_get("source")?,
-        transaction_id: row.try_get("transaction_id")?,
-        amount: credits(row, "amount")?,
-        debt_paid: credits(row, "debt_paid")?,
-        remaining: credits(row, "remaining")?,
-        expires_at_ms: row.try_get("expires_at")?,
-        expired_at_ms: row.try_get("expired_at")?,
-        created_at_ms: row.try_get("created_at")?,
-    })
-}
-
 /// Most rows (or list items) one statement of a settle batch carries, well under SQLite's limit
 /// on bound parameters.
 const CHUNK: usize = 256;
@@ -813,7 +746,13 @@ impl SqliteLedger {
 }
 
 #[async_trait]
-impl Ledger for SqliteLedger {
+impl SqlAdapter for SqliteLedger {
+    type Db = Sqlite;
+
+    fn pool(&self) -> &sqlx::Pool<Sqlite> {
+        &self.pool
+    }
+
     async fn migrate(&self) -> Result<(), LedgerError> {
         // On a connection of its own, closed afterwards: a migration run outside a transaction
         // that failed half-way may leave its own transaction open and foreign keys off on it,
@@ -863,58 +802,16 @@ impl Ledger for SqliteLedger {
         Ok(snapshot)
     }
 
-    async fn account(&self, account: &AccountId) -> Result<Option<AccountRecord>, LedgerError> {
-        let row = sqlx::query("SELECT id, balance, rev, created_at FROM accounts WHERE id = ?")
-            .bind(account.as_str())
-            .fetch_optional(&self.pool)
-            .await?;
-        row.map(|row| {
-            Ok(AccountRecord {
-                id: account.clone(),
-                balance: credits(&row, "balance")?,
-                rev: row.try_get("rev")?,
-                created_at_ms: row.try_get("created_at")?,
-            })
-        })
-        .transpose()
-    }
-
-    async fn snapshot(
-        &self,
-        bucket: &Bucket,
-        signup_grant: Credits,
-    ) -> Result<Snapshot, LedgerError> {
-        match bucket {
-            Bucket::Account(account) => self.ensure_account(account, signup_grant).await,
-            Bucket::KeyLimit(key_id) => {
-                let row = sqlx::query("SELECT spend_limit, spent, rev FROM api_keys WHERE id = ?")
-                    .bind(key_id)
-                    .fetch_optional(&self.pool)
-                    .await?
-                    .ok_or_else(|| LedgerError::Corrupt(format!("api key {key_id} vanished")))?;
-                let limit: Option<i64> = row.try_get("spend_limit")?;
-                let spent: i64 = row.try_get("spent")?;
-                Ok(Snapshot::plain(
-                    Credits::from_micros(limit.unwrap_or(i64::MAX).saturating_sub(spent)),
-                    row.try_get("rev")?,
-                ))
-            }
-        }
-    }
-
     async fn grant(&self, grant: &GrantRequest) -> Result<GrantOutcome, LedgerError> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         insert_account(&mut tx, &grant.account).await?;
         if let Some(reference) = &grant.reference {
-            let existing = sqlx::query(
-                "SELECT id, account_id, type, amount, balance_before, balance_after, description, reference, created_at \
-                 FROM credit_transactions WHERE account_id = ? AND type = ? AND reference = ?",
-            )
-            .bind(grant.account.as_str())
-            .bind(grant.entry_type.as_str())
-            .bind(reference)
-            .fetch_optional(&mut *tx)
-            .await?;
+            let existing = sqlx::query(ENTRY_BY_REFERENCE)
+                .bind(grant.account.as_str())
+                .bind(grant.entry_type.as_str())
+                .bind(reference)
+                .fetch_optional(&mut *tx)
+                .await?;
             if let Some(row) = existing {
                 let entry = entry_from_row(&row)?;
                 let snapshot = read_account(&mut tx, &grant.account)
@@ -960,61 +857,6 @@ impl Ledger for SqliteLedger {
         Ok(plan.outcomes)
     }
 
-    async fn transactions(
-        &self,
-        account: &AccountId,
-        page: Page,
-    ) -> Result<Vec<LedgerEntry>, LedgerError> {
-        let sql = "SELECT id, account_id, type, amount, balance_before, balance_after, description, reference, created_at \
-                   FROM credit_transactions WHERE account_id = ? AND id < ? ORDER BY id DESC LIMIT ?";
-        let rows = sqlx::query(sql)
-            .bind(account.as_str())
-            .bind(page.before.unwrap_or(i64::MAX))
-            .bind(i64::from(page.limit))
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(entry_from_row).collect()
-    }
-
-    async fn usage(
-        &self,
-        account: &AccountId,
-        page: Page,
-    ) -> Result<Vec<UsageRecord>, LedgerError> {
-        let rows = sqlx::query(
-            "SELECT rowid, request_id, api_key_id, endpoint, model, upstream, prompt_tokens, completion_tokens, \
-             cached_tokens, cost, uncharged, hold, source, stream, status, settled_at \
-             FROM usage_records WHERE account_id = ? AND rowid < ? ORDER BY rowid DESC LIMIT ?",
-        )
-        .bind(account.as_str())
-        .bind(page.before.unwrap_or(i64::MAX))
-        .bind(i64::from(page.limit))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(UsageRecord {
-                    cursor: row.try_get("rowid")?,
-                    request_id: row.try_get("request_id")?,
-                    api_key_id: row.try_get("api_key_id")?,
-                    endpoint: row.try_get("endpoint")?,
-                    model: row.try_get("model")?,
-                    upstream: row.try_get("upstream")?,
-                    prompt_tokens: row.try_get("prompt_tokens")?,
-                    completion_tokens: row.try_get("completion_tokens")?,
-                    cached_tokens: row.try_get("cached_tokens")?,
-                    cost: credits(row, "cost")?,
-                    uncharged: credits(row, "uncharged")?,
-                    hold: credits(row, "hold")?,
-                    source: row.try_get("source")?,
-                    stream: row.try_get("stream")?,
-                    status: row.try_get("status")?,
-                    settled_at_ms: row.try_get("settled_at")?,
-                })
-            })
-            .collect()
-    }
-
     async fn create_api_key(&self, key: &ApiKeyRecord) -> Result<(), LedgerError> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         insert_account(&mut tx, &key.account).await?;
@@ -1038,203 +880,6 @@ impl Ledger for SqliteLedger {
         .await?;
         tx.commit().await?;
         Ok(())
-    }
-
-    async fn api_key_by_hash(&self, key_hash: &str) -> Result<Option<ApiKeyRecord>, LedgerError> {
-        let row = sqlx::query("SELECT * FROM api_keys WHERE key_hash = ?")
-            .bind(key_hash)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.as_ref().map(key_from_row).transpose()
-    }
-
-    async fn api_keys(&self, account: &AccountId) -> Result<Vec<ApiKeyRecord>, LedgerError> {
-        let rows =
-            sqlx::query("SELECT * FROM api_keys WHERE account_id = ? ORDER BY created_at, id")
-                .bind(account.as_str())
-                .fetch_all(&self.pool)
-                .await?;
-        rows.iter().map(key_from_row).collect()
-    }
-
-    async fn revoke_api_key(&self, key_id: &str) -> Result<bool, LedgerError> {
-        let done = sqlx::query(
-            "UPDATE api_keys SET revoked_at = ?, rev = rev + 1 WHERE id = ? AND revoked_at IS NULL",
-        )
-        .bind(now_ms())
-        .bind(key_id)
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected() == 1)
-    }
-
-    async fn cache_epoch(&self) -> Result<i64, LedgerError> {
-        let epoch = sqlx::query_scalar::<_, i64>("SELECT epoch FROM cache_epoch WHERE id = 1")
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(epoch)
-    }
-
-    async fn bump_cache_epoch(&self) -> Result<i64, LedgerError> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        sqlx::query("UPDATE cache_epoch SET epoch = epoch + 1 WHERE id = 1")
-            .execute(&mut *tx)
-            .await?;
-        let epoch = sqlx::query_scalar::<_, i64>("SELECT epoch FROM cache_epoch WHERE id = 1")
-            .fetch_one(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(epoch)
-    }
-
-    async fn verify(&self, overdraft: Credits) -> Result<Vec<VerifyProblem>, LedgerError> {
-        // One read transaction: in WAL mode every read below sees the snapshot the first one
-        // took, so settlements committing meanwhile cannot make the tables disagree.
-        let mut tx = self.pool.begin().await?;
-        let mut checks = Checks::read::<Sqlite>(&mut tx, overdraft).await?;
-        {
-            let mut rows = sqlx::query("SELECT grant_id, amount FROM grant_draws").fetch(&mut *tx);
-            while let Some(row) = rows.try_next().await? {
-                let amount: i64 = row.try_get("amount")?;
-                checks.draw(row.try_get("grant_id")?, i128::from(amount));
-            }
-        }
-        let mut problems = checks.finish();
-        problems.extend(set_aside::verify::<Sqlite>(&mut tx).await?);
-
-        let orphans = sqlx::query(
-            "SELECT u.request_id, u.account_id FROM usage_records u \
-             LEFT JOIN credit_transactions t ON t.id = u.transaction_id \
-             WHERE u.cost <> 0 AND (t.id IS NULL OR t.amount <> -u.cost OR t.reference <> u.request_id) \
-             ORDER BY u.rowid",
-        )
-        .fetch_all(&mut *tx)
-        .await?;
-        for row in &orphans {
-            let request: String = row.try_get("request_id")?;
-            problems.push(VerifyProblem {
-                account: row.try_get("account_id")?,
-                problem: format!("usage record {request} has no matching ledger entry"),
-            });
-        }
-        let keys = sqlx::query(
-            "SELECT k.id, k.account_id, k.spent, COALESCE(SUM(u.cost), 0) AS used FROM api_keys k \
-             LEFT JOIN usage_records u ON u.api_key_id = k.id GROUP BY k.id, k.account_id, k.spent \
-             ORDER BY k.id",
-        )
-        .fetch_all(&mut *tx)
-        .await?;
-        for row in &keys {
-            let spent: i64 = row.try_get("spent")?;
-            let used: i64 = row.try_get("used")?;
-            if spent != used {
-                let key: String = row.try_get("id")?;
-                problems.push(VerifyProblem {
-                    account: row.try_get("account_id")?,
-                    problem: format!(
-                        "api key {key}: spent {spent} but its usage records cost {used}"
-                    ),
-                });
-            }
-        }
-        tx.rollback().await?;
-        Ok(problems)
-    }
-
-    async fn set_aside(&self, entry: &SetAside) -> Result<(), LedgerError> {
-        sqlx::query(
-            "INSERT INTO settlements_set_aside (request_id, account_id, record, error, set_aside_at) \
-             VALUES (?, ?, ?, ?, ?) ON CONFLICT (request_id) DO NOTHING",
-        )
-        .bind(&entry.request_id)
-        .bind(&entry.account)
-        .bind(&entry.record)
-        .bind(&entry.error)
-        .bind(entry.set_aside_at_ms)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    async fn set_aside_settlements(
-        &self,
-        resolved: Option<bool>,
-    ) -> Result<Vec<SetAside>, LedgerError> {
-        sqlx::query(set_aside::list_sql(resolved))
-            .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(set_aside::from_row)
-            .collect()
-    }
-
-    async fn resolve_set_aside(
-        &self,
-        request_id: &str,
-        note: &str,
-        now_ms: i64,
-    ) -> Result<Option<SetAside>, LedgerError> {
-        sqlx::query(set_aside::RESOLVE)
-            .bind(now_ms)
-            .bind(note)
-            .bind(request_id)
-            .execute(&self.pool)
-            .await?;
-        sqlx::query(set_aside::ONE)
-            .bind(request_id)
-            .fetch_optional(&self.pool)
-            .await?
-            .as_ref()
-            .map(set_aside::from_row)
-            .transpose()
-    }
-
-    async fn ping(&self) -> Result<(), LedgerError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
-        Ok(())
-    }
-
-    async fn grants(&self, account: &AccountId) -> Result<Vec<GrantRecord>, LedgerError> {
-        let rows = sqlx::query(
-            "SELECT id, source, transaction_id, amount, debt_paid, remaining, expires_at, \
-             expired_at, created_at FROM credit_grants WHERE account_id = ? ORDER BY id",
-        )
-        .bind(account.as_str())
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(grant_from_row).collect()
-    }
-
-    async fn draws(&self, transaction_id: i64) -> Result<Vec<(i64, Credits)>, LedgerError> {
-        // In drawing order.
-        let rows = sqlx::query(
-            "SELECT d.grant_id, d.amount FROM grant_draws d \
-             JOIN credit_grants g ON g.id = d.grant_id WHERE d.transaction_id = ? \
-             ORDER BY g.expires_at IS NULL, g.expires_at, g.created_at, g.id",
-        )
-        .bind(transaction_id)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|row| Ok((row.try_get("grant_id")?, credits(row, "amount")?)))
-            .collect()
-    }
-
-    async fn accounts_due(&self, now: i64) -> Result<Vec<AccountId>, LedgerError> {
-        let accounts: Vec<String> = sqlx::query_scalar(
-            "SELECT DISTINCT account_id FROM credit_grants \
-             WHERE expired_at IS NULL AND expires_at <= ? ORDER BY account_id",
-        )
-        .bind(now)
-        .fetch_all(&self.pool)
-        .await?;
-        accounts
-            .iter()
-            .map(|raw| {
-                AccountId::parse(raw)
-                    .map_err(|_| LedgerError::Corrupt(format!("account id `{raw}`")))
-            })
-            .collect()
     }
 
     async fn expire_account(

@@ -43,12 +43,13 @@ const GRANTS: &str = "SELECT id, account_id, amount, debt_paid, remaining, expir
 const ABOVE_HOLD: &str = "SELECT request_id, account_id, cost, hold FROM usage_records \
      WHERE cost > hold ORDER BY started_at, request_id";
 
-/// The column reads the checks need, for the rows of any sqlx driver.
+/// The column reads the shared SQL needs, for the rows of any sqlx driver.
 pub trait Columns {
     fn text(&self, column: &str) -> Result<String, sqlx::Error>;
     fn int(&self, column: &str) -> Result<i64, sqlx::Error>;
     fn optional_int(&self, column: &str) -> Result<Option<i64>, sqlx::Error>;
     fn optional_text(&self, column: &str) -> Result<Option<String>, sqlx::Error>;
+    fn flag(&self, column: &str) -> Result<bool, sqlx::Error>;
 }
 
 impl<R> Columns for R
@@ -57,6 +58,7 @@ where
     for<'a> &'a str: ColumnIndex<R>,
     for<'r> String: Decode<'r, R::Database> + Type<R::Database>,
     for<'r> i64: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> bool: Decode<'r, R::Database> + Type<R::Database>,
 {
     fn text(&self, column: &str) -> Result<String, sqlx::Error> {
         self.try_get(column)
@@ -71,6 +73,10 @@ where
     }
 
     fn optional_text(&self, column: &str) -> Result<Option<String>, sqlx::Error> {
+        self.try_get(column)
+    }
+
+    fn flag(&self, column: &str) -> Result<bool, sqlx::Error> {
         self.try_get(column)
     }
 }

@@ -71,7 +71,7 @@ where
                 "an order without a coupon written as holding one".into(),
             ));
         };
-        let mut tx = self.pool.begin_with(DB::BEGIN).await?;
+        let mut tx = self.pool.begin_with(DB::BEGIN_WRITE).await?;
         let sql = format!(
             "SELECT {} FROM coupons WHERE code = ?{}",
             rows::COUPON_COLUMNS,
@@ -120,7 +120,7 @@ where
         order_id: &str,
         step: &StepFn<'_>,
     ) -> Result<UpdateOutcome, LedgerError> {
-        let mut tx = self.pool.begin_with(DB::BEGIN).await?;
+        let mut tx = self.pool.begin_with(DB::BEGIN_WRITE).await?;
         let sql = format!(
             "SELECT {} FROM orders WHERE id = ?{}",
             rows::ORDER_COLUMNS,
