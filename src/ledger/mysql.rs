@@ -19,7 +19,7 @@
 //!   transaction back and runs it again after a short random pause; the re-run sees the winner's
 //!   row and reports a replay instead of an error.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -29,18 +29,15 @@ use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::mysql::{MySqlConnectOptions, MySqlDatabaseError, MySqlPoolOptions, MySqlRow};
 use sqlx::{Executor, MySql, MySqlConnection, MySqlPool, QueryBuilder, Row, SqlSafeStr};
 
-use super::grants::{
-    GrantRow, drawing_order, expiry_entry_text, plan_credit, plan_debit_from, plan_expiry,
-};
-use super::settle_plan::{
-    self, AccountState as BatchAccount, AccountWrite, BatchState, KeySpend, KeyWrite, SettlePlan,
-};
+use super::grants::{GrantRow, drawing_order};
+use super::settle_plan::{self, AccountState as BatchAccount, BatchState, KeySpend, SettlePlan};
 use super::settle_writes;
 use super::sql::SqlAdapter;
-use super::sql::rows::{ENTRY_BY_REFERENCE, credits, entry_from_row, parse_account};
+use super::sql::rows::{ENTRY_BY_REFERENCE, credits, entry_from_row, grant_row, parse_account};
+use super::sql::statements::{CHUNK, Statements};
 use super::{
-    ApiKeyRecord, EntryType, GrantOutcome, GrantRequest, LedgerEntry, LedgerError, SettleOutcome,
-    Settlement, Snapshot,
+    ApiKeyRecord, EntryType, GrantOutcome, GrantRequest, LedgerError, SettleOutcome, Settlement,
+    Snapshot,
 };
 use crate::domain::time::now_ms;
 use crate::domain::{AccountId, Credits};
@@ -110,14 +107,12 @@ const ER_LOCK_DEADLOCK: u16 = 1213;
 /// later: the settler does).
 const MAX_ATTEMPTS: u32 = 6;
 
-/// Values per IN list and rows per multi-row INSERT: far below the protocol's 65,535
-/// placeholders and the server's default packet size, and big enough for a whole default batch
-/// (512) to take few statements.
-const CHUNK: usize = 256;
-
 /// A statement waits this many seconds for a row lock before failing with 1205 (and being run
 /// again): the server default, 50 s, would stall a settle batch far longer than a retry does.
 const SET_LOCK_WAIT_TIMEOUT: &str = "SET SESSION innodb_lock_wait_timeout = 10";
+
+/// The shared statements, on MySQL.
+type Sql = Statements<MySql>;
 
 pub struct MySqlLedger {
     pool: MySqlPool,
@@ -235,51 +230,6 @@ fn snapshot_from_row(row: &MySqlRow) -> Result<Snapshot, LedgerError> {
         credits(row, "balance")?,
         row.try_get("rev")?,
     ))
-}
-
-fn grant_row(row: &MySqlRow) -> Result<GrantRow, sqlx::Error> {
-    Ok(GrantRow {
-        id: row.try_get("id")?,
-        remaining: row.try_get("remaining")?,
-        expires_at_ms: row.try_get("expires_at")?,
-        created_at_ms: row.try_get("created_at")?,
-    })
-}
-
-/// `snapshot` with the outlook at `at_ms` of the account's unswept grants, read inside the
-/// caller's transaction, which holds the account's lock (so they cannot change under it) and
-/// sees its own writes.
-async fn with_outlook(
-    conn: &mut MySqlConnection,
-    account: &AccountId,
-    snapshot: Snapshot,
-    at_ms: i64,
-) -> Result<Snapshot, LedgerError> {
-    let grants = sqlx::query(
-        "SELECT id, remaining, expires_at, created_at FROM credit_grants \
-         WHERE account_id = ? AND expired_at IS NULL AND remaining > 0",
-    )
-    .bind(account.as_str())
-    .fetch_all(&mut *conn)
-    .await?
-    .iter()
-    .map(grant_row)
-    .collect::<Result<Vec<_>, _>>()?;
-    Ok(Snapshot::of_account(
-        snapshot.balance,
-        snapshot.rev,
-        &grants,
-        at_ms,
-    ))
-}
-
-fn next_rev(rev: i64, account: &AccountId) -> Result<i64, LedgerError> {
-    rev.checked_add(1)
-        .ok_or_else(|| LedgerError::Overflow(account.to_string()))
-}
-
-fn overflow(account: &AccountId) -> LedgerError {
-    LedgerError::Overflow(account.to_string())
 }
 
 fn not_locked(account: &AccountId) -> LedgerError {
@@ -410,209 +360,6 @@ async fn lock_live_grants(
     Ok(grants)
 }
 
-/// Writes the planned `remaining` of grants, `(id, remaining)` in ascending id order, one
-/// statement per [`CHUNK`].
-async fn write_remaining(
-    conn: &mut MySqlConnection,
-    grants: &[(i64, i64)],
-) -> Result<(), LedgerError> {
-    for chunk in grants.chunks(CHUNK) {
-        let mut update = QueryBuilder::<MySql>::new("");
-        settle_writes::grants_remaining(&mut update, chunk);
-        update.build().execute(&mut *conn).await?;
-    }
-    Ok(())
-}
-
-/// Writes a settle batch's accounts (each locked by the batch), one statement per [`CHUNK`].
-async fn write_accounts(
-    conn: &mut MySqlConnection,
-    accounts: &[AccountWrite<'_>],
-    now: i64,
-) -> Result<(), LedgerError> {
-    for chunk in accounts.chunks(CHUNK) {
-        let mut update = QueryBuilder::<MySql>::new("");
-        settle_writes::accounts(&mut update, chunk, now);
-        update.build().execute(&mut *conn).await?;
-    }
-    Ok(())
-}
-
-/// Writes a settle batch's key spends (each locked by the batch), one statement per [`CHUNK`].
-async fn write_key_spend(
-    conn: &mut MySqlConnection,
-    keys: &[KeyWrite<'_>],
-) -> Result<(), LedgerError> {
-    for chunk in keys.chunks(CHUNK) {
-        let mut update = QueryBuilder::<MySql>::new("");
-        settle_writes::key_spend(&mut update, chunk);
-        update.build().execute(&mut *conn).await?;
-    }
-    Ok(())
-}
-
-/// Records which grants the entry `entry_id` drew from.
-async fn insert_draws(
-    conn: &mut MySqlConnection,
-    entry_id: i64,
-    draws: &[(i64, i64)],
-) -> Result<(), LedgerError> {
-    for chunk in draws.chunks(CHUNK) {
-        let mut insert = QueryBuilder::<MySql>::new(
-            "INSERT INTO grant_draws (transaction_id, grant_id, amount) ",
-        );
-        insert.push_values(chunk, |mut row, (grant_id, amount)| {
-            row.push_bind(entry_id)
-                .push_bind(*grant_id)
-                .push_bind(*amount);
-        });
-        insert.build().execute(&mut *conn).await?;
-    }
-    Ok(())
-}
-
-/// The ids of the grants that the account's entries `keys` (`(type, reference)`, unique per
-/// account) created, in the order of `keys`; an entry that does not exist or created no grant
-/// is left out. A grant's creating entry never changes, so this needs no lock of its own: the
-/// caller has locked the live grants it draws from.
-async fn grants_created_by(
-    conn: &mut MySqlConnection,
-    account: &AccountId,
-    keys: &[(EntryType, String)],
-) -> Result<Vec<i64>, LedgerError> {
-    let mut ids = Vec::with_capacity(keys.len());
-    for (entry_type, reference) in keys {
-        let id: Option<i64> = sqlx::query_scalar(
-            "SELECT g.id FROM credit_transactions t \
-             JOIN credit_grants g ON g.transaction_id = t.id \
-             WHERE t.account_id = ? AND t.`type` = ? AND t.reference = ?",
-        )
-        .bind(account.as_str())
-        .bind(entry_type.as_str())
-        .bind(reference)
-        .fetch_optional(&mut *conn)
-        .await?;
-        ids.extend(id);
-    }
-    Ok(ids)
-}
-
-/// Appends one ledger entry and moves the account's balance from `before` and its debt from
-/// `debt`, both read under the account's row lock, and applies the entry to the account's
-/// grants: a credit becomes a new grant (which pays the debt off first), a debit draws from the
-/// live grants (those created by the entries `draw_first` names first) and what they do not
-/// cover becomes debt.
-#[allow(clippy::too_many_arguments)]
-async fn append_entry(
-    conn: &mut MySqlConnection,
-    account: &AccountId,
-    before: Snapshot,
-    debt: i64,
-    entry_type: EntryType,
-    amount: Credits,
-    description: &str,
-    reference: Option<&str>,
-    expires_at_ms: Option<i64>,
-    draw_first: &[(EntryType, String)],
-) -> Result<(LedgerEntry, Snapshot), LedgerError> {
-    let after = before
-        .balance
-        .checked_add(amount)
-        .ok_or_else(|| overflow(account))?;
-    let rev = next_rev(before.rev, account)?;
-    let now = now_ms();
-    // Planned before anything is written, so an overflow changes nothing.
-    let mut new_debt = debt;
-    let mut credit = None;
-    let mut debit = None;
-    if amount.is_positive() {
-        let (paid, remaining) = plan_credit(debt, amount.micros());
-        new_debt -= paid;
-        credit = Some((paid, remaining));
-    } else if amount.is_negative() {
-        let taken = amount
-            .micros()
-            .checked_neg()
-            .ok_or_else(|| overflow(account))?;
-        let mut grants = lock_live_grants(conn, &BTreeSet::from([account]))
-            .await?
-            .remove(account)
-            .unwrap_or_default();
-        let first = grants_created_by(conn, account, draw_first).await?;
-        let plan = plan_debit_from(&mut grants, &first, taken, now);
-        new_debt = debt
-            .checked_add(plan.uncovered)
-            .ok_or_else(|| overflow(account))?;
-        debit = Some((plan, grants));
-    }
-    let inserted = sqlx::query(
-        "INSERT INTO credit_transactions \
-         (account_id, `type`, amount, balance_before, balance_after, description, reference, \
-         created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(account.as_str())
-    .bind(entry_type.as_str())
-    .bind(amount.micros())
-    .bind(before.balance.micros())
-    .bind(after.micros())
-    .bind(description)
-    .bind(reference)
-    .bind(now)
-    .execute(&mut *conn)
-    .await?;
-    // A single-row insert: its auto-increment id is exactly this row's.
-    let id = i64::try_from(inserted.last_insert_id())
-        .map_err(|_| LedgerError::Corrupt("ledger entry id out of range".into()))?;
-    sqlx::query("UPDATE accounts SET balance = ?, debt = ?, rev = ?, updated_at = ? WHERE id = ?")
-        .bind(after.micros())
-        .bind(new_debt)
-        .bind(rev)
-        .bind(now)
-        .bind(account.as_str())
-        .execute(&mut *conn)
-        .await?;
-    if let Some((paid, remaining)) = credit {
-        sqlx::query(
-            "INSERT INTO credit_grants (account_id, source, transaction_id, amount, debt_paid, \
-             remaining, expires_at, expired_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, NULL, ?)",
-        )
-        .bind(account.as_str())
-        .bind(entry_type.as_str())
-        .bind(id)
-        .bind(amount.micros())
-        .bind(paid)
-        .bind(remaining)
-        .bind(expires_at_ms)
-        .bind(now)
-        .execute(&mut *conn)
-        .await?;
-    }
-    if let Some((plan, grants)) = debit {
-        let drawn: BTreeSet<i64> = plan.draws.iter().map(|(grant, _)| *grant).collect();
-        let remaining: BTreeMap<i64, i64> = grants
-            .iter()
-            .filter(|g| drawn.contains(&g.id))
-            .map(|g| (g.id, g.remaining))
-            .collect();
-        let remaining: Vec<(i64, i64)> = remaining.into_iter().collect();
-        write_remaining(conn, &remaining).await?;
-        insert_draws(conn, id, &plan.draws).await?;
-    }
-    let entry = LedgerEntry {
-        id,
-        account: account.clone(),
-        entry_type,
-        amount,
-        balance_before: before.balance,
-        balance_after: after,
-        description: description.to_owned(),
-        reference: reference.map(str::to_owned),
-        created_at_ms: now,
-    };
-    let snapshot = with_outlook(conn, account, Snapshot::plain(after, rev), now).await?;
-    Ok((entry, snapshot))
-}
-
 /// Locks the given API keys (ascending, after the accounts: the one order every transaction
 /// takes them in).
 async fn lock_keys(
@@ -693,38 +440,6 @@ async fn insert_settle_rows(
     Ok(())
 }
 
-/// The account's snapshot, with the outlook of its unswept grants now.
-async fn read_account(
-    executor: impl Executor<'_, Database = MySql>,
-    account: &AccountId,
-) -> Result<Option<Snapshot>, LedgerError> {
-    // One statement, so the balance and the grants come from the same committed state.
-    let rows = sqlx::query(
-        "SELECT a.balance, a.rev, g.id, g.remaining, g.expires_at, g.created_at FROM accounts a \
-         LEFT JOIN credit_grants g \
-         ON g.account_id = a.id AND g.expired_at IS NULL AND g.remaining > 0 WHERE a.id = ?",
-    )
-    .bind(account.as_str())
-    .fetch_all(executor)
-    .await?;
-    let Some(first) = rows.first() else {
-        return Ok(None);
-    };
-    let mut grants = Vec::with_capacity(rows.len());
-    for row in &rows {
-        if row.try_get::<Option<i64>, _>("id")?.is_some() {
-            grants.push(grant_row(row)?);
-        }
-    }
-    let snapshot = snapshot_from_row(first)?;
-    Ok(Some(Snapshot::of_account(
-        snapshot.balance,
-        snapshot.rev,
-        &grants,
-        now_ms(),
-    )))
-}
-
 impl MySqlLedger {
     async fn create_account_once(
         &self,
@@ -733,9 +448,10 @@ impl MySqlLedger {
     ) -> Result<Snapshot, LedgerError> {
         let mut tx = self.pool.begin().await?;
         let locked = lock_account(&mut tx, account).await?;
-        let mut snapshot = with_outlook(&mut tx, account, locked.get(account)?, now_ms()).await?;
+        let mut snapshot =
+            Sql::with_outlook(&mut tx, account, locked.get(account)?, now_ms()).await?;
         if locked.created.contains(account) && signup_grant.is_positive() {
-            let (_, after) = append_entry(
+            let (_, after) = Sql::append_entry(
                 &mut tx,
                 account,
                 snapshot,
@@ -769,7 +485,7 @@ impl MySqlLedger {
                 .await?;
             if let Some(row) = existing {
                 let entry = entry_from_row(&row)?;
-                let snapshot = with_outlook(&mut tx, &grant.account, before, now_ms()).await?;
+                let snapshot = Sql::with_outlook(&mut tx, &grant.account, before, now_ms()).await?;
                 tx.commit().await?;
                 return Ok(GrantOutcome {
                     entry,
@@ -778,7 +494,7 @@ impl MySqlLedger {
                 });
             }
         }
-        let (entry, snapshot) = append_entry(
+        let (entry, snapshot) = Sql::append_entry(
             &mut tx,
             &grant.account,
             before,
@@ -826,9 +542,12 @@ impl MySqlLedger {
         }
         let plan = settle_plan::plan(batch, state, now)?;
         insert_settle_rows(&mut tx, &plan, now).await?;
-        write_remaining(&mut tx, &plan.grants).await?;
-        write_accounts(&mut tx, &plan.accounts, now).await?;
-        write_key_spend(&mut tx, &plan.keys).await?;
+        Sql::in_chunks(&mut tx, &plan.grants, settle_writes::grants_remaining).await?;
+        Sql::in_chunks(&mut tx, &plan.accounts, |update, chunk| {
+            settle_writes::accounts(update, chunk, now)
+        })
+        .await?;
+        Sql::in_chunks(&mut tx, &plan.keys, settle_writes::key_spend).await?;
         tx.commit().await?;
         Ok(plan.outcomes)
     }
@@ -842,101 +561,13 @@ impl MySqlLedger {
     ) -> Result<(Snapshot, bool), LedgerError> {
         let mut tx = self.pool.begin().await?;
         let locked = lock_account(&mut tx, account).await?;
-        // Read under the account's lock: a sweep that committed meanwhile has set `expired_at`
-        // or taken its part, and one still running waits for this transaction.
-        let rows = sqlx::query(
-            "SELECT id, source, amount, remaining, expires_at, created_at FROM credit_grants \
-             WHERE account_id = ? AND expired_at IS NULL AND expires_at <= ? \
-             ORDER BY id FOR UPDATE",
-        )
-        .bind(account.as_str())
-        .bind(now)
-        .fetch_all(&mut *tx)
-        .await?;
-        let mut due = Vec::with_capacity(rows.len());
-        let mut origin = HashMap::with_capacity(rows.len());
-        for row in &rows {
-            let grant = grant_row(row)?;
-            origin.insert(
-                grant.id,
-                (row.try_get::<String, _>("source")?, credits(row, "amount")?),
-            );
-            due.push(grant);
-        }
-        drawing_order(&mut due);
-        let mut snapshot = locked.get(account)?;
-        let clock = now_ms();
-        let mut moved = false;
-        for (step, grant) in plan_expiry(&due, keep.micros()).iter().zip(&due) {
-            if step.take > 0 {
-                let (source, amount) = origin
-                    .get(&grant.id)
-                    .ok_or_else(|| LedgerError::Corrupt(format!("grant {} vanished", grant.id)))?;
-                let before = snapshot.balance;
-                let after = before
-                    .checked_sub(Credits::from_micros(step.take))
-                    .ok_or_else(|| overflow(account))?;
-                // The reference names the grant and this sweep of it: a racing sweeper's entry
-                // for the same sweep hits the unique key.
-                let (description, reference) = expiry_entry_text(grant, source, *amount, step.keep);
-                let inserted = sqlx::query(
-                    "INSERT INTO credit_transactions \
-                     (account_id, `type`, amount, balance_before, balance_after, description, \
-                     reference, created_at) VALUES (?, 'expiry', ?, ?, ?, ?, ?, ?)",
-                )
-                .bind(account.as_str())
-                .bind(-step.take)
-                .bind(before.micros())
-                .bind(after.micros())
-                .bind(&description)
-                .bind(&reference)
-                .bind(clock)
-                .execute(&mut *tx)
-                .await?;
-                let entry_id = i64::try_from(inserted.last_insert_id())
-                    .map_err(|_| LedgerError::Corrupt("ledger entry id out of range".into()))?;
-                insert_draws(&mut tx, entry_id, &[(grant.id, step.take)]).await?;
-                snapshot.balance = after;
-                moved = true;
-            }
-            if step.keep == 0 {
-                sqlx::query("UPDATE credit_grants SET remaining = 0, expired_at = ? WHERE id = ?")
-                    .bind(now)
-                    .bind(grant.id)
-                    .execute(&mut *tx)
-                    .await?;
-            } else if step.take > 0 {
-                sqlx::query("UPDATE credit_grants SET remaining = ? WHERE id = ?")
-                    .bind(step.keep)
-                    .bind(grant.id)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-        }
-        if moved {
-            snapshot.rev = next_rev(snapshot.rev, account)?;
-            sqlx::query("UPDATE accounts SET balance = ?, rev = ?, updated_at = ? WHERE id = ?")
-                .bind(snapshot.balance.micros())
-                .bind(snapshot.rev)
-                .bind(clock)
-                .bind(account.as_str())
-                .execute(&mut *tx)
-                .await?;
-        }
-        // The outlook from the later of the sweep's cutoff and now: a grant that lapsed in
-        // between is reported lapsed (unavailable) rather than live.
-        let snapshot = with_outlook(&mut tx, account, snapshot, now.max(clock)).await?;
+        let swept =
+            Sql::sweep_due_grants(&mut tx, account, now, keep, locked.get(account)?).await?;
         tx.commit().await?;
-        Ok((snapshot, moved))
+        Ok(swept)
     }
 
     async fn create_api_key_once(&self, key: &ApiKeyRecord) -> Result<(), LedgerError> {
-        let models = key
-            .allowed_models
-            .as_ref()
-            .map(serde_json::to_string)
-            .transpose()
-            .map_err(|e| LedgerError::Corrupt(format!("api key allowed_models: {e}")))?;
         let mut tx = self.pool.begin().await?;
         // The key's owner must exist; creating it changes no balance, so no lock is needed
         // beyond the one this upsert takes, and a racing creator is no error.
@@ -950,20 +581,7 @@ impl MySqlLedger {
         .bind(now)
         .execute(&mut *tx)
         .await?;
-        sqlx::query(
-            "INSERT INTO api_keys (id, account_id, key_hash, prefix, name, spend_limit, spent, \
-             rev, allowed_models, created_at) VALUES (?, ?, ?, ?, ?, ?, 0, 0, ?, ?)",
-        )
-        .bind(&key.id)
-        .bind(key.account.as_str())
-        .bind(&key.key_hash)
-        .bind(&key.prefix)
-        .bind(&key.name)
-        .bind(key.spend_limit.map(Credits::micros))
-        .bind(models)
-        .bind(key.created_at_ms)
-        .execute(&mut *tx)
-        .await?;
+        Sql::insert_api_key(&mut tx, key).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -989,7 +607,9 @@ impl SqlAdapter for MySqlLedger {
         account: &AccountId,
         signup_grant: Credits,
     ) -> Result<Snapshot, LedgerError> {
-        if let Some(snapshot) = read_account(&self.pool, account).await? {
+        if let Some(snapshot) =
+            Sql::account_snapshot(&mut *self.pool.acquire().await?, account).await?
+        {
             return Ok(snapshot);
         }
         retrying("ensure_account", Retry::LockConflictsAndDuplicates, || {

@@ -15,7 +15,7 @@
 //! never more than that (the file stays consistent, and the next `FULL` commit flushes them too):
 //! what a Redis journal with its default persistence also risks.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
@@ -25,16 +25,15 @@ use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{QueryBuilder, Row, SqlSafeStr, Sqlite, SqliteConnection, SqlitePool};
 
-use super::grants::{
-    GrantRow, drawing_order, expiry_entry_text, plan_credit, plan_debit_from, plan_expiry,
-};
+use super::grants::{GrantRow, drawing_order};
 use super::settle_plan::{self, AccountState as BatchAccount, BatchState, KeySpend, SettlePlan};
 use super::settle_writes;
 use super::sql::SqlAdapter;
 use super::sql::rows::{ENTRY_BY_REFERENCE, credits, entry_from_row};
+use super::sql::statements::Statements;
 use super::{
-    ApiKeyRecord, EntryType, GrantOutcome, GrantRequest, LedgerEntry, LedgerError, SettleOutcome,
-    Settlement, Snapshot,
+    ApiKeyRecord, EntryType, GrantOutcome, GrantRequest, LedgerError, SettleOutcome, Settlement,
+    Snapshot,
 };
 use crate::domain::time::now_ms;
 use crate::domain::{AccountId, Credits};
@@ -105,6 +104,9 @@ fn migrator() -> Migrator {
     )
 }
 
+/// The shared statements, on SQLite.
+type Sql = Statements<Sqlite>;
+
 pub struct SqliteLedger {
     pool: SqlitePool,
     /// Settle batches only: one connection with `synchronous = NORMAL` (see the module docs).
@@ -167,42 +169,6 @@ async fn insert_account(
     Ok(done.rows_affected() == 1)
 }
 
-/// The account's snapshot, with the outlook of its unswept grants now.
-async fn read_account(
-    conn: &mut SqliteConnection,
-    account: &AccountId,
-) -> Result<Option<Snapshot>, LedgerError> {
-    // One statement, so the balance and the grants come from the same state of the database.
-    let rows = sqlx::query(
-        "SELECT a.balance, a.rev, g.id, g.remaining, g.expires_at, g.created_at FROM accounts a \
-         LEFT JOIN credit_grants g \
-         ON g.account_id = a.id AND g.expired_at IS NULL AND g.remaining > 0 WHERE a.id = ?",
-    )
-    .bind(account.as_str())
-    .fetch_all(&mut *conn)
-    .await?;
-    let Some(first) = rows.first() else {
-        return Ok(None);
-    };
-    let mut grants = Vec::with_capacity(rows.len());
-    for row in &rows {
-        if let Some(id) = row.try_get::<Option<i64>, _>("id")? {
-            grants.push(GrantRow {
-                id,
-                remaining: row.try_get("remaining")?,
-                expires_at_ms: row.try_get("expires_at")?,
-                created_at_ms: row.try_get("created_at")?,
-            });
-        }
-    }
-    Ok(Some(Snapshot::of_account(
-        credits(first, "balance")?,
-        first.try_get("rev")?,
-        &grants,
-        now_ms(),
-    )))
-}
-
 /// An account as a write transaction sees it: balance, revision and debt.
 #[derive(Debug, Clone, Copy)]
 struct AccountState {
@@ -225,261 +191,6 @@ async fn read_state(
         snapshot: Snapshot::plain(credits(&row, "balance")?, row.try_get("rev")?),
         debt: row.try_get("debt")?,
     })
-}
-
-/// `state`'s snapshot with the outlook at `at_ms` of the account's unswept grants as the
-/// transaction has left them.
-async fn with_outlook(
-    conn: &mut SqliteConnection,
-    account: &AccountId,
-    state: &AccountState,
-    at_ms: i64,
-) -> Result<Snapshot, LedgerError> {
-    let grants = live_grants(conn, account).await?;
-    Ok(Snapshot::of_account(
-        state.snapshot.balance,
-        state.snapshot.rev,
-        &grants,
-        at_ms,
-    ))
-}
-
-async fn write_account(
-    conn: &mut SqliteConnection,
-    account: &AccountId,
-    state: AccountState,
-    now: i64,
-) -> Result<(), LedgerError> {
-    sqlx::query("UPDATE accounts SET balance = ?, debt = ?, rev = ?, updated_at = ? WHERE id = ?")
-        .bind(state.snapshot.balance.micros())
-        .bind(state.debt)
-        .bind(state.snapshot.rev)
-        .bind(now)
-        .bind(account.as_str())
-        .execute(&mut *conn)
-        .await?;
-    Ok(())
-}
-
-fn overflow(account: &AccountId) -> LedgerError {
-    LedgerError::Overflow(account.to_string())
-}
-
-/// The account's grants a debit may draw from, in [`drawing_order`].
-async fn live_grants(
-    conn: &mut SqliteConnection,
-    account: &AccountId,
-) -> Result<Vec<GrantRow>, LedgerError> {
-    let rows = sqlx::query(
-        "SELECT id, remaining, expires_at, created_at FROM credit_grants \
-         WHERE account_id = ? AND expired_at IS NULL AND remaining > 0",
-    )
-    .bind(account.as_str())
-    .fetch_all(&mut *conn)
-    .await?;
-    let mut grants = rows
-        .iter()
-        .map(|row| {
-            Ok(GrantRow {
-                id: row.try_get("id")?,
-                remaining: row.try_get("remaining")?,
-                expires_at_ms: row.try_get("expires_at")?,
-                created_at_ms: row.try_get("created_at")?,
-            })
-        })
-        .collect::<Result<Vec<_>, sqlx::Error>>()?;
-    drawing_order(&mut grants);
-    Ok(grants)
-}
-
-/// The ids of the grants that the account's entries `keys` (`(type, reference)`, unique per
-/// account) created, in the order of `keys`; an entry that does not exist or created no grant
-/// is left out.
-async fn grants_created_by(
-    conn: &mut SqliteConnection,
-    account: &AccountId,
-    keys: &[(EntryType, String)],
-) -> Result<Vec<i64>, LedgerError> {
-    let mut ids = Vec::with_capacity(keys.len());
-    for (entry_type, reference) in keys {
-        let id: Option<i64> = sqlx::query_scalar(
-            "SELECT g.id FROM credit_transactions t \
-             JOIN credit_grants g ON g.transaction_id = t.id \
-             WHERE t.account_id = ? AND t.type = ? AND t.reference = ?",
-        )
-        .bind(account.as_str())
-        .bind(entry_type.as_str())
-        .bind(reference)
-        .fetch_optional(&mut *conn)
-        .await?;
-        ids.extend(id);
-    }
-    Ok(ids)
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn insert_entry(
-    conn: &mut SqliteConnection,
-    account: &AccountId,
-    entry_type: EntryType,
-    amount: i64,
-    before: Credits,
-    after: Credits,
-    description: &str,
-    reference: Option<&str>,
-    now: i64,
-) -> Result<i64, LedgerError> {
-    let id = sqlx::query(
-        "INSERT INTO credit_transactions \
-         (account_id, type, amount, balance_before, balance_after, description, reference, created_at) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(account.as_str())
-    .bind(entry_type.as_str())
-    .bind(amount)
-    .bind(before.micros())
-    .bind(after.micros())
-    .bind(description)
-    .bind(reference)
-    .bind(now)
-    .execute(&mut *conn)
-    .await?
-    .last_insert_rowid();
-    Ok(id)
-}
-
-async fn insert_draws(
-    conn: &mut SqliteConnection,
-    entry_id: i64,
-    draws: &[(i64, i64)],
-) -> Result<(), LedgerError> {
-    for (grant_id, amount) in draws {
-        sqlx::query("INSERT INTO grant_draws (transaction_id, grant_id, amount) VALUES (?, ?, ?)")
-            .bind(entry_id)
-            .bind(grant_id)
-            .bind(amount)
-            .execute(&mut *conn)
-            .await?;
-    }
-    Ok(())
-}
-
-/// Writes the `remaining` of the grants in `ids` (as planned in `grants`).
-async fn write_remaining(
-    conn: &mut SqliteConnection,
-    grants: &[GrantRow],
-    ids: &BTreeSet<i64>,
-) -> Result<(), LedgerError> {
-    for grant in grants.iter().filter(|g| ids.contains(&g.id)) {
-        sqlx::query("UPDATE credit_grants SET remaining = ? WHERE id = ?")
-            .bind(grant.remaining)
-            .bind(grant.id)
-            .execute(&mut *conn)
-            .await?;
-    }
-    Ok(())
-}
-
-/// Appends one ledger entry and moves the account's balance, inside the caller's transaction,
-/// and applies it to the account's grants: a credit becomes a new grant (which pays the debt
-/// off first), a debit draws from the live grants (those created by the entries `draw_first`
-/// names first) and what they do not cover becomes debt.
-#[allow(clippy::too_many_arguments)]
-async fn append_entry(
-    conn: &mut SqliteConnection,
-    account: &AccountId,
-    entry_type: EntryType,
-    amount: Credits,
-    description: &str,
-    reference: Option<&str>,
-    expires_at_ms: Option<i64>,
-    draw_first: &[(EntryType, String)],
-) -> Result<(LedgerEntry, Snapshot), LedgerError> {
-    let before = read_state(conn, account).await?;
-    let now = now_ms();
-    let mut after = AccountState {
-        snapshot: Snapshot::plain(
-            before
-                .snapshot
-                .balance
-                .checked_add(amount)
-                .ok_or_else(|| overflow(account))?,
-            before
-                .snapshot
-                .rev
-                .checked_add(1)
-                .ok_or_else(|| overflow(account))?,
-        ),
-        debt: before.debt,
-    };
-    // Planned before anything is written, so an overflow changes nothing.
-    let mut credit = None;
-    let mut debit = None;
-    if amount.is_positive() {
-        let (paid, remaining) = plan_credit(before.debt, amount.micros());
-        after.debt -= paid;
-        credit = Some((paid, remaining));
-    } else if amount.is_negative() {
-        let taken = amount
-            .micros()
-            .checked_neg()
-            .ok_or_else(|| overflow(account))?;
-        let mut grants = live_grants(conn, account).await?;
-        let first = grants_created_by(conn, account, draw_first).await?;
-        let plan = plan_debit_from(&mut grants, &first, taken, now);
-        after.debt = after
-            .debt
-            .checked_add(plan.uncovered)
-            .ok_or_else(|| overflow(account))?;
-        debit = Some((plan, grants));
-    }
-    let id = insert_entry(
-        conn,
-        account,
-        entry_type,
-        amount.micros(),
-        before.snapshot.balance,
-        after.snapshot.balance,
-        description,
-        reference,
-        now,
-    )
-    .await?;
-    write_account(conn, account, after, now).await?;
-    if let Some((paid, remaining)) = credit {
-        sqlx::query(
-            "INSERT INTO credit_grants (account_id, source, transaction_id, amount, debt_paid, \
-             remaining, expires_at, expired_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, NULL, ?)",
-        )
-        .bind(account.as_str())
-        .bind(entry_type.as_str())
-        .bind(id)
-        .bind(amount.micros())
-        .bind(paid)
-        .bind(remaining)
-        .bind(expires_at_ms)
-        .bind(now)
-        .execute(&mut *conn)
-        .await?;
-    }
-    if let Some((plan, grants)) = debit {
-        let drawn: BTreeSet<i64> = plan.draws.iter().map(|(grant, _)| *grant).collect();
-        write_remaining(conn, &grants, &drawn).await?;
-        insert_draws(conn, id, &plan.draws).await?;
-    }
-    let entry = LedgerEntry {
-        id,
-        account: account.clone(),
-        entry_type,
-        amount,
-        balance_before: before.snapshot.balance,
-        balance_after: after.snapshot.balance,
-        description: description.to_owned(),
-        reference: reference.map(str::to_owned),
-        created_at_ms: now,
-    };
-    let snapshot = with_outlook(conn, account, &after, now).await?;
-    Ok((entry, snapshot))
 }
 
 /// Most rows (or list items) one statement of a settle batch carries, well under SQLite's limit
@@ -660,88 +371,10 @@ impl SqliteLedger {
         keep: Credits,
     ) -> Result<(Snapshot, bool), LedgerError> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        // Read under the write lock: a sweep that ran meanwhile has set `expired_at` or taken
-        // its part.
-        let rows = sqlx::query(
-            "SELECT id, source, amount, remaining, expires_at, created_at FROM credit_grants \
-             WHERE account_id = ? AND expired_at IS NULL AND expires_at <= ?",
-        )
-        .bind(account.as_str())
-        .bind(now)
-        .fetch_all(&mut *tx)
-        .await?;
-        let mut due = Vec::with_capacity(rows.len());
-        let mut origin = BTreeMap::new();
-        for row in &rows {
-            let id: i64 = row.try_get("id")?;
-            due.push(GrantRow {
-                id,
-                remaining: row.try_get("remaining")?,
-                expires_at_ms: row.try_get("expires_at")?,
-                created_at_ms: row.try_get("created_at")?,
-            });
-            origin.insert(
-                id,
-                (row.try_get::<String, _>("source")?, credits(row, "amount")?),
-            );
-        }
-        drawing_order(&mut due);
-        let mut state = read_state(&mut tx, account).await?;
-        let clock = now_ms();
-        let mut moved = false;
-        for (step, grant) in plan_expiry(&due, keep.micros()).iter().zip(&due) {
-            if step.take > 0 {
-                let (source, amount) = origin
-                    .get(&grant.id)
-                    .ok_or_else(|| LedgerError::Corrupt(format!("grant {} vanished", grant.id)))?;
-                let before = state.snapshot.balance;
-                let after = before
-                    .checked_sub(Credits::from_micros(step.take))
-                    .ok_or_else(|| overflow(account))?;
-                let (description, reference) = expiry_entry_text(grant, source, *amount, step.keep);
-                let entry_id = insert_entry(
-                    &mut tx,
-                    account,
-                    EntryType::Expiry,
-                    -step.take,
-                    before,
-                    after,
-                    &description,
-                    Some(&reference),
-                    clock,
-                )
-                .await?;
-                insert_draws(&mut tx, entry_id, &[(grant.id, step.take)]).await?;
-                state.snapshot.balance = after;
-                moved = true;
-            }
-            if step.keep == 0 {
-                sqlx::query("UPDATE credit_grants SET remaining = 0, expired_at = ? WHERE id = ?")
-                    .bind(now)
-                    .bind(grant.id)
-                    .execute(&mut *tx)
-                    .await?;
-            } else if step.take > 0 {
-                sqlx::query("UPDATE credit_grants SET remaining = ? WHERE id = ?")
-                    .bind(step.keep)
-                    .bind(grant.id)
-                    .execute(&mut *tx)
-                    .await?;
-            }
-        }
-        if moved {
-            state.snapshot.rev = state
-                .snapshot
-                .rev
-                .checked_add(1)
-                .ok_or_else(|| overflow(account))?;
-            write_account(&mut tx, account, state, clock).await?;
-        }
-        // The outlook from the later of the sweep's cutoff and now: a grant that lapsed in
-        // between is reported lapsed (unavailable) rather than live.
-        let snapshot = with_outlook(&mut tx, account, &state, now.max(clock)).await?;
+        let state = read_state(&mut tx, account).await?;
+        let swept = Sql::sweep_due_grants(&mut tx, account, now, keep, state.snapshot).await?;
         tx.commit().await?;
-        Ok((snapshot, moved))
+        Ok(swept)
     }
 }
 
@@ -774,7 +407,7 @@ impl SqlAdapter for SqliteLedger {
     ) -> Result<Snapshot, LedgerError> {
         {
             let mut conn = self.pool.acquire().await?;
-            if let Some(snapshot) = read_account(&mut conn, account).await? {
+            if let Some(snapshot) = Sql::account_snapshot(&mut conn, account).await? {
                 return Ok(snapshot);
             }
             // Returned to the pool before the transaction takes one, or concurrent first
@@ -783,9 +416,12 @@ impl SqlAdapter for SqliteLedger {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let created = insert_account(&mut tx, account).await?;
         if created && signup_grant.is_positive() {
-            append_entry(
+            let state = read_state(&mut tx, account).await?;
+            Sql::append_entry(
                 &mut tx,
                 account,
+                state.snapshot,
+                state.debt,
                 EntryType::Bonus,
                 signup_grant,
                 "signup grant",
@@ -795,7 +431,7 @@ impl SqlAdapter for SqliteLedger {
             )
             .await?;
         }
-        let snapshot = read_account(&mut tx, account)
+        let snapshot = Sql::account_snapshot(&mut tx, account)
             .await?
             .ok_or_else(|| LedgerError::Corrupt(format!("account {account} vanished")))?;
         tx.commit().await?;
@@ -814,7 +450,7 @@ impl SqlAdapter for SqliteLedger {
                 .await?;
             if let Some(row) = existing {
                 let entry = entry_from_row(&row)?;
-                let snapshot = read_account(&mut tx, &grant.account)
+                let snapshot = Sql::account_snapshot(&mut tx, &grant.account)
                     .await?
                     .ok_or_else(|| LedgerError::Corrupt("account vanished".into()))?;
                 tx.commit().await?;
@@ -825,9 +461,12 @@ impl SqlAdapter for SqliteLedger {
                 });
             }
         }
-        let (entry, snapshot) = append_entry(
+        let state = read_state(&mut tx, &grant.account).await?;
+        let (entry, snapshot) = Sql::append_entry(
             &mut tx,
             &grant.account,
+            state.snapshot,
+            state.debt,
             grant.entry_type,
             grant.amount,
             &grant.description,
@@ -860,24 +499,7 @@ impl SqlAdapter for SqliteLedger {
     async fn create_api_key(&self, key: &ApiKeyRecord) -> Result<(), LedgerError> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         insert_account(&mut tx, &key.account).await?;
-        let models = key
-            .allowed_models
-            .as_ref()
-            .map(|m| serde_json::to_string(m).unwrap_or_else(|_| "[]".into()));
-        sqlx::query(
-            "INSERT INTO api_keys (id, account_id, key_hash, prefix, name, spend_limit, spent, rev, allowed_models, created_at) \
-             VALUES (?, ?, ?, ?, ?, ?, 0, 0, ?, ?)",
-        )
-        .bind(&key.id)
-        .bind(key.account.as_str())
-        .bind(&key.key_hash)
-        .bind(&key.prefix)
-        .bind(&key.name)
-        .bind(key.spend_limit.map(Credits::micros))
-        .bind(models)
-        .bind(key.created_at_ms)
-        .execute(&mut *tx)
-        .await?;
+        Sql::insert_api_key(&mut tx, key).await?;
         tx.commit().await?;
         Ok(())
     }

@@ -27,6 +27,9 @@ pub trait SqlDialect: Database<Row: Columns, Arguments: IntoArguments<Self>> {
 
     fn rows_affected(result: &Self::QueryResult) -> u64;
 
+    /// The id a single-row insert gave its row.
+    fn last_insert_id(result: &Self::QueryResult) -> Option<i64>;
+
     /// A read-only transaction in which every read sees the same snapshot.
     fn read_snapshot(
         pool: &Pool<Self>,
@@ -56,6 +59,10 @@ impl SqlDialect for Sqlite {
 
     fn rows_affected(result: &SqliteQueryResult) -> u64 {
         result.rows_affected()
+    }
+
+    fn last_insert_id(result: &SqliteQueryResult) -> Option<i64> {
+        Some(result.last_insert_rowid())
     }
 
     async fn read_snapshot(
@@ -89,6 +96,10 @@ impl SqlDialect for MySql {
 
     fn rows_affected(result: &MySqlQueryResult) -> u64 {
         result.rows_affected()
+    }
+
+    fn last_insert_id(result: &MySqlQueryResult) -> Option<i64> {
+        i64::try_from(result.last_insert_id()).ok()
     }
 
     async fn read_snapshot(pool: &Pool<MySql>) -> Result<Transaction<'static, MySql>, sqlx::Error> {

@@ -5,6 +5,7 @@
 
 mod dialect;
 pub(crate) mod rows;
+pub(crate) mod statements;
 mod verify;
 
 use async_trait::async_trait;

@@ -2,6 +2,7 @@
 //! decoding, for the rows of either driver ([`Columns`]).
 
 use crate::domain::{AccountId, Credits};
+use crate::ledger::grants::GrantRow;
 use crate::ledger::{
     ApiKeyRecord, Columns, EntryType, GrantRecord, LedgerEntry, LedgerError, UsageRecord,
 };
@@ -83,6 +84,16 @@ pub(crate) fn grant_from_row<R: Columns>(row: &R) -> Result<GrantRecord, LedgerE
         remaining: credits(row, "remaining")?,
         expires_at_ms: row.optional_int("expires_at")?,
         expired_at_ms: row.optional_int("expired_at")?,
+        created_at_ms: row.int("created_at")?,
+    })
+}
+
+/// A grant as the drawing order sees it.
+pub(crate) fn grant_row<R: Columns>(row: &R) -> Result<GrantRow, sqlx::Error> {
+    Ok(GrantRow {
+        id: row.int("id")?,
+        remaining: row.int("remaining")?,
+        expires_at_ms: row.optional_int("expires_at")?,
         created_at_ms: row.int("created_at")?,
     })
 }
