@@ -25,16 +25,16 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use rand::Rng;
-use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::migrate::Migrator;
 use sqlx::mysql::{MySqlConnectOptions, MySqlDatabaseError, MySqlPoolOptions, MySqlRow};
-use sqlx::{Executor, MySql, MySqlConnection, MySqlPool, QueryBuilder, Row, SqlSafeStr};
+use sqlx::{Executor, MySql, MySqlConnection, MySqlPool, QueryBuilder, Row};
 
 use super::grants::{GrantRow, drawing_order};
-use super::settle_plan::{self, AccountState as BatchAccount, BatchState, KeySpend, SettlePlan};
+use super::settle_plan::{self, AccountState as BatchAccount, BatchState, SettlePlan};
 use super::settle_writes;
-use super::sql::SqlAdapter;
-use super::sql::rows::{ENTRY_BY_REFERENCE, credits, entry_from_row, grant_row, parse_account};
+use super::sql::rows::{credits, grant_row, parse_account};
 use super::sql::statements::{CHUNK, Statements};
+use super::sql::{MigrationFile, SqlAdapter, migrator_of};
 use super::{
     ApiKeyRecord, EntryType, GrantOutcome, GrantRequest, LedgerError, SettleOutcome, Settlement,
     Snapshot,
@@ -43,59 +43,53 @@ use crate::domain::time::now_ms;
 use crate::domain::{AccountId, Credits};
 
 /// Migrations embedded at compile time, so the binary needs no `migrations/` folder at run time.
-const MIGRATIONS: &[(i64, &str, &str)] = &[
+const MIGRATIONS: &[MigrationFile] = &[
     (
         1,
         "ledger",
         include_str!("../../migrations/mysql/0001_ledger.sql"),
+        false,
     ),
     (
         2,
         "grants",
         include_str!("../../migrations/mysql/0002_grants.sql"),
+        false,
     ),
     (
         3,
         "payments",
         include_str!("../../migrations/mysql/0003_payments.sql"),
+        false,
     ),
     (
         4,
         "coupons",
         include_str!("../../migrations/mysql/0004_coupons.sql"),
+        false,
     ),
     (
         5,
         "statements",
         include_str!("../../migrations/mysql/0005_statements.sql"),
+        false,
     ),
     (
         6,
         "settlement bounds",
         include_str!("../../migrations/mysql/0006_settlement_bounds.sql"),
+        false,
     ),
     (
         7,
         "settlements set aside",
         include_str!("../../migrations/mysql/0007_settlements_set_aside.sql"),
+        false,
     ),
 ];
 
 fn migrator() -> Migrator {
-    Migrator::with_migrations(
-        MIGRATIONS
-            .iter()
-            .map(|(version, description, sql)| {
-                Migration::new(
-                    *version,
-                    (*description).into(),
-                    MigrationType::Simple,
-                    (*sql).into_sql_str(),
-                    false,
-                )
-            })
-            .collect(),
-    )
+    migrator_of(MIGRATIONS)
 }
 
 /// Server error numbers this adapter reacts to.
@@ -360,61 +354,6 @@ async fn lock_live_grants(
     Ok(grants)
 }
 
-/// Locks the given API keys (ascending, after the accounts: the one order every transaction
-/// takes them in).
-async fn lock_keys(
-    conn: &mut MySqlConnection,
-    keys: &BTreeSet<&str>,
-) -> Result<HashMap<String, KeySpend>, LedgerError> {
-    let sorted: Vec<&str> = keys.iter().copied().collect();
-    let mut found = HashMap::with_capacity(sorted.len());
-    for chunk in sorted.chunks(CHUNK) {
-        let mut query = QueryBuilder::<MySql>::new(
-            "SELECT id, spend_limit, spent, rev FROM api_keys WHERE id IN (",
-        );
-        let mut list = query.separated(", ");
-        for key in chunk {
-            list.push_bind(*key);
-        }
-        query.push(") ORDER BY id FOR UPDATE");
-        for row in query.build().fetch_all(&mut *conn).await? {
-            found.insert(
-                row.try_get("id")?,
-                KeySpend {
-                    limit: row.try_get("spend_limit")?,
-                    spent: row.try_get("spent")?,
-                    rev: row.try_get("rev")?,
-                },
-            );
-        }
-    }
-    Ok(found)
-}
-
-/// The request ids of `batch` that already have a usage record. Called after the batch's
-/// accounts are locked, so every earlier settlement of these accounts has committed and, at
-/// READ COMMITTED, is visible here.
-async fn settled_request_ids(
-    conn: &mut MySqlConnection,
-    batch: &[Settlement],
-) -> Result<HashSet<String>, LedgerError> {
-    let mut settled = HashSet::new();
-    for chunk in batch.chunks(CHUNK) {
-        let mut query = QueryBuilder::<MySql>::new(
-            "SELECT request_id FROM usage_records WHERE request_id IN (",
-        );
-        let mut list = query.separated(", ");
-        for s in chunk {
-            list.push_bind(s.request_id.as_str());
-        }
-        query.push(")");
-        for row in query.build().fetch_all(&mut *conn).await? {
-            settled.insert(row.try_get("request_id")?);
-        }
-    }
-    Ok(settled)
-}
-
 /// Writes a settle plan's new rows: usage entries, then the records and draws that find those
 /// entries' ids, one multi-row statement per table (per [`CHUNK`]).
 async fn insert_settle_rows(
@@ -474,39 +413,19 @@ impl MySqlLedger {
         let mut tx = self.pool.begin().await?;
         let locked = lock_account(&mut tx, &grant.account).await?;
         let before = locked.get(&grant.account)?;
-        if let Some(reference) = &grant.reference {
-            // Under the account's lock: a grant racing with this one for the same reference has
-            // either committed (and is seen here) or waits for this transaction.
-            let existing = sqlx::query(ENTRY_BY_REFERENCE)
-                .bind(grant.account.as_str())
-                .bind(grant.entry_type.as_str())
-                .bind(reference)
-                .fetch_optional(&mut *tx)
-                .await?;
-            if let Some(row) = existing {
-                let entry = entry_from_row(&row)?;
-                let snapshot = Sql::with_outlook(&mut tx, &grant.account, before, now_ms()).await?;
-                tx.commit().await?;
-                return Ok(GrantOutcome {
-                    entry,
-                    applied: false,
-                    snapshot,
-                });
-            }
+        // Under the account's lock: a grant racing with this one for the same reference has
+        // either committed (and is seen here) or waits for this transaction.
+        if let Some(entry) = Sql::granted_before(&mut tx, grant).await? {
+            let snapshot = Sql::with_outlook(&mut tx, &grant.account, before, now_ms()).await?;
+            tx.commit().await?;
+            return Ok(GrantOutcome {
+                entry,
+                applied: false,
+                snapshot,
+            });
         }
-        let (entry, snapshot) = Sql::append_entry(
-            &mut tx,
-            &grant.account,
-            before,
-            locked.debt(&grant.account)?,
-            grant.entry_type,
-            grant.amount,
-            &grant.description,
-            grant.reference.as_deref(),
-            grant.expires_at_ms,
-            &grant.draw_first_from,
-        )
-        .await?;
+        let debt = locked.debt(&grant.account)?;
+        let (entry, snapshot) = Sql::append_grant(&mut tx, grant, before, debt).await?;
         tx.commit().await?;
         Ok(GrantOutcome {
             entry,
@@ -525,11 +444,11 @@ impl MySqlLedger {
         let mut tx = self.pool.begin().await?;
         let locked = lock_accounts(&mut tx, &accounts).await?;
         let mut state = BatchState {
-            settled: settled_request_ids(&mut tx, batch).await?,
+            settled: Sql::settled_request_ids(&mut tx, batch).await?,
             // Locked after the accounts; every account's are read, since each outcome reports
             // the account's expiry outlook.
             grants: lock_live_grants(&mut tx, &accounts).await?,
-            keys: lock_keys(&mut tx, &keys).await?,
+            keys: Sql::key_spends(&mut tx, &keys).await?,
             ..BatchState::default()
         };
         for (account, snapshot) in &locked.balances {

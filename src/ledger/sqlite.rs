@@ -21,16 +21,16 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::migrate::Migrator;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{QueryBuilder, Row, SqlSafeStr, Sqlite, SqliteConnection, SqlitePool};
+use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection, SqlitePool};
 
 use super::grants::{GrantRow, drawing_order};
-use super::settle_plan::{self, AccountState as BatchAccount, BatchState, KeySpend, SettlePlan};
+use super::settle_plan::{self, AccountState as BatchAccount, BatchState, SettlePlan};
 use super::settle_writes;
-use super::sql::SqlAdapter;
-use super::sql::rows::{ENTRY_BY_REFERENCE, credits, entry_from_row};
+use super::sql::rows::credits;
 use super::sql::statements::Statements;
+use super::sql::{MigrationFile, SqlAdapter, migrator_of};
 use super::{
     ApiKeyRecord, EntryType, GrantOutcome, GrantRequest, LedgerError, SettleOutcome, Settlement,
     Snapshot,
@@ -40,7 +40,7 @@ use crate::domain::{AccountId, Credits};
 
 /// Migrations embedded at compile time, so the binary needs no `migrations/` folder at run time:
 /// `(version, description, sql, no_tx)`.
-const MIGRATIONS: &[(i64, &str, &str, bool)] = &[
+const MIGRATIONS: &[MigrationFile] = &[
     (
         1,
         "ledger",
@@ -88,20 +88,7 @@ const MIGRATIONS: &[(i64, &str, &str, bool)] = &[
 ];
 
 fn migrator() -> Migrator {
-    Migrator::with_migrations(
-        MIGRATIONS
-            .iter()
-            .map(|(version, description, sql, no_tx)| {
-                Migration::new(
-                    *version,
-                    (*description).into(),
-                    MigrationType::Simple,
-                    (*sql).into_sql_str(),
-                    *no_tx,
-                )
-            })
-            .collect(),
-    )
+    migrator_of(MIGRATIONS)
 }
 
 /// The shared statements, on SQLite.
@@ -214,11 +201,9 @@ async fn read_batch_state(
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
-    let keys: Vec<&str> = batch
+    let keys: BTreeSet<&str> = batch
         .iter()
         .filter_map(|s| s.api_key_id.as_deref())
-        .collect::<BTreeSet<_>>()
-        .into_iter()
         .collect();
     let mut state = BatchState::default();
     for chunk in accounts.chunks(CHUNK) {
@@ -277,37 +262,8 @@ async fn read_batch_state(
             state.accounts.insert((*account).clone(), created);
         }
     }
-    for chunk in batch.chunks(CHUNK) {
-        let mut query = QueryBuilder::<Sqlite>::new(
-            "SELECT request_id FROM usage_records WHERE request_id IN (",
-        );
-        let mut list = query.separated(", ");
-        for s in chunk {
-            list.push_bind(s.request_id.as_str());
-        }
-        query.push(")");
-        for row in query.build().fetch_all(&mut *conn).await? {
-            state.settled.insert(row.try_get("request_id")?);
-        }
-    }
-    for chunk in keys.chunks(CHUNK) {
-        let mut query = QueryBuilder::<Sqlite>::new(
-            "SELECT id, spend_limit, spent, rev FROM api_keys WHERE id IN (",
-        );
-        let mut list = query.separated(", ");
-        for key in chunk {
-            list.push_bind(*key);
-        }
-        query.push(")");
-        for row in query.build().fetch_all(&mut *conn).await? {
-            let spend = KeySpend {
-                limit: row.try_get("spend_limit")?,
-                spent: row.try_get("spent")?,
-                rev: row.try_get("rev")?,
-            };
-            state.keys.insert(row.try_get("id")?, spend);
-        }
-    }
+    state.settled = Sql::settled_request_ids(&mut *conn, batch).await?;
+    state.keys = Sql::key_spends(&mut *conn, &keys).await?;
     Ok(state)
 }
 
@@ -441,40 +397,20 @@ impl SqlAdapter for SqliteLedger {
     async fn grant(&self, grant: &GrantRequest) -> Result<GrantOutcome, LedgerError> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         insert_account(&mut tx, &grant.account).await?;
-        if let Some(reference) = &grant.reference {
-            let existing = sqlx::query(ENTRY_BY_REFERENCE)
-                .bind(grant.account.as_str())
-                .bind(grant.entry_type.as_str())
-                .bind(reference)
-                .fetch_optional(&mut *tx)
-                .await?;
-            if let Some(row) = existing {
-                let entry = entry_from_row(&row)?;
-                let snapshot = Sql::account_snapshot(&mut tx, &grant.account)
-                    .await?
-                    .ok_or_else(|| LedgerError::Corrupt("account vanished".into()))?;
-                tx.commit().await?;
-                return Ok(GrantOutcome {
-                    entry,
-                    applied: false,
-                    snapshot,
-                });
-            }
+        if let Some(entry) = Sql::granted_before(&mut tx, grant).await? {
+            let snapshot = Sql::account_snapshot(&mut tx, &grant.account)
+                .await?
+                .ok_or_else(|| LedgerError::Corrupt("account vanished".into()))?;
+            tx.commit().await?;
+            return Ok(GrantOutcome {
+                entry,
+                applied: false,
+                snapshot,
+            });
         }
         let state = read_state(&mut tx, &grant.account).await?;
-        let (entry, snapshot) = Sql::append_entry(
-            &mut tx,
-            &grant.account,
-            state.snapshot,
-            state.debt,
-            grant.entry_type,
-            grant.amount,
-            &grant.description,
-            grant.reference.as_deref(),
-            grant.expires_at_ms,
-            &grant.draw_first_from,
-        )
-        .await?;
+        let (entry, snapshot) =
+            Sql::append_grant(&mut tx, grant, state.snapshot, state.debt).await?;
         tx.commit().await?;
         Ok(GrantOutcome {
             entry,

@@ -9,6 +9,7 @@ pub(crate) mod statements;
 mod verify;
 
 use async_trait::async_trait;
+use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::{AssertSqlSafe, Encode, Executor, Pool, SqlSafeStr as _, Type};
 
 pub use dialect::SqlDialect;
@@ -24,6 +25,28 @@ use super::{
 };
 use crate::domain::time::now_ms;
 use crate::domain::{AccountId, Credits};
+
+/// An embedded migration: version, description, SQL, and whether it runs outside a
+/// transaction.
+pub(in crate::ledger) type MigrationFile = (i64, &'static str, &'static str, bool);
+
+/// The migrator of an adapter's embedded migrations.
+pub(in crate::ledger) fn migrator_of(migrations: &[MigrationFile]) -> Migrator {
+    Migrator::with_migrations(
+        migrations
+            .iter()
+            .map(|&(version, description, sql, no_tx)| {
+                Migration::new(
+                    version,
+                    description.into(),
+                    MigrationType::Simple,
+                    sql.into_sql_str(),
+                    no_tx,
+                )
+            })
+            .collect(),
+    )
+}
 
 /// A ledger on a SQL database: its pool, and the [`Ledger`] writes whose locking and planning
 /// differ by database. Each method means what the [`Ledger`] method of the same name says.

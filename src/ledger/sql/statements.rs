@@ -2,28 +2,32 @@
 //! has taken whatever lock its database needs (SQLite's write lock, MySQL's account row lock)
 //! before it calls these.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::marker::PhantomData;
 
 use sqlx::{Encode, Executor, QueryBuilder, Type};
 
 use super::SqlDialect;
-use super::rows::{credits, grant_row};
+use super::rows::{ENTRY_BY_REFERENCE, credits, entry_from_row, grant_row};
 use crate::domain::time::now_ms;
 use crate::domain::{AccountId, Credits};
 use crate::ledger::grants::{
     GrantRow, drawing_order, expiry_entry_text, plan_credit, plan_debit_from, plan_expiry,
 };
+use crate::ledger::settle_plan::KeySpend;
 use crate::ledger::settle_writes;
-use crate::ledger::{ApiKeyRecord, Columns as _, EntryType, LedgerEntry, LedgerError, Snapshot};
+use crate::ledger::{
+    ApiKeyRecord, Columns as _, EntryType, GrantRequest, LedgerEntry, LedgerError, Settlement,
+    Snapshot,
+};
 
 /// Values per IN list and rows per multi-row statement: far below either database's limit on
 /// bound parameters, and big enough for a whole default settle batch (512) to take few
 /// statements.
-pub(crate) const CHUNK: usize = 256;
+pub(in crate::ledger) const CHUNK: usize = 256;
 
 /// The shared statements on database `DB` (a namespace: `Statements::<Sqlite>::…`).
-pub(crate) struct Statements<DB>(PhantomData<DB>);
+pub(in crate::ledger) struct Statements<DB>(PhantomData<DB>);
 
 impl<DB> Statements<DB>
 where
@@ -36,7 +40,7 @@ where
 {
     /// The account's snapshot with the outlook of its unswept grants now; `None` if there is
     /// no such account. One statement, so the balance and the grants come from one state.
-    pub(crate) async fn account_snapshot(
+    pub(in crate::ledger) async fn account_snapshot(
         conn: &mut DB::Connection,
         account: &AccountId,
     ) -> Result<Option<Snapshot>, LedgerError> {
@@ -67,7 +71,7 @@ where
 
     /// The account's grants a debit may draw from, in [`drawing_order`], as the caller's
     /// transaction sees them (its own writes included).
-    pub(crate) async fn live_grants(
+    pub(in crate::ledger) async fn live_grants(
         conn: &mut DB::Connection,
         account: &AccountId,
     ) -> Result<Vec<GrantRow>, LedgerError> {
@@ -86,7 +90,7 @@ where
     }
 
     /// `snapshot` with the outlook at `at_ms` of the account's unswept grants.
-    pub(crate) async fn with_outlook(
+    pub(in crate::ledger) async fn with_outlook(
         conn: &mut DB::Connection,
         account: &AccountId,
         snapshot: Snapshot,
@@ -104,7 +108,7 @@ where
     /// The ids of the grants that the account's entries `keys` (`(type, reference)`, unique
     /// per account) created, in the order of `keys`; an entry that does not exist or created
     /// no grant is left out. A grant's creating entry never changes, so this needs no lock.
-    pub(crate) async fn grants_created_by(
+    pub(in crate::ledger) async fn grants_created_by(
         conn: &mut DB::Connection,
         account: &AccountId,
         keys: &[(EntryType, String)],
@@ -131,7 +135,7 @@ where
     /// Appends one ledger entry (the account's balance is the caller's to write) and returns
     /// its id.
     #[allow(clippy::too_many_arguments)]
-    pub(crate) async fn insert_entry(
+    pub(in crate::ledger) async fn insert_entry(
         conn: &mut DB::Connection,
         account: &AccountId,
         entry_type: EntryType,
@@ -192,7 +196,7 @@ where
     }
 
     /// Records which grants the entry `entry_id` drew from, one statement per [`CHUNK`].
-    pub(crate) async fn insert_draws(
+    pub(in crate::ledger) async fn insert_draws(
         conn: &mut DB::Connection,
         entry_id: i64,
         draws: &[(i64, i64)],
@@ -209,7 +213,7 @@ where
     }
 
     /// Runs one statement per [`CHUNK`] of `items`, each built by `build`.
-    pub(crate) async fn in_chunks<'a, T>(
+    pub(in crate::ledger) async fn in_chunks<'a, T>(
         conn: &mut DB::Connection,
         items: &'a [T],
         build: impl Fn(&mut QueryBuilder<DB>, &'a [T]),
@@ -222,8 +226,63 @@ where
         Ok(())
     }
 
+    /// The request ids of `batch` that already have a usage record. Called under the write
+    /// lock (SQLite) or after the batch's accounts are locked (MySQL), so every earlier
+    /// settlement of these accounts has committed and is visible here.
+    pub(in crate::ledger) async fn settled_request_ids(
+        conn: &mut DB::Connection,
+        batch: &[Settlement],
+    ) -> Result<HashSet<String>, LedgerError> {
+        let mut settled = HashSet::new();
+        for chunk in batch.chunks(CHUNK) {
+            let mut query = QueryBuilder::<DB>::new(
+                "SELECT request_id FROM usage_records WHERE request_id IN (",
+            );
+            let mut list = query.separated(", ");
+            for s in chunk {
+                list.push_bind(s.request_id.as_str());
+            }
+            query.push(")");
+            for row in query.build().fetch_all(&mut *conn).await? {
+                settled.insert(row.text("request_id")?);
+            }
+        }
+        Ok(settled)
+    }
+
+    /// The spend of the given API keys (those that exist), locked where the database locks
+    /// rows: in ascending id order, after the accounts, the one order every transaction takes
+    /// them in.
+    pub(in crate::ledger) async fn key_spends(
+        conn: &mut DB::Connection,
+        keys: &BTreeSet<&str>,
+    ) -> Result<HashMap<String, KeySpend>, LedgerError> {
+        let sorted: Vec<&str> = keys.iter().copied().collect();
+        let mut found = HashMap::with_capacity(sorted.len());
+        for chunk in sorted.chunks(CHUNK) {
+            let mut query = QueryBuilder::<DB>::new(
+                "SELECT id, spend_limit, spent, rev FROM api_keys WHERE id IN (",
+            );
+            let mut list = query.separated(", ");
+            for key in chunk {
+                list.push_bind(*key);
+            }
+            query.push(") ORDER BY id");
+            query.push(DB::LOCK);
+            for row in query.build().fetch_all(&mut *conn).await? {
+                let spend = KeySpend {
+                    limit: row.optional_int("spend_limit")?,
+                    spent: row.int("spent")?,
+                    rev: row.int("rev")?,
+                };
+                found.insert(row.text("id")?, spend);
+            }
+        }
+        Ok(found)
+    }
+
     /// Writes a new key (its account exists).
-    pub(crate) async fn insert_api_key(
+    pub(in crate::ledger) async fn insert_api_key(
         conn: &mut DB::Connection,
         key: &ApiKeyRecord,
     ) -> Result<(), LedgerError> {
@@ -278,7 +337,7 @@ where
     /// draws from the live grants (those created by the entries `draw_first` names first) and
     /// what they do not cover becomes debt.
     #[allow(clippy::too_many_arguments)]
-    pub(crate) async fn append_entry(
+    pub(in crate::ledger) async fn append_entry(
         conn: &mut DB::Connection,
         account: &AccountId,
         before: Snapshot,
@@ -372,11 +431,53 @@ where
         Ok((entry, snapshot))
     }
 
+    /// The entry a grant with the same reference wrote before, if any (a grant without a
+    /// reference is never a replay).
+    pub(in crate::ledger) async fn granted_before(
+        conn: &mut DB::Connection,
+        grant: &GrantRequest,
+    ) -> Result<Option<LedgerEntry>, LedgerError> {
+        let Some(reference) = &grant.reference else {
+            return Ok(None);
+        };
+        sqlx::query::<DB>(ENTRY_BY_REFERENCE)
+            .bind(grant.account.as_str())
+            .bind(grant.entry_type.as_str())
+            .bind(reference.as_str())
+            .fetch_optional(&mut *conn)
+            .await?
+            .as_ref()
+            .map(entry_from_row)
+            .transpose()
+    }
+
+    /// [`Self::append_entry`] of a grant request.
+    pub(in crate::ledger) async fn append_grant(
+        conn: &mut DB::Connection,
+        grant: &GrantRequest,
+        before: Snapshot,
+        debt: i64,
+    ) -> Result<(LedgerEntry, Snapshot), LedgerError> {
+        Self::append_entry(
+            conn,
+            &grant.account,
+            before,
+            debt,
+            grant.entry_type,
+            grant.amount,
+            &grant.description,
+            grant.reference.as_deref(),
+            grant.expires_at_ms,
+            &grant.draw_first_from,
+        )
+        .await
+    }
+
     /// Sweeps the account's grants due at `now` (see
     /// [`Ledger::expire_account`](crate::ledger::Ledger::expire_account)), from `snapshot`, the
     /// account's balance and revision read under its lock. Returns the snapshot after the
     /// sweep and whether its balance moved; the caller commits.
-    pub(crate) async fn sweep_due_grants(
+    pub(in crate::ledger) async fn sweep_due_grants(
         conn: &mut DB::Connection,
         account: &AccountId,
         now: i64,
