@@ -82,7 +82,7 @@ impl Entry {
     /// [`BalanceCache::in_flight`]).
     fn fence(&mut self, at_ms: i64) -> Credits {
         self.fence = self.fence.max(at_ms);
-        clamp(self.held + self.pending_total)
+        Credits::saturating_from_micros(self.held + self.pending_total)
     }
 
     fn absorb(&mut self, snapshot: Snapshot) {
@@ -96,14 +96,6 @@ impl Entry {
             self.held -= amount;
         }
     }
-}
-
-fn clamp(micros: i128) -> Credits {
-    Credits::from_micros(i64::try_from(micros).unwrap_or(if micros < 0 {
-        i64::MIN
-    } else {
-        i64::MAX
-    }))
 }
 
 fn vanished() -> CacheError {
@@ -180,7 +172,7 @@ impl BalanceCache for LocalCache {
             let available = entry.available();
             if available - amount < i128::from(floor.micros()) {
                 return Err(ReserveError::Insufficient {
-                    available: clamp(available),
+                    available: Credits::saturating_from_micros(available),
                 });
             }
             entry
@@ -283,9 +275,9 @@ impl BalanceCache for LocalCache {
         self.refresh(bucket, source).await?;
         let entry = self.entries.get(bucket).ok_or_else(vanished)?;
         Ok(BalanceView {
-            balance: clamp(entry.balance()),
-            held: clamp(entry.held),
-            available: clamp(entry.available()),
+            balance: Credits::saturating_from_micros(entry.balance()),
+            held: Credits::saturating_from_micros(entry.held),
+            available: Credits::saturating_from_micros(entry.available()),
         })
     }
 

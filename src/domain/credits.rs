@@ -34,6 +34,11 @@ impl Credits {
         Credits(micros)
     }
 
+    /// `micros` (a wide sum), saturated at the ends of the `i64` range.
+    pub fn saturating_from_micros(micros: i128) -> Self {
+        Credits(i64::try_from(micros).unwrap_or(if micros < 0 { i64::MIN } else { i64::MAX }))
+    }
+
     pub const fn micros(self) -> i64 {
         self.0
     }
@@ -110,6 +115,14 @@ impl<'de> Deserialize<'de> for Credits {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wide_sums_saturate_at_the_ends_of_the_range() {
+        assert_eq!(Credits::saturating_from_micros(-5).micros(), -5);
+        let beyond = i128::from(i64::MAX) + 1;
+        assert_eq!(Credits::saturating_from_micros(beyond).micros(), i64::MAX);
+        assert_eq!(Credits::saturating_from_micros(-beyond - 1).micros(), i64::MIN);
+    }
 
     #[test]
     fn parses_and_prints_decimal_strings_exactly() {

@@ -1,7 +1,7 @@
 //! What lives where in Redis: key names (one hash tag per bucket) and how amounts are
 //! encoded (exact integers up to 2^53 micro-credits, saturating beyond).
 
-use crate::domain::{AccountId, Credits};
+use crate::domain::AccountId;
 use crate::ledger::{Bucket, Snapshot};
 
 use super::*;
@@ -104,12 +104,4 @@ pub(super) fn snapshot_args(snapshot: &Snapshot) -> [String; 4] {
             .map_or_else(String::new, |at| at.to_string()),
         exact(snapshot.lapsed.micros()).to_string(),
     ]
-}
-
-pub(super) fn clamp(micros: i128) -> Credits {
-    Credits::from_micros(i64::try_from(micros).unwrap_or(if micros < 0 {
-        i64::MIN
-    } else {
-        i64::MAX
-    }))
 }

@@ -778,7 +778,7 @@ impl BalanceCache for RedisCache {
                     return Ok(BalanceView {
                         balance: Credits::from_micros(*balance),
                         held: Credits::from_micros(*held),
-                        available: clamp(
+                        available: Credits::saturating_from_micros(
                             i128::from(*balance) - i128::from(*held) - i128::from(*lapsed),
                         ),
                     });
