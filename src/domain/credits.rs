@@ -121,7 +121,10 @@ mod tests {
         assert_eq!(Credits::saturating_from_micros(-5).micros(), -5);
         let beyond = i128::from(i64::MAX) + 1;
         assert_eq!(Credits::saturating_from_micros(beyond).micros(), i64::MAX);
-        assert_eq!(Credits::saturating_from_micros(-beyond - 1).micros(), i64::MIN);
+        assert_eq!(
+            Credits::saturating_from_micros(-beyond - 1).micros(),
+            i64::MIN
+        );
     }
 
     #[test]
