@@ -4,7 +4,9 @@
 //!
 //! This test reads every `crate::` path in `src/` (in `use` lines and inline, test code
 //! included; comments and string literals skipped) and fails on each one that points sideways
-//! or up. Run it alone with `cargo test --test module_layers`.
+//! or up. A second test holds files to one concept each: past [`LONG_FILE`] lines of non-test
+//! code, a file says at its top why it is one file (a `//! Length: …` line). Run both with
+//! `cargo test --test module_layers`.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -57,6 +59,65 @@ fn no_module_imports_one_beside_or_above_it() {
         }
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+/// Past this many lines of non-test code, a file's leading docs say why it is one file.
+const LONG_FILE: usize = 550;
+
+/// Files that are test code as a whole (declared under `#[cfg(test)]`).
+const TEST_FILES: &[&str] = &["tests.rs", "contract.rs"];
+
+#[test]
+fn a_long_file_says_why_it_is_one_file() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut problems = Vec::new();
+    for file in rust_files(&src) {
+        let name = file
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        if TEST_FILES.contains(&name) {
+            continue;
+        }
+        let text = std::fs::read_to_string(&file).expect("readable source");
+        let lines = non_test_lines(&text);
+        if lines > LONG_FILE && !says_why_long(&text) {
+            let relative = file.strip_prefix(&src).expect("under src");
+            problems.push(format!(
+                "src/{}: {lines} lines of non-test code and no `//! Length:` line saying why",
+                relative.display()
+            ));
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+#[test]
+fn the_size_check_counts_code_before_the_tests_and_reads_the_reason() {
+    let text =
+        "//! A module.\n//!\n//! Length: one table.\n\nfn a() {}\n\n#[cfg(test)]\nmod tests {\n}\n";
+    assert_eq!(non_test_lines(text), 6);
+    assert!(says_why_long(text));
+    assert!(!says_why_long(
+        "//! A module.\n\n//! Length: not at the top.\n"
+    ));
+    assert_eq!(non_test_lines("#[cfg(test)]\nmod tests;\nfn a() {}\n"), 3);
+}
+
+/// The lines before the file's inline test module (`#[cfg(test)]` then `mod tests {`).
+fn non_test_lines(text: &str) -> usize {
+    let lines: Vec<&str> = text.lines().collect();
+    lines
+        .windows(2)
+        .position(|pair| pair[0].starts_with("#[cfg(test)]") && pair[1].starts_with("mod tests {"))
+        .unwrap_or(lines.len())
+}
+
+/// Whether the file's leading `//!` docs hold a `//! Length:` line.
+fn says_why_long(text: &str) -> bool {
+    text.lines()
+        .take_while(|line| line.starts_with("//!"))
+        .any(|line| line.starts_with("//! Length:"))
 }
 
 /// The reader itself: blanked comments and strings, braces, `$crate` and nested groups.

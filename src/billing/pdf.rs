@@ -10,6 +10,9 @@
 //!
 //! Money is only formatted here (from exact [`Decimal`]s); the only floating-point arithmetic
 //! is on layout coordinates.
+//!
+//! Length: one renderer for one document. Its blocks (header, parties, lines, totals, notes) share
+//! the page cursor and the font metrics, so they stay together.
 
 use pdf_writer::{Content, Name, Pdf, Rect, Ref, Str, TextStr};
 use rust_decimal::{Decimal, RoundingStrategy};

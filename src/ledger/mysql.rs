@@ -18,6 +18,9 @@
 //! - A deadlock, a lock wait timeout, or a duplicate key lost to a racing writer rolls the whole
 //!   transaction back and runs it again after a short random pause; the re-run sees the winner's
 //!   row and reports a replay instead of an error.
+//!
+//! Length: these are the adapter's locking writes, which all follow one lock order (accounts, then
+//! grants, then keys); they are kept together so that order can be checked in one read.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::str::FromStr;

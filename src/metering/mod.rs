@@ -8,6 +8,9 @@
 //! Every hold counts as a request in flight until it ends; at shutdown the gateway cuts the
 //! requests still running ([`Meter::cut`]) and waits for their holds to end
 //! ([`Meter::drained`]) before it stops the settler.
+//!
+//! Length: the `Meter` and its `Hold` are one life cycle (reserve, renew, finish or release,
+//! drain); split, the hold's invariants would live in two places.
 
 pub mod pricing;
 pub mod pricing_sync;

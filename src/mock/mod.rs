@@ -102,6 +102,10 @@
 //!
 //! The mock requires no credential and echoes none. [`router_with_log`] also returns a [`MockLog`]
 //! that records every request (method, path, headers, parsed JSON body) for tests to inspect.
+//!
+//! Length: a fifth of this file is this description of the mock's behaviour and knobs; the rest is
+//! the router and the request handling every endpoint shares (each endpoint's replies are in its
+//! own file).
 
 mod chat;
 mod completions;

@@ -1,6 +1,8 @@
 //! Statements the adapters' locking writes share, inside the caller's transaction: the caller
 //! has taken whatever lock its database needs (SQLite's write lock, MySQL's account row lock)
 //! before it calls these.
+//!
+//! Length: one `impl` block, so the driver bounds of its where-clause are written once.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::marker::PhantomData;
