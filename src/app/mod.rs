@@ -18,12 +18,12 @@ use tokio::net::TcpListener;
 use crate::auth::Authenticator;
 use crate::auth::api_keys::ApiKeyCache;
 use crate::auth::jwt::JwtVerifier;
-use crate::billing::store::{SharedPaymentStore, SqlPaymentStore};
+use crate::billing::store::{PaymentStore, SharedPaymentStore, SqlPaymentStore};
 use crate::cache::SharedCache;
 use crate::config::Config;
 use crate::config::JwtSettings;
 use crate::ledger::mysql::MySqlLedger;
-use crate::ledger::sql::SqlAdapter as _;
+use crate::ledger::sql::SqlAdapter;
 use crate::ledger::sqlite::SqliteLedger;
 use crate::ledger::{Ledger, SharedLedger};
 use crate::metering::Meter;
@@ -54,13 +54,7 @@ pub async fn open_stores(config: &Config) -> anyhow::Result<Stores> {
         let ledger = MySqlLedger::connect(url, max_connections)
             .await
             .with_context(|| format!("opening MySQL database {shown}"))?;
-        Ledger::migrate(&ledger)
-            .await
-            .context("applying migrations")?;
-        Ok(Stores {
-            payments: Arc::new(SqlPaymentStore::new(ledger.pool().clone())),
-            ledger: Arc::new(ledger),
-        })
+        stores_on(ledger).await
     } else if url.starts_with("sqlite:") {
         if let Some(path) = config.sqlite_path()
             && let Some(dir) = path.parent()
@@ -71,16 +65,25 @@ pub async fn open_stores(config: &Config) -> anyhow::Result<Stores> {
         let ledger = SqliteLedger::connect(url, max_connections)
             .await
             .with_context(|| format!("opening database {url}"))?;
-        Ledger::migrate(&ledger)
-            .await
-            .context("applying migrations")?;
-        Ok(Stores {
-            payments: Arc::new(SqlPaymentStore::new(ledger.pool().clone())),
-            ledger: Arc::new(ledger),
-        })
+        stores_on(ledger).await
     } else {
         anyhow::bail!("database.url: use sqlite://PATH or mysql://USER@HOST/DB");
     }
+}
+
+/// Migrates the opened database and builds the payments store on the ledger's pool.
+async fn stores_on<L>(ledger: L) -> anyhow::Result<Stores>
+where
+    L: SqlAdapter + Ledger,
+    SqlPaymentStore<L::Db>: PaymentStore,
+{
+    Ledger::migrate(&ledger)
+        .await
+        .context("applying migrations")?;
+    Ok(Stores {
+        payments: Arc::new(SqlPaymentStore::new(ledger.pool().clone())),
+        ledger: Arc::new(ledger),
+    })
 }
 
 /// Opens the ledger alone (see [`open_stores`]).

@@ -280,15 +280,8 @@ impl BalanceCache for RedisCache {
     async fn reap_holds(&self, now_ms: i64) -> Result<usize, CacheError> {
         let owner_key = self.keys.owner(&self.instance);
         let own: Vec<String> = query(&self.conn, command("SMEMBERS").arg(&owner_key)).await?;
-        let results: Vec<Result<usize, CacheError>> = stream::iter(own)
-            .map(|base| self.reap_own(base, now_ms, &owner_key))
-            .buffer_unordered(REAP_CONCURRENCY)
-            .collect()
-            .await;
-        let mut released = 0;
-        for result in results {
-            released += result?;
-        }
+        let mut released =
+            reaping::reap_each(own, |base| self.reap_own(base, now_ms, &owner_key)).await?;
         let dead: Vec<String> = eval(
             &self.conn,
             &SCRIPTS.dead,

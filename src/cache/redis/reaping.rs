@@ -109,15 +109,8 @@ impl RedisCache {
     pub(super) async fn reap_dead(&self, dead: &str, now_ms: i64) -> Result<usize, CacheError> {
         let owner_key = self.keys.owner(dead);
         let buckets: Vec<String> = query(&self.conn, command("SMEMBERS").arg(&owner_key)).await?;
-        let results: Vec<Result<usize, CacheError>> = stream::iter(buckets.clone())
-            .map(|base| self.reap_all_of(base, now_ms, dead))
-            .buffer_unordered(REAP_CONCURRENCY)
-            .collect()
-            .await;
-        let mut released = 0;
-        for result in results {
-            released += result?;
-        }
+        let released =
+            reap_each(buckets.clone(), |base| self.reap_all_of(base, now_ms, dead)).await?;
         // Remove only what was reaped (an instance that came back may have added buckets since),
         // and forget the instance only if it is still silent.
         if !buckets.is_empty() {
@@ -169,4 +162,19 @@ impl RedisCache {
             );
         });
     }
+}
+
+/// Runs `reap` on every bucket, [`REAP_CONCURRENCY`] at a time, and adds up the holds they
+/// released; the first error fails the whole.
+pub(super) async fn reap_each<F, Fut>(buckets: Vec<String>, reap: F) -> Result<usize, CacheError>
+where
+    F: FnMut(String) -> Fut,
+    Fut: Future<Output = Result<usize, CacheError>>,
+{
+    let results: Vec<Result<usize, CacheError>> = stream::iter(buckets)
+        .map(reap)
+        .buffer_unordered(REAP_CONCURRENCY)
+        .collect()
+        .await;
+    results.into_iter().sum()
 }

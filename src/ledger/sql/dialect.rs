@@ -114,15 +114,12 @@ impl SqlDialect for MySql {
         .await
     }
 
-    fn rerun<T, F, Fut>(
-        what: &'static str,
-        attempt: F,
-    ) -> impl Future<Output = Result<T, LedgerError>> + Send
+    async fn rerun<T, F, Fut>(what: &'static str, attempt: F) -> Result<T, LedgerError>
     where
         T: Send,
         F: FnMut() -> Fut + Send,
         Fut: Future<Output = Result<T, LedgerError>> + Send,
     {
-        crate::ledger::mysql::rerun_on_lock_conflict(what, attempt)
+        crate::ledger::mysql::rerun_on_lock_conflict(what, attempt).await
     }
 }

@@ -72,21 +72,25 @@ where
     }
 
     /// The account's grants a debit may draw from, in [`drawing_order`], as the caller's
-    /// transaction sees them (its own writes included).
+    /// transaction sees them (its own writes included); `lock`ed for a debit where the
+    /// database locks rows.
     pub(in crate::ledger) async fn live_grants(
         conn: &mut DB::Connection,
         account: &AccountId,
+        lock: bool,
     ) -> Result<Vec<GrantRow>, LedgerError> {
-        let mut grants = sqlx::query::<DB>(
+        let sql = format!(
             "SELECT id, remaining, expires_at, created_at FROM credit_grants \
-             WHERE account_id = ? AND expired_at IS NULL AND remaining > 0",
-        )
-        .bind(account.as_str())
-        .fetch_all(&mut *conn)
-        .await?
-        .iter()
-        .map(grant_row)
-        .collect::<Result<Vec<_>, _>>()?;
+             WHERE account_id = ? AND expired_at IS NULL AND remaining > 0 ORDER BY id{}",
+            if lock { DB::LOCK } else { "" }
+        );
+        let mut grants = sqlx::query::<DB>(sqlx::AssertSqlSafe(sql))
+            .bind(account.as_str())
+            .fetch_all(&mut *conn)
+            .await?
+            .iter()
+            .map(grant_row)
+            .collect::<Result<Vec<_>, _>>()?;
         drawing_order(&mut grants);
         Ok(grants)
     }
@@ -98,7 +102,7 @@ where
         snapshot: Snapshot,
         at_ms: i64,
     ) -> Result<Snapshot, LedgerError> {
-        let grants = Self::live_grants(conn, account).await?;
+        let grants = Self::live_grants(conn, account, false).await?;
         Ok(Snapshot::of_account(
             snapshot.balance,
             snapshot.rev,
@@ -311,28 +315,6 @@ where
         Ok(())
     }
 
-    /// The account's live grants locked for a debit (by the row lock where the database has
-    /// one), in [`drawing_order`].
-    async fn lock_live_grants(
-        conn: &mut DB::Connection,
-        account: &AccountId,
-    ) -> Result<Vec<GrantRow>, LedgerError> {
-        let sql = format!(
-            "SELECT id, remaining, expires_at, created_at FROM credit_grants \
-             WHERE account_id = ? AND expired_at IS NULL AND remaining > 0 ORDER BY id{}",
-            DB::LOCK
-        );
-        let mut grants = sqlx::query::<DB>(sqlx::AssertSqlSafe(sql))
-            .bind(account.as_str())
-            .fetch_all(&mut *conn)
-            .await?
-            .iter()
-            .map(grant_row)
-            .collect::<Result<Vec<_>, _>>()?;
-        drawing_order(&mut grants);
-        Ok(grants)
-    }
-
     /// Appends one ledger entry and moves the account's balance from `before` and its debt
     /// from `debt` (both read under the account's lock), and applies the entry to the
     /// account's grants: a credit becomes a new grant (which pays the debt off first), a debit
@@ -365,7 +347,7 @@ where
             credit = Some((paid, remaining));
         } else if amount.is_negative() {
             let taken = amount.micros().checked_neg().ok_or_else(overflow)?;
-            let mut grants = Self::lock_live_grants(conn, account).await?;
+            let mut grants = Self::live_grants(conn, account, true).await?;
             let first = Self::grants_created_by(conn, account, draw_first).await?;
             let plan = plan_debit_from(&mut grants, &first, taken, now);
             new_debt = debt.checked_add(plan.uncovered).ok_or_else(overflow)?;
