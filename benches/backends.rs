@@ -360,7 +360,7 @@ async fn run(database: String, prefix: String) {
             .expect("Redis on 127.0.0.1:6379"),
     );
     hold_cases("redis", redis.clone(), &instance, reservations).await;
-    redis.shutdown();
+    redis.stop().await;
     drop(redis);
     hold_cases(
         "local",

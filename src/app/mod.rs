@@ -177,6 +177,7 @@ impl App {
             .context("config: payments")?,
         );
         tasks.supervise_settler(settler.clone(), settler_task);
+        tasks.supervise_cache(cache.clone());
         let recovery = tasks::spawn_recovery(
             ledger.clone(),
             cache.clone(),

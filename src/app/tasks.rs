@@ -19,8 +19,11 @@ pub struct Supervisor {
     stop: watch::Sender<bool>,
     /// In start order; stopped together, awaited in this order.
     tasks: Vec<(&'static str, JoinHandle<()>)>,
-    /// Stopped last, once nothing can settle any more, and awaited.
+    /// Stopped once nothing can settle any more, and awaited.
     settler: Option<(SettlerHandle, JoinHandle<()>)>,
+    /// Its own background work (the Redis heartbeat) ends last: until the settler has written
+    /// everything, siblings must count this instance alive.
+    cache: Option<SharedCache>,
 }
 
 /// How long shutdown waits for a background task to end once told to.
@@ -40,6 +43,7 @@ impl Supervisor {
             stop: watch::channel(false).0,
             tasks: Vec::new(),
             settler: None,
+            cache: None,
         }
     }
 
@@ -58,10 +62,24 @@ impl Supervisor {
         self.settler = Some((handle, task));
     }
 
+    /// Takes charge of the cache's own background work, ended after the settler.
+    pub fn supervise_cache(&mut self, cache: SharedCache) {
+        self.cache = Some(cache);
+    }
+
     /// Stops every task and waits for each; then stops the settler once it has written
-    /// everything queued (or set aside what the ledger refuses), and waits for it. Call it once
-    /// no request can settle any more.
+    /// everything queued (or set aside what the ledger refuses), and waits for it; then the
+    /// cache's heartbeat. Call it once no request can settle any more.
     pub async fn stop(mut self) {
+        self.stop_tasks_and_settler().await;
+        if let Some(cache) = self.cache.take()
+            && tokio::time::timeout(TASK_STOP, cache.stop()).await.is_err()
+        {
+            tracing::error!(timeout = ?TASK_STOP, "the cache's heartbeat did not stop in time");
+        }
+    }
+
+    async fn stop_tasks_and_settler(&mut self) {
         let _ = self.stop.send(true);
         for (name, task) in self.tasks.drain(..) {
             match tokio::time::timeout(TASK_STOP, task).await {

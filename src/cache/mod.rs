@@ -187,6 +187,12 @@ pub trait BalanceCache: Send + Sync + 'static {
     async fn ping(&self) -> Result<(), CacheError> {
         Ok(())
     }
+
+    /// Ends the cache's own background work (the Redis adapter's heartbeat) and waits for it.
+    /// The supervisor calls it last, once nothing settles any more: until then siblings must
+    /// count this instance alive. Afterwards the cache still answers, but a shared cache's
+    /// siblings treat the instance as gone within [`redis::INSTANCE_DEAD_AFTER_MS`].
+    async fn stop(&self) {}
 }
 
 /// The expiry sweep's [`KeepBack`]: what the cache holds or has pending per account, fenced.

@@ -159,12 +159,15 @@ pub struct RedisCache {
     instance: String,
     reserving: DashMap<String, Reserving>,
     sequence: AtomicU64,
-    heartbeat: tokio::task::AbortHandle,
+    /// The heartbeat task, until [`BalanceCache::stop`] ends it (or the adapter is dropped).
+    heartbeat: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Drop for RedisCache {
     fn drop(&mut self) {
-        self.heartbeat.abort();
+        if let Some(task) = self.heartbeat_task() {
+            task.abort();
+        }
     }
 }
 
@@ -216,22 +219,23 @@ impl RedisCache {
             conn.clone(),
             keys.instances(),
             instance.to_owned(),
-        ))
-        .abort_handle();
+        ));
         Ok(RedisCache {
             conn,
             keys,
             instance: instance.to_owned(),
             reserving: DashMap::new(),
             sequence: AtomicU64::new(0),
-            heartbeat,
+            heartbeat: std::sync::Mutex::new(Some(heartbeat)),
         })
     }
 
-    /// Stops the heartbeat. Call it when the gateway stops: within 10 s siblings treat this
-    /// instance as gone and release whatever it still holds. Dropping the adapter does the same.
-    pub fn shutdown(&self) {
-        self.heartbeat.abort();
+    /// The heartbeat task, taken out (the one caller that ends it owns it).
+    fn heartbeat_task(&self) -> Option<tokio::task::JoinHandle<()>> {
+        self.heartbeat
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
     }
 
     pub fn instance(&self) -> &str {

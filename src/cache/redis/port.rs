@@ -25,6 +25,14 @@ impl BalanceCache for RedisCache {
         true
     }
 
+    async fn stop(&self) {
+        if let Some(task) = self.heartbeat_task() {
+            task.abort();
+            // Cancelled, or ended by a panic already logged: either way it beats no more.
+            let _ = task.await;
+        }
+    }
+
     async fn reserve(
         &self,
         bucket: &Bucket,

@@ -201,6 +201,61 @@ async fn a_flushed_redis_only_costs_a_reload() {
     .await;
 }
 
+/// What the supervisor's last step relies on: once `stop` returns, the instance beats no more,
+/// so its siblings will count it gone; until then it beats.
+#[tokio::test]
+async fn stop_ends_the_heartbeat_and_waits_for_it() {
+    crate::test_support::time_limit::limited(async move {
+        let Some(space) = Space::new() else {
+            return;
+        };
+        let cache = space.cache("gw_stopping").await;
+        let mut conn = space.conn().await;
+        let instances = cache.keys.instances();
+        let last_beat = |conn: &mut ::redis::aio::MultiplexedConnection| {
+            let mut conn = conn.clone();
+            let instances = instances.clone();
+            async move {
+                let score: Option<f64> = command("ZSCORE")
+                    .arg(&instances)
+                    .arg("gw_stopping")
+                    .query_async(&mut conn)
+                    .await
+                    .expect("zscore");
+                score.expect("the instance is registered")
+            }
+        };
+        let set_beat = |conn: &mut ::redis::aio::MultiplexedConnection, at: i64| {
+            let mut conn = conn.clone();
+            let instances = instances.clone();
+            async move {
+                let _: i64 = command("ZADD")
+                    .arg(&instances)
+                    .arg(at)
+                    .arg("gw_stopping")
+                    .query_async(&mut conn)
+                    .await
+                    .expect("zadd");
+            }
+        };
+        // Alive: an old score is overwritten by the next beat.
+        set_beat(&mut conn, 1).await;
+        tokio::time::sleep(HEARTBEAT_EVERY + Duration::from_millis(500)).await;
+        assert!(last_beat(&mut conn).await > 1.0, "a live instance beats");
+        // Stopped: nothing overwrites it any more.
+        cache.stop().await;
+        set_beat(&mut conn, 1).await;
+        tokio::time::sleep(HEARTBEAT_EVERY + Duration::from_millis(500)).await;
+        assert_eq!(
+            last_beat(&mut conn).await,
+            1.0,
+            "a stopped instance beats no more"
+        );
+        space.flush().await;
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn reap_releases_expired_holds_and_those_of_dead_instances_only() {
     crate::test_support::time_limit::limited(async move {
@@ -230,7 +285,7 @@ async fn reap_releases_expired_holds_and_those_of_dead_instances_only() {
                 .expect("fits");
         }
         // `gw_dead` stops beating and its last beat is a minute old.
-        dead.shutdown();
+        dead.stop().await;
         let mut conn = space.conn().await;
         let instances = me.keys.instances();
         let _: i64 = command("ZADD")
