@@ -2,6 +2,10 @@
 //!
 //! Every error names the file, the field path and the reason, so a bad config stops start-up
 //! with one readable line and never surfaces later inside a request.
+//!
+//! Length: the config's types sit with their validation, so each field's rule is next to the field;
+//! the sections that grew rules of their own are apart (`jwt.rs`, `payments.rs`, `packages.rs`,
+//! `invoices.rs`).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

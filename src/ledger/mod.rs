@@ -3,6 +3,8 @@
 //! Domain code talks to `dyn Ledger`, never to a driver. Every write is idempotent: settlements
 //! are keyed by request id (docs/architecture.md I2) and grants by an optional caller reference; every
 //! balance change is one ledger entry with `balance_before`/`balance_after` (I3).
+//!
+//! Length: the port and the records it speaks in; the adapters and their shared SQL are apart.
 
 pub mod grants;
 pub mod mysql;

@@ -1,10 +1,10 @@
 //! The database-independent part of [`Ledger::verify`](super::Ledger::verify).
 //!
-//! Each adapter reads its rows inside one read transaction and feeds them to [`Checks`];
-//! [`Checks::finish`] then reports, account by account (in account id order), every mismatch
-//! between balances, debts, ledger entries, grants and grant draws, every usage record that
-//! cost more than its hold, and every debit that took a balance below `-overdraft` without a
-//! documented cause:
+//! The shared SQL ([`super::sql`]) reads the rows inside one read transaction and feeds them
+//! to [`Checks`]; [`Checks::finish`] then reports, account by account (in account id order),
+//! every mismatch between balances, debts, ledger entries, grants and grant draws, every usage
+//! record that cost more than its hold, and every debit that took a balance below `-overdraft`
+//! without a documented cause:
 //!
 //! - a refund or negative adjustment (disputes are refunds) may create debt by itself;
 //! - a usage entry may end below only if, while it ran (from its record's `started_at` to its
@@ -18,6 +18,9 @@
 //! A cost above the hold explains nothing: the gateway charges at most a request's hold and
 //! records the excess as `uncharged` (docs/architecture.md I1), so a usage record with `cost > hold` can
 //! only come from tampering or an old bug, and is a problem of its own.
+//!
+//! Length: the checks share one walk over the accounts and the causes of their debits; split, the
+//! overdraft rule and its explanations would live in two places.
 
 use std::collections::{BTreeMap, HashMap};
 

@@ -4,6 +4,9 @@
 //! text and completion. The one rewrite: when the gateway itself asked a chat stream for usage,
 //! the usage-only chunk that request produced is removed, which needs holding back the bytes of
 //! at most the one event being received (docs/architecture.md, "The request path", step 8).
+//!
+//! Length: one incremental parser, and the decisions it feeds (usage, text, completion, the one
+//! rewrite) share its buffer state; its fast path is apart (`chunk_skim.rs`).
 
 use std::borrow::Cow;
 

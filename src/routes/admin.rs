@@ -1,4 +1,7 @@
 //! `/admin/*` routes (admin token or an admin-role JWT; checked by the auth middleware).
+//!
+//! Length: one file per HTTP surface (docs/architecture.md, "Map of src/"): these are the `/admin`
+//! handlers, each thin; the operations are in `src/admin.rs`.
 
 use axum::Json;
 use axum::extract::{Path, Query, State};

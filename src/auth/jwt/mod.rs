@@ -3,6 +3,10 @@
 //! Every key is bound to exactly one algorithm when it is loaded, and only HS256, RS256 and ES256
 //! exist here, so a token can never choose how it is checked: no `alg: none`, no HMAC keyed with
 //! a public key, no key taken from the token's own header (`jwk`, `jku` are ignored).
+//!
+//! Length: the settings-to-verifier path and the verification, with the algorithm binding that
+//! makes it safe, read best together; key loading (`keys.rs`) and the remote JWKS cache
+//! (`remote.rs`) are apart.
 
 mod keys;
 mod remote;
