@@ -5,7 +5,8 @@
 //! here and reach the client only as a generic message.
 
 use axum::Json;
-use axum::extract::rejection::JsonRejection;
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, JsonRejection};
 use axum::extract::{FromRequest, Request};
 use axum::response::{IntoResponse, Response};
 use http::StatusCode;
@@ -228,10 +229,35 @@ where
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         match Json::<T>::from_request(req, state).await {
             Ok(Json(value)) => Ok(ApiJson(value)),
-            Err(JsonRejection::BytesRejection(_)) => {
-                Err(ApiError::bad_request("could not read the request body"))
-            }
+            Err(JsonRejection::BytesRejection(rejection)) => Err(unread_body(&rejection)),
             Err(rejection) => Err(ApiError::bad_request(rejection.body_text())),
         }
+    }
+}
+
+/// How much body the routes outside `/v1` read (webhooks, admin and billing requests); `/v1`
+/// streams its body under `server.body_limit_bytes` instead.
+pub const BODY_LIMIT: usize = 2 * 1024 * 1024;
+
+/// The raw body (`Bytes`, at most [`BODY_LIMIT`]) whose rejections are answered in OpenAI's
+/// shape: 413 past the limit, 400 when it cannot be read.
+pub struct ApiBytes(pub Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for ApiBytes {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        Bytes::from_request(req, state)
+            .await
+            .map(ApiBytes)
+            .map_err(|rejection| unread_body(&rejection))
+    }
+}
+
+fn unread_body(rejection: &BytesRejection) -> ApiError {
+    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::PayloadTooLarge(BODY_LIMIT)
+    } else {
+        ApiError::bad_request("could not read the request body")
     }
 }

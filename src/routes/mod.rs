@@ -14,7 +14,7 @@ pub mod openai;
 pub mod payments;
 
 use axum::Router;
-use axum::extract::{Request, State};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, patch, post};
@@ -83,9 +83,11 @@ pub fn router(state: AppState) -> Router {
         .nest("/api/credits", credits)
         .nest("/api/payment", payment)
         .nest("/admin", admin)
+        // On the routes only: an unknown path answers 404 whoever asks.
+        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate))
+        .layer(DefaultBodyLimit::max(error::BODY_LIMIT))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .layer(TraceLayer::new_for_http().make_span_with(|request: &Request| {
             let id = request
                 .extensions()

@@ -6,7 +6,6 @@
 
 use axum::Extension;
 use axum::Json;
-use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -22,7 +21,7 @@ use crate::billing::service::{Handled, PaymentError};
 use crate::billing::signatures::{self, SignatureError, StandardWebhookHeaders};
 use crate::billing::webhooks::{self, ParsedEvent};
 use crate::domain::time::rfc3339;
-use crate::routes::error::{ApiError, ApiJson};
+use crate::routes::error::{ApiBytes, ApiError, ApiJson};
 use crate::state::AppState;
 
 /// Webhook routes: no caller credentials, the provider's signature instead.
@@ -203,7 +202,7 @@ pub async fn invoice_pdf(
 pub async fn stripe_webhook(
     State(state): State<AppState>,
     headers: HeaderMap,
-    body: Bytes,
+    ApiBytes(body): ApiBytes,
 ) -> Result<Json<Value>, ApiError> {
     let provider = Provider::Stripe;
     let config = state
@@ -227,7 +226,7 @@ pub async fn stripe_webhook(
 pub async fn lemonsqueezy_webhook(
     State(state): State<AppState>,
     headers: HeaderMap,
-    body: Bytes,
+    ApiBytes(body): ApiBytes,
 ) -> Result<Json<Value>, ApiError> {
     let provider = Provider::LemonSqueezy;
     let secret = state
@@ -244,7 +243,7 @@ pub async fn lemonsqueezy_webhook(
 pub async fn polar_webhook(
     State(state): State<AppState>,
     headers: HeaderMap,
-    body: Bytes,
+    ApiBytes(body): ApiBytes,
 ) -> Result<Json<Value>, ApiError> {
     let provider = Provider::Polar;
     let config = state

@@ -281,7 +281,7 @@ async fn the_admin_token_is_not_a_user_credential() {
 }
 
 #[tokio::test]
-async fn health_needs_no_credential_and_unknown_routes_are_404() {
+async fn health_needs_no_credential_and_unknown_routes_are_404_with_or_without_one() {
     run_test(async || {
         let app = spawn_app().await;
         let response = get_with(&app, "/healthz", None).await;
@@ -316,8 +316,14 @@ async fn health_needs_no_credential_and_unknown_routes_are_404() {
         let error = openai_error(response, 404).await;
         assert_eq!(error["code"], "not_found");
 
-        // Without a credential an unknown route does not reveal that it does not exist.
-        openai_error(get_with(&app, "/v1/nope", None).await, 401).await;
+        // Without a credential too: the routes are documented, so a 404 reveals nothing, and a
+        // client with a wrong base URL learns what is wrong instead of blaming its key.
+        for path in ["/v1/nope", "/nope", "/admin/nope"] {
+            let error = openai_error(get_with(&app, path, None).await, 404).await;
+            assert_eq!(error["code"], "not_found", "{path}");
+        }
+        // A route that exists still asks for the credential first.
+        openai_error(get_with(&app, "/v1/models", None).await, 401).await;
         assert!(app.upstream.log.requests().is_empty());
     })
     .await;

@@ -964,6 +964,35 @@ async fn forged_stale_unsigned_and_malformed_webhooks_change_nothing() {
 }
 
 #[tokio::test]
+async fn an_oversized_webhook_body_is_refused_in_the_error_shape_and_changes_nothing() {
+    run_test(async || {
+        let shop = shop().await;
+        // One byte past the webhook limit (2 MiB), signed: the size alone refuses it.
+        let body = format!("{{\"pad\": \"{}\"}}", "x".repeat(2 * 1024 * 1024));
+        let signature = stripe_signature_header(WHSEC, now_unix(), &body);
+        let error = openai_error(shop.post_webhook(&body, Some(signature)).await, 413).await;
+        assert_eq!(error["code"], "request_too_large");
+        for path in [
+            "/api/payment/webhook/lemonsqueezy",
+            "/api/payment/webhook/polar",
+        ] {
+            let response = reqwest::Client::new()
+                .post(shop.app.url(path))
+                .header("content-type", "application/json")
+                .body(body.clone())
+                .send()
+                .await
+                .expect("webhook reaches the gateway");
+            let error = openai_error(response, 413).await;
+            assert_eq!(error["code"], "request_too_large", "{path}");
+        }
+        let events = shop.app.list("/admin/payments/events", ADMIN_TOKEN).await;
+        assert!(events.is_empty(), "nothing recorded: {events:?}");
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn both_secrets_verify_during_a_rotation() {
     run_test(async || {
         let shop = shop().await;
