@@ -172,6 +172,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let config = Config::load(&cli.config)?;
     match cli.command {
         Command::Serve => {
+            config.check_secrets().map_err(anyhow::Error::msg)?;
             crate::telemetry::init(config.server.log_format);
             let app = App::build(config).await?;
             tracing::info!(address = %app.local_addr()?, "tollgate listening");
@@ -182,12 +183,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("migrations applied to {}", config.database.url);
         }
         Command::Token(TokenCommand::Mint { sub, ttl, role }) => {
+            // The rules `serve` applies: a token it would refuse is not minted.
+            config.check_secrets().map_err(anyhow::Error::msg)?;
             let settings = &config.auth.jwt;
             let secret = settings
                 .secret
                 .as_deref()
                 .filter(|s| !s.is_empty())
                 .context("no HS256 secret: set auth.jwt.secret or TOLLGATE_JWT_SECRET")?;
+            crate::auth::jwt::check_hs256_secret(secret)?;
             let token = crate::auth::jwt::mint_hs256(
                 secret,
                 &sub,

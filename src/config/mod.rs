@@ -80,7 +80,16 @@ pub struct ServerConfig {
     /// what they produced).
     pub shutdown_grace_secs: u64,
     pub log_format: LogFormat,
+    /// A setup for trying Tollgate out: only then may `serve` and `token mint` use the
+    /// development secrets shipped in `config/tollgate.toml` ([`SHIPPED_JWT_SECRET`],
+    /// [`SHIPPED_ADMIN_TOKEN`]).
+    pub development: bool,
 }
+
+/// The JWT secret shipped in `config/tollgate.toml`: public, so fit for trying out only.
+pub const SHIPPED_JWT_SECRET: &str = "tollgate-dev-secret-change-me-in-production";
+/// The admin token shipped in `config/tollgate.toml`: public, so fit for trying out only.
+pub const SHIPPED_ADMIN_TOKEN: &str = "tollgate-dev-admin-token";
 
 impl Default for ServerConfig {
     fn default() -> Self {
@@ -89,6 +98,7 @@ impl Default for ServerConfig {
             body_limit_bytes: 16 * 1024 * 1024,
             shutdown_grace_secs: 30,
             log_format: LogFormat::Text,
+            development: false,
         }
     }
 }
@@ -392,6 +402,35 @@ impl Config {
         Ok(())
     }
 
+    /// Refuses the shipped development secrets outside a development setup
+    /// (`server.development`): `serve` and `token mint` call it, after the environment's
+    /// overrides are applied.
+    pub fn check_secrets(&self) -> Result<(), String> {
+        if self.server.development {
+            return Ok(());
+        }
+        let shipped = [
+            (
+                "auth.jwt.secret",
+                "TOLLGATE_JWT_SECRET",
+                self.auth.jwt.secret.as_deref() == Some(SHIPPED_JWT_SECRET),
+            ),
+            (
+                "admin.token",
+                "TOLLGATE_ADMIN_TOKEN",
+                self.admin.token.as_deref() == Some(SHIPPED_ADMIN_TOKEN),
+            ),
+        ];
+        match shipped.iter().find(|(_, _, is_shipped)| *is_shipped) {
+            Some((field, variable, _)) => Err(format!(
+                "{field} is the development value shipped in config/tollgate.toml, which anyone \
+                 can read: set your own ({variable}), or set server.development = true to try \
+                 Tollgate out"
+            )),
+            None => Ok(()),
+        }
+    }
+
     fn validate(&self, file: &str) -> Result<(), ConfigError> {
         let error = |message: String| ConfigError {
             file: file.to_owned(),
@@ -625,6 +664,20 @@ mod tests {
     fn the_shipped_config_is_valid() {
         let config = parse(include_str!("../../config/tollgate.toml")).expect("parses");
         config.validate("config/tollgate.toml").expect("validates");
+        // A development setup, whose secrets are the ones `check_secrets` knows as shipped.
+        assert!(config.server.development);
+        assert_eq!(config.auth.jwt.secret.as_deref(), Some(SHIPPED_JWT_SECRET));
+        assert_eq!(config.admin.token.as_deref(), Some(SHIPPED_ADMIN_TOKEN));
+        config.check_secrets().expect("allowed while developing");
+        let mut production = config.clone();
+        production.server.development = false;
+        let refused = production
+            .check_secrets()
+            .expect_err("refused in production");
+        assert!(refused.contains("auth.jwt.secret"), "{refused}");
+        production.auth.jwt.secret = Some("a-secret-of-our-own-long-enough-for-hs256".into());
+        let refused = production.check_secrets().expect_err("the admin token too");
+        assert!(refused.contains("admin.token"), "{refused}");
         assert_eq!(config.upstreams[0].base_url, BUILTIN_MOCK_URL);
         let ids: Vec<&str> = config.packages.iter().map(|p| p.id.as_str()).collect();
         assert_eq!(ids, ["starter", "professional", "enterprise"]);

@@ -1,12 +1,14 @@
 //! Authentication through HTTP: JWTs, forged and stale credentials (401 in OpenAI's shape, and
 //! nothing written), admin access, and the routes that need no credential.
 
+use std::process::Output;
 use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
+use tollgate::config::{SHIPPED_ADMIN_TOKEN, SHIPPED_JWT_SECRET};
 use tollgate::domain::AccountId;
 
 use crate::helpers::*;
@@ -325,6 +327,107 @@ async fn health_needs_no_credential_and_unknown_routes_are_404_with_or_without_o
         // A route that exists still asks for the credential first.
         openai_error(get_with(&app, "/v1/models", None).await, 401).await;
         assert!(app.upstream.log.requests().is_empty());
+    })
+    .await;
+}
+
+/// Runs the real binary on a copy of the app's config changed by `edit`.
+async fn run_with_config(app: &TestApp, edit: impl Fn(String) -> String, args: &[&str]) -> Output {
+    let text = edit(std::fs::read_to_string(&app.config_path).expect("config"));
+    let path = app.dir.path().join("edited.toml");
+    std::fs::write(&path, text).expect("edited config");
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .arg("--config")
+        .arg(&path)
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run tollgate");
+    // A `serve` that starts instead of refusing is killed here, and the test fails.
+    tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("tollgate {args:?} did not exit"))
+        .expect("tollgate output")
+}
+
+#[tokio::test]
+async fn the_shipped_development_secrets_work_only_in_a_development_setup() {
+    run_test(async || {
+        let app = spawn_app().await;
+        let shipped = include_str!("../../config/tollgate.toml");
+        assert!(shipped.contains(SHIPPED_JWT_SECRET) && shipped.contains(SHIPPED_ADMIN_TOKEN));
+        assert!(
+            shipped.contains("\ndevelopment = true"),
+            "the shipped config is a dev setup"
+        );
+        let with_dev_jwt = |text: String| {
+            text.replace(
+                &format!("secret = \"{JWT_SECRET}\""),
+                &format!("secret = \"{SHIPPED_JWT_SECRET}\""),
+            )
+        };
+        let with_dev_admin = |text: String| {
+            text.replace(
+                &format!("token = \"{ADMIN_TOKEN}\""),
+                &format!("token = \"{SHIPPED_ADMIN_TOKEN}\""),
+            )
+        };
+        for (edit, field) in [
+            (
+                &with_dev_jwt as &dyn Fn(String) -> String,
+                "auth.jwt.secret",
+            ),
+            (&with_dev_admin, "admin.token"),
+        ] {
+            for args in [&["serve"][..], &["token", "mint", "--sub", "alice"]] {
+                let output = run_with_config(&app, edit, args).await;
+                let stderr = String::from_utf8_lossy(&output.stderr);
+                assert!(
+                    !output.status.success(),
+                    "{args:?} with the shipped {field} ran"
+                );
+                assert!(
+                    stderr.contains(field) && stderr.contains("server.development"),
+                    "{args:?}: {stderr}"
+                );
+            }
+            // Declared a development setup, the same config mints.
+            let development = |text: String| {
+                edit(text).replacen("[server]\n", "[server]\ndevelopment = true\n", 1)
+            };
+            let output =
+                run_with_config(&app, development, &["token", "mint", "--sub", "alice"]).await;
+            assert!(
+                output.status.success(),
+                "{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn token_mint_refuses_a_secret_that_serve_refuses() {
+    run_test(async || {
+        let app = spawn_app().await;
+        let short = |text: String| {
+            text.replace(
+                &format!("secret = \"{JWT_SECRET}\""),
+                "secret = \"too-short\"",
+            )
+        };
+        for args in [&["serve"][..], &["token", "mint", "--sub", "alice"]] {
+            let output = run_with_config(&app, short, args).await;
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert!(
+                !output.status.success(),
+                "{args:?} ran with a 9-byte secret"
+            );
+            assert!(stderr.contains("at least 32 bytes"), "{args:?}: {stderr}");
+        }
     })
     .await;
 }

@@ -61,6 +61,21 @@ pub enum JwtSetupError {
     },
 }
 
+/// An HS256 secret must be at least [`MIN_SECRET_BYTES`] long: what verifying and minting
+/// both require.
+pub fn check_hs256_secret(secret: &str) -> Result<(), JwtSetupError> {
+    if secret.len() < MIN_SECRET_BYTES {
+        return Err(invalid(
+            "secret",
+            format!(
+                "must be at least {MIN_SECRET_BYTES} bytes for HS256 (also applies to \
+                 TOLLGATE_JWT_SECRET)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn invalid(field: &'static str, message: impl Into<String>) -> JwtSetupError {
     JwtSetupError::Invalid {
         field,
@@ -179,16 +194,10 @@ impl JwtVerifier {
             return Err(JwtSetupError::NoKeySource);
         }
         let hmac = match settings.secret.as_deref().filter(|s| !s.is_empty()) {
-            Some(secret) if secret.len() < MIN_SECRET_BYTES => {
-                return Err(invalid(
-                    "secret",
-                    format!(
-                        "must be at least {MIN_SECRET_BYTES} bytes for HS256 (also applies to \
-                         TOLLGATE_JWT_SECRET)"
-                    ),
-                ));
+            Some(secret) => {
+                check_hs256_secret(secret)?;
+                Some(DecodingKey::from_secret(secret.as_bytes()))
             }
-            Some(secret) => Some(DecodingKey::from_secret(secret.as_bytes())),
             None => None,
         };
         let pem = match &settings.public_key_file {
