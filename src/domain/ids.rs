@@ -10,15 +10,26 @@ use serde::{Deserialize, Serialize};
 pub struct AccountId(String);
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("account id must be 1-128 printable characters without spaces")]
+#[error(
+    "account id must be 1-128 bytes of visible characters: no spaces, control, invisible or \
+     bidi formatting characters"
+)]
 pub struct InvalidAccountId;
 
+/// The longest account id, in bytes (UTF-8).
+pub const MAX_ACCOUNT_ID_BYTES: usize = 128;
+
 impl AccountId {
+    /// An account id: 1 to [`MAX_ACCOUNT_ID_BYTES`] bytes of visible characters in any script.
+    /// Refused: whitespace, control characters, and the invisible formatting characters
+    /// (Unicode category Cf: zero-width spaces and joiners, bidi marks, overrides and isolates,
+    /// the byte order mark, tag characters), so that two ids that look alike are alike.
     pub fn parse(raw: &str) -> Result<Self, InvalidAccountId> {
         let valid = !raw.is_empty()
-            && raw.len() <= 128
+            && raw.len() <= MAX_ACCOUNT_ID_BYTES
             && raw.chars().all(|c| {
-                c.is_ascii_graphic() || (!c.is_ascii() && !c.is_whitespace() && !c.is_control())
+                c.is_ascii_graphic()
+                    || (!c.is_ascii() && !c.is_whitespace() && !c.is_control() && !is_format(c))
             });
         if valid {
             Ok(AccountId(raw.to_owned()))
@@ -30,6 +41,35 @@ impl AccountId {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+}
+
+/// Unicode's format characters (general category Cf): invisible, or changing how the text
+/// around them is shown.
+fn is_format(c: char) -> bool {
+    matches!(
+        c,
+        '\u{ad}'
+            | '\u{600}'..='\u{605}'
+            | '\u{61c}'
+            | '\u{6dd}'
+            | '\u{70f}'
+            | '\u{890}'..='\u{891}'
+            | '\u{8e2}'
+            | '\u{180e}'
+            | '\u{200b}'..='\u{200f}'
+            | '\u{202a}'..='\u{202e}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{2066}'..='\u{206f}'
+            | '\u{feff}'
+            | '\u{fff9}'..='\u{fffb}'
+            | '\u{110bd}'
+            | '\u{110cd}'
+            | '\u{13430}'..='\u{1343f}'
+            | '\u{1bca0}'..='\u{1bca3}'
+            | '\u{1d173}'..='\u{1d17a}'
+            | '\u{e0001}'
+            | '\u{e0020}'..='\u{e007f}'
+    )
 }
 
 impl fmt::Display for AccountId {
@@ -109,5 +149,29 @@ mod tests {
         for id in ["a\u{3000}b", "a\u{a0}b", "a\u{80}b"] {
             assert_eq!(AccountId::parse(id), Err(InvalidAccountId), "{id:?}");
         }
+    }
+
+    /// Two ids that look the same must be the same id: nothing invisible, and nothing that
+    /// reorders how the rest is shown (`alice\u{202e}gnp.exe` shows as `aliceexe.png`).
+    #[test]
+    fn account_ids_hold_no_invisible_or_bidi_control_characters() {
+        for id in [
+            "ali\u{200b}ce",    // zero-width space
+            "ali\u{200d}ce",    // zero-width joiner
+            "alice\u{200f}",    // right-to-left mark
+            "alice\u{202e}gnp", // right-to-left override
+            "alice\u{2066}x",   // left-to-right isolate
+            "\u{feff}alice",    // byte order mark
+            "ali\u{ad}ce",      // soft hyphen
+            "alice\u{e0041}",   // tag character
+            "ali\u{2060}ce",    // word joiner
+            "alice\u{61c}",     // Arabic letter mark
+            "alice\u{fff9}",    // interlinear annotation
+        ] {
+            assert_eq!(AccountId::parse(id), Err(InvalidAccountId), "{id:?}");
+        }
+        // At most 128 bytes, whatever the script: 42 three-byte characters fit, 43 do not.
+        assert!(AccountId::parse(&"用".repeat(42)).is_ok());
+        assert!(AccountId::parse(&"用".repeat(43)).is_err());
     }
 }

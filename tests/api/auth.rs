@@ -431,3 +431,51 @@ async fn token_mint_refuses_a_secret_that_serve_refuses() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn an_account_id_with_invisible_or_bidi_characters_is_refused_everywhere() {
+    run_test(async || {
+        let app = spawn_app().await;
+        // Shown as `alice` (or reordered), but another id: refused before anything is created.
+        for sub in ["ali\u{200b}ce", "alice\u{202e}gnp", "\u{feff}alice"] {
+            let error =
+                openai_error(app.chat(&token(sub), &chat_body("mock-1", "hi")).await, 401).await;
+            assert!(
+                error["message"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("bidi"),
+                "{sub:?}: {error}"
+            );
+            let path = format!("/admin/accounts/{}/credits", urlencoding_path(sub));
+            let response = app
+                .post(
+                    &path,
+                    ADMIN_TOKEN,
+                    &json!({"amount": "5", "description": "test"}),
+                )
+                .await;
+            openai_error(response, 400).await;
+        }
+        assert_eq!(
+            table_counts(&app).await,
+            [0, 0, 0, 0],
+            "nothing was created"
+        );
+        assert!(app.upstream.log.requests().is_empty());
+    })
+    .await;
+}
+
+/// `raw` percent-encoded for a URL path segment.
+fn urlencoding_path(raw: &str) -> String {
+    raw.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
