@@ -1,4 +1,7 @@
-//! Structured logs with `tracing`: text for people, JSON for log pipelines; `RUST_LOG` filters.
+//! Structured logs with `tracing` on stdout: text for people (coloured only on a terminal),
+//! JSON for log pipelines; `RUST_LOG` filters.
+
+use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
 
@@ -8,7 +11,9 @@ pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_target(false);
+        .with_target(false)
+        // Colour only for a person at a terminal: a pipe, a file or a log collector gets text.
+        .with_ansi(std::io::stdout().is_terminal());
     // A second init (tests) is harmless: the first subscriber stays.
     let _ = match format {
         LogFormat::Text => builder.try_init(),
