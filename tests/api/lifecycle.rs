@@ -151,6 +151,10 @@ async fn readyz_answers_without_a_credential() {
         assert!(response.headers().contains_key("x-request-id"));
         let body: Value = response.json().await.expect("json");
         assert_eq!(body["status"], "ready");
+        assert_eq!(
+            body["checks"],
+            json!({"ledger": "ok", "balance_cache": "ok"})
+        );
     })
     .await;
 }

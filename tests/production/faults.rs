@@ -32,6 +32,17 @@ async fn a_redis_restart_fails_closed_then_recovers_and_loses_nothing() {
         let response = app.chat(&user, &body).await;
         let error = openai_error(response, 503).await;
         assert_eq!(error["code"], "service_unavailable");
+        // Readiness names what is missing, and only that.
+        let ready = reqwest::get(app.url("/readyz")).await.expect("readyz");
+        assert_eq!(ready.status(), 503);
+        let ready: Value = ready.json().await.expect("json");
+        assert_eq!(ready["checks"]["ledger"], "ok", "{ready}");
+        assert_ne!(ready["checks"]["balance_cache"], "ok", "{ready}");
+        let message = ready["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("balance_cache") && !message.contains("ledger"),
+            "{ready}"
+        );
 
         // Redis back (empty): the gateway reconnects by itself and reloads balances from MySQL.
         redis.restart();
@@ -49,6 +60,10 @@ async fn a_redis_restart_fails_closed_then_recovers_and_loses_nothing() {
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+        let ready = reqwest::get(app.url("/readyz")).await.expect("readyz");
+        assert_eq!(ready.status(), 200);
+        let ready: Value = ready.json().await.expect("json");
+        assert_eq!(ready["checks"]["balance_cache"], "ok", "{ready}");
         for _ in 0..5 {
             assert_eq!(app.chat(&user, &body).await.status(), 200);
             billed += 1;
