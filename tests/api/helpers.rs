@@ -645,23 +645,33 @@ pub fn sse_json(bytes: &[u8]) -> Vec<Value> {
         .collect()
 }
 
-/// Starts the real binary on the test's config (JSON logs) and returns it with its base URL.
-pub async fn spawn_binary(app: &TestApp) -> (tokio::process::Child, String) {
-    let text = std::fs::read_to_string(&app.config_path).expect("config");
-    let text = text.replacen("[server]\n", "[server]\nlog_format = \"json\"\n", 1);
-    let path = app.dir.path().join("child.toml");
-    std::fs::write(&path, text).expect("child config");
+/// The lines the binary writes on stdout.
+pub type LogLines = tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>;
+
+/// Runs `tollgate --config <config> serve` (killed when dropped), with its stdout piped.
+pub fn serve_binary(config: &Path) -> (tokio::process::Child, LogLines) {
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
         .arg("--config")
-        .arg(&path)
+        .arg(config)
         .arg("serve")
+        .env_remove("NO_COLOR")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true)
         .spawn()
         .expect("spawn tollgate");
     let stdout = child.stdout.take().expect("stdout");
-    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+    let lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+    (child, lines)
+}
+
+/// Starts the real binary on the test's config (JSON logs) and returns it with its base URL.
+pub async fn spawn_binary(app: &TestApp) -> (tokio::process::Child, String) {
+    let text = std::fs::read_to_string(&app.config_path).expect("config");
+    let text = text.replacen("[server]\n", "[server]\nlog_format = \"json\"\n", 1);
+    let path = app.dir.path().join("child.toml");
+    std::fs::write(&path, text).expect("child config");
+    let (child, mut lines) = serve_binary(&path);
     let address = tokio::time::timeout(Duration::from_secs(30), async {
         while let Some(line) = lines.next_line().await.expect("read log") {
             if let Ok(log) = serde_json::from_str::<Value>(&line)

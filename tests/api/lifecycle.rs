@@ -626,18 +626,7 @@ async fn a_kill_loses_no_request_whose_answer_was_delivered() {
 async fn text_logs_to_a_pipe_have_no_colour_codes() {
     run_test(async || {
         let app = spawn_app().await;
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
-            .arg("--config")
-            .arg(&app.config_path)
-            .arg("serve")
-            .env_remove("NO_COLOR")
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn tollgate");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+        let (mut child, mut lines) = serve_binary(&app.config_path);
         let line = tokio::time::timeout(Duration::from_secs(30), async {
             while let Some(line) = lines.next_line().await.expect("read log") {
                 if line.contains("tollgate listening") {
