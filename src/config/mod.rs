@@ -669,6 +669,8 @@ mod tests {
         assert_eq!(config.auth.jwt.secret.as_deref(), Some(SHIPPED_JWT_SECRET));
         assert_eq!(config.admin.token.as_deref(), Some(SHIPPED_ADMIN_TOKEN));
         config.check_secrets().expect("allowed while developing");
+        // No user JWT reaches /admin unless the operator names the role.
+        assert_eq!(config.admin.jwt_role, None);
         let mut production = config.clone();
         production.server.development = false;
         let refused = production

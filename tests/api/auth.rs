@@ -479,3 +479,25 @@ fn urlencoding_path(raw: &str) -> String {
         })
         .collect()
 }
+
+#[tokio::test]
+async fn without_an_admin_role_configured_no_user_jwt_reaches_admin() {
+    run_test(async || {
+        let app = spawn_app_with(Options {
+            admin_jwt_role: None,
+            ..Options::default()
+        })
+        .await;
+        let claims = json!({"sub": "mallory", "exp": now() + 3600, "role": "admin"});
+        let response = get_with(
+            &app,
+            "/admin/pricing",
+            Some(&format!("Bearer {}", hs256(JWT_SECRET, &claims))),
+        )
+        .await;
+        openai_error(response, 401).await;
+        // The admin token still works.
+        assert_eq!(app.get("/admin/pricing", ADMIN_TOKEN).await.status(), 200);
+    })
+    .await;
+}

@@ -248,6 +248,8 @@ pub struct Options {
     pub redis_url: Option<String>,
     /// `server.shutdown_grace_secs`.
     pub shutdown_grace_secs: u64,
+    /// `admin.jwt_role`: the role claim that lets a JWT call `/admin` (`None`: no JWT may).
+    pub admin_jwt_role: Option<&'static str>,
 }
 
 impl Default for Options {
@@ -258,6 +260,7 @@ impl Default for Options {
             upstreams: None,
             redis_url: None,
             shutdown_grace_secs: 5,
+            admin_jwt_role: Some("admin"),
         }
     }
 }
@@ -361,7 +364,7 @@ secret = "{JWT_SECRET}"
 
 [admin]
 token = "{ADMIN_TOKEN}"
-jwt_role = "admin"
+{jwt_role}
 
 [metering]
 pricing_file = "{pricing}"
@@ -372,6 +375,9 @@ pricing_file = "{pricing}"
 "#,
         db = isolation.database_url,
         grace = options.shutdown_grace_secs,
+        jwt_role = options
+            .admin_jwt_role
+            .map_or_else(String::new, |role| format!("jwt_role = \"{role}\"")),
         pricing = pricing_path.display(),
         // A test may set its own poll interval in `extra`.
         poll = if options.extra.contains("pricing_poll_ms") {
