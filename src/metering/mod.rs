@@ -501,10 +501,32 @@ impl Meter {
     /// ignore it.
     pub fn finish(&self, mut hold: Hold, finished: Finished) -> Durable {
         let settlement = self.settlement(&mut hold, finished);
+        log_request(&settlement);
         self.inner
             .settler
             .settle(settlement, hold.limited_key.clone())
     }
+}
+
+/// The one log line of a metered request: who, what and what it cost (never a credential).
+fn log_request(settlement: &Settlement) {
+    tracing::info!(
+        request_id = %settlement.request_id,
+        account = %settlement.account,
+        key_id = settlement.api_key_id.as_deref().unwrap_or("-"),
+        endpoint = %settlement.endpoint,
+        model = %settlement.model,
+        upstream = %settlement.upstream,
+        prompt_tokens = settlement.usage.prompt_tokens,
+        completion_tokens = settlement.usage.completion_tokens,
+        cached_tokens = settlement.usage.cached_tokens,
+        usage_source = settlement.source.as_str(),
+        stream = settlement.stream,
+        cost = %settlement.cost,
+        uncharged = %settlement.uncharged,
+        status = %settlement.status,
+        "request metered"
+    );
 }
 
 /// Why a request was refused its hold, so it is not forwarded.

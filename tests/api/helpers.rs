@@ -673,6 +673,15 @@ pub fn serve_binary(config: &Path) -> (tokio::process::Child, LogLines) {
 
 /// Starts the real binary on the test's config (JSON logs) and returns it with its base URL.
 pub async fn spawn_binary(app: &TestApp) -> (tokio::process::Child, String) {
+    let (child, base, mut lines) = spawn_binary_with_logs(app).await;
+    // Keep draining its logs so it never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, base)
+}
+
+/// [`spawn_binary`], handing over its JSON log lines after the start; the caller must keep
+/// reading them (a full pipe blocks the gateway).
+pub async fn spawn_binary_with_logs(app: &TestApp) -> (tokio::process::Child, String, LogLines) {
     let text = std::fs::read_to_string(&app.config_path).expect("config");
     let text = text.replacen("[server]\n", "[server]\nlog_format = \"json\"\n", 1);
     let path = app.dir.path().join("child.toml");
@@ -691,7 +700,5 @@ pub async fn spawn_binary(app: &TestApp) -> (tokio::process::Child, String) {
     .await
     .expect("the gateway started in time")
     .expect("the gateway logged its address");
-    // Keep draining its logs so it never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    (child, format!("http://{address}"))
+    (child, format!("http://{address}"), lines)
 }

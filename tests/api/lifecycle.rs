@@ -642,3 +642,62 @@ async fn text_logs_to_a_pipe_have_no_colour_codes() {
     })
     .await;
 }
+
+/// One log line per metered request names who, what and what it cost, and no credential.
+#[tokio::test]
+async fn each_metered_request_logs_one_line_with_its_account_model_tokens_and_cost() {
+    run_test(async || {
+        let app = spawn_app().await;
+        app.grant("logged-1", "10").await;
+        let (mut child, base, mut lines) = spawn_binary_with_logs(&app).await;
+        let user = token("logged-1");
+        let response = app
+            .client
+            .post(format!("{base}/v1/chat/completions"))
+            .bearer_auth(&user)
+            .json(&chat_body("mock-1", "log me"))
+            .send()
+            .await
+            .expect("chat");
+        assert_eq!(response.status(), 200);
+        let request_id = response.headers()["x-request-id"]
+            .to_str()
+            .expect("ascii")
+            .to_owned();
+        let body: Value = response.json().await.expect("json");
+        let line = tokio::time::timeout(Duration::from_secs(10), async {
+            while let Some(line) = lines.next_line().await.expect("read log") {
+                if line.contains("request metered") {
+                    return line;
+                }
+            }
+            panic!("the gateway stopped before logging the request");
+        })
+        .await
+        .expect("the request was logged in time");
+        let log: Value = serde_json::from_str(&line).expect("json log");
+        let fields = &log["fields"];
+        assert_eq!(fields["request_id"], request_id.as_str(), "{line}");
+        assert_eq!(fields["account"], "logged-1", "{line}");
+        assert_eq!(fields["model"], "mock-1", "{line}");
+        assert_eq!(fields["upstream"], "fake", "{line}");
+        assert_eq!(fields["status"], "completed", "{line}");
+        assert_eq!(
+            fields["prompt_tokens"], body["usage"]["prompt_tokens"],
+            "{line}"
+        );
+        assert_eq!(
+            fields["completion_tokens"], body["usage"]["completion_tokens"],
+            "{line}"
+        );
+        assert!(
+            fields["cost"].as_str().is_some_and(|c| !c.is_empty()),
+            "{line}"
+        );
+        for secret in [user.as_str(), JWT_SECRET, ADMIN_TOKEN, UPSTREAM_KEY] {
+            assert!(!line.contains(secret), "a credential in {line}");
+        }
+        child.kill().await.expect("stop tollgate");
+    })
+    .await;
+}
