@@ -110,6 +110,19 @@ async fn fixture() -> Fixture {
 }
 
 impl Fixture {
+    /// A settler on the fixture's ledger and cache, batches of up to 16, setting a refused
+    /// settlement aside after `set_aside_after`.
+    fn settler(&self, set_aside_after: Duration) -> (SettlerHandle, tokio::task::JoinHandle<()>) {
+        spawn(
+            self.ledger.clone(),
+            self.cache.clone(),
+            SettlerConfig {
+                batch_max: 16,
+                set_aside_after,
+            },
+        )
+    }
+
     async fn view(&self) -> crate::cache::BalanceView {
         let source = LedgerSource {
             ledger: self.ledger.clone(),
@@ -232,14 +245,7 @@ async fn a_recovery_pass_counts_the_holds_it_released() {
 async fn a_refused_settlement_holds_up_neither_its_batch_nor_later_ones() {
     crate::test_support::time_limit::limited(async move {
         let fx = fixture().await;
-        let (settler, task) = spawn(
-            fx.ledger.clone(),
-            fx.cache.clone(),
-            SettlerConfig {
-                batch_max: 16,
-                set_aside_after: Duration::from_secs(2),
-            },
-        );
+        let (settler, task) = fx.settler(Duration::from_secs(2));
         let good = settler.settle(fx.settlement("good-1", 1_000), None);
         let bad = settler.settle(fx.settlement("bad", -1), None);
         let also_good = settler.settle(fx.settlement("good-2", 2_000), None);
@@ -306,14 +312,7 @@ async fn a_refused_settlement_holds_up_neither_its_batch_nor_later_ones() {
 async fn settlements_keep_being_written_while_a_refused_one_waits() {
     crate::test_support::time_limit::limited(async move {
         let fx = fixture().await;
-        let (settler, task) = spawn(
-            fx.ledger.clone(),
-            fx.cache.clone(),
-            SettlerConfig {
-                batch_max: 16,
-                set_aside_after: Duration::from_secs(3600),
-            },
-        );
+        let (settler, task) = fx.settler(Duration::from_secs(3600));
         let bad = settler.settle(fx.settlement("bad", -1), None);
         // Refused alone, it now waits apart for its retry.
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -340,11 +339,7 @@ async fn settlements_keep_being_written_while_a_refused_one_waits() {
 async fn a_settler_whose_handles_are_all_dropped_writes_what_was_queued_and_ends() {
     crate::test_support::time_limit::limited(async move {
         let fx = fixture().await;
-        let config = || SettlerConfig {
-            batch_max: 16,
-            set_aside_after: Duration::from_secs(3600),
-        };
-        let (settler, task) = spawn(fx.ledger.clone(), fx.cache.clone(), config());
+        let (settler, task) = fx.settler(Duration::from_secs(3600));
         let good = settler.settle(fx.settlement("good-1", 1_000), None);
         drop(settler);
         tokio::time::timeout(Duration::from_secs(5), task)
@@ -354,7 +349,7 @@ async fn a_settler_whose_handles_are_all_dropped_writes_what_was_queued_and_ends
         good.await.expect("told");
         assert_eq!(fx.balance().await, Credits::from_micros(10_000_000 - 1_000));
 
-        let (settler, task) = spawn(fx.ledger.clone(), fx.cache.clone(), config());
+        let (settler, task) = fx.settler(Duration::from_secs(3600));
         let good = settler.settle(fx.settlement("good-2", 2_000), None);
         let bad = settler.settle(fx.settlement("bad", -1), None);
         drop(settler);
@@ -377,14 +372,7 @@ async fn a_refused_settlement_that_cannot_be_set_aside_yet_is_kept_until_it_can(
     crate::test_support::time_limit::limited(async move {
         let fx = fixture().await;
         fx.take_set_aside_table(true).await;
-        let (settler, task) = spawn(
-            fx.ledger.clone(),
-            fx.cache.clone(),
-            SettlerConfig {
-                batch_max: 16,
-                set_aside_after: Duration::from_millis(200),
-            },
-        );
+        let (settler, task) = fx.settler(Duration::from_millis(200));
         let mut bad = settler.settle(fx.settlement("bad", -1), None);
         // Past its bound, setting it aside has failed several times.
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -412,14 +400,7 @@ async fn stopping_gives_up_a_refused_settlement_that_cannot_be_set_aside() {
     crate::test_support::time_limit::limited(async move {
         let fx = fixture().await;
         fx.take_set_aside_table(true).await;
-        let (settler, task) = spawn(
-            fx.ledger.clone(),
-            fx.cache.clone(),
-            SettlerConfig {
-                batch_max: 16,
-                set_aside_after: Duration::from_secs(3600),
-            },
-        );
+        let (settler, task) = fx.settler(Duration::from_secs(3600));
         let bad = settler.settle(fx.settlement("bad", -1), None);
         tokio::time::timeout(Duration::from_secs(5), settler.stop())
             .await
@@ -437,14 +418,7 @@ async fn stopping_gives_up_a_refused_settlement_that_cannot_be_set_aside() {
 async fn stopping_sets_a_refused_settlement_aside_at_once() {
     crate::test_support::time_limit::limited(async move {
         let fx = fixture().await;
-        let (settler, task) = spawn(
-            fx.ledger.clone(),
-            fx.cache.clone(),
-            SettlerConfig {
-                batch_max: 16,
-                set_aside_after: Duration::from_secs(3600),
-            },
-        );
+        let (settler, task) = fx.settler(Duration::from_secs(3600));
         let bad = settler.settle(fx.settlement("bad", -1), None);
         tokio::time::timeout(Duration::from_secs(5), settler.stop())
             .await
