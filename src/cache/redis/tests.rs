@@ -519,7 +519,6 @@ async fn unreachable_redis_answers_unavailable_quickly() {
     .await;
 }
 
-/// The hold of `request_id` as stored: `amount|deadline|token|owner`.
 #[tokio::test]
 async fn a_snapshot_counting_a_lapsed_grant_is_reloaded_and_lapsed_credits_are_unavailable() {
     crate::test_support::time_limit::limited(async move {
@@ -547,6 +546,7 @@ async fn a_sweeps_fence_makes_later_reservations_reload_keeping_what_is_in_fligh
     .await;
 }
 
+/// The hold of `request_id` as stored: `amount|deadline|token|owner`.
 async fn stored_hold(space: &Space, cache: &RedisCache, request_id: &str) -> Option<String> {
     let mut conn = space.conn().await;
     command("HGET")
