@@ -112,7 +112,7 @@ async fn fixture() -> Fixture {
 impl Fixture {
     /// A settler on the fixture's ledger and cache, batches of up to 16, setting a refused
     /// settlement aside after `set_aside_after`.
-    fn settler(&self, set_aside_after: Duration) -> (SettlerHandle, tokio::task::JoinHandle<()>) {
+    fn settler(&self, set_aside_after: Duration) -> (SettlerHandle, JoinHandle<()>) {
         spawn(
             self.ledger.clone(),
             self.cache.clone(),
